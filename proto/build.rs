@@ -15,7 +15,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     // One descriptor set per service, so each server's reflection lists only its own API.
     for (file, name) in [(INSIGHT, "insight"), (MONITOR, "monitor")] {
         let fds = protox::compile([file], ["."])?;
-        fs::write(out.join(format!("{name}_descriptor.bin")), fds.encode_to_vec())?;
+        fs::write(
+            out.join(format!("{name}_descriptor.bin")),
+            fds.encode_to_vec(),
+        )?;
     }
 
     let all = protox::compile([INSIGHT, MONITOR], ["."])?;

@@ -187,7 +187,7 @@ impl<S, B, ResBody> Service<Request<B>> for DrainService<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Send,
     S::Future: Send + 'static,
-    ResBody: Default,
+    ResBody: Default + Send + 'static,
 {
     type Response = Response<GuardedBody<ResBody>>;
     type Error = S::Error;
@@ -209,7 +209,10 @@ where
                     );
                     let response = status.into_http::<ResBody>();
                     return Box::pin(async move {
-                        Ok(response.map(|body| GuardedBody { inner: body, _guard: None }))
+                        Ok(response.map(|body| GuardedBody {
+                            inner: body,
+                            _guard: None,
+                        }))
                     });
                 }
             }
@@ -259,9 +262,9 @@ where
 
 /// Runs a server future until `shutdown` resolves, then drains it:
 ///
-/// 1. every health status in `health_names` (and "") turns NOT_SERVING, so load balancers and
+/// 1. new calls are refused with UNAVAILABLE (by the [`DrainLayer`] in the server's stack);
+/// 2. every health status in `health_names` (and "") turns NOT_SERVING, so load balancers and
 ///    Kubernetes stop sending traffic;
-/// 2. new calls are refused with UNAVAILABLE (by the [`DrainLayer`] in the server's stack);
 /// 3. in-flight calls finish, for at most `grace`;
 /// 4. `stop` tells the server to close its listener and connections; long-lived health watches
 ///    are then cut, at most one second later.
@@ -285,18 +288,26 @@ where
         () = shutdown => {}
     }
     let deadline = tokio::time::Instant::now() + grace;
+    // Refuse first, then announce: whoever sees NOT_SERVING can rely on new calls being refused.
+    drain.start();
     for name in health_names.iter().copied().chain([""]) {
         health
             .set_service_status(name, ServingStatus::NotServing)
             .await;
     }
-    drain.start();
-    tracing::info!(in_flight = drain.in_flight(), grace_ms = grace.as_millis() as u64, "draining");
+    tracing::info!(
+        in_flight = drain.in_flight(),
+        grace_ms = grace.as_millis() as u64,
+        "draining"
+    );
     if tokio::time::timeout_at(deadline, drain.wait_idle())
         .await
         .is_err()
     {
-        tracing::warn!(in_flight = drain.in_flight(), "shutdown grace expired; abandoning calls");
+        tracing::warn!(
+            in_flight = drain.in_flight(),
+            "shutdown grace expired; abandoning calls"
+        );
     }
     let _ = stop.send(());
     let close_by = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
@@ -306,4 +317,32 @@ where
     }
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Server reflection v1 and v1alpha over `descriptor_set` (the service's own encoded
+/// `FileDescriptorSet`), plus the health and reflection descriptors, so that `grpcurl list`
+/// shows every service, whether grpcurl speaks v1 or only v1alpha (1.8.x).
+pub fn reflection_services(
+    descriptor_set: &'static [u8],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(descriptor_set)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }

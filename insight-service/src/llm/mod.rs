@@ -78,6 +78,8 @@ pub trait LlmBackend: Send + Sync + 'static {
         request: ChunkRequest<'a>,
     ) -> BoxFuture<'a, Result<ChunkDraft, LlmError>>;
     /// Reduce step: one summary from chunk insights.
-    fn reduce<'a>(&'a self, request: ReduceRequest<'a>)
-    -> BoxFuture<'a, Result<SummaryDraft, LlmError>>;
+    fn reduce<'a>(
+        &'a self,
+        request: ReduceRequest<'a>,
+    ) -> BoxFuture<'a, Result<SummaryDraft, LlmError>>;
 }

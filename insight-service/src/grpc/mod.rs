@@ -1,0 +1,8 @@
+//! gRPC adapters: protobuf <-> domain conversions, the InsightService implementation, and the
+//! one mapping from domain errors to `tonic::Status`.
+
+pub mod convert;
+pub mod error;
+pub mod service;
+
+pub use service::InsightGrpc;

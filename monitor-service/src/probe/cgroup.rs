@@ -1,0 +1,730 @@
+//! Memory of the cgroup this process runs in (the container, under Kubernetes): cgroup v2's
+//! unified hierarchy, or cgroup v1's memory controller on older and hybrid hosts.
+//!
+//! Everything is read under two base directories (`proc_root`, `cgroup_root`) so tests run on
+//! fixture trees, and a file that is absent is "not available", never an error.
+
+use std::{
+    fs, io,
+    path::{Component, Path, PathBuf},
+};
+
+use serde::Serialize;
+
+use super::file::RereadFile;
+
+/// cgroup v1 has no "unlimited" word: it reports the largest page-aligned `i64`
+/// (9223372036854771712). Anything this large is no real limit; a smaller value is reported
+/// as is, even when it exceeds the machine's RAM, because that is still the configured limit.
+pub const V1_UNLIMITED_FROM: u64 = 1 << 62;
+
+/// Which cgroup hierarchy the numbers come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupVersion {
+    /// The v1 memory controller (`memory.usage_in_bytes`, ...).
+    V1,
+    /// The v2 unified hierarchy (`memory.current`, ...), as on current Kubernetes nodes.
+    V2,
+}
+
+impl CgroupVersion {
+    /// "v1" or "v2", as in JSON output and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
+
+/// Memory of one cgroup. Byte counts of files that are missing read as 0.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CgroupMem {
+    /// Which hierarchy was read.
+    pub version: CgroupVersion,
+    /// The group's path inside the hierarchy ("/" when only the hierarchy root is visible).
+    pub path: String,
+    /// Bytes charged to the group (v2 `memory.current`, v1 `memory.usage_in_bytes`).
+    pub current_bytes: u64,
+    /// Hard limit in bytes; 0 = unlimited (or the limit file is missing).
+    pub max_bytes: u64,
+    /// `current - inactive_file`: the kubelet's working set, which its eviction and the OOM
+    /// decision track, so page cache that can be dropped does not count as pressure.
+    pub working_set_bytes: u64,
+    /// Anonymous memory (heap, stacks) in bytes.
+    pub anon_bytes: u64,
+    /// Page cache in bytes.
+    pub file_bytes: u64,
+    /// Inactive page cache in bytes (reclaimed first).
+    pub inactive_file_bytes: u64,
+    /// OOM kills in the group so far.
+    pub oom_kills: u64,
+    /// PSI "some" avg10 (percent of time some task stalled on memory); `None` when the kernel
+    /// does not expose pressure. v1 has no per-group PSI, so it is the system-wide value there.
+    pub pressure_some_avg10: Option<f64>,
+    /// PSI "full" avg10 (percent of time all tasks stalled on memory); `None` when unavailable.
+    pub pressure_full_avg10: Option<f64>,
+}
+
+/// Where the group's files are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Location {
+    pub(crate) version: CgroupVersion,
+    /// Path inside the hierarchy, as reported in `CgroupMem::path`.
+    pub(crate) path: String,
+    /// Directory holding the group's `memory.*` files.
+    pub(crate) dir: PathBuf,
+}
+
+/// Finds the memory cgroup of this process.
+///
+/// The hierarchy is chosen by what is mounted at `cgroup_root`: a `cgroup.controllers` file there
+/// means a pure v2 mount; otherwise a `memory` directory means v1 (hybrid hosts also list a
+/// `0::/` line, but their v2 mount has no memory controller, so v1 is the one to read). The group
+/// comes from `<proc_root>/self/cgroup`; when its directory is not visible (inside a cgroup
+/// namespace the path may be "/" or point outside the mount) or that file is absent, the
+/// hierarchy root stands in, which inside a container is the container's own group.
+pub(crate) fn locate(proc_root: &Path, cgroup_root: &Path) -> io::Result<Option<Location>> {
+    let membership = match fs::read_to_string(proc_root.join("self").join("cgroup")) {
+        Ok(text) => parse_membership(&text),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Membership::default(),
+        Err(error) => return Err(error),
+    };
+    let (version, base, path) = if cgroup_root.join("cgroup.controllers").is_file() {
+        (CgroupVersion::V2, cgroup_root.to_path_buf(), membership.v2)
+    } else if cgroup_root.join("memory").is_dir() {
+        (
+            CgroupVersion::V1,
+            cgroup_root.join("memory"),
+            membership.v1_memory,
+        )
+    } else {
+        return Ok(None);
+    };
+    let location = path
+        .and_then(|path| group_dir(&base, &path).map(|dir| (path, dir)))
+        .filter(|(_, dir)| dir.is_dir());
+    Ok(Some(match location {
+        Some((path, dir)) => Location { version, path, dir },
+        None => Location {
+            version,
+            path: "/".to_owned(),
+            dir: base,
+        },
+    }))
+}
+
+/// The group paths listed in `/proc/self/cgroup`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Membership {
+    /// Path of the v1 line whose controllers include `memory`.
+    v1_memory: Option<String>,
+    /// Path of the v2 line (`0::/path`).
+    v2: Option<String>,
+}
+
+/// Parses `hierarchy-id:controllers:path` lines; lines of any other shape are skipped.
+fn parse_membership(text: &str) -> Membership {
+    let mut membership = Membership::default();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if id == "0" && controllers.is_empty() {
+            membership.v2 = Some(path.to_owned());
+        } else if controllers.split(',').any(|c| c == "memory") {
+            membership.v1_memory = Some(path.to_owned());
+        }
+    }
+    membership
+}
+
+/// `base` joined with the absolute group `path`; `None` when the path would leave `base`
+/// (a `..` component, as the kernel shows for groups outside our cgroup namespace).
+fn group_dir(base: &Path, path: &str) -> Option<PathBuf> {
+    let relative = Path::new(path.strip_prefix('/')?);
+    relative
+        .components()
+        .all(|component| matches!(component, Component::Normal(_)))
+        .then(|| base.join(relative))
+}
+
+/// Reads the memory cgroup, locating it on first use (and again while none is found, so a
+/// hierarchy that appears later is picked up).
+#[derive(Debug)]
+pub(crate) struct CgroupReader {
+    proc_root: PathBuf,
+    cgroup_root: PathBuf,
+    group: Option<GroupFiles>,
+    locate_failing: bool,
+}
+
+impl CgroupReader {
+    /// A reader for the hierarchy mounted at `cgroup_root`, membership read under `proc_root`.
+    pub(crate) fn new(proc_root: PathBuf, cgroup_root: PathBuf) -> Self {
+        Self {
+            proc_root,
+            cgroup_root,
+            group: None,
+            locate_failing: false,
+        }
+    }
+
+    /// The group's memory; `None` when no memory controller is found.
+    pub(crate) fn read(&mut self) -> Option<CgroupMem> {
+        if self.group.is_none() {
+            self.group = self
+                .locate_logged()
+                .map(|location| GroupFiles::new(location, &self.proc_root));
+        }
+        self.group.as_mut()?.read()
+    }
+
+    fn locate_logged(&mut self) -> Option<Location> {
+        match locate(&self.proc_root, &self.cgroup_root) {
+            Ok(location) => {
+                self.locate_failing = false;
+                if let Some(location) = &location {
+                    tracing::debug!(
+                        version = ?location.version,
+                        path = %location.path,
+                        dir = %location.dir.display(),
+                        "memory cgroup located"
+                    );
+                }
+                location
+            }
+            Err(error) => {
+                if !self.locate_failing {
+                    self.locate_failing = true;
+                    tracing::warn!(
+                        %error,
+                        proc_root = %self.proc_root.display(),
+                        "cannot read this process's cgroup membership; no cgroup memory"
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The kept-open files of one located group.
+#[derive(Debug)]
+struct GroupFiles {
+    location: Location,
+    usage: RereadFile,
+    limit: RereadFile,
+    stat: RereadFile,
+    /// v1 `memory.oom_control`, v2 `memory.events`: both carry an `oom_kill` key.
+    oom: RereadFile,
+    pressure: RereadFile,
+}
+
+impl GroupFiles {
+    fn new(location: Location, proc_root: &Path) -> Self {
+        let dir = &location.dir;
+        let (usage, limit, oom, pressure) = match location.version {
+            CgroupVersion::V1 => (
+                dir.join("memory.usage_in_bytes"),
+                dir.join("memory.limit_in_bytes"),
+                dir.join("memory.oom_control"),
+                // v1 groups have no PSI file; the system-wide one is the closest signal.
+                proc_root.join("pressure").join("memory"),
+            ),
+            CgroupVersion::V2 => (
+                dir.join("memory.current"),
+                dir.join("memory.max"),
+                dir.join("memory.events"),
+                dir.join("memory.pressure"),
+            ),
+        };
+        Self {
+            usage: RereadFile::new(usage),
+            limit: RereadFile::new(limit),
+            stat: RereadFile::new(dir.join("memory.stat")),
+            oom: RereadFile::new(oom),
+            pressure: RereadFile::new(pressure),
+            location,
+        }
+    }
+
+    /// `None` when the usage file is missing: then this group has no memory controller.
+    fn read(&mut self) -> Option<CgroupMem> {
+        let version = self.location.version;
+        let current_bytes = self.usage.read_or_log(parse_u64)?;
+        let max_bytes = self
+            .limit
+            .read_or_log(|text| match version {
+                CgroupVersion::V1 => parse_v1_limit(text),
+                CgroupVersion::V2 => parse_v2_limit(text),
+            })
+            .unwrap_or(0);
+        let stat = self
+            .stat
+            .read_or_log(|text| Ok(MemoryStat::parse(version, text)))
+            .unwrap_or_default();
+        let oom_kills = self
+            .oom
+            .read_or_log(|text| Ok(flat_keyed(text, "oom_kill")))
+            .flatten()
+            .unwrap_or(0);
+        let pressure = self
+            .pressure
+            .read_or_log(|text| Ok(Pressure::parse(text)))
+            .unwrap_or_default();
+        Some(CgroupMem {
+            version,
+            path: self.location.path.clone(),
+            current_bytes,
+            max_bytes,
+            working_set_bytes: current_bytes.saturating_sub(stat.inactive_file),
+            anon_bytes: stat.anon,
+            file_bytes: stat.file,
+            inactive_file_bytes: stat.inactive_file,
+            oom_kills,
+            pressure_some_avg10: pressure.some_avg10,
+            pressure_full_avg10: pressure.full_avg10,
+        })
+    }
+
+    #[cfg(test)]
+    fn paths(&self) -> [&Path; 5] {
+        [
+            self.usage.path(),
+            self.limit.path(),
+            self.stat.path(),
+            self.oom.path(),
+            self.pressure.path(),
+        ]
+    }
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// A file holding one decimal number.
+fn parse_u64(text: &str) -> io::Result<u64> {
+    let text = text.trim();
+    text.parse()
+        .map_err(|error| invalid(format!("expected a byte count, got {text:?}: {error}")))
+}
+
+/// v2 `memory.max`: a byte count, or "max" for unlimited (→ 0).
+fn parse_v2_limit(text: &str) -> io::Result<u64> {
+    if text.trim() == "max" {
+        Ok(0)
+    } else {
+        parse_u64(text)
+    }
+}
+
+/// v1 `memory.limit_in_bytes`: a byte count, with [`V1_UNLIMITED_FROM`] and above unlimited (→ 0).
+fn parse_v1_limit(text: &str) -> io::Result<u64> {
+    let limit = parse_u64(text)?;
+    Ok(if limit >= V1_UNLIMITED_FROM { 0 } else { limit })
+}
+
+/// The value of `key` in a flat-keyed file (`key value` lines); `None` if absent or malformed.
+fn flat_keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.split_once(' ')?;
+        (name == key).then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
+/// The `memory.stat` keys we report; absent keys read as 0.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct MemoryStat {
+    anon: u64,
+    file: u64,
+    inactive_file: u64,
+}
+
+impl MemoryStat {
+    fn parse(version: CgroupVersion, text: &str) -> Self {
+        let get = |key: &str| flat_keyed(text, key).unwrap_or(0);
+        match version {
+            CgroupVersion::V2 => Self {
+                anon: get("anon"),
+                file: get("file"),
+                inactive_file: get("inactive_file"),
+            },
+            // v1's `total_*` keys include the group's descendants (like every v2 value), the
+            // plain keys only the group itself; prefer the hierarchical ones when present.
+            CgroupVersion::V1 => {
+                let hierarchical = |key: &str| {
+                    flat_keyed(text, &format!("total_{key}")).unwrap_or_else(|| get(key))
+                };
+                Self {
+                    anon: hierarchical("rss"),
+                    file: hierarchical("cache"),
+                    inactive_file: hierarchical("inactive_file"),
+                }
+            }
+        }
+    }
+}
+
+/// Memory pressure stall information (`some avg10=... avg60=... avg300=... total=...`).
+#[derive(Debug, Default, PartialEq)]
+struct Pressure {
+    some_avg10: Option<f64>,
+    full_avg10: Option<f64>,
+}
+
+impl Pressure {
+    fn parse(text: &str) -> Self {
+        let mut pressure = Self::default();
+        for line in text.lines() {
+            let mut words = line.split_ascii_whitespace();
+            let slot = match words.next() {
+                Some("some") => &mut pressure.some_avg10,
+                Some("full") => &mut pressure.full_avg10,
+                _ => continue,
+            };
+            *slot = words
+                .find_map(|word| word.strip_prefix("avg10="))
+                .and_then(|value| value.parse::<f64>().ok())
+                .filter(|value| value.is_finite());
+        }
+        pressure
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A proc and a cgroup root in one temporary directory.
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let fixture = Self {
+                dir: tempfile::tempdir().unwrap(),
+            };
+            fs::create_dir_all(fixture.proc_root()).unwrap();
+            fs::create_dir_all(fixture.cgroup_root()).unwrap();
+            fixture
+        }
+        fn proc_root(&self) -> PathBuf {
+            self.dir.path().join("proc")
+        }
+        fn cgroup_root(&self) -> PathBuf {
+            self.dir.path().join("cgroup")
+        }
+        fn write(&self, relative: &str, text: &str) {
+            let path = self.dir.path().join(relative);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        }
+        fn reader(&self) -> CgroupReader {
+            CgroupReader::new(self.proc_root(), self.cgroup_root())
+        }
+    }
+
+    const HYBRID_MEMBERSHIP: &str =
+        "9:name=systemd:/\n4:memory:/process_api/job1\n2:cpu,cpuacct:/\n0::/\n";
+
+    const V1_STAT: &str = "cache 73728\nrss 1671168\ninactive_file 32768\n\
+        hierarchical_memory_limit 9223372036854771712\n\
+        total_cache 81920\ntotal_rss 1679360\ntotal_inactive_file 40960\n";
+
+    /// A hybrid host like the CI machine: v1 memory controller plus a v2 mount without it.
+    fn v1_fixture() -> Fixture {
+        let f = Fixture::new();
+        f.write("proc/self/cgroup", HYBRID_MEMBERSHIP);
+        f.write("cgroup/unified/cgroup.controllers", "");
+        let group = "cgroup/memory/process_api/job1";
+        f.write(&format!("{group}/memory.usage_in_bytes"), "3031040\n");
+        f.write(
+            &format!("{group}/memory.limit_in_bytes"),
+            "9223372036854771712\n",
+        );
+        f.write(&format!("{group}/memory.stat"), V1_STAT);
+        f.write(
+            &format!("{group}/memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        );
+        f.write(
+            "proc/pressure/memory",
+            "some avg10=1.50 avg60=0.20 avg300=0.00 total=1234\n\
+             full avg10=0.25 avg60=0.00 avg300=0.00 total=99\n",
+        );
+        f
+    }
+
+    const V2_STAT: &str = "anon 104857600\nfile 52428800\nkernel 1000\ninactive_file 20971520\n\
+        active_file 31457280\n";
+
+    fn v2_fixture(max: &str) -> Fixture {
+        let f = Fixture::new();
+        f.write("proc/self/cgroup", "0::/kubepods/pod1/ctr\n");
+        f.write("cgroup/cgroup.controllers", "cpuset cpu io memory pids\n");
+        let group = "cgroup/kubepods/pod1/ctr";
+        f.write(&format!("{group}/memory.current"), "167772160\n");
+        f.write(&format!("{group}/memory.max"), max);
+        f.write(&format!("{group}/memory.stat"), V2_STAT);
+        f.write(
+            &format!("{group}/memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\noom_group_kill 0\n",
+        );
+        f.write(
+            &format!("{group}/memory.pressure"),
+            "some avg10=12.34 avg60=5.00 avg300=1.00 total=555\n\
+             full avg10=3.21 avg60=1.00 avg300=0.10 total=111\n",
+        );
+        f
+    }
+
+    #[test]
+    fn v1_group_on_a_hybrid_host() {
+        let f = v1_fixture();
+        let mem = f.reader().read().unwrap();
+        assert_eq!(
+            mem,
+            CgroupMem {
+                version: CgroupVersion::V1,
+                path: "/process_api/job1".to_owned(),
+                current_bytes: 3_031_040,
+                max_bytes: 0,
+                working_set_bytes: 3_031_040 - 40_960,
+                anon_bytes: 1_679_360,
+                file_bytes: 81_920,
+                inactive_file_bytes: 40_960,
+                oom_kills: 2,
+                pressure_some_avg10: Some(1.5),
+                pressure_full_avg10: Some(0.25),
+            }
+        );
+    }
+
+    #[test]
+    fn v1_numeric_limit_and_stat_without_total_keys() {
+        let f = v1_fixture();
+        let group = "cgroup/memory/process_api/job1";
+        f.write(
+            &format!("{group}/memory.limit_in_bytes"),
+            "4611686018427387904\n",
+        );
+        let mem = f.reader().read().unwrap();
+        assert_eq!(mem.max_bytes, 0, "2^62 and above is v1's unlimited");
+
+        // 1 TiB: likely more than this machine's RAM, but a configured limit all the same.
+        f.write(&format!("{group}/memory.limit_in_bytes"), "1099511627776\n");
+        f.write(
+            &format!("{group}/memory.stat"),
+            "cache 73728\nrss 1671168\ninactive_file 32768\n",
+        );
+        let mem = f.reader().read().unwrap();
+        assert_eq!(mem.max_bytes, 1_099_511_627_776);
+        assert_eq!(mem.anon_bytes, 1_671_168);
+        assert_eq!(mem.file_bytes, 73_728);
+        assert_eq!(mem.working_set_bytes, 3_031_040 - 32_768);
+    }
+
+    #[test]
+    fn v2_group_with_max_limit() {
+        let f = v2_fixture("max\n");
+        let mem = f.reader().read().unwrap();
+        assert_eq!(
+            mem,
+            CgroupMem {
+                version: CgroupVersion::V2,
+                path: "/kubepods/pod1/ctr".to_owned(),
+                current_bytes: 167_772_160,
+                max_bytes: 0,
+                working_set_bytes: 167_772_160 - 20_971_520,
+                anon_bytes: 104_857_600,
+                file_bytes: 52_428_800,
+                inactive_file_bytes: 20_971_520,
+                oom_kills: 1,
+                pressure_some_avg10: Some(12.34),
+                pressure_full_avg10: Some(3.21),
+            }
+        );
+    }
+
+    #[test]
+    fn v2_group_with_numeric_limit_is_reread_through_kept_files() {
+        let f = v2_fixture("268435456\n");
+        let mut reader = f.reader();
+        let mem = reader.read().unwrap();
+        assert_eq!(mem.max_bytes, 268_435_456);
+
+        let group = "cgroup/kubepods/pod1/ctr";
+        f.write(&format!("{group}/memory.current"), "200000000\n");
+        f.write(&format!("{group}/memory.max"), "max\n");
+        let mem = reader.read().unwrap();
+        assert_eq!(mem.current_bytes, 200_000_000);
+        assert_eq!(mem.working_set_bytes, 200_000_000 - 20_971_520);
+        assert_eq!(mem.max_bytes, 0);
+    }
+
+    #[test]
+    fn no_cgroup_hierarchy_at_all() {
+        let f = Fixture::new();
+        f.write("proc/self/cgroup", "0::/\n");
+        assert_eq!(locate(&f.proc_root(), &f.cgroup_root()).unwrap(), None);
+        assert_eq!(f.reader().read(), None);
+
+        let nowhere = f.dir.path().join("does-not-exist");
+        assert_eq!(CgroupReader::new(nowhere.clone(), nowhere).read(), None);
+    }
+
+    #[test]
+    fn missing_optional_files_read_as_not_available() {
+        let f = Fixture::new();
+        f.write("proc/self/cgroup", "0::/app\n");
+        f.write("cgroup/cgroup.controllers", "memory\n");
+        f.write("cgroup/app/memory.current", "1000\n");
+        let mem = f.reader().read().unwrap();
+        assert_eq!(
+            mem,
+            CgroupMem {
+                version: CgroupVersion::V2,
+                path: "/app".to_owned(),
+                current_bytes: 1000,
+                max_bytes: 0,
+                working_set_bytes: 1000,
+                anon_bytes: 0,
+                file_bytes: 0,
+                inactive_file_bytes: 0,
+                oom_kills: 0,
+                pressure_some_avg10: None,
+                pressure_full_avg10: None,
+            }
+        );
+    }
+
+    #[test]
+    fn group_without_memory_controller_is_none_until_it_appears() {
+        let f = Fixture::new();
+        f.write("proc/self/cgroup", "0::/app\n");
+        f.write("cgroup/cgroup.controllers", "cpu\n");
+        fs::create_dir_all(f.cgroup_root().join("app")).unwrap();
+        let mut reader = f.reader();
+        assert_eq!(reader.read(), None);
+        f.write("cgroup/app/memory.current", "5\n");
+        assert_eq!(reader.read().unwrap().current_bytes, 5);
+    }
+
+    #[test]
+    fn malformed_files_degrade_to_zero_without_stopping() {
+        let f = v2_fixture("lots\n");
+        let group = "cgroup/kubepods/pod1/ctr";
+        f.write(&format!("{group}/memory.events"), "oom_kill many\n");
+        f.write(
+            &format!("{group}/memory.pressure"),
+            "some avg10=NaN\nfull\n",
+        );
+        let mem = f.reader().read().unwrap();
+        assert_eq!(mem.current_bytes, 167_772_160);
+        assert_eq!(mem.max_bytes, 0);
+        assert_eq!(mem.oom_kills, 0);
+        assert_eq!(mem.pressure_some_avg10, None);
+        assert_eq!(mem.pressure_full_avg10, None);
+
+        f.write(&format!("{group}/memory.current"), "garbage\n");
+        assert_eq!(f.reader().read(), None);
+    }
+
+    #[test]
+    fn invisible_group_falls_back_to_the_hierarchy_root() {
+        let f = Fixture::new();
+        f.write("proc/self/cgroup", "0::/kubepods/elsewhere\n");
+        f.write("cgroup/cgroup.controllers", "memory\n");
+        f.write("cgroup/memory.current", "77\n");
+        let mem = f.reader().read().unwrap();
+        assert_eq!((mem.path.as_str(), mem.current_bytes), ("/", 77));
+    }
+
+    #[test]
+    fn paths_leaving_the_mount_fall_back_to_the_root() {
+        let f = Fixture::new();
+        f.write("proc/self/cgroup", "0::/../../etc\n");
+        f.write("cgroup/cgroup.controllers", "memory\n");
+        let location = locate(&f.proc_root(), &f.cgroup_root()).unwrap().unwrap();
+        assert_eq!(location.path, "/");
+        assert_eq!(location.dir, f.cgroup_root());
+    }
+
+    #[test]
+    fn missing_membership_file_uses_the_root() {
+        let f = Fixture::new();
+        fs::create_dir_all(f.cgroup_root().join("memory")).unwrap();
+        let location = locate(&f.proc_root(), &f.cgroup_root()).unwrap().unwrap();
+        assert_eq!(
+            location,
+            Location {
+                version: CgroupVersion::V1,
+                path: "/".to_owned(),
+                dir: f.cgroup_root().join("memory"),
+            }
+        );
+    }
+
+    #[test]
+    fn v1_reads_system_pressure_and_v2_the_groups() {
+        let f = v1_fixture();
+        let location = locate(&f.proc_root(), &f.cgroup_root()).unwrap().unwrap();
+        let files = GroupFiles::new(location, &f.proc_root());
+        assert_eq!(files.paths()[4], f.proc_root().join("pressure/memory"));
+
+        let f = v2_fixture("max");
+        let location = locate(&f.proc_root(), &f.cgroup_root()).unwrap().unwrap();
+        let files = GroupFiles::new(location, &f.proc_root());
+        assert_eq!(
+            files.paths()[4],
+            f.cgroup_root().join("kubepods/pod1/ctr/memory.pressure")
+        );
+    }
+
+    #[test]
+    fn membership_parsing() {
+        assert_eq!(
+            parse_membership(HYBRID_MEMBERSHIP),
+            Membership {
+                v1_memory: Some("/process_api/job1".to_owned()),
+                v2: Some("/".to_owned()),
+            }
+        );
+        assert_eq!(
+            parse_membership("garbage\n5:memory,hugetlb:/a:b\n"),
+            Membership {
+                v1_memory: Some("/a:b".to_owned()),
+                v2: None,
+            }
+        );
+    }
+
+    #[test]
+    fn pressure_parsing() {
+        assert_eq!(
+            Pressure::parse("some avg10=0.50 avg60=0.10 avg300=0.00 total=7\n"),
+            Pressure {
+                some_avg10: Some(0.5),
+                full_avg10: None,
+            }
+        );
+    }
+
+    #[test]
+    fn reads_the_real_machine() {
+        // Whatever this machine mounts, reading must not fail; when a group is found its usage
+        // includes at least this test process.
+        if let Some(mem) = CgroupReader::new("/proc".into(), "/sys/fs/cgroup".into()).read() {
+            assert!(mem.current_bytes > 0);
+            assert!(mem.working_set_bytes <= mem.current_bytes);
+            assert!(mem.path.starts_with('/'));
+        }
+    }
+}

@@ -570,21 +570,28 @@ pub fn theme_keywords<S: AsRef<str>>(documents: &[S], k: usize) -> Vec<String> {
         .collect()
 }
 
-/// Canonical keys for already-extracted theme strings (possibly phrases), folding variants across
-/// the whole list: used when merging themes from several chunks, where one chunk said "ads" and
-/// another "ad". Returns one key per input theme, in input order.
+/// Canonical keys for already-extracted theme strings (possibly phrases), folding case and
+/// variants across the whole list: used when merging themes from several chunks, where one chunk
+/// said "ads", another "ad" and a remote model "Ads". Returns one key per input theme, in input
+/// order.
 pub fn theme_keys<S: AsRef<str>>(themes: &[S]) -> Vec<String> {
-    let vocab: HashSet<&str> = themes
-        .iter()
-        .flat_map(|theme| theme.as_ref().split_whitespace())
-        .collect();
-    let variants = variant_map(&vocab);
-    themes
+    let lowered: Vec<Vec<String>> = themes
         .iter()
         .map(|theme| {
             theme
                 .as_ref()
                 .split_whitespace()
+                .map(str::to_lowercase)
+                .collect()
+        })
+        .collect();
+    let vocab: HashSet<&str> = lowered.iter().flatten().map(String::as_str).collect();
+    let variants = variant_map(&vocab);
+    lowered
+        .iter()
+        .map(|words| {
+            words
+                .iter()
                 .map(|word| canonical(&variants, word))
                 .collect::<Vec<_>>()
                 .join(" ")
@@ -1310,6 +1317,15 @@ mod tests {
         assert!(theme_keywords(&["", "the and of"], 5).is_empty());
         // Exact tie: same df and weight -> alphabetical.
         assert_eq!(theme_keywords(&["zebra apple"], 2), ["apple", "zebra"]);
+    }
+
+    #[test]
+    fn theme_keys_fold_case_and_variants_across_chunks() {
+        assert_eq!(
+            theme_keys(&["Ads", "ad", "offline modes", "Offline Mode", "shuffle"]),
+            ["ad", "ad", "offline mode", "offline mode", "shuffle"]
+        );
+        assert!(theme_keys::<&str>(&[]).is_empty());
     }
 
     #[test]

@@ -257,7 +257,8 @@ impl Pipeline {
             // The backend was asked for max_words; enforce it here too, whatever it returned.
             summary: text::truncate_words(&draft.summary, options.max_words),
             themes: draft.themes,
-            sentiment: combine_sentiments(ok.iter().map(|c| &c.sentiment)),
+            // Counts add up exactly; no backend is asked for arithmetic.
+            sentiment: text::merge_sentiments(ok.iter().map(|c| &c.sentiment)),
             degraded: ok.len() < chunks.len(),
             chunks,
             entries_used: entries_used as u32,
@@ -268,30 +269,4 @@ impl Pipeline {
             usage,
         })
     }
-}
-
-/// Adds up chunk sentiments exactly: counts add, score is the entry-weighted mean, the rating
-/// average is weighted by rated entries, and the label is recomputed from the totals.
-pub fn combine_sentiments<'a>(parts: impl IntoIterator<Item = &'a Sentiment>) -> Sentiment {
-    let mut total = Sentiment::default();
-    let mut score_sum = 0.0;
-    let mut rating_sum = 0.0;
-    for part in parts {
-        let n = f64::from(part.entries());
-        score_sum += part.score * n;
-        rating_sum += part.average_rating * f64::from(part.rated);
-        total.positive += part.positive;
-        total.neutral += part.neutral;
-        total.negative += part.negative;
-        total.rated += part.rated;
-    }
-    let n = total.entries();
-    if n > 0 {
-        total.score = score_sum / f64::from(n);
-    }
-    if total.rated > 0 {
-        total.average_rating = rating_sum / f64::from(total.rated);
-    }
-    total.label = text::sentiment_label(total.score, total.positive, total.negative, n);
-    total
 }

@@ -46,8 +46,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let backend = Arc::new(llm::local::LocalBackend::new());
-    let pipeline = pipeline::Pipeline::new(backend);
-    let service = grpc::InsightGrpc::new(pipeline, config.max_entries_cap);
+    let pipeline = pipeline::Pipeline::new(backend, config.pipeline_config());
+    let service = grpc::InsightGrpc::new(pipeline, config.max_entries_cap, config.request_timeout);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health

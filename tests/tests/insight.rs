@@ -330,10 +330,6 @@ async fn rpcs_of_later_issues_are_unimplemented_and_say_what_is_missing() {
     let job = pb::GetJobRequest { id: "x".into() };
     let statuses = vec![
         client
-            .stream_feedback_summary(request(forty_entries(), Default::default()))
-            .await
-            .err(),
-        client
             .analyze_music(pb::AnalyzeMusicRequest::default())
             .await
             .err(),
@@ -373,6 +369,56 @@ async fn rpcs_of_later_issues_are_unimplemented_and_say_what_is_missing() {
             status.message()
         );
     }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn stream_sends_one_chunk_event_per_chunk_then_the_summary() {
+    let server = start_insight(insight_service::Config::default()).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let options = pb::SummaryOptions {
+        chunk_size: Some(5),
+        max_entries: Some(0),
+        ..Default::default()
+    };
+    let mut stream = client
+        .stream_feedback_summary(request(forty_entries(), options))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut chunk_indices = Vec::new();
+    let mut summary = None;
+    while let Some(event) = stream.message().await.unwrap() {
+        assert!(summary.is_none(), "the summary is the last event");
+        match event.event.unwrap() {
+            pb::summary_event::Event::Chunk(chunk) => {
+                assert_eq!(chunk.status(), pb::ChunkStatus::Ok);
+                assert_eq!(chunk.entry_ids.len(), 5);
+                chunk_indices.push(chunk.index);
+            }
+            pb::summary_event::Event::Summary(s) => summary = Some(s),
+        }
+    }
+    chunk_indices.sort_unstable();
+    assert_eq!(chunk_indices, (0..8).collect::<Vec<u32>>());
+    let summary = summary.expect("a summary event");
+    assert_eq!(summary.entries_used, 40);
+    assert_eq!(summary.chunks.len(), 8);
+
+    // The streamed summary equals the unary one for the same request.
+    let unary = client
+        .summarize_feedback(request(forty_entries(), options))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unary, summary);
+
+    // Bad input is an immediate INVALID_ARGUMENT, not a stream that fails later.
+    let status = client
+        .stream_feedback_summary(request(vec![], Default::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
     server.shutdown().await.unwrap();
 }
 

@@ -24,6 +24,9 @@ pub fn to_status(error: PipelineError) -> Status {
             );
             Status::with_error_details(Code::Unavailable, text, details)
         }
+        error @ PipelineError::DeadlineExceeded { .. } => {
+            Status::deadline_exceeded(error.to_string())
+        }
     }
 }
 

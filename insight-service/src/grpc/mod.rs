@@ -2,6 +2,7 @@
 //! one mapping from domain errors to `tonic::Status`.
 
 pub mod convert;
+pub mod deadline;
 pub mod error;
 pub mod service;
 

@@ -1,15 +1,19 @@
 //! The InsightService adapter: validate the envelope, call the pipeline, convert the answer.
 
-use std::pin::Pin;
+use std::{pin::Pin, time::Duration};
 
 use spotifai_proto::insight::{
     self as pb, insight_service_server::InsightService, summarize_feedback_request::Input,
+    summary_event::Event,
 };
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt, wrappers::UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{convert::entries_from_proto, error::to_status};
-use crate::pipeline::{Pipeline, PipelineError, RequestedOptions, resolve_options};
+use super::{convert::entries_from_proto, deadline::request_deadline, error::to_status};
+use crate::{
+    domain::{Entry, SummaryOptions},
+    pipeline::{Pipeline, PipelineError, RequestedOptions, resolve_options},
+};
 
 /// A boxed server stream, as tonic's associated stream types want.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -19,34 +23,25 @@ pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 's
 pub struct InsightGrpc {
     pipeline: Pipeline,
     max_entries_cap: u32,
+    request_timeout: Duration,
 }
 
 impl InsightGrpc {
-    /// An adapter over `pipeline`; `max_entries_cap` is the server's `--max-entries-cap`.
-    pub fn new(pipeline: Pipeline, max_entries_cap: u32) -> Self {
+    /// An adapter over `pipeline`; `max_entries_cap` is the server's `--max-entries-cap`,
+    /// `request_timeout` its `--request-timeout` (the deadline of calls that set none).
+    pub fn new(pipeline: Pipeline, max_entries_cap: u32, request_timeout: Duration) -> Self {
         Self {
             pipeline,
             max_entries_cap,
+            request_timeout,
         }
     }
-}
 
-/// The RPCs whose behaviour arrives with a later issue say which, so a caller knows it is not
-/// a bug in their request.
-fn not_yet(what: &str, arrives_with: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} not available yet: it arrives with the {arrives_with}"
-    ))
-}
-
-#[tonic::async_trait]
-impl InsightService for InsightGrpc {
-    #[tracing::instrument(skip(self, request), fields(entries))]
-    async fn summarize_feedback(
+    /// Options and inline entries of a summary request, or the status saying what is wrong.
+    fn summary_input(
         &self,
-        request: Request<pb::SummarizeFeedbackRequest>,
-    ) -> Result<Response<pb::FeedbackSummary>, Status> {
-        let request = request.into_inner();
+        request: pb::SummarizeFeedbackRequest,
+    ) -> Result<(Vec<Entry>, SummaryOptions), Status> {
         let options = resolve_options(
             request
                 .options
@@ -70,10 +65,41 @@ impl InsightService for InsightGrpc {
                 )));
             }
         };
+        Ok((entries, options))
+    }
+}
+
+/// Aborts the pipeline task of a streamed summary when tonic drops the response stream, i.e.
+/// when the client cancels or disconnects: no further LLM call is made after that.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The RPCs whose behaviour arrives with a later issue say which, so a caller knows it is not
+/// a bug in their request.
+fn not_yet(what: &str, arrives_with: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what} not available yet: it arrives with the {arrives_with}"
+    ))
+}
+
+#[tonic::async_trait]
+impl InsightService for InsightGrpc {
+    #[tracing::instrument(skip(self, request), fields(entries))]
+    async fn summarize_feedback(
+        &self,
+        request: Request<pb::SummarizeFeedbackRequest>,
+    ) -> Result<Response<pb::FeedbackSummary>, Status> {
+        let deadline = request_deadline(request.metadata(), self.request_timeout);
+        let (entries, options) = self.summary_input(request.into_inner())?;
         tracing::Span::current().record("entries", entries.len());
         let summary = self
             .pipeline
-            .summarize(entries, options)
+            .summarize(entries, options, deadline)
             .await
             .map_err(to_status)?;
         Ok(Response::new(summary.into()))
@@ -81,14 +107,40 @@ impl InsightService for InsightGrpc {
 
     type StreamFeedbackSummaryStream = BoxStream<pb::SummaryEvent>;
 
+    #[tracing::instrument(skip(self, request), fields(entries))]
     async fn stream_feedback_summary(
         &self,
-        _request: Request<pb::SummarizeFeedbackRequest>,
+        request: Request<pb::SummarizeFeedbackRequest>,
     ) -> Result<Response<Self::StreamFeedbackSummaryStream>, Status> {
-        Err(not_yet(
-            "streamed summaries are",
-            "insight pipeline issue; use SummarizeFeedback meanwhile",
-        ))
+        let deadline = request_deadline(request.metadata(), self.request_timeout);
+        let (entries, options) = self.summary_input(request.into_inner())?;
+        tracing::Span::current().record("entries", entries.len());
+        // Bad input is an immediate status, not a stream that fails on its first message.
+        crate::pipeline::validate_entries(&entries).map_err(to_status)?;
+
+        // At most one message per chunk plus the summary, so the channel is bounded by the
+        // request's own chunk count.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::SummaryEvent, Status>>();
+        let pipeline = self.pipeline.clone();
+        let task = tokio::spawn(async move {
+            let chunks = tx.clone();
+            let result = pipeline
+                .summarize_with(entries, options, deadline, |chunk| {
+                    let event = Event::Chunk(chunk.clone().into());
+                    let _ = chunks.send(Ok(pb::SummaryEvent { event: Some(event) }));
+                })
+                .await;
+            let last = result.map_err(to_status).map(|summary| pb::SummaryEvent {
+                event: Some(Event::Summary(summary.into())),
+            });
+            let _ = tx.send(last);
+        });
+        let guard = AbortOnDrop(task.abort_handle());
+        let stream = UnboundedReceiverStream::new(rx).map(move |event| {
+            let _keep_until_the_stream_is_dropped = &guard;
+            event
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn analyze_music(

@@ -318,6 +318,7 @@ mod tests {
             index: 0,
             entries,
             max_words,
+            deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(60),
         };
         match block_on(LocalBackend::new().summarize_chunk(request)) {
             Ok(draft) => draft,
@@ -326,7 +327,11 @@ mod tests {
     }
 
     fn reduce(chunks: &[ChunkInsight], max_words: usize) -> SummaryDraft {
-        let request = ReduceRequest { chunks, max_words };
+        let request = ReduceRequest {
+            chunks,
+            max_words,
+            deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(60),
+        };
         match block_on(LocalBackend::new().reduce(request)) {
             Ok(draft) => draft,
             Err(error) => panic!("local never fails: {error}"),

@@ -2,11 +2,15 @@
 //! entries (map) and a summary of chunk insights (reduce). `local` answers offline; Gemini and
 //! OpenAI-compatible backends plug in behind the same trait.
 
+use std::time::Duration;
+
 use futures::future::BoxFuture;
+use tokio::time::Instant;
 
 use crate::domain::{ChunkInsight, Entry, Sentiment, Usage};
 
 pub mod local;
+pub mod prompted;
 
 /// The map step's question: summarize this chunk.
 #[derive(Clone, Copy, Debug)]
@@ -17,6 +21,9 @@ pub struct ChunkRequest<'a> {
     pub entries: &'a [Entry],
     /// Word budget of the chunk insight.
     pub max_words: usize,
+    /// The call must be answered by then (what is left of the caller's gRPC deadline, capped
+    /// by `--llm-timeout`); a backend that cannot must fail with [`LlmError::Timeout`].
+    pub deadline: Instant,
 }
 
 /// A backend's answer for one chunk.
@@ -39,6 +46,8 @@ pub struct ReduceRequest<'a> {
     pub chunks: &'a [ChunkInsight],
     /// Word budget of the summary.
     pub max_words: usize,
+    /// The call must be answered by then (see [`ChunkRequest::deadline`]).
+    pub deadline: Instant,
 }
 
 /// A backend's combined summary. Sentiment is not asked for: the pipeline adds up the chunks'
@@ -53,17 +62,157 @@ pub struct SummaryDraft {
     pub usage: Usage,
 }
 
-/// Why a backend call failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a backend call failed: one variant per cause, so the service can map each to the
+/// status of the error contract and decide what to retry.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LlmError {
-    /// The backend could not produce an answer.
-    #[error("{backend} backend failed: {message}")]
-    Failed {
+    /// The key is missing, invalid or lacks permission (HTTP 401/403). Not retried.
+    #[error("{backend}: authentication failed: {message}")]
+    Auth {
         /// Backend name.
         backend: String,
-        /// What went wrong.
+        /// What the provider said.
         message: String,
     },
+    /// The provider throttled us (HTTP 429); `retry_after` from `Retry-After` or RetryInfo.
+    #[error("{backend}: rate limited: {message}")]
+    RateLimited {
+        /// Backend name.
+        backend: String,
+        /// How long the provider asked us to wait, if it said.
+        retry_after: Option<Duration>,
+        /// What the provider said.
+        message: String,
+    },
+    /// The provider rejected the request as malformed (HTTP 400/404/422). Not retried.
+    #[error("{backend}: bad request: {message}")]
+    BadRequest {
+        /// Backend name.
+        backend: String,
+        /// What the provider said.
+        message: String,
+    },
+    /// The provider failed (HTTP 5xx).
+    #[error("{backend}: server error {status}: {message}")]
+    Server {
+        /// Backend name.
+        backend: String,
+        /// HTTP status.
+        status: u16,
+        /// What the provider said.
+        message: String,
+    },
+    /// No connection could be made (refused, DNS, TLS).
+    #[error("{backend}: cannot connect: {message}")]
+    Connect {
+        /// Backend name.
+        backend: String,
+        /// The transport error.
+        message: String,
+    },
+    /// The deadline passed, or the stream stalled, before an answer was complete.
+    #[error("{backend}: timed out: {message}")]
+    Timeout {
+        /// Backend name.
+        backend: String,
+        /// Which limit was hit.
+        message: String,
+    },
+    /// The response body exceeded the byte cap; it was not buffered past the cap.
+    #[error("{backend}: response larger than {limit} bytes")]
+    TooLarge {
+        /// Backend name.
+        backend: String,
+        /// The cap, in bytes.
+        limit: usize,
+    },
+    /// The response could not be parsed, or was cut off (e.g. finishReason MAX_TOKENS) or
+    /// blocked (SAFETY) so that it holds no usable answer.
+    #[error("{backend}: unusable response: {message}")]
+    Malformed {
+        /// Backend name.
+        backend: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl LlmError {
+    /// The backend that failed.
+    pub fn backend(&self) -> &str {
+        match self {
+            Self::Auth { backend, .. }
+            | Self::RateLimited { backend, .. }
+            | Self::BadRequest { backend, .. }
+            | Self::Server { backend, .. }
+            | Self::Connect { backend, .. }
+            | Self::Timeout { backend, .. }
+            | Self::TooLarge { backend, .. }
+            | Self::Malformed { backend, .. } => backend,
+        }
+    }
+
+    /// Whether trying the same call again may succeed (429, 5xx, connect errors).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited { .. } | Self::Server { .. } | Self::Connect { .. }
+        )
+    }
+}
+
+/// Why a generation stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model finished its answer.
+    Stop,
+    /// The output token cap cut the answer off.
+    MaxTokens,
+    /// A safety filter blocked the answer.
+    Safety,
+    /// Anything else the provider reported.
+    Other(String),
+}
+
+/// One request to a text-generating LLM (Gemini, OpenAI-compatible): prompts are built by the
+/// pipeline, the generator only speaks the provider's protocol.
+#[derive(Clone, Copy, Debug)]
+pub struct GenerateRequest<'a> {
+    /// Instructions (Gemini `systemInstruction`, OpenAI `system` message).
+    pub system: &'a str,
+    /// The user prompt (data fenced as data by the pipeline).
+    pub prompt: &'a str,
+    /// Output token cap (`maxOutputTokens` / `max_tokens`).
+    pub max_output_tokens: u32,
+    /// JSON schema the answer must follow (Gemini `responseSchema` with
+    /// `responseMimeType: application/json`; OpenAI `response_format`).
+    pub response_schema: Option<&'a serde_json::Value>,
+    /// Absolute deadline of this call, retries included.
+    pub deadline: Instant,
+}
+
+/// A completed generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// The answer text (for JSON requests, the JSON document).
+    pub text: String,
+    /// Why it stopped.
+    pub finish: FinishReason,
+    /// What it cost: calls (retries included), bytes and reported tokens.
+    pub usage: Usage,
+}
+
+/// A text-generation provider.
+pub trait Generator: Send + Sync + 'static {
+    /// Short name: "gemini", "openai".
+    fn name(&self) -> &str;
+    /// Model used.
+    fn model(&self) -> &str;
+    /// Generates one answer, within `request.deadline`.
+    fn generate<'a>(
+        &'a self,
+        request: GenerateRequest<'a>,
+    ) -> BoxFuture<'a, Result<Generation, LlmError>>;
 }
 
 /// A summarization backend.

@@ -5,13 +5,15 @@
 //! OOM-killed. Here no backend call ever sees more than one chunk (map) or the chunk insights
 //! (reduce), so the size of any one call is bounded by `chunk_size`, not by the input.
 
-use std::{collections::HashMap, sync::Arc};
+use std::collections::HashMap;
 
-use crate::{
-    domain::{ChunkInsight, ChunkStatus, Entry, FeedbackSummary, Sentiment, SummaryOptions, Usage},
-    llm::{ChunkRequest, LlmBackend, ReduceRequest},
-    text,
-};
+use crate::domain::{Entry, SummaryOptions};
+
+pub mod chunk;
+mod mapreduce;
+pub mod prompts;
+
+pub use mapreduce::{Pipeline, PipelineConfig};
 
 /// Largest accepted feedback text, in bytes of UTF-8.
 pub const MAX_TEXT_BYTES: usize = 8 * 1024;
@@ -44,6 +46,14 @@ pub enum PipelineError {
         backend: String,
         /// The last error it gave.
         message: String,
+    },
+    /// The caller's deadline (or the server's request timeout) passed before an answer.
+    #[error("deadline exceeded after {completed} of {total} chunks")]
+    DeadlineExceeded {
+        /// Chunks finished in time.
+        completed: usize,
+        /// Chunks in all.
+        total: usize,
     },
 }
 
@@ -153,120 +163,4 @@ pub fn validate_entries(entries: &[Entry]) -> Result<(), PipelineError> {
         }
     }
     Ok(())
-}
-
-/// Runs summaries through one backend.
-#[derive(Clone)]
-pub struct Pipeline {
-    backend: Arc<dyn LlmBackend>,
-}
-
-impl std::fmt::Debug for Pipeline {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline")
-            .field("backend", &self.backend.name())
-            .finish()
-    }
-}
-
-impl Pipeline {
-    /// A pipeline over `backend`.
-    pub fn new(backend: Arc<dyn LlmBackend>) -> Self {
-        Self { backend }
-    }
-
-    /// Validates `entries`, keeps the first `options.max_entries`, and summarizes them in
-    /// chunks of `options.chunk_size` (map), then combines the chunk insights (reduce).
-    pub async fn summarize(
-        &self,
-        mut entries: Vec<Entry>,
-        options: SummaryOptions,
-    ) -> Result<FeedbackSummary, PipelineError> {
-        validate_entries(&entries)?;
-        let total = entries.len();
-        entries.truncate(options.max_entries);
-        let entries_skipped = (total - entries.len()) as u32;
-
-        let mut usage = Usage::default();
-        let mut chunks = Vec::with_capacity(entries.len().div_ceil(options.chunk_size));
-        let mut last_error = None;
-        for (index, chunk) in entries.chunks(options.chunk_size).enumerate() {
-            let index = index as u32;
-            let entry_ids: Vec<String> = chunk.iter().map(|e| e.id.clone()).collect();
-            let request = ChunkRequest {
-                index,
-                entries: chunk,
-                max_words: CHUNK_INSIGHT_WORDS.min(options.max_words),
-            };
-            match self.backend.summarize_chunk(request).await {
-                Ok(draft) => {
-                    usage += draft.usage;
-                    chunks.push(ChunkInsight {
-                        index,
-                        entry_ids,
-                        insight: draft.insight,
-                        themes: draft.themes,
-                        sentiment: draft.sentiment,
-                        status: ChunkStatus::Ok,
-                        error: None,
-                    });
-                }
-                Err(error) => {
-                    tracing::warn!(chunk = index, %error, "chunk failed");
-                    let message = error.to_string();
-                    chunks.push(ChunkInsight {
-                        index,
-                        entry_ids,
-                        insight: String::new(),
-                        themes: Vec::new(),
-                        sentiment: Sentiment::default(),
-                        status: ChunkStatus::Failed,
-                        error: Some(message.clone()),
-                    });
-                    last_error = Some(message);
-                }
-            }
-        }
-
-        let ok: Vec<ChunkInsight> = chunks
-            .iter()
-            .filter(|c| c.status == ChunkStatus::Ok)
-            .cloned()
-            .collect();
-        if ok.is_empty() {
-            return Err(PipelineError::BackendUnavailable {
-                backend: self.backend.name().to_owned(),
-                message: last_error.unwrap_or_else(|| "no chunk succeeded".to_owned()),
-            });
-        }
-        let entries_used: usize = ok.iter().map(|c| c.entry_ids.len()).sum();
-        let draft = self
-            .backend
-            .reduce(ReduceRequest {
-                chunks: &ok,
-                max_words: options.max_words,
-            })
-            .await
-            .map_err(|error| PipelineError::BackendUnavailable {
-                backend: self.backend.name().to_owned(),
-                message: error.to_string(),
-            })?;
-        usage += draft.usage;
-
-        Ok(FeedbackSummary {
-            // The backend was asked for max_words; enforce it here too, whatever it returned.
-            summary: text::truncate_words(&draft.summary, options.max_words),
-            themes: draft.themes,
-            // Counts add up exactly; no backend is asked for arithmetic.
-            sentiment: text::merge_sentiments(ok.iter().map(|c| &c.sentiment)),
-            degraded: ok.len() < chunks.len(),
-            chunks,
-            entries_used: entries_used as u32,
-            entries_skipped,
-            cached: false,
-            backend: self.backend.name().to_owned(),
-            model: self.backend.model().to_owned(),
-            usage,
-        })
-    }
 }

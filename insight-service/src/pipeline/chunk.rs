@@ -1,0 +1,96 @@
+//! Splitting entries into chunks bounded by an entry count AND a prompt byte budget, so no
+//! single map call can grow with the input: the seed app's one-giant-prompt is impossible.
+
+use crate::domain::Entry;
+
+/// Bytes a prompt spends on one entry besides its text (fence markers, id, rating): a
+/// deliberate over-estimate so a chunk that fits here also fits once rendered.
+pub const ENTRY_OVERHEAD_BYTES: usize = 96;
+
+/// Bytes one entry adds to a map prompt.
+pub fn entry_prompt_bytes(entry: &Entry) -> usize {
+    entry.text.len() + entry.id.len() + ENTRY_OVERHEAD_BYTES
+}
+
+/// Splits `entries` in input order into chunks of at most `chunk_size` entries whose prompt
+/// bytes stay within `budget_bytes`. An entry larger than the budget on its own still gets a
+/// chunk (alone): it was accepted by validation (≤ 8 KiB), so it must be summarized.
+pub fn chunk_ranges(
+    entries: &[Entry],
+    chunk_size: usize,
+    budget_bytes: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let chunk_size = chunk_size.max(1);
+    let mut ranges = Vec::with_capacity(entries.len().div_ceil(chunk_size));
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, entry) in entries.iter().enumerate() {
+        let cost = entry_prompt_bytes(entry);
+        let full = i - start == chunk_size;
+        let over = i > start && bytes + cost > budget_bytes;
+        if full || over {
+            ranges.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += cost;
+    }
+    if start < entries.len() {
+        ranges.push(start..entries.len());
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: usize, text_len: usize) -> Entry {
+        Entry {
+            id: format!("e{id}"),
+            user_id: String::new(),
+            text: "x".repeat(text_len),
+            rating: None,
+            created_at: None,
+            source: String::new(),
+        }
+    }
+
+    #[test]
+    fn count_bounds_chunks_when_bytes_fit() {
+        let entries: Vec<Entry> = (0..12).map(|i| entry(i, 100)).collect();
+        let ranges = chunk_ranges(&entries, 5, 1 << 20);
+        assert_eq!(ranges, vec![0..5, 5..10, 10..12]);
+    }
+
+    #[test]
+    fn byte_budget_splits_large_entries_earlier() {
+        // Each entry costs 1000 + 2 + 96 = 1098 bytes; 3 fit in 3500.
+        let entries: Vec<Entry> = (0..7).map(|i| entry(i, 1000)).collect();
+        let ranges = chunk_ranges(&entries, 50, 3500);
+        assert_eq!(ranges, vec![0..3, 3..6, 6..7]);
+        for range in &ranges {
+            let bytes: usize = entries[range.clone()].iter().map(entry_prompt_bytes).sum();
+            assert!(bytes <= 3500);
+        }
+    }
+
+    #[test]
+    fn an_entry_over_budget_gets_its_own_chunk() {
+        let entries = vec![entry(0, 10), entry(1, 9000), entry(2, 10)];
+        assert_eq!(chunk_ranges(&entries, 5, 4096), vec![0..1, 1..2, 2..3]);
+    }
+
+    #[test]
+    fn every_entry_is_in_exactly_one_chunk() {
+        let entries: Vec<Entry> = (0..1000).map(|i| entry(i, (i * 37) % 3000)).collect();
+        let ranges = chunk_ranges(&entries, 7, 8192);
+        let mut next = 0;
+        for range in ranges {
+            assert_eq!(range.start, next);
+            assert!(range.len() <= 7 && !range.is_empty());
+            next = range.end;
+        }
+        assert_eq!(next, 1000);
+    }
+}

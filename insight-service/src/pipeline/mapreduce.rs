@@ -1,0 +1,863 @@
+//! Map then (hierarchical) reduce, with bounded parallelism, per-call deadlines, one retry per
+//! chunk, and the offline fallback.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{StreamExt, stream};
+use tokio::time::Instant;
+
+use super::{CHUNK_INSIGHT_WORDS, PipelineError, chunk::chunk_ranges, validate_entries};
+use crate::{
+    domain::{ChunkInsight, ChunkStatus, Entry, FeedbackSummary, Sentiment, SummaryOptions, Usage},
+    llm::{ChunkRequest, LlmBackend, LlmError, ReduceRequest, SummaryDraft, local::LocalBackend},
+    text,
+};
+
+/// Word budget of an intermediate (non-final) reduce: partial summaries stay short so the next
+/// level can read many of them in one prompt.
+const PARTIAL_SUMMARY_WORDS: usize = 120;
+
+/// Tuning of the pipeline, from the server's flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PipelineConfig {
+    /// Map (and intermediate reduce) calls in flight at once per request (`--map-parallelism`).
+    pub map_parallelism: usize,
+    /// Most bytes of entries or chunk insights one prompt may carry (`--prompt-budget-bytes`).
+    pub prompt_budget_bytes: usize,
+    /// Most intermediate reduce levels before the final reduce (`--max-reduce-depth`).
+    pub max_reduce_depth: usize,
+    /// Longest any single backend call may take (`--llm-timeout`).
+    pub llm_timeout: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            map_parallelism: 4,
+            prompt_budget_bytes: 16 * 1024,
+            max_reduce_depth: 4,
+            llm_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Runs summaries through one backend, falling back to `local`.
+#[derive(Clone)]
+pub struct Pipeline {
+    backend: Arc<dyn LlmBackend>,
+    fallback: Arc<dyn LlmBackend>,
+    config: PipelineConfig,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("backend", &self.backend.name())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// What one map step produced.
+struct Mapped {
+    insight: ChunkInsight,
+    usage: Usage,
+}
+
+impl Pipeline {
+    /// A pipeline over `backend`, with the offline `local` backend as fallback.
+    pub fn new(backend: Arc<dyn LlmBackend>, config: PipelineConfig) -> Self {
+        Self {
+            backend,
+            fallback: Arc::new(LocalBackend::new()),
+            config,
+        }
+    }
+
+    /// The primary backend's name.
+    pub fn backend_name(&self) -> &str {
+        self.backend.name()
+    }
+
+    /// The pipeline's tuning.
+    pub fn config(&self) -> PipelineConfig {
+        self.config
+    }
+
+    /// Summarizes `entries` (see [`Pipeline::summarize_with`]) without watching chunks.
+    pub async fn summarize(
+        &self,
+        entries: Vec<Entry>,
+        options: SummaryOptions,
+        deadline: Instant,
+    ) -> Result<FeedbackSummary, PipelineError> {
+        self.summarize_with(entries, options, deadline, |_| {})
+            .await
+    }
+
+    /// Validates `entries`, keeps the first `options.max_entries`, splits them into chunks
+    /// (by count and prompt bytes), maps each chunk through the backend with at most
+    /// `map_parallelism` calls in flight, and reduces the chunk insights, in levels when they
+    /// exceed the prompt budget. `on_chunk` sees each chunk insight as soon as it is done
+    /// (completion order). Dropping the returned future stops every call in flight.
+    pub async fn summarize_with(
+        &self,
+        mut entries: Vec<Entry>,
+        options: SummaryOptions,
+        deadline: Instant,
+        mut on_chunk: impl FnMut(&ChunkInsight),
+    ) -> Result<FeedbackSummary, PipelineError> {
+        validate_entries(&entries)?;
+        let total = entries.len();
+        entries.truncate(options.max_entries);
+        let entries_skipped = (total - entries.len()) as u32;
+        let ranges = chunk_ranges(
+            &entries,
+            options.chunk_size,
+            self.config.prompt_budget_bytes,
+        );
+
+        let mut usage = Usage::default();
+        let mut chunks = self
+            .map(
+                &*self.backend,
+                &entries,
+                &ranges,
+                options,
+                deadline,
+                &mut usage,
+                &mut on_chunk,
+            )
+            .await;
+        let mut backend = self.backend.clone();
+        let mut backend_label = self.backend.name().to_owned();
+        let mut degraded = false;
+
+        if Instant::now() >= deadline {
+            let completed = chunks
+                .iter()
+                .filter(|c| c.status == ChunkStatus::Ok)
+                .count();
+            return Err(PipelineError::DeadlineExceeded {
+                completed,
+                total: chunks.len(),
+            });
+        }
+        let failed = chunks
+            .iter()
+            .filter(|c| c.status == ChunkStatus::Failed)
+            .count();
+        if failed == chunks.len() {
+            let message = chunks
+                .iter()
+                .rev()
+                .find_map(|c| c.error.clone())
+                .unwrap_or_else(|| "no chunk succeeded".to_owned());
+            if options.disable_fallback || self.backend.name() == self.fallback.name() {
+                return Err(PipelineError::BackendUnavailable {
+                    backend: self.backend.name().to_owned(),
+                    message,
+                });
+            }
+            tracing::warn!(backend = self.backend.name(), %message, "every chunk failed; falling back to local");
+            chunks = self
+                .map(
+                    &*self.fallback,
+                    &entries,
+                    &ranges,
+                    options,
+                    deadline,
+                    &mut usage,
+                    &mut on_chunk,
+                )
+                .await;
+            backend = self.fallback.clone();
+            backend_label = format!(
+                "{} (fallback from {})",
+                self.fallback.name(),
+                self.backend.name()
+            );
+            degraded = true;
+        } else if failed > 0 {
+            degraded = true;
+        }
+
+        let ok: Vec<ChunkInsight> = chunks
+            .iter()
+            .filter(|c| c.status == ChunkStatus::Ok)
+            .cloned()
+            .collect();
+        let entries_used: usize = ok.iter().map(|c| c.entry_ids.len()).sum();
+        let sentiment = text::merge_sentiments(ok.iter().map(|c| &c.sentiment));
+
+        let draft = match self
+            .reduce_levels(
+                &*backend,
+                ok.clone(),
+                options.max_words,
+                deadline,
+                &mut usage,
+            )
+            .await
+        {
+            Ok(draft) => draft,
+            Err(error) if options.disable_fallback || backend.name() == self.fallback.name() => {
+                return Err(PipelineError::BackendUnavailable {
+                    backend: backend.name().to_owned(),
+                    message: error.to_string(),
+                });
+            }
+            Err(error) => {
+                tracing::warn!(backend = backend.name(), %error, "reduce failed; falling back to local");
+                backend_label = format!(
+                    "{} (fallback from {})",
+                    self.fallback.name(),
+                    backend.name()
+                );
+                degraded = true;
+                let fallback = self.fallback.clone();
+                backend = fallback.clone();
+                self.reduce_levels(&*fallback, ok, options.max_words, deadline, &mut usage)
+                    .await
+                    .map_err(|error| PipelineError::BackendUnavailable {
+                        backend: fallback.name().to_owned(),
+                        message: error.to_string(),
+                    })?
+            }
+        };
+
+        Ok(FeedbackSummary {
+            // The backend was asked for max_words; enforce it here too, whatever it returned.
+            summary: text::truncate_words(&draft.summary, options.max_words),
+            themes: draft.themes,
+            sentiment,
+            degraded,
+            chunks,
+            entries_used: entries_used as u32,
+            entries_skipped,
+            cached: false,
+            backend: backend_label,
+            model: backend.model().to_owned(),
+            usage,
+        })
+    }
+
+    /// The map step over every chunk, at most `map_parallelism` at a time; results are
+    /// returned ordered by index, and reported to `on_chunk` in completion order.
+    #[allow(clippy::too_many_arguments)]
+    async fn map(
+        &self,
+        backend: &dyn LlmBackend,
+        entries: &[Entry],
+        ranges: &[std::ops::Range<usize>],
+        options: SummaryOptions,
+        deadline: Instant,
+        usage: &mut Usage,
+        on_chunk: &mut impl FnMut(&ChunkInsight),
+    ) -> Vec<ChunkInsight> {
+        let max_words = CHUNK_INSIGHT_WORDS.min(options.max_words);
+        let mut done: Vec<Option<ChunkInsight>> = vec![None; ranges.len()];
+        let mut results = stream::iter(ranges.iter().cloned().enumerate())
+            .map(|(index, range)| {
+                self.map_chunk(backend, index as u32, &entries[range], max_words, deadline)
+            })
+            .buffer_unordered(self.config.map_parallelism.max(1));
+        while let Some(mapped) = results.next().await {
+            *usage += mapped.usage;
+            on_chunk(&mapped.insight);
+            let index = mapped.insight.index as usize;
+            done[index] = Some(mapped.insight);
+        }
+        done.into_iter().flatten().collect()
+    }
+
+    /// One chunk: a call, retried once on failure while the deadline allows.
+    async fn map_chunk(
+        &self,
+        backend: &dyn LlmBackend,
+        index: u32,
+        chunk: &[Entry],
+        max_words: usize,
+        deadline: Instant,
+    ) -> Mapped {
+        let entry_ids: Vec<String> = chunk.iter().map(|e| e.id.clone()).collect();
+        let mut usage = Usage::default();
+        let mut last_error = None;
+        for attempt in 0..2 {
+            let now = Instant::now();
+            if now >= deadline {
+                last_error.get_or_insert(LlmError::Timeout {
+                    backend: backend.name().to_owned(),
+                    message: "the request deadline passed".to_owned(),
+                });
+                break;
+            }
+            let call_deadline = deadline.min(now + self.config.llm_timeout);
+            let request = ChunkRequest {
+                index,
+                entries: chunk,
+                max_words,
+                deadline: call_deadline,
+            };
+            // Enforced here too, so no backend can hold a request past its deadline.
+            let answer = tokio::time::timeout_at(call_deadline, backend.summarize_chunk(request))
+                .await
+                .unwrap_or_else(|_| Err(deadline_error(backend, call_deadline == deadline)));
+            match answer {
+                Ok(draft) => {
+                    usage += draft.usage;
+                    return Mapped {
+                        insight: ChunkInsight {
+                            index,
+                            entry_ids,
+                            insight: draft.insight,
+                            themes: draft.themes,
+                            sentiment: draft.sentiment,
+                            status: ChunkStatus::Ok,
+                            error: None,
+                        },
+                        usage,
+                    };
+                }
+                Err(error) => {
+                    // A failed call still cost a call; its bytes are not known here.
+                    usage.llm_calls += 1;
+                    tracing::warn!(chunk = index, attempt, %error, "chunk failed");
+                    last_error = Some(error);
+                }
+            }
+        }
+        Mapped {
+            insight: ChunkInsight {
+                index,
+                entry_ids,
+                insight: String::new(),
+                themes: Vec::new(),
+                sentiment: Sentiment::default(),
+                status: ChunkStatus::Failed,
+                error: last_error.map(|e| e.to_string()),
+            },
+            usage,
+        }
+    }
+
+    /// Reduces `chunks` to one summary. While their text exceeds the prompt budget, groups
+    /// that fit are reduced to partial summaries first (in parallel), level by level, at most
+    /// `max_reduce_depth` levels; past the cap each partial is cut to its share of the budget.
+    async fn reduce_levels(
+        &self,
+        backend: &dyn LlmBackend,
+        mut level: Vec<ChunkInsight>,
+        max_words: usize,
+        deadline: Instant,
+        usage: &mut Usage,
+    ) -> Result<SummaryDraft, LlmError> {
+        let budget = self.config.prompt_budget_bytes;
+        let mut depth = 0;
+        while level.len() > 1 && level_bytes(&level) > budget {
+            if depth >= self.config.max_reduce_depth {
+                let share = budget / level.len();
+                for partial in &mut level {
+                    truncate_at_char(&mut partial.insight, share);
+                }
+                break;
+            }
+            let groups = group_by_budget(level, budget);
+            let drafts: Vec<Result<(SummaryDraft, Sentiment, usize), LlmError>> =
+                stream::iter(groups)
+                    .map(|group| async move {
+                        let draft = self
+                            .reduce_once(backend, &group, PARTIAL_SUMMARY_WORDS, deadline)
+                            .await?;
+                        let sentiment = text::merge_sentiments(group.iter().map(|c| &c.sentiment));
+                        let entries = group.iter().map(|c| c.entry_ids.len()).sum();
+                        Ok((draft, sentiment, entries))
+                    })
+                    .buffered(self.config.map_parallelism.max(1))
+                    .collect()
+                    .await;
+            let mut next = Vec::with_capacity(drafts.len());
+            for (index, result) in drafts.into_iter().enumerate() {
+                let (draft, sentiment, _entries) = result?;
+                *usage += draft.usage;
+                next.push(ChunkInsight {
+                    index: index as u32,
+                    entry_ids: Vec::new(),
+                    insight: draft.summary,
+                    themes: draft.themes,
+                    sentiment,
+                    status: ChunkStatus::Ok,
+                    error: None,
+                });
+            }
+            level = next;
+            depth += 1;
+        }
+        let draft = self
+            .reduce_once(backend, &level, max_words, deadline)
+            .await?;
+        *usage += draft.usage;
+        Ok(draft)
+    }
+
+    /// One reduce call, bounded by the request deadline and `llm_timeout`.
+    async fn reduce_once(
+        &self,
+        backend: &dyn LlmBackend,
+        chunks: &[ChunkInsight],
+        max_words: usize,
+        deadline: Instant,
+    ) -> Result<SummaryDraft, LlmError> {
+        let call_deadline = deadline.min(Instant::now() + self.config.llm_timeout);
+        let request = ReduceRequest {
+            chunks,
+            max_words,
+            deadline: call_deadline,
+        };
+        tokio::time::timeout_at(call_deadline, backend.reduce(request))
+            .await
+            .unwrap_or_else(|_| Err(deadline_error(backend, call_deadline == deadline)))
+    }
+}
+
+/// The error of a call cut off by its deadline: the request's, or `--llm-timeout`.
+fn deadline_error(backend: &dyn LlmBackend, request_deadline: bool) -> LlmError {
+    let message = if request_deadline {
+        "the request deadline passed"
+    } else {
+        "the LLM call took longer than --llm-timeout"
+    };
+    LlmError::Timeout {
+        backend: backend.name().to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+/// Prompt bytes of one chunk insight in a reduce prompt.
+fn insight_bytes(c: &ChunkInsight) -> usize {
+    c.insight.len() + c.themes.iter().map(|t| t.len() + 2).sum::<usize>() + 64
+}
+
+/// Prompt bytes of a whole reduce level.
+fn level_bytes(level: &[ChunkInsight]) -> usize {
+    level.iter().map(insight_bytes).sum()
+}
+
+/// Consecutive groups within `budget` bytes, each of at least two insights so that every
+/// level strictly shrinks.
+fn group_by_budget(level: Vec<ChunkInsight>, budget: usize) -> Vec<Vec<ChunkInsight>> {
+    let mut groups: Vec<Vec<ChunkInsight>> = Vec::new();
+    let mut current: Vec<ChunkInsight> = Vec::new();
+    let mut bytes = 0;
+    for insight in level {
+        let cost = insight_bytes(&insight);
+        if current.len() >= 2 && bytes + cost > budget {
+            groups.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += cost;
+        current.push(insight);
+    }
+    if current.len() == 1
+        && let Some(last) = groups.last_mut()
+    {
+        last.append(&mut current);
+    }
+    if !current.is_empty() {
+        groups.push(current);
+    }
+    groups
+}
+
+/// Cuts `s` to at most `max` bytes, on a char boundary.
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use super::*;
+    use crate::llm::ChunkDraft;
+
+    fn insight(index: u32, bytes: usize) -> ChunkInsight {
+        ChunkInsight {
+            index,
+            entry_ids: vec![format!("e{index}")],
+            insight: "y".repeat(bytes),
+            themes: vec![],
+            sentiment: Sentiment::default(),
+            status: ChunkStatus::Ok,
+            error: None,
+        }
+    }
+
+    fn entries(n: usize) -> Vec<Entry> {
+        (0..n)
+            .map(|i| Entry {
+                id: format!("e{i}"),
+                user_id: String::new(),
+                text: format!("Entry number {i} says the shuffle button repeats songs."),
+                rating: Some((i % 5 + 1) as u8),
+                created_at: None,
+                source: String::new(),
+            })
+            .collect()
+    }
+
+    fn options(chunk_size: usize, max_entries: usize) -> SummaryOptions {
+        SummaryOptions {
+            chunk_size,
+            max_entries,
+            max_words: 300,
+            bypass_cache: false,
+            disable_fallback: false,
+        }
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    /// A backend whose chunk calls sleep `delay(index)`, fail while `fails(index, attempt)`,
+    /// and record concurrency and every call.
+    struct Scripted {
+        delay: fn(u32) -> u64,
+        fails: fn(u32, usize) -> bool,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
+        calls: Mutex<Vec<u32>>,
+        reduce_calls: AtomicUsize,
+        reduce_fails: bool,
+    }
+
+    impl Scripted {
+        fn new(delay: fn(u32) -> u64, fails: fn(u32, usize) -> bool) -> Self {
+            Self {
+                delay,
+                fails,
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: AtomicUsize::new(0),
+                calls: Mutex::new(Vec::new()),
+                reduce_calls: AtomicUsize::new(0),
+                reduce_fails: false,
+            }
+        }
+    }
+
+    impl LlmBackend for Scripted {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+        fn model(&self) -> &str {
+            "m1"
+        }
+        fn summarize_chunk<'a>(
+            &'a self,
+            request: ChunkRequest<'a>,
+        ) -> futures::future::BoxFuture<'a, Result<ChunkDraft, LlmError>> {
+            Box::pin(async move {
+                let attempt = {
+                    let mut calls = self.calls.lock().unwrap();
+                    calls.push(request.index);
+                    calls.iter().filter(|&&i| i == request.index).count() - 1
+                };
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis((self.delay)(request.index))).await;
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                if (self.fails)(request.index, attempt) {
+                    return Err(LlmError::Server {
+                        backend: "scripted".into(),
+                        status: 503,
+                        message: format!("chunk {} attempt {attempt}", request.index),
+                    });
+                }
+                Ok(ChunkDraft {
+                    insight: format!("insight {}", request.index),
+                    themes: vec!["shuffle".into()],
+                    sentiment: text::sentiment(request.entries),
+                    usage: Usage {
+                        llm_calls: 1,
+                        ..Usage::default()
+                    },
+                })
+            })
+        }
+        fn reduce<'a>(
+            &'a self,
+            request: ReduceRequest<'a>,
+        ) -> futures::future::BoxFuture<'a, Result<SummaryDraft, LlmError>> {
+            Box::pin(async move {
+                self.reduce_calls.fetch_add(1, Ordering::SeqCst);
+                if self.reduce_fails {
+                    return Err(LlmError::Timeout {
+                        backend: "scripted".into(),
+                        message: "slow".into(),
+                    });
+                }
+                Ok(SummaryDraft {
+                    summary: format!("{} chunks", request.chunks.len()),
+                    themes: vec!["shuffle".into()],
+                    usage: Usage {
+                        llm_calls: 1,
+                        ..Usage::default()
+                    },
+                })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn map_runs_at_most_map_parallelism_calls_at_once_and_reports_completion_order() {
+        // Later chunks finish first: completion order must differ from index order.
+        let backend = Arc::new(Scripted::new(|i| 100 - u64::from(i) * 10, |_, _| false));
+        let pipeline = Pipeline::new(
+            backend.clone(),
+            PipelineConfig {
+                map_parallelism: 3,
+                ..PipelineConfig::default()
+            },
+        );
+        let mut seen = Vec::new();
+        let summary = pipeline
+            .summarize_with(entries(40), options(5, 40), far(), |c| seen.push(c.index))
+            .await
+            .unwrap();
+        assert_eq!(backend.max_in_flight.load(Ordering::SeqCst), 3);
+        assert_eq!(summary.chunks.len(), 8);
+        assert_eq!(
+            summary.chunks.iter().map(|c| c.index).collect::<Vec<_>>(),
+            (0..8).collect::<Vec<_>>()
+        );
+        assert_ne!(seen, (0..8).collect::<Vec<_>>(), "completion order");
+        let mut sorted = seen.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+        assert_eq!(summary.usage.llm_calls, 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_chunk_is_retried_once_then_reported_failed() {
+        // Chunk 1 always fails; chunk 2 fails once and succeeds on its retry.
+        let backend = Arc::new(Scripted::new(
+            |_| 10,
+            |i, attempt| i == 1 || (i == 2 && attempt == 0),
+        ));
+        let pipeline = Pipeline::new(backend.clone(), PipelineConfig::default());
+        let summary = pipeline
+            .summarize(entries(20), options(5, 20), far())
+            .await
+            .unwrap();
+        let calls = backend.calls.lock().unwrap().clone();
+        assert_eq!(calls.iter().filter(|&&i| i == 1).count(), 2, "retried once");
+        assert_eq!(calls.iter().filter(|&&i| i == 2).count(), 2);
+        assert_eq!(calls.iter().filter(|&&i| i == 0).count(), 1);
+        assert!(summary.degraded);
+        assert_eq!(summary.entries_used, 15);
+        assert_eq!(summary.chunks[1].status, ChunkStatus::Failed);
+        assert!(summary.chunks[1].error.as_deref().unwrap().contains("503"));
+        assert_eq!(summary.chunks[2].status, ChunkStatus::Ok);
+        assert_eq!(summary.backend, "scripted");
+        assert_eq!(
+            summary.sentiment.entries(),
+            15,
+            "failed chunks do not count"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_every_chunk_fails_local_answers_unless_fallback_is_disabled() {
+        let backend = Arc::new(Scripted::new(|_| 10, |_, _| true));
+        let pipeline = Pipeline::new(backend.clone(), PipelineConfig::default());
+        let summary = pipeline
+            .summarize(entries(10), options(5, 10), far())
+            .await
+            .unwrap();
+        assert!(summary.degraded);
+        assert_eq!(summary.backend, "local (fallback from scripted)");
+        assert_eq!(summary.model, "extractive-tfidf-v1");
+        assert_eq!(summary.entries_used, 10);
+        assert!(summary.chunks.iter().all(|c| c.status == ChunkStatus::Ok));
+        assert!(
+            summary.summary.starts_with("Across 10 entries"),
+            "{}",
+            summary.summary
+        );
+        // 2 chunks x 2 failed attempts, then 2 local chunks + 1 local reduce.
+        assert_eq!(summary.usage.llm_calls, 7);
+
+        let mut strict = options(5, 10);
+        strict.disable_fallback = true;
+        let err = pipeline
+            .summarize(entries(10), strict, far())
+            .await
+            .unwrap_err();
+        match err {
+            PipelineError::BackendUnavailable { backend, message } => {
+                assert_eq!(backend, "scripted");
+                assert!(message.contains("503"), "{message}");
+            }
+            other => panic!("expected BackendUnavailable, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_reduce_falls_back_to_local_over_the_remote_chunk_insights() {
+        let mut scripted = Scripted::new(|_| 10, |_, _| false);
+        scripted.reduce_fails = true;
+        let pipeline = Pipeline::new(Arc::new(scripted), PipelineConfig::default());
+        let summary = pipeline
+            .summarize(entries(10), options(5, 10), far())
+            .await
+            .unwrap();
+        assert!(summary.degraded);
+        assert_eq!(summary.backend, "local (fallback from scripted)");
+        assert_eq!(
+            summary.chunks[0].insight, "insight 0",
+            "the remote chunks are kept"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_that_passes_mid_map_is_deadline_exceeded() {
+        let backend = Arc::new(Scripted::new(|_| 1_000, |_, _| false));
+        let pipeline = Pipeline::new(
+            backend,
+            PipelineConfig {
+                map_parallelism: 1,
+                ..PipelineConfig::default()
+            },
+        );
+        let deadline = Instant::now() + Duration::from_millis(2_500);
+        let err = pipeline
+            .summarize(entries(25), options(5, 25), deadline)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, PipelineError::DeadlineExceeded { total: 5, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn ten_thousand_entries_reduce_in_levels_within_the_prompt_budget() {
+        let config = PipelineConfig {
+            prompt_budget_bytes: 8 * 1024,
+            ..PipelineConfig::default()
+        };
+        let pipeline = Pipeline::new(Arc::new(LocalBackend::new()), config);
+        let summary = pipeline
+            .summarize(entries(10_000), options(5, 10_000), far())
+            .await
+            .unwrap();
+        assert_eq!(summary.chunks.len(), 2_000);
+        assert_eq!(summary.entries_used, 10_000);
+        assert!(!summary.degraded);
+        assert!(
+            summary.summary.starts_with("Across 10000 entries"),
+            "{}",
+            summary.summary
+        );
+        // 2,000 map calls, then levels of partial reduces, then the final one.
+        assert!(
+            summary.usage.llm_calls > 2_001,
+            "{}",
+            summary.usage.llm_calls
+        );
+        assert!(
+            summary.usage.llm_calls < 2_200,
+            "{}",
+            summary.usage.llm_calls
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_reduce_prompt_fits_the_budget_below_the_depth_cap() {
+        struct Recorder(Mutex<Vec<usize>>);
+        impl LlmBackend for Recorder {
+            fn name(&self) -> &str {
+                "rec"
+            }
+            fn model(&self) -> &str {
+                "m"
+            }
+            fn summarize_chunk<'a>(
+                &'a self,
+                r: ChunkRequest<'a>,
+            ) -> futures::future::BoxFuture<'a, Result<ChunkDraft, LlmError>> {
+                Box::pin(async move {
+                    Ok(ChunkDraft {
+                        insight: "z".repeat(300),
+                        themes: vec![],
+                        sentiment: text::sentiment(r.entries),
+                        usage: Usage::default(),
+                    })
+                })
+            }
+            fn reduce<'a>(
+                &'a self,
+                r: ReduceRequest<'a>,
+            ) -> futures::future::BoxFuture<'a, Result<SummaryDraft, LlmError>> {
+                Box::pin(async move {
+                    self.0.lock().unwrap().push(level_bytes(r.chunks));
+                    Ok(SummaryDraft {
+                        summary: "w ".repeat(100),
+                        themes: vec![],
+                        usage: Usage::default(),
+                    })
+                })
+            }
+        }
+        let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let config = PipelineConfig {
+            prompt_budget_bytes: 4096,
+            ..PipelineConfig::default()
+        };
+        let pipeline = Pipeline::new(recorder.clone(), config);
+        pipeline
+            .summarize(entries(1_000), options(5, 1_000), far())
+            .await
+            .unwrap();
+        let sizes = recorder.0.lock().unwrap().clone();
+        assert!(sizes.len() > 1, "reduced in levels");
+        assert!(sizes.iter().all(|&b| b <= 4096), "{sizes:?}");
+    }
+
+    #[test]
+    fn groups_fit_the_budget_and_shrink_the_level() {
+        let level: Vec<ChunkInsight> = (0..100).map(|i| insight(i, 400)).collect();
+        let groups = group_by_budget(level, 4096);
+        assert!(groups.len() < 100 && groups.len() > 1);
+        for group in &groups {
+            assert!(group.len() >= 2);
+            assert!(level_bytes(group) <= 4096);
+        }
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 100);
+    }
+
+    #[test]
+    fn a_lonely_last_insight_joins_the_previous_group() {
+        let level: Vec<ChunkInsight> = (0..3).map(|i| insight(i, 3000)).collect();
+        let groups = group_by_budget(level, 4096);
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].len(), 3);
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        let mut s = "héllo wörld".to_owned();
+        truncate_at_char(&mut s, 2);
+        assert_eq!(s, "h");
+    }
+}

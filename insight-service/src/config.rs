@@ -89,6 +89,94 @@ pub struct Config {
     /// Most intermediate reduce levels; past it each partial summary is cut to fit.
     #[arg(long, env = "INSIGHT_MAX_REDUCE_DEPTH", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub max_reduce_depth: u32,
+
+    /// `off` disables concurrency limiting, memory admission and pressure shedding (for the
+    /// control run of the OOM test only: expect the kernel to kill the process under load).
+    #[arg(long, env = "INSIGHT_OVERLOAD_PROTECTION", value_enum, default_value_t = Switch::On)]
+    pub overload_protection: Switch,
+
+    /// Heavy calls (summaries, analyses, imports) running at once. 4 is the seed's 4 threads.
+    #[arg(long, env = "INSIGHT_MAX_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_concurrency: u32,
+
+    /// Heavy calls that may wait for a slot; beyond it calls are refused at once
+    /// (RESOURCE_EXHAUSTED with RetryInfo). Short, so overload is visible rather than queued.
+    #[arg(long, env = "INSIGHT_QUEUE_DEPTH", default_value_t = 8)]
+    pub queue_depth: u32,
+
+    /// Longest wait in that queue before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "INSIGHT_QUEUE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub queue_timeout: Duration,
+
+    /// Bytes of estimated peak memory all heavy calls may reserve together (e.g. "128MiB");
+    /// 0 = half the cgroup memory limit, else a quarter of the machine's memory.
+    #[arg(long, env = "INSIGHT_MEMORY_BUDGET", default_value = "0", value_parser = crate::admission::parse_bytes)]
+    pub memory_budget: u64,
+
+    /// Largest request or response message (e.g. "4MiB"), enforced by the transport for
+    /// decoding and encoding, and before any byte of an oversized request is buffered.
+    #[arg(long, env = "INSIGHT_MAX_MESSAGE_SIZE", default_value = "4MiB", value_parser = crate::admission::parse_bytes)]
+    pub max_message_size: u64,
+
+    /// How often memory pressure is sampled in-process.
+    #[arg(long, env = "INSIGHT_PRESSURE_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub pressure_interval: Duration,
+
+    /// Memory usage ratio (working set / cgroup limit, else used / total) at which work is
+    /// made cheaper (one map call at a time, half the prompt budget).
+    #[arg(long, env = "INSIGHT_WARN_RATIO", default_value_t = 0.80)]
+    pub warn_ratio: f64,
+
+    /// Memory usage ratio at which new heavy calls are shed and readiness turns NOT_SERVING.
+    #[arg(long, env = "INSIGHT_CRITICAL_RATIO", default_value_t = 0.90)]
+    pub critical_ratio: f64,
+
+    /// PSI memory "some" avg10 (percent of time stalled) counted as warning.
+    #[arg(long, env = "INSIGHT_WARN_PSI", default_value_t = 10.0)]
+    pub warn_psi: f64,
+
+    /// PSI memory "some" avg10 counted as critical.
+    #[arg(long, env = "INSIGHT_CRITICAL_PSI", default_value_t = 25.0)]
+    pub critical_psi: f64,
+
+    /// A pressure level is left only below threshold × (1 − this), so readiness does not flap.
+    #[arg(long, env = "INSIGHT_PRESSURE_HYSTERESIS", default_value_t = 0.05)]
+    pub pressure_hysteresis: f64,
+
+    /// Where procfs is mounted, for the pressure probe (tests point it at fixture trees).
+    #[arg(long, env = "INSIGHT_PROBE_PROC_ROOT", default_value = "/proc")]
+    pub probe_proc_root: std::path::PathBuf,
+
+    /// Where the cgroup hierarchy is mounted, for the pressure probe.
+    #[arg(
+        long,
+        env = "INSIGHT_PROBE_CGROUP_ROOT",
+        default_value = "/sys/fs/cgroup"
+    )]
+    pub probe_cgroup_root: std::path::PathBuf,
+
+    /// HTTP/2 streams one connection may have open; bounds per-connection buffering.
+    #[arg(long, env = "INSIGHT_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
+    pub max_concurrent_streams: u32,
+
+    /// HTTP/2 initial stream window: how much of a request body the server accepts before the
+    /// handler reads it; a queued call buffers at most this much.
+    #[arg(long, env = "INSIGHT_H2_STREAM_WINDOW", default_value = "64KiB", value_parser = crate::admission::parse_bytes)]
+    pub h2_stream_window: u64,
+
+    /// HTTP/2 initial connection window (all streams of one connection together).
+    #[arg(long, env = "INSIGHT_H2_CONNECTION_WINDOW", default_value = "1MiB", value_parser = crate::admission::parse_bytes)]
+    pub h2_connection_window: u64,
+}
+
+/// An on/off flag value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    #[default]
+    On,
+    /// Disabled.
+    Off,
 }
 
 /// The LLM backend (`--llm-backend`).
@@ -137,6 +225,23 @@ impl Default for Config {
             map_parallelism: 4,
             prompt_budget_bytes: 16 * 1024,
             max_reduce_depth: 4,
+            overload_protection: Switch::On,
+            max_concurrency: 4,
+            queue_depth: 8,
+            queue_timeout: Duration::from_secs(2),
+            memory_budget: 0,
+            max_message_size: 4 << 20,
+            pressure_interval: Duration::from_millis(100),
+            warn_ratio: 0.80,
+            critical_ratio: 0.90,
+            warn_psi: 10.0,
+            critical_psi: 25.0,
+            pressure_hysteresis: 0.05,
+            probe_proc_root: "/proc".into(),
+            probe_cgroup_root: "/sys/fs/cgroup".into(),
+            max_concurrent_streams: 128,
+            h2_stream_window: 64 << 10,
+            h2_connection_window: 1 << 20,
         }
     }
 }

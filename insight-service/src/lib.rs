@@ -1,29 +1,49 @@
 //! insight-service: chunked map-reduce summaries of user feedback and compact music analysis,
-//! through a pluggable LLM backend.
+//! through a pluggable LLM backend, behind overload protection that keeps the process clear of
+//! the OOM killer.
 //!
 //! The gRPC adapters in [`grpc`] are thin: they convert messages and call the domain modules
-//! ([`pipeline`], [`llm`]), which know nothing of tonic. [`run`] assembles the server.
+//! ([`pipeline`], [`llm`], [`music`], [`admission`]), which know nothing of tonic. [`run`]
+//! assembles the server and its one tower chain.
 
 use std::{future::Future, sync::Arc};
 
-use monitor_service::lifecycle::{Drain, DrainLayer, reflection_services, serve_until_drained};
-use spotifai_proto::{INSIGHT_DESCRIPTOR_SET, INSIGHT_SERVICE_NAME};
-use tokio::net::TcpListener;
+use monitor_service::{
+    lifecycle::{Drain, DrainLayer, reflection_services, serve_until_drained},
+    probe::{Probe, ProbeConfig},
+};
+use spotifai_proto::{
+    INSIGHT_DESCRIPTOR_SET, INSIGHT_SERVICE_NAME,
+    insight::insight_service_server::InsightServiceServer,
+};
+use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
+use tower::ServiceBuilder;
 
+pub mod admission;
+pub mod backend;
 pub mod config;
 pub mod domain;
 pub mod grpc;
 pub mod llm;
+pub mod music;
 pub mod pipeline;
 pub mod text;
 
+use admission::{
+    AdmissionMetrics, ConcurrencyLayer, DeadlineLayer, Limiter, MemoryBudget, MemoryLayer,
+    MemoryState, Pressure, PressureConfig, PressureTracker, ShedLayer, estimator::EstimatorConfig,
+};
 pub use config::Config;
+use config::Switch;
 
 /// Why the server could not start or stopped on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The configured LLM backend cannot be built (missing key, bad URL).
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
     /// The reflection descriptors could not be loaded (a build defect).
     #[error("cannot build server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -45,35 +65,128 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let backend = Arc::new(llm::local::LocalBackend::new());
-    let pipeline = pipeline::Pipeline::new(backend, config.pipeline_config());
-    let service = grpc::InsightGrpc::new(pipeline, config.max_entries_cap, config.request_timeout);
-
+    let backend = backend::build_backend(&config)?;
+    let backend_name = backend.name().to_owned();
+    let protect = config.overload_protection == Switch::On;
+    let drain = Drain::new();
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(INSIGHT_SERVICE_NAME, ServingStatus::Serving)
         .await;
+
+    // Memory pressure, sampled in-process from the same probe monitor-service uses.
+    let mut probe = Probe::new(ProbeConfig {
+        proc_root: config.probe_proc_root.clone(),
+        cgroup_root: config.probe_cgroup_root.clone(),
+        pids: Vec::new(),
+        warn_ratio: config.warn_ratio,
+        critical_ratio: config.critical_ratio,
+    });
+    let first = probe.sample();
+    let budget_bytes = if config.memory_budget > 0 {
+        config.memory_budget
+    } else {
+        admission::default_budget(
+            first.cgroup.as_ref().map_or(0, |c| c.max_bytes),
+            first.system.total_bytes,
+        )
+    };
+    let (pressure_tx, pressure_rx) = watch::channel(Pressure::Normal);
+    if protect {
+        let tracker = PressureTracker::new(PressureConfig {
+            warn_ratio: config.warn_ratio,
+            critical_ratio: config.critical_ratio,
+            warn_psi: config.warn_psi,
+            critical_psi: config.critical_psi,
+            hysteresis: config.pressure_hysteresis,
+        });
+        tokio::spawn(admission::pressure::run_monitor(
+            probe,
+            tracker,
+            config.pressure_interval,
+            pressure_tx,
+            health.clone(),
+            drain.clone(),
+        ));
+    }
+
+    let mut pipeline = pipeline::Pipeline::new(backend, config.pipeline_config());
+    if protect {
+        pipeline = pipeline.with_pressure(pressure_rx.clone());
+    }
+    let service = grpc::InsightGrpc::new(pipeline, config.max_entries_cap, config.request_timeout);
+    let max_message = usize::try_from(config.max_message_size).unwrap_or(usize::MAX);
+    let insight = InsightServiceServer::new(service)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     let (reflection_v1, reflection_v1alpha) = reflection_services(INSIGHT_DESCRIPTOR_SET)?;
 
-    let drain = Drain::new();
+    let metrics = Arc::new(AdmissionMetrics::default());
+    let budget = MemoryBudget::new(budget_bytes);
+    let limiter = Limiter::new(
+        config.max_concurrency as usize,
+        config.queue_depth as usize,
+        config.queue_timeout,
+        metrics.clone(),
+    );
+    let memory = MemoryState {
+        budget: budget.clone(),
+        estimator: EstimatorConfig {
+            max_entries_cap: u64::from(config.max_entries_cap),
+            map_parallelism: u64::from(config.map_parallelism),
+            prompt_budget_bytes: u64::from(config.prompt_budget_bytes),
+            max_response_bytes: config.llm_max_response_bytes as u64,
+        },
+        max_message_size: config.max_message_size,
+        metrics: metrics.clone(),
+    };
+
+    // The one tower chain. Outermost first; heavy limits apply only to heavy methods
+    // (`admission::is_heavy`): health, reflection and cheap reads pass straight through.
+    let chain = ServiceBuilder::new()
+        // Drain: once SIGTERM arrived every new call gets UNAVAILABLE before any other work,
+        // and in-flight calls are counted until their response bodies end.
+        .layer(DrainLayer::new(drain.clone()))
+        // Deadline: the caller's grpc-timeout capped by --request-timeout, answered
+        // DEADLINE_EXCEEDED; outside the limits so time spent queued counts against it.
+        .layer(DeadlineLayer::new(config.request_timeout, metrics.clone()))
+        // Pressure shedding: the cheapest refusal and the most urgent, so it comes first.
+        .option_layer(protect.then(|| ShedLayer::new(pressure_rx.clone(), metrics.clone())))
+        // Concurrency limit + short queue, BEFORE memory admission: queued calls hold no
+        // budget, their bodies wait in the (explicitly sized) h2 stream window.
+        .option_layer(protect.then(|| ConcurrencyLayer::new(limiter.clone())))
+        // Memory admission from the 5-byte length prefix, before tonic buffers the message;
+        // the reservation is held until the response body ends.
+        .option_layer(protect.then(|| MemoryLayer::new(memory)))
+        .into_inner();
+
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // Logged as a plain field so scripts and tests can find the port when started on :0.
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, backend = "local", "insight-service listening");
-
+    tracing::info!(
+        %addr,
+        backend = %backend_name,
+        overload_protection = protect,
+        memory_budget_bytes = budget_bytes,
+        max_concurrency = config.max_concurrency,
+        "insight-service listening"
+    );
+    let h2_window = |bytes: u64| u32::try_from(bytes).unwrap_or(u32::MAX);
     let server = tonic::transport::Server::builder()
-        // Outermost, so that once draining every call is refused before any other work.
-        .layer(DrainLayer::new(drain.clone()))
+        // Per-connection bounds on what a client can make us buffer (set explicitly, not left
+        // to library defaults): streams per connection and the flow-control windows.
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .initial_stream_window_size(h2_window(config.h2_stream_window))
+        .initial_connection_window_size(h2_window(config.h2_connection_window))
+        .layer(chain)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            spotifai_proto::insight::insight_service_server::InsightServiceServer::new(service),
-        )
+        .add_service(insight)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stop_rx.await;
         });
-    serve_until_drained(
+    let result = serve_until_drained(
         server,
         stop_tx,
         shutdown,
@@ -82,6 +195,8 @@ pub async fn run(
         &[INSIGHT_SERVICE_NAME],
         config.shutdown_grace,
     )
-    .await?;
+    .await;
+    tracing::info!(metrics = ?metrics.snapshot(&budget), "admission counters at exit");
+    result?;
     Ok(())
 }

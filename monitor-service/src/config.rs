@@ -1,4 +1,4 @@
-//! Command line and environment: `monitor-service serve` and `monitor-service check`.
+//! Command line and environment: `monitor-service serve`, `check`, `watch` and `alerts`.
 //!
 //! Every flag has an environment twin (`MONITOR_*`) so a Kubernetes manifest configures the
 //! server without a command line. Values are checked while parsing, and the one cross-flag rule
@@ -9,7 +9,13 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::{lifecycle::LogFormat, probe::ProbeConfig, sampler::MIN_INTERVAL};
+use crate::{
+    alerts::{AlertArgs, AlertArgsError},
+    history::HistoryArgs,
+    lifecycle::LogFormat,
+    probe::ProbeConfig,
+    sampler::{MIN_INTERVAL, SamplerConfig},
+};
 
 /// Longest shutdown grace accepted: Kubernetes' default is 30s and an hour-long drain is a
 /// misconfiguration; the bound also keeps deadline arithmetic far from overflowing.
@@ -31,6 +37,11 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print one memory reading and exit (the old `memory_monitor.py --single`).
     Check(CheckArgs),
+    /// Print a reading every --interval for --duration, sampled here or streamed from a server
+    /// (the old `memory_monitor.py --duration 60 --interval 30`).
+    Watch(WatchArgs),
+    /// Print a running server's alert events (FIRING, RESOLVED) as they happen.
+    Alerts(AlertsArgs),
 }
 
 /// Flags of `serve`.
@@ -42,8 +53,10 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
 
     /// Sampling interval of StreamSamples when the client sends interval_ms = 0 (e.g. "1s",
-    /// "500ms"); at least 100ms. One second matches the old monitor script and is fine-grained
-    /// enough to see a spike build up before an OOM kill.
+    /// "500ms"), and the always-on cadence at which the server samples for its alerts even with
+    /// no subscriber; at least 100ms, rounded up to a multiple of 100ms (the grid samples are
+    /// shared on). One second matches the old monitor script and is fine-grained enough to see
+    /// a spike build up before an OOM kill.
     #[arg(
         long,
         env = "MONITOR_DEFAULT_INTERVAL",
@@ -51,6 +64,40 @@ pub struct ServeArgs {
         value_parser = parse_interval
     )]
     pub default_interval: Duration,
+
+    /// Samples each StreamSamples subscriber may have queued (1..=4096); past it the sampler
+    /// drops samples for that subscriber and tells it how many in the next one (`dropped`).
+    /// 16 is 1.6s at the fastest cadence: enough to ride out a reader's GC pause or a TCP
+    /// hiccup without loss, at 16 bytes per slot.
+    #[arg(
+        long,
+        env = "MONITOR_SUBSCRIBER_BUFFER",
+        default_value_t = 16,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096)
+    )]
+    pub subscriber_buffer: usize,
+
+    /// How long a subscriber may take no sample (its buffer full) before it is disconnected
+    /// with RESOURCE_EXHAUSTED (100ms..=1h). 30s outlasts any pause a live client has, while a
+    /// dead-but-connected one gives its place back within half a minute.
+    #[arg(
+        long,
+        env = "MONITOR_SLOW_SUBSCRIBER_TIMEOUT",
+        default_value = "30s",
+        value_parser = parse_slow_subscriber_timeout
+    )]
+    pub slow_subscriber_timeout: Duration,
+
+    /// Concurrent StreamSamples subscribers (1..=1000000); past it StreamSamples answers
+    /// RESOURCE_EXHAUSTED. 10000 at 10 Hz is what BENCHMARKS.md measured a small pod to
+    /// sustain; more would raise every subscriber's lag instead of refusing the newcomer.
+    #[arg(
+        long,
+        env = "MONITOR_MAX_SUBSCRIBERS",
+        default_value_t = 10_000,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+    )]
+    pub max_subscribers: usize,
 
     /// What to read and the level thresholds.
     #[command(flatten)]
@@ -71,6 +118,15 @@ pub struct ServeArgs {
     /// a shipper is the one that knows to ask for JSON.
     #[arg(long, env = "MONITOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Alert thresholds on memory pressure, hysteresis and dwell (the usage-ratio thresholds
+    /// are the probe's).
+    #[command(flatten)]
+    pub alerts: AlertArgs,
+
+    /// Where alert events are stored and for how long.
+    #[command(flatten)]
+    pub history: HistoryArgs,
 }
 
 /// Flags of `check`.
@@ -91,11 +147,94 @@ pub struct CheckArgs {
     pub probe: ProbeArgs,
 }
 
-/// Probe flags shared by `serve` and `check`, so both read the same way.
+/// Flags of `watch`.
+#[derive(Clone, Debug, Args)]
+pub struct WatchArgs {
+    /// How long to watch, e.g. "60s", "5m" (a bare number is seconds, as in the old script's
+    /// `--duration 60`); 0 = until Ctrl-C. The first reading is at once and one more is printed
+    /// at every --interval up to and including the end: 2s every 500ms is 5 readings.
+    #[arg(
+        long,
+        env = "MONITOR_WATCH_DURATION",
+        default_value = "60s",
+        value_parser = parse_watch_duration
+    )]
+    pub duration: Duration,
+
+    /// Time between readings, e.g. "30s", "500ms" (a bare number is seconds); at least 100ms,
+    /// at most 24h. 30s is the old script's default.
+    #[arg(
+        long,
+        env = "MONITOR_WATCH_INTERVAL",
+        default_value = "30s",
+        value_parser = parse_watch_interval
+    )]
+    pub interval: Duration,
+
+    /// Subscribe to a running server's StreamSamples instead of sampling here, e.g.
+    /// http://monitor:50052 (host:port alone means http://). The server then reads with its own
+    /// probe flags and thresholds; the probe flags below are ignored.
+    #[arg(long, value_name = "URL", env = "MONITOR_SERVER", value_parser = parse_server)]
+    pub server: Option<String>,
+
+    /// Print each reading as one JSON object on one line (the shape of `check --json`) instead
+    /// of a table. (MONITOR_WATCH_JSON accepts true/false, 1/0, yes/no, on/off.)
+    #[arg(
+        long,
+        env = "MONITOR_WATCH_JSON",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub json: bool,
+
+    /// What to read and the level thresholds (local sampling only).
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+/// Flags of `alerts`.
+#[derive(Clone, Debug, Args)]
+pub struct AlertsArgs {
+    /// The server whose StreamAlerts to tail, e.g. http://monitor:50052 (host:port alone
+    /// means http://).
+    #[arg(long, value_name = "URL", env = "MONITOR_SERVER", value_parser = parse_server)]
+    pub server: String,
+
+    /// Only events at or above this severity: "warning" (every alert) or "critical".
+    #[arg(
+        long,
+        env = "MONITOR_MIN_SEVERITY",
+        value_enum,
+        default_value_t = MinSeverity::Warning
+    )]
+    pub min_severity: MinSeverity,
+
+    /// Print each event as one JSON object on one line instead of text. (MONITOR_ALERTS_JSON
+    /// accepts true/false, 1/0, yes/no, on/off.)
+    #[arg(
+        long,
+        env = "MONITOR_ALERTS_JSON",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub json: bool,
+}
+
+/// The lowest alert severity `alerts` prints (`--min-severity`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MinSeverity {
+    /// Every alert: warning is the lowest severity.
+    #[default]
+    Warning,
+    /// Critical alerts only (critical thresholds and OOM kills).
+    Critical,
+}
+
+/// Probe flags shared by `serve`, `check` and `watch`, so all read the same way.
 #[derive(Clone, Debug, Args)]
 pub struct ProbeArgs {
-    /// Where procfs is mounted: each process's statm, self/cgroup and pressure/memory are read
-    /// under it. /proc is the host's and the container's own view; change it only to read a
+    /// Where procfs is mounted: each process's statm, self/cgroup, meminfo and pressure/memory
+    /// are read under it. /proc is the host's and the container's own view; change it only to read a
     /// mounted copy or a test fixture.
     #[arg(long, env = "MONITOR_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,
@@ -117,13 +256,15 @@ pub struct ProbeArgs {
     )]
     pub pids: Vec<u32>,
 
-    /// Usage ratio (0..1] at or above which the level is WARNING. 0.80 leaves a fifth of the
-    /// limit to react in (shed load, recycle workers) before the kernel's OOM killer acts.
+    /// Usage ratio (0..1] at or above which the level is WARNING (and, in `serve`, the usage
+    /// WARNING alert fires after --dwell). 0.80 leaves a fifth of the limit to react in (shed
+    /// load, recycle workers) before the kernel's OOM killer acts.
     #[arg(long, env = "MONITOR_WARN_RATIO", default_value = "0.80", value_parser = parse_ratio)]
     pub warn_ratio: f64,
 
-    /// Usage ratio (0..1] at or above which the level is CRITICAL; must be above
-    /// --warn-ratio. 0.90: past it, one more large request can trigger the OOM killer.
+    /// Usage ratio (0..1] at or above which the level is CRITICAL (and, in `serve`, the usage
+    /// CRITICAL alert fires after --dwell); must be above --warn-ratio. 0.90: past it, one
+    /// more large request can trigger the OOM killer.
     #[arg(
         long,
         env = "MONITOR_CRITICAL_RATIO",
@@ -161,6 +302,20 @@ pub enum ConfigError {
     /// A shutdown grace above [`MAX_SHUTDOWN_GRACE`].
     #[error("--shutdown-grace/MONITOR_SHUTDOWN_GRACE must be at most 1h, got {0:?}")]
     GraceTooLong(Duration),
+    /// An alert flag out of range, or the PSI thresholds misordered.
+    #[error(transparent)]
+    Alerts(#[from] AlertArgsError),
+    /// A fan-out setting (`--subscriber-buffer`, `--slow-subscriber-timeout`,
+    /// `--max-subscribers`) outside its range.
+    #[error("{flag} must be {rule}, got {value}")]
+    OutOfRange {
+        /// The flag and its variable.
+        flag: &'static str,
+        /// The accepted range.
+        rule: &'static str,
+        /// The rejected value.
+        value: String,
+    },
 }
 
 impl Cli {
@@ -191,6 +346,8 @@ impl Cli {
         let name = match self.command {
             Command::Serve(_) => "serve",
             Command::Check(_) => "check",
+            Command::Watch(_) => "watch",
+            Command::Alerts(_) => "alerts",
         };
         let mut command = Self::command();
         // Building fills in the subcommands' bin names ("monitor-service serve") for the usage.
@@ -206,6 +363,9 @@ impl Cli {
         match &self.command {
             Command::Serve(args) => args.validate(),
             Command::Check(args) => args.probe.validate(),
+            Command::Watch(args) => args.probe.validate(),
+            // Its flags are all checked while parsing.
+            Command::Alerts(_) => Ok(()),
         }
     }
 }
@@ -220,7 +380,63 @@ impl ServeArgs {
         if self.shutdown_grace > MAX_SHUTDOWN_GRACE {
             return Err(ConfigError::GraceTooLong(self.shutdown_grace));
         }
+        self.validate_fan_out()?;
+        self.alerts.validate()?;
         self.probe.validate()
+    }
+}
+
+impl ServeArgs {
+    /// The ranges the fan-out flags' parsers enforce, for values built in code.
+    fn validate_fan_out(&self) -> Result<(), ConfigError> {
+        if !(1..=4096).contains(&self.subscriber_buffer) {
+            return Err(ConfigError::OutOfRange {
+                flag: "--subscriber-buffer/MONITOR_SUBSCRIBER_BUFFER",
+                rule: "in 1..=4096",
+                value: self.subscriber_buffer.to_string(),
+            });
+        }
+        if !(MIN_INTERVAL..=MAX_SLOW_SUBSCRIBER_TIMEOUT).contains(&self.slow_subscriber_timeout) {
+            return Err(ConfigError::OutOfRange {
+                flag: "--slow-subscriber-timeout/MONITOR_SLOW_SUBSCRIBER_TIMEOUT",
+                rule: "between 100ms and 1h",
+                value: humantime::format_duration(self.slow_subscriber_timeout).to_string(),
+            });
+        }
+        if !(1..=1_000_000).contains(&self.max_subscribers) {
+            return Err(ConfigError::OutOfRange {
+                flag: "--max-subscribers/MONITOR_MAX_SUBSCRIBERS",
+                rule: "in 1..=1000000",
+                value: self.max_subscribers.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The sampler's settings these flags describe.
+    pub fn sampler_config(&self) -> SamplerConfig {
+        SamplerConfig {
+            server_interval: self.default_interval,
+            subscriber_buffer: self.subscriber_buffer,
+            slow_subscriber_timeout: self.slow_subscriber_timeout,
+            max_subscribers: self.max_subscribers,
+        }
+    }
+}
+
+/// Longest `--slow-subscriber-timeout`: a client that read nothing for an hour is gone.
+pub const MAX_SLOW_SUBSCRIBER_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// `--slow-subscriber-timeout`: a humantime duration in 100ms..=1h.
+fn parse_slow_subscriber_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if (MIN_INTERVAL..=MAX_SLOW_SUBSCRIBER_TIMEOUT).contains(&timeout) {
+        Ok(timeout)
+    } else {
+        Err(format!(
+            "must be between 100ms and 1h, got {}",
+            humantime::format_duration(timeout)
+        ))
     }
 }
 
@@ -233,6 +449,11 @@ impl Default for ServeArgs {
             probe: ProbeArgs::default(),
             shutdown_grace: Duration::from_secs(25),
             log_format: LogFormat::Text,
+            subscriber_buffer: 16,
+            slow_subscriber_timeout: Duration::from_secs(30),
+            max_subscribers: 10_000,
+            alerts: AlertArgs::default(),
+            history: HistoryArgs::default(),
         }
     }
 }
@@ -335,6 +556,73 @@ fn parse_grace(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// Longest `watch --interval`: StreamSamples carries it as a u32 of milliseconds (49 days), and
+/// a reading less than once a day is a typo rather than monitoring.
+pub const MAX_WATCH_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+/// A humantime duration, or a bare number of seconds as the old script took them.
+fn parse_seconds_or_humantime(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    match text.parse::<u64>() {
+        Ok(seconds) => Ok(Duration::from_secs(seconds)),
+        Err(_) => humantime::parse_duration(text).map_err(|error| error.to_string()),
+    }
+}
+
+/// `watch --duration`: any length, 0 meaning until interrupted.
+fn parse_watch_duration(text: &str) -> Result<Duration, String> {
+    parse_seconds_or_humantime(text)
+}
+
+/// `watch --interval`: between [`MIN_INTERVAL`] and [`MAX_WATCH_INTERVAL`].
+fn parse_watch_interval(text: &str) -> Result<Duration, String> {
+    let interval = parse_seconds_or_humantime(text)?;
+    if interval < MIN_INTERVAL {
+        Err(format!(
+            "must be at least 100ms, got {}",
+            humantime::format_duration(interval)
+        ))
+    } else if interval > MAX_WATCH_INTERVAL {
+        Err(format!(
+            "must be at most 24h, got {}",
+            humantime::format_duration(interval)
+        ))
+    } else {
+        Ok(interval)
+    }
+}
+
+/// A server address as `http://host:port`: "host:port" gains the scheme; https, paths and
+/// queries are refused, because this build's client speaks plaintext HTTP/2 only and a path
+/// would be silently dropped by gRPC routing.
+fn parse_server(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let with_scheme = if text.contains("://") {
+        text.to_owned()
+    } else {
+        format!("http://{text}")
+    };
+    let uri: http::Uri = with_scheme
+        .parse()
+        .map_err(|error| format!("expected a URL such as http://127.0.0.1:50052: {error}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err("https is not supported (plaintext gRPC only); use http://".to_owned());
+        }
+        _ => return Err(format!("expected an http:// URL, got {text:?}")),
+    }
+    let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
+        return Err(format!(
+            "expected a host, as in http://127.0.0.1:50052, got {text:?}"
+        ));
+    };
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(format!("expected no path or query, got {text:?}"));
+    }
+    Ok(format!("http://{authority}"))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -344,7 +632,7 @@ mod tests {
         let cli = Cli::try_parse_valid(["monitor-service", "serve"].iter().chain(args).copied())?;
         match cli.command {
             Command::Serve(args) => Ok(args),
-            Command::Check(_) => panic!("parsed as check"),
+            other => panic!("parsed as {other:?}"),
         }
     }
 

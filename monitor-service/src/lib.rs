@@ -3,8 +3,10 @@
 //! same binary is also a command-line client (`check`).
 //!
 //! [`probe`] reads the kernel's figures and knows nothing of gRPC, so insight-service uses it for
-//! its own load shedding. [`sampler`] hands samples to the [`grpc`] adapter. [`run`] assembles the
-//! server: the service, health, reflection and the shutdown drain of [`lifecycle`].
+//! its own load shedding. [`sampler`] hands samples to the [`grpc`] adapter and to [`alerts`],
+//! whose events stream to subscribers and are kept by [`history`]. [`run`] assembles the
+//! server: the service, the alert pipeline, health, reflection and the shutdown drain of
+//! [`lifecycle`].
 
 use std::future::Future;
 
@@ -13,9 +15,11 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod grpc;
+pub mod history;
 pub mod lifecycle;
 pub mod probe;
 pub mod sampler;
@@ -47,7 +51,7 @@ pub enum Error {
 /// Serves the monitor on `listener` until `shutdown` resolves, then drains (see
 /// [`serve_until_drained`]): health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight
 /// calls finish within `config.shutdown_grace`, and sample streams that would not end within it
-/// end at once with UNAVAILABLE.
+/// end at once with UNAVAILABLE, as do alert streams (they never end on their own).
 ///
 /// The caller binds the listener, so tests can bind `127.0.0.1:0` and know the port first.
 pub async fn run(
@@ -60,8 +64,23 @@ pub async fn run(
 
     let mut probe = Probe::new(config.probe.probe_config());
     log_first_reading(&mut probe);
-    let sampler = Sampler::new(probe, config.default_interval);
-    let service = grpc::MonitorGrpc::new(sampler.clone());
+    let sampler = Sampler::with_config(probe, config.sampler_config());
+    // Alerts: the engine judges every sample of the sampler's in-process feed; events go to
+    // the hub (StreamAlerts) and the history (ListAlerts). Stopped when shutdown begins.
+    let alert_hub = alerts::AlertHub::new();
+    let (alert_history, history_writer) = history::History::spawn(&config.history);
+    let (stop_alerts, alerts_stopped) = tokio::sync::oneshot::channel::<()>();
+    let alert_pipeline = tokio::spawn(alerts::pipeline::run(
+        alerts::pipeline::samples(sampler.subscribe_internal()),
+        alerts::AlertEngine::new(config.alerts.config(&config.probe)),
+        alert_hub.clone(),
+        history_writer,
+        async {
+            alerts_stopped.await.ok();
+        },
+    ));
+    let service =
+        grpc::MonitorGrpc::new(sampler.clone()).with_alerts(alert_hub.clone(), alert_history);
 
     // The overall status "" starts SERVING in tonic-health; the service's own name is added.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -100,6 +119,10 @@ pub async fn run(
         // `validate` bounds the grace to an hour, so the addition cannot overflow; were it to,
         // ending every stream now is the safe side.
         sampler.close(now.checked_add(grace).unwrap_or(now));
+        // Alert streams never end on their own: end them now with UNAVAILABLE, like the
+        // endless sample streams, and stop judging samples.
+        alert_hub.close();
+        let _ = stop_alerts.send(());
     };
     serve_until_drained(
         server,
@@ -111,6 +134,10 @@ pub async fn run(
         config.shutdown_grace,
     )
     .await?;
+    // The pipeline stores its queued alerts within a bounded time (see `HistoryWriter::finish`).
+    if let Err(error) = alert_pipeline.await {
+        tracing::warn!(%error, "the alert pipeline ended abnormally");
+    }
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! The `monitor-service` binary: `serve` runs the gRPC server, `check` prints one reading.
+//! The `monitor-service` binary: `serve` runs the gRPC server; `check`, `watch` and `alerts`
+//! are the command-line client (see `monitor_service::cli`).
 
 use std::process::ExitCode;
 
@@ -16,13 +17,27 @@ async fn main() -> ExitCode {
         Command::Check(args) => {
             // Probe warnings (an unreadable file) go to stderr; the reading goes to stdout.
             lifecycle::init_tracing(lifecycle::LogFormat::Text);
-            match cli::check(&args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("monitor-service check: {error}");
-                    ExitCode::FAILURE
-                }
-            }
+            exit_code("check", cli::check(&args))
+        }
+        Command::Watch(args) => {
+            // Probe warnings go to stderr, like check's; readings go to stdout.
+            lifecycle::init_tracing(lifecycle::LogFormat::Text);
+            exit_code("watch", cli::watch(&args, cli::interrupted()).await)
+        }
+        Command::Alerts(args) => {
+            lifecycle::init_tracing(lifecycle::LogFormat::Text);
+            exit_code("alerts", cli::alerts(&args, cli::interrupted()).await)
+        }
+    }
+}
+
+/// A client command's outcome as the exit status; a failure is one line on stderr.
+fn exit_code(command: &str, result: Result<(), cli::CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("monitor-service {command}: {error}");
+            ExitCode::FAILURE
         }
     }
 }

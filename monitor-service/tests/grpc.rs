@@ -3,11 +3,14 @@
 
 use std::time::Duration;
 
-use monitor_service::config::ServeArgs;
+use monitor_service::{
+    config::ServeArgs,
+    history::{DatabaseUrl, HistoryArgs},
+};
 use spotifai_proto::{
     MONITOR_SERVICE_NAME,
     monitor::{
-        self as pb, ListAlertsRequest, SnapshotRequest, StreamAlertsRequest, StreamSamplesRequest,
+        self as pb, SnapshotRequest, StreamSamplesRequest,
         memory_monitor_client::MemoryMonitorClient,
     },
 };
@@ -21,6 +24,8 @@ struct Server {
     channel: Channel,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), monitor_service::Error>>,
+    /// Holds the alert history's SQLite file, so tests neither share nor leave one behind.
+    _history: tempfile::TempDir,
 }
 
 impl Server {
@@ -28,8 +33,14 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
+        let history = tempfile::tempdir().unwrap();
+        let database = format!("sqlite://{}", history.path().join("alerts.db").display());
         let args = ServeArgs {
             shutdown_grace: Duration::from_secs(5),
+            history: HistoryArgs {
+                database_url: DatabaseUrl::parse(&database).unwrap(),
+                ..HistoryArgs::default()
+            },
             ..ServeArgs::default()
         };
         let task = tokio::spawn(monitor_service::run(listener, args, async {
@@ -45,6 +56,7 @@ impl Server {
             channel,
             stop: Some(stop),
             task,
+            _history: history,
         }
     }
 
@@ -128,24 +140,6 @@ async fn too_short_interval_is_invalid_argument_naming_the_field() {
         status.message()
     );
     assert!(status.message().contains("50"), "{}", status.message());
-    server.shut_down().await;
-}
-
-#[tokio::test]
-async fn alerts_say_they_are_not_available_yet() {
-    let server = Server::start().await;
-    let mut client = server.monitor();
-    let status = client
-        .stream_alerts(StreamAlertsRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("alerts"), "{}", status.message());
-    let status = client
-        .list_alerts(ListAlertsRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
     server.shut_down().await;
 }
 

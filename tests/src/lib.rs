@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod fakes;
+pub mod loadgen;
+
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,

@@ -3,7 +3,10 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::pipeline::PipelineError;
+use crate::{admission::AdmissionError, pipeline::PipelineError};
+
+/// The ErrorInfo domain of this service's errors.
+const DOMAIN: &str = "insight.spotifai";
 
 /// Maps a pipeline error to the status of the error contract, with machine-readable details:
 /// a `BadRequest` field violation for bad input, an `ErrorInfo` naming the backend when the
@@ -19,7 +22,7 @@ pub fn to_status(error: PipelineError) -> Status {
             let text = format!("the {backend} backend is unavailable: {message}");
             let details = ErrorDetails::with_error_info(
                 "BACKEND_UNAVAILABLE",
-                "insight.spotifai",
+                DOMAIN,
                 [("backend".to_owned(), backend)],
             );
             Status::with_error_details(Code::Unavailable, text, details)
@@ -28,6 +31,27 @@ pub fn to_status(error: PipelineError) -> Status {
             Status::deadline_exceeded(error.to_string())
         }
     }
+}
+
+/// Maps an overload refusal: RESOURCE_EXHAUSTED with an ErrorInfo reason and, where waiting
+/// helps, a RetryInfo delay; DEADLINE_EXCEEDED for deadlines.
+pub fn admission_status(error: &AdmissionError) -> Status {
+    let message = error.to_string();
+    let (reason, retry_after) = match *error {
+        AdmissionError::DeadlineExceeded { .. } => return Status::deadline_exceeded(message),
+        AdmissionError::QueueFull { retry_after, .. } => ("CONCURRENCY_LIMIT", Some(retry_after)),
+        AdmissionError::QueueTimeout { retry_after, .. } => ("QUEUE_TIMEOUT", Some(retry_after)),
+        AdmissionError::MemoryBudget { retry_after, .. } => ("MEMORY_BUDGET", Some(retry_after)),
+        AdmissionError::MemoryPressure { retry_after } => ("MEMORY_PRESSURE", Some(retry_after)),
+        // Retrying the same message can never succeed.
+        AdmissionError::MessageTooLarge { .. } => ("MESSAGE_TOO_LARGE", None),
+    };
+    let mut details =
+        ErrorDetails::with_error_info(reason, DOMAIN, std::collections::HashMap::new());
+    if let Some(delay) = retry_after {
+        details.set_retry_info(Some(delay));
+    }
+    Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
 impl From<PipelineError> for Status {

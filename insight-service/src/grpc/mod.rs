@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod deadline;
 pub mod error;
+pub mod music;
 pub mod service;
 
 pub use service::InsightGrpc;

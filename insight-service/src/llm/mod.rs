@@ -9,7 +9,10 @@ use tokio::time::Instant;
 
 use crate::domain::{ChunkInsight, Entry, Sentiment, Usage};
 
+pub mod gemini;
+pub mod http;
 pub mod local;
+pub mod openai;
 pub mod prompted;
 
 /// The map step's question: summarize this chunk.

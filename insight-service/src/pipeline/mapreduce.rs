@@ -4,10 +4,11 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::{StreamExt, stream};
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 
 use super::{CHUNK_INSIGHT_WORDS, PipelineError, chunk::chunk_ranges, validate_entries};
 use crate::{
+    admission::Pressure,
     domain::{ChunkInsight, ChunkStatus, Entry, FeedbackSummary, Sentiment, SummaryOptions, Usage},
     llm::{ChunkRequest, LlmBackend, LlmError, ReduceRequest, SummaryDraft, local::LocalBackend},
     text,
@@ -47,6 +48,7 @@ pub struct Pipeline {
     backend: Arc<dyn LlmBackend>,
     fallback: Arc<dyn LlmBackend>,
     config: PipelineConfig,
+    pressure: Option<watch::Receiver<Pressure>>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -71,6 +73,31 @@ impl Pipeline {
             backend,
             fallback: Arc::new(LocalBackend::new()),
             config,
+            pressure: None,
+        }
+    }
+
+    /// Makes work cheaper while memory pressure is elevated (see [`Pipeline::cfg`]).
+    pub fn with_pressure(mut self, pressure: watch::Receiver<Pressure>) -> Self {
+        self.pressure = Some(pressure);
+        self
+    }
+
+    /// The tuning in force now: under elevated (or critical) memory pressure, one map call at a
+    /// time and half the prompt budget (smaller chunks), instead of refusing work.
+    pub fn cfg(&self) -> PipelineConfig {
+        let pressed = self
+            .pressure
+            .as_ref()
+            .is_some_and(|p| *p.borrow() >= Pressure::Elevated);
+        if pressed {
+            PipelineConfig {
+                map_parallelism: 1,
+                prompt_budget_bytes: (self.config.prompt_budget_bytes / 2).max(1024),
+                ..self.config
+            }
+        } else {
+            self.config
         }
     }
 
@@ -111,11 +138,7 @@ impl Pipeline {
         let total = entries.len();
         entries.truncate(options.max_entries);
         let entries_skipped = (total - entries.len()) as u32;
-        let ranges = chunk_ranges(
-            &entries,
-            options.chunk_size,
-            self.config.prompt_budget_bytes,
-        );
+        let ranges = chunk_ranges(&entries, options.chunk_size, self.cfg().prompt_budget_bytes);
 
         let mut usage = Usage::default();
         let mut chunks = self
@@ -261,7 +284,7 @@ impl Pipeline {
             .map(|(index, range)| {
                 self.map_chunk(backend, index as u32, &entries[range], max_words, deadline)
             })
-            .buffer_unordered(self.config.map_parallelism.max(1));
+            .buffer_unordered(self.cfg().map_parallelism.max(1));
         while let Some(mapped) = results.next().await {
             *usage += mapped.usage;
             on_chunk(&mapped.insight);
@@ -292,7 +315,7 @@ impl Pipeline {
                 });
                 break;
             }
-            let call_deadline = deadline.min(now + self.config.llm_timeout);
+            let call_deadline = deadline.min(now + self.cfg().llm_timeout);
             let request = ChunkRequest {
                 index,
                 entries: chunk,
@@ -352,10 +375,10 @@ impl Pipeline {
         deadline: Instant,
         usage: &mut Usage,
     ) -> Result<SummaryDraft, LlmError> {
-        let budget = self.config.prompt_budget_bytes;
+        let budget = self.cfg().prompt_budget_bytes;
         let mut depth = 0;
         while level.len() > 1 && level_bytes(&level) > budget {
-            if depth >= self.config.max_reduce_depth {
+            if depth >= self.cfg().max_reduce_depth {
                 let share = budget / level.len();
                 for partial in &mut level {
                     truncate_at_char(&mut partial.insight, share);
@@ -373,7 +396,7 @@ impl Pipeline {
                         let entries = group.iter().map(|c| c.entry_ids.len()).sum();
                         Ok((draft, sentiment, entries))
                     })
-                    .buffered(self.config.map_parallelism.max(1))
+                    .buffered(self.cfg().map_parallelism.max(1))
                     .collect()
                     .await;
             let mut next = Vec::with_capacity(drafts.len());
@@ -408,7 +431,7 @@ impl Pipeline {
         max_words: usize,
         deadline: Instant,
     ) -> Result<SummaryDraft, LlmError> {
-        let call_deadline = deadline.min(Instant::now() + self.config.llm_timeout);
+        let call_deadline = deadline.min(Instant::now() + self.cfg().llm_timeout);
         let request = ReduceRequest {
             chunks,
             max_words,
@@ -645,6 +668,23 @@ mod tests {
         sorted.sort_unstable();
         assert_eq!(sorted, (0..8).collect::<Vec<_>>());
         assert_eq!(summary.usage.llm_calls, 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn elevated_pressure_makes_work_cheaper_instead_of_refusing_it() {
+        let backend = Arc::new(Scripted::new(|_| 10, |_, _| false));
+        let (tx, rx) = watch::channel(Pressure::Normal);
+        let pipeline = Pipeline::new(backend.clone(), PipelineConfig::default()).with_pressure(rx);
+        assert_eq!(pipeline.cfg().map_parallelism, 4);
+        tx.send_replace(Pressure::Elevated);
+        assert_eq!(pipeline.cfg().map_parallelism, 1);
+        assert_eq!(pipeline.cfg().prompt_budget_bytes, 8 * 1024);
+        let summary = pipeline
+            .summarize(entries(20), options(5, 20), far())
+            .await
+            .unwrap();
+        assert_eq!(summary.entries_used, 20, "the work is done, just serially");
+        assert_eq!(backend.max_in_flight.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,6 +7,7 @@
 use std::{
     fs, io,
     path::{Component, Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
@@ -160,6 +161,7 @@ pub(crate) struct CgroupReader {
     cgroup_root: PathBuf,
     group: Option<GroupFiles>,
     locate_failing: bool,
+    slow_refresh: Duration,
 }
 
 impl CgroupReader {
@@ -170,7 +172,18 @@ impl CgroupReader {
             cgroup_root,
             group: None,
             locate_failing: false,
+            slow_refresh: Duration::ZERO,
         }
+    }
+
+    /// Re-reads the slow-moving files (see [`SlowFigures`]) at most once per `period`; zero,
+    /// the default, re-reads every file on every read.
+    pub(crate) fn with_slow_refresh(mut self, period: Duration) -> Self {
+        self.slow_refresh = period;
+        if let Some(group) = &mut self.group {
+            group.slow_refresh = period;
+        }
+        self
     }
 
     /// The group's memory; `None` when no memory controller is found.
@@ -178,7 +191,11 @@ impl CgroupReader {
         if self.group.is_none() {
             self.group = self
                 .locate_logged()
-                .map(|location| GroupFiles::new(location, &self.proc_root));
+                .map(|location| GroupFiles::new(location, &self.proc_root))
+                .map(|mut files| {
+                    files.slow_refresh = self.slow_refresh;
+                    files
+                });
         }
         self.group.as_mut()?.read()
     }
@@ -222,6 +239,23 @@ struct GroupFiles {
     /// v1 `memory.oom_control`, v2 `memory.events`: both carry an `oom_kill` key.
     oom: RereadFile,
     pressure: RereadFile,
+    slow_refresh: Duration,
+    /// The slow-moving figures and when they were read.
+    slow: Option<(Instant, SlowFigures)>,
+}
+
+/// The figures that move slowly or that the kernel itself updates rarely: the limit (changed by
+/// an operator), the stat breakdown (page cache ages over seconds), the OOM count (an event
+/// after the fact) and PSI's avg10 (recomputed every 2 s). Re-reading them on every 100 ms
+/// sample would cost five times what the usage read does (memory.stat alone is ~10 µs of kernel
+/// formatting) for no newer information, so they are re-read at most once per `slow_refresh`.
+/// Usage, which a spike moves first, is read on every sample.
+#[derive(Debug, Default)]
+struct SlowFigures {
+    max_bytes: u64,
+    stat: MemoryStat,
+    oom_kills: u64,
+    pressure: Pressure,
 }
 
 impl GroupFiles {
@@ -249,6 +283,8 @@ impl GroupFiles {
             oom: RereadFile::new(oom),
             pressure: RereadFile::new(pressure),
             location,
+            slow_refresh: Duration::ZERO,
+            slow: None,
         }
     }
 
@@ -256,6 +292,38 @@ impl GroupFiles {
     fn read(&mut self) -> Option<CgroupMem> {
         let version = self.location.version;
         let current_bytes = self.usage.read_or_log(parse_u64)?;
+        let now = Instant::now();
+        let due = self
+            .slow
+            .as_ref()
+            .is_none_or(|(at, _)| now.saturating_duration_since(*at) >= self.slow_refresh);
+        if due {
+            self.slow = Some((now, self.read_slow()));
+        }
+        let SlowFigures {
+            max_bytes,
+            stat,
+            oom_kills,
+            pressure,
+        } = self.slow.as_ref().map(|(_, slow)| slow)?;
+        Some(CgroupMem {
+            version,
+            path: self.location.path.clone(),
+            current_bytes,
+            max_bytes: *max_bytes,
+            working_set_bytes: current_bytes.saturating_sub(stat.inactive_file),
+            anon_bytes: stat.anon,
+            file_bytes: stat.file,
+            inactive_file_bytes: stat.inactive_file,
+            oom_kills: *oom_kills,
+            pressure_some_avg10: pressure.some_avg10,
+            pressure_full_avg10: pressure.full_avg10,
+        })
+    }
+
+    /// Reads the files behind [`SlowFigures`]; each missing or broken one reads as 0 / `None`.
+    fn read_slow(&mut self) -> SlowFigures {
+        let version = self.location.version;
         let max_bytes = self
             .limit
             .read_or_log(|text| match version {
@@ -276,19 +344,12 @@ impl GroupFiles {
             .pressure
             .read_or_log(|text| Ok(Pressure::parse(text)))
             .unwrap_or_default();
-        Some(CgroupMem {
-            version,
-            path: self.location.path.clone(),
-            current_bytes,
+        SlowFigures {
             max_bytes,
-            working_set_bytes: current_bytes.saturating_sub(stat.inactive_file),
-            anon_bytes: stat.anon,
-            file_bytes: stat.file,
-            inactive_file_bytes: stat.inactive_file,
+            stat,
             oom_kills,
-            pressure_some_avg10: pressure.some_avg10,
-            pressure_full_avg10: pressure.full_avg10,
-        })
+            pressure,
+        }
     }
 
     #[cfg(test)]

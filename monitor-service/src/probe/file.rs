@@ -118,6 +118,11 @@ impl RereadFile {
 const ESRCH: i32 = 3;
 
 /// Reads `file` from offset 0 to its end into `buf` with positioned reads.
+///
+/// A read that returns less than it asked for is taken as the end, so a file smaller than
+/// [`READ_CHUNK`] costs one `pread`: procfs and cgroupfs fill the whole buffer unless the file
+/// ends (seq_file and sysfs attributes alike), and asking again to see 0 would make the kernel
+/// regenerate the file a second time just to skip it, doubling the cost of every sample.
 fn read_all_at(file: &File, buf: &mut Vec<u8>) -> io::Result<()> {
     buf.clear();
     loop {
@@ -136,7 +141,12 @@ fn read_all_at(file: &File, buf: &mut Vec<u8>) -> io::Result<()> {
                 buf.truncate(start);
                 return Ok(());
             }
-            Ok(read) => buf.truncate(start + read),
+            Ok(read) => {
+                buf.truncate(start + read);
+                if read < READ_CHUNK {
+                    return Ok(());
+                }
+            }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
             Err(error) => {
                 buf.truncate(start);

@@ -4,13 +4,21 @@
 //! It knows nothing of gRPC, so the server, the `check` command and insight-service's load
 //! shedding share it. Reading never fails: a file that is missing or unreadable is reported as
 //! "not available" (0 or `None`) and logged once, and the next sample tries again.
+//!
+//! A sample re-reads what a memory spike moves first (each process's statm, the cgroup's usage)
+//! every time, and the slow-moving figures (cgroup limit, memory.stat breakdown, OOM count, PSI,
+//! the machine's meminfo) at most once per [`SLOW_REFRESH`], which keeps a 10 Hz sample stream
+//! a few microseconds per sample (see BENCHMARKS.md).
 
 mod cgroup;
 mod file;
 mod procfs;
 mod system;
 
-use std::{path::PathBuf, time::SystemTime};
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use serde::{Serialize, Serializer};
 
@@ -18,11 +26,17 @@ pub use cgroup::{CgroupMem, CgroupVersion, V1_UNLIMITED_FROM};
 pub use procfs::{PAGE_SIZE, ProcessMem};
 pub use system::SystemMem;
 
+/// How stale the slow-moving figures of a [`Probe`] sample may be: one second, because PSI's
+/// avg10 changes only every 2 s, a limit or an OOM count changes on rare events, and the
+/// memory.stat breakdown (whose inactive_file turns usage into the working set) ages over
+/// seconds, while the usage a spike moves is read fresh on every sample.
+pub const SLOW_REFRESH: Duration = Duration::from_secs(1);
+
 /// What to read and where, and the thresholds of [`Level`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProbeConfig {
-    /// Where procfs is mounted: `<proc_root>/<pid>/statm`, `<proc_root>/self/cgroup` and
-    /// `<proc_root>/pressure/memory` are read under it.
+    /// Where procfs is mounted: `<proc_root>/<pid>/statm`, `<proc_root>/self/cgroup`,
+    /// `<proc_root>/meminfo` and `<proc_root>/pressure/memory` are read under it.
     pub proc_root: PathBuf,
     /// Where the cgroup hierarchy is mounted (v2 directly, v1 with one directory per controller).
     pub cgroup_root: PathBuf,
@@ -163,9 +177,19 @@ impl Probe {
                 .iter()
                 .map(|pid| procfs::StatmReader::new(&proc_root, *pid))
                 .collect(),
-            cgroup: cgroup::CgroupReader::new(proc_root, cgroup_root),
-            system: system::SystemReader::new(),
+            system: system::SystemReader::new(&proc_root).with_refresh(SLOW_REFRESH),
+            cgroup: cgroup::CgroupReader::new(proc_root, cgroup_root)
+                .with_slow_refresh(SLOW_REFRESH),
         }
+    }
+
+    /// Re-reads the slow-moving figures at most once per `period` instead of [`SLOW_REFRESH`];
+    /// zero re-reads every file on every sample (a benchmark's worst case, or a caller that
+    /// samples rarely and wants every figure current).
+    pub fn with_slow_refresh(mut self, period: Duration) -> Self {
+        self.cgroup = self.cgroup.with_slow_refresh(period);
+        self.system = self.system.with_refresh(period);
+        self
     }
 
     /// Takes one reading. Never fails; `seq` is 0 (see [`Sample::seq`]).
@@ -320,7 +344,8 @@ mod tests {
             }
         );
         assert_eq!(sample.cgroup, None);
-        // The machine's figures come from sysinfo, which always reads the real /proc/meminfo.
+        // With no <proc_root>/meminfo the machine's figures come from sysinfo, which reads the
+        // real /proc/meminfo.
         assert!(sample.system.total_bytes > 0);
     }
 

@@ -1,0 +1,174 @@
+//! The memory budget: bytes reserved by admitted calls, released (by a drop guard) when the
+//! call ends however it ends, with a release-rate estimate for RetryInfo.
+
+use std::{
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+/// Shortest and longest retry delay suggested to refused callers.
+const MIN_RETRY: Duration = Duration::from_millis(50);
+const MAX_RETRY: Duration = Duration::from_secs(10);
+
+/// A byte budget shared by all heavy calls.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: u64,
+    in_use: AtomicU64,
+    /// Exponentially weighted release rate, bytes per second, and when it was last updated.
+    release: Mutex<(f64, Instant)>,
+}
+
+/// Why a reservation was refused, and when trying again is likely to work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// Bytes asked for.
+    pub wanted: u64,
+    /// Bytes free at the time.
+    pub available: u64,
+    /// Suggested delay before retrying, from how fast budget has been released lately.
+    pub retry_after: Duration,
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            in_use: AtomicU64::new(0),
+            release: Mutex::new((0.0, Instant::now())),
+        })
+    }
+
+    /// The budget in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes reserved now.
+    pub fn in_use(&self) -> u64 {
+        self.in_use.load(Ordering::Acquire)
+    }
+
+    /// Reserves `bytes` if they fit, without waiting. A request larger than the whole budget
+    /// can never fit and is refused with the longest delay.
+    pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Result<Reservation, Refused> {
+        let mut current = self.in_use.load(Ordering::Acquire);
+        loop {
+            let next = current.saturating_add(bytes);
+            if next > self.limit {
+                return Err(Refused {
+                    wanted: bytes,
+                    available: self.limit.saturating_sub(current),
+                    retry_after: self.retry_after(next - self.limit, bytes > self.limit),
+                });
+            }
+            match self.in_use.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Ok(Reservation {
+                        budget: self.clone(),
+                        bytes,
+                    });
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Time until `deficit` bytes are likely released, at the recent release rate.
+    fn retry_after(&self, deficit: u64, never_fits: bool) -> Duration {
+        if never_fits {
+            return MAX_RETRY;
+        }
+        let (rate, _) = *self.release.lock().unwrap_or_else(PoisonError::into_inner);
+        if rate <= 1.0 {
+            return Duration::from_secs(1);
+        }
+        Duration::from_secs_f64(deficit as f64 / rate).clamp(MIN_RETRY, MAX_RETRY)
+    }
+
+    fn release(&self, bytes: u64) {
+        self.in_use.fetch_sub(bytes, Ordering::AcqRel);
+        let mut release = self.release.lock().unwrap_or_else(PoisonError::into_inner);
+        let (rate, last) = *release;
+        let now = Instant::now();
+        let dt = now.duration_since(last).as_secs_f64().max(1e-3);
+        // EWMA with a ~2 s horizon: recent releases matter, one burst does not dominate.
+        let alpha = (dt / 2.0).min(1.0);
+        *release = ((1.0 - alpha) * rate + alpha * (bytes as f64 / dt), now);
+    }
+}
+
+/// Bytes held by one admitted call; returned to the budget on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<MemoryBudget>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserves_until_full_and_releases_on_drop() {
+        let budget = MemoryBudget::new(100);
+        let a = budget.try_reserve(60).unwrap();
+        let refused = budget.try_reserve(50).unwrap_err();
+        assert_eq!(refused.available, 40);
+        assert_eq!(refused.wanted, 50);
+        assert!(refused.retry_after >= MIN_RETRY && refused.retry_after <= MAX_RETRY);
+        let b = budget.try_reserve(40).unwrap();
+        assert_eq!(budget.in_use(), 100);
+        drop(a);
+        assert_eq!(budget.in_use(), 40);
+        drop(b);
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn a_request_larger_than_the_budget_gets_the_longest_delay() {
+        let budget = MemoryBudget::new(100);
+        assert_eq!(budget.try_reserve(101).unwrap_err().retry_after, MAX_RETRY);
+    }
+
+    #[test]
+    fn concurrent_reservations_never_exceed_the_limit() {
+        let budget = MemoryBudget::new(1_000);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                let budget = budget.clone();
+                s.spawn(move || {
+                    for _ in 0..10_000 {
+                        if let Ok(r) = budget.try_reserve(300) {
+                            assert!(budget.in_use() <= 1_000);
+                            drop(r);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(budget.in_use(), 0);
+    }
+}

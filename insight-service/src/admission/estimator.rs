@@ -1,0 +1,88 @@
+//! Peak-memory estimate of one heavy call, computed from the 5-byte gRPC length prefix BEFORE
+//! the request body is read, so the budget is charged before tonic buffers anything.
+//!
+//! The estimate is deliberately an upper bound built from the server's own caps (it cannot see
+//! the options inside a message it has not decoded yet):
+//!
+//! ```text
+//! FIXED                                  per-call task, h2 stream, response encode buffer
+//! + 2 × L                                the encoded message tonic buffers, and the decoded
+//!                                        strings (prost copies each string once)
+//! + min(L / MIN_ENTRY_BYTES, cap) × E    per-entry struct overhead (proto + domain), for many
+//!                                        tiny entries where 2 × L alone would undercount
+//! + P × (2 × B + R)                      P map calls in flight, each with a prompt of at most
+//!                                        B bytes (built once, serialized once) and a response
+//!                                        read up to R bytes
+//! ```
+//!
+//! `tests/estimator.rs` measures real peaks with a counting allocator and checks that the
+//! estimate bounds them without being wildly pessimistic.
+
+/// Memory a call costs regardless of its size (task, h2 stream state, encode buffers).
+pub const FIXED_BYTES: u64 = 256 * 1024;
+/// Smallest plausible encoded feedback entry (an id, a one-letter text, tags): bounds the
+/// entry count a message of L bytes can hold.
+pub const MIN_ENTRY_BYTES: u64 = 12;
+/// Heap overhead per decoded entry beyond its string bytes: the protobuf struct, the domain
+/// struct, the chunk bookkeeping and its share of the chunk insight.
+pub const ENTRY_OVERHEAD_BYTES: u64 = 512;
+
+/// The server settings the estimate depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EstimatorConfig {
+    /// `--max-entries-cap`: no request summarizes more.
+    pub max_entries_cap: u64,
+    /// `--map-parallelism`: map calls in flight per request.
+    pub map_parallelism: u64,
+    /// `--prompt-budget-bytes`: the largest prompt.
+    pub prompt_budget_bytes: u64,
+    /// `--llm-max-response-bytes`: the largest response body read.
+    pub max_response_bytes: u64,
+}
+
+/// Upper bound of the peak heap one call with an `encoded_len`-byte request will use.
+pub fn estimate(encoded_len: u64, config: &EstimatorConfig) -> u64 {
+    let entries = (encoded_len / MIN_ENTRY_BYTES).min(config.max_entries_cap);
+    let in_flight = config.map_parallelism.max(1)
+        * (2 * config.prompt_budget_bytes + config.max_response_bytes);
+    FIXED_BYTES
+        .saturating_add(encoded_len.saturating_mul(2))
+        .saturating_add(entries.saturating_mul(ENTRY_OVERHEAD_BYTES))
+        .saturating_add(in_flight)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: EstimatorConfig = EstimatorConfig {
+        max_entries_cap: 10_000,
+        map_parallelism: 4,
+        prompt_budget_bytes: 16 * 1024,
+        max_response_bytes: 256 * 1024,
+    };
+
+    #[test]
+    fn grows_with_the_request_and_the_parallelism() {
+        let small = estimate(10_000, &CONFIG);
+        let large = estimate(3_000_000, &CONFIG);
+        assert!(large > small + 5_000_000);
+        let wider = estimate(
+            10_000,
+            &EstimatorConfig {
+                map_parallelism: 8,
+                ..CONFIG
+            },
+        );
+        assert!(wider > small);
+    }
+
+    #[test]
+    fn entry_overhead_is_capped_by_the_entries_cap() {
+        let huge = estimate(u64::MAX / 4, &CONFIG);
+        assert!(huge < u64::MAX, "saturates, never overflows");
+        let a = estimate(12 * 20_000, &CONFIG) - 2 * 12 * 20_000;
+        let b = estimate(12 * 40_000, &CONFIG) - 2 * 12 * 40_000;
+        assert_eq!(a, b, "beyond the cap, only the bytes grow");
+    }
+}

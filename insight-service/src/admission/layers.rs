@@ -1,0 +1,867 @@
+//! The overload layers. Each is small and fails fast with a typed [`AdmissionError`] that
+//! `grpc::error::admission_status` (the service's one error mapping) turns into a status.
+//! Their order is documented where the chain is built (`crate::run`).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes};
+use http::{Request, Response};
+use http_body::{Body as _, Frame};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
+    time::Instant,
+};
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+use super::{
+    AdmissionError, AdmissionMetrics,
+    budget::MemoryBudget,
+    estimator::{EstimatorConfig, estimate},
+    is_heavy,
+    pressure::Pressure,
+};
+use crate::grpc::{deadline::parse_grpc_timeout, error::admission_status};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// The gRPC error response for `error`, as a trailers-only HTTP response.
+fn refuse(error: AdmissionError) -> Response<Body> {
+    admission_status(&error).into_http()
+}
+
+/// Keeps `guard` alive until the response body is finished or dropped: a streamed answer holds
+/// its permit or reservation for as long as it streams.
+fn hold<G: Send + Sync + 'static>(response: Response<Body>, guard: G) -> Response<Body> {
+    response.map(|inner| {
+        Body::new(Holding {
+            inner,
+            _guard: guard,
+        })
+    })
+}
+
+pin_project_lite::pin_project! {
+    struct Holding<G> {
+        #[pin]
+        inner: Body,
+        _guard: G,
+    }
+}
+
+impl<G> http_body::Body for Holding<G> {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Takes the inner service out for a call, leaving a clone (the service was made ready).
+fn take<S: Clone>(slot: &mut S) -> S {
+    let clone = slot.clone();
+    std::mem::replace(slot, clone)
+}
+
+macro_rules! layer {
+    ($layer:ident, $service:ident, $state:ty) => {
+        impl<S> Layer<S> for $layer {
+            type Service = $service<S>;
+            fn layer(&self, inner: S) -> Self::Service {
+                $service {
+                    inner,
+                    state: self.0.clone(),
+                }
+            }
+        }
+
+        /// Service of the layer of the same name.
+        #[derive(Clone, Debug)]
+        pub struct $service<S> {
+            inner: S,
+            state: $state,
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Deadline: honours the caller's `grpc-timeout`, capped by `--request-timeout`, and answers
+/// DEADLINE_EXCEEDED (never UNKNOWN, as tower's own timeout error would become).
+#[derive(Clone, Debug)]
+pub struct DeadlineLayer(Arc<DeadlineState>);
+
+/// State of [`DeadlineLayer`].
+#[derive(Debug)]
+pub struct DeadlineState {
+    /// `--request-timeout`.
+    pub max: Duration,
+    /// Shared counters.
+    pub metrics: Arc<AdmissionMetrics>,
+}
+
+impl DeadlineLayer {
+    /// A deadline layer with server maximum `max`.
+    pub fn new(max: Duration, metrics: Arc<AdmissionMetrics>) -> Self {
+        Self(Arc::new(DeadlineState { max, metrics }))
+    }
+}
+
+layer!(DeadlineLayer, DeadlineService, Arc<DeadlineState>);
+
+impl<S> Service<Request<Body>> for DeadlineService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let caller = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let timeout = caller.map_or(self.state.max, |t| t.min(self.state.max));
+        let state = self.state.clone();
+        let fut = take(&mut self.inner).call(req);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(response) => response,
+                Err(_) => {
+                    state
+                        .metrics
+                        .deadline_exceeded
+                        .fetch_add(1, Ordering::Relaxed);
+                    Ok(refuse(AdmissionError::DeadlineExceeded { after: timeout }))
+                }
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Pressure shedding: while the memory level is Critical, new heavy calls are refused at once.
+/// First among the heavy limits because it is the cheapest check and the most urgent.
+#[derive(Clone, Debug)]
+pub struct ShedLayer(Arc<ShedState>);
+
+/// State of [`ShedLayer`].
+#[derive(Debug)]
+pub struct ShedState {
+    /// The current pressure level.
+    pub pressure: watch::Receiver<Pressure>,
+    /// Shared counters.
+    pub metrics: Arc<AdmissionMetrics>,
+}
+
+impl ShedLayer {
+    /// Sheds while `pressure` reads Critical.
+    pub fn new(pressure: watch::Receiver<Pressure>, metrics: Arc<AdmissionMetrics>) -> Self {
+        Self(Arc::new(ShedState { pressure, metrics }))
+    }
+}
+
+layer!(ShedLayer, ShedService, Arc<ShedState>);
+
+/// Delay suggested while shedding for pressure: a few probe intervals.
+const PRESSURE_RETRY: Duration = Duration::from_secs(1);
+
+impl<S> Service<Request<Body>> for ShedService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if is_heavy(req.uri().path()) && *self.state.pressure.borrow() == Pressure::Critical {
+            self.state
+                .metrics
+                .shed_pressure
+                .fetch_add(1, Ordering::Relaxed);
+            let response = refuse(AdmissionError::MemoryPressure {
+                retry_after: PRESSURE_RETRY,
+            });
+            return Box::pin(async move { Ok(response) });
+        }
+        let fut = take(&mut self.inner).call(req);
+        Box::pin(fut)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Concurrency limit of heavy calls with a short bounded wait queue. Before memory admission,
+/// so that queued calls hold no budget: their bodies wait in the h2 flow-control window, whose
+/// size is set explicitly on the server.
+#[derive(Clone, Debug)]
+pub struct ConcurrencyLayer(Arc<Limiter>);
+
+/// The limiter of [`ConcurrencyLayer`].
+#[derive(Debug)]
+pub struct Limiter {
+    permits: Arc<Semaphore>,
+    max: usize,
+    queued: AtomicUsize,
+    queue_depth: usize,
+    queue_timeout: Duration,
+    /// EWMA of how long a heavy call holds its permit, in microseconds (for RetryInfo).
+    hold_us: AtomicU64,
+    metrics: Arc<AdmissionMetrics>,
+}
+
+/// A permit; dropping it frees the slot and records how long it was held.
+#[derive(Debug)]
+pub struct Permit {
+    _permit: OwnedSemaphorePermit,
+    limiter: Arc<Limiter>,
+    since: Instant,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let held = self.since.elapsed().as_micros() as u64;
+        let old = self.limiter.hold_us.load(Ordering::Relaxed);
+        let new = if old == 0 { held } else { (old * 7 + held) / 8 };
+        self.limiter.hold_us.store(new, Ordering::Relaxed);
+    }
+}
+
+impl Limiter {
+    /// `max` calls at once, up to `queue_depth` more waiting at most `queue_timeout`.
+    pub fn new(
+        max: usize,
+        queue_depth: usize,
+        queue_timeout: Duration,
+        metrics: Arc<AdmissionMetrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(max.max(1))),
+            max: max.max(1),
+            queued: AtomicUsize::new(0),
+            queue_depth,
+            queue_timeout,
+            hold_us: AtomicU64::new(0),
+            metrics,
+        })
+    }
+
+    /// When a slot is likely free: the average hold time, scaled by the callers ahead.
+    fn retry_after(&self) -> Duration {
+        let hold = Duration::from_micros(self.hold_us.load(Ordering::Relaxed).max(10_000));
+        let ahead = (self.queued.load(Ordering::Relaxed) + 1) as u32;
+        (hold * ahead / self.max as u32).clamp(Duration::from_millis(10), Duration::from_secs(30))
+    }
+
+    /// A permit now, or after waiting in the queue, or the reason why not.
+    pub async fn acquire(self: &Arc<Self>) -> Result<Permit, AdmissionError> {
+        let start = Instant::now();
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if self.queued.fetch_add(1, Ordering::AcqRel) >= self.queue_depth {
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                    return Err(AdmissionError::QueueFull {
+                        limit: self.max,
+                        retry_after: self.retry_after(),
+                    });
+                }
+                let waited =
+                    tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned())
+                        .await;
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                let waited_for = start.elapsed();
+                self.metrics.record_queue_wait(waited_for);
+                match waited {
+                    Ok(Ok(permit)) => permit,
+                    // A closed semaphore cannot happen (it is never closed); treat it as a
+                    // timeout rather than panic.
+                    Ok(Err(_)) | Err(_) => {
+                        return Err(AdmissionError::QueueTimeout {
+                            waited: waited_for,
+                            retry_after: self.retry_after(),
+                        });
+                    }
+                }
+            }
+        };
+        Ok(Permit {
+            _permit: permit,
+            limiter: self.clone(),
+            since: Instant::now(),
+        })
+    }
+
+    /// Calls holding a permit now.
+    pub fn in_use(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+}
+
+impl ConcurrencyLayer {
+    /// A layer over `limiter`.
+    pub fn new(limiter: Arc<Limiter>) -> Self {
+        Self(limiter)
+    }
+}
+
+layer!(ConcurrencyLayer, ConcurrencyService, Arc<Limiter>);
+
+impl<S> Service<Request<Body>> for ConcurrencyService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if !is_heavy(req.uri().path()) {
+            return Box::pin(take(&mut self.inner).call(req));
+        }
+        let limiter = self.state.clone();
+        let mut inner = take(&mut self.inner);
+        Box::pin(async move {
+            match limiter.acquire().await {
+                Ok(permit) => Ok(hold(inner.call(req).await?, permit)),
+                Err(error) => {
+                    limiter
+                        .metrics
+                        .shed_concurrency
+                        .fetch_add(1, Ordering::Relaxed);
+                    Ok(refuse(error))
+                }
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Memory admission, decided from the 5-byte gRPC length prefix of the first message before
+/// the body is read any further (tonic buffers whole messages before a handler runs: 200
+/// concurrent 4 MiB requests would otherwise sit in memory first). Oversized messages are
+/// refused here too, before a byte of them is buffered.
+#[derive(Clone, Debug)]
+pub struct MemoryLayer(Arc<MemoryState>);
+
+/// State of [`MemoryLayer`].
+#[derive(Debug)]
+pub struct MemoryState {
+    /// The shared budget.
+    pub budget: Arc<MemoryBudget>,
+    /// Inputs of the estimate.
+    pub estimator: EstimatorConfig,
+    /// `--max-message-size`.
+    pub max_message_size: u64,
+    /// Shared counters.
+    pub metrics: Arc<AdmissionMetrics>,
+}
+
+impl MemoryLayer {
+    /// A layer charging `state.budget`.
+    pub fn new(state: MemoryState) -> Self {
+        Self(Arc::new(state))
+    }
+}
+
+layer!(MemoryLayer, MemoryService, Arc<MemoryState>);
+
+/// Reads body frames until the 5-byte prefix is known; returns the frames read (to replay)
+/// and the declared message length (`None` when the body ended first).
+async fn read_prefix(body: &mut Body) -> Result<(Vec<Bytes>, Option<u64>), tonic::Status> {
+    let mut frames = Vec::new();
+    let mut prefix = Vec::with_capacity(5);
+    while prefix.len() < 5 {
+        match std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let need = 5 - prefix.len();
+                    prefix.extend_from_slice(&data.chunk()[..need.min(data.len())]);
+                    frames.push(data.clone());
+                }
+                // Trailers before any data: nothing to peek; replaying them is not needed
+                // for a gRPC request, which never carries request trailers.
+            }
+            Some(Err(status)) => return Err(status),
+            None => return Ok((frames, None)),
+        }
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+    Ok((frames, Some(u64::from(len))))
+}
+
+pin_project_lite::pin_project! {
+    /// The request body with the frames already read put back in front.
+    struct Replay {
+        frames: std::collections::VecDeque<Bytes>,
+        #[pin]
+        rest: Body,
+    }
+}
+
+impl http_body::Body for Replay {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if let Some(data) = this.frames.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        this.rest.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.rest.is_end_stream()
+    }
+}
+
+impl<S> Service<Request<Body>> for MemoryService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if !is_heavy(req.uri().path()) {
+            return Box::pin(take(&mut self.inner).call(req));
+        }
+        let state = self.state.clone();
+        let mut inner = take(&mut self.inner);
+        Box::pin(async move {
+            let (parts, mut body) = req.into_parts();
+            let (frames, len) = match read_prefix(&mut body).await {
+                Ok(read) => read,
+                Err(status) => return Ok(status.into_http()),
+            };
+            let Some(len) = len else {
+                // An empty body: nothing to buffer; the handler reports the missing message.
+                let body = Body::new(Replay {
+                    frames: frames.into(),
+                    rest: body,
+                });
+                return inner.call(Request::from_parts(parts, body)).await;
+            };
+            if len > state.max_message_size {
+                state.metrics.shed_too_large.fetch_add(1, Ordering::Relaxed);
+                return Ok(refuse(AdmissionError::MessageTooLarge {
+                    len,
+                    limit: state.max_message_size,
+                }));
+            }
+            let wanted = estimate(len, &state.estimator);
+            match state.budget.try_reserve(wanted) {
+                Ok(reservation) => {
+                    state.metrics.admitted.fetch_add(1, Ordering::Relaxed);
+                    let body = Body::new(Replay {
+                        frames: frames.into(),
+                        rest: body,
+                    });
+                    let response = inner.call(Request::from_parts(parts, body)).await?;
+                    Ok(hold(response, reservation))
+                }
+                Err(refused) => {
+                    state.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
+                    Ok(refuse(AdmissionError::MemoryBudget {
+                        wanted: refused.wanted,
+                        available: refused.available,
+                        retry_after: refused.retry_after,
+                    }))
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use tokio_test_support::*;
+    use tower::ServiceExt;
+    use tower_test::mock;
+
+    use super::*;
+
+    /// Test-only helpers: request bodies made of given frames, and status reading.
+    mod tokio_test_support {
+        use super::*;
+
+        pub struct Frames(pub VecDeque<Bytes>);
+
+        impl http_body::Body for Frames {
+            type Data = Bytes;
+            type Error = tonic::Status;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+                Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+            }
+        }
+
+        /// A gRPC request to `method` whose body is one message of `len` bytes, sent as the
+        /// given split of frames (first frame 2 bytes, to exercise prefix reassembly).
+        pub fn request(method: &str, len: u32) -> Request<Body> {
+            let mut message = vec![0u8];
+            message.extend_from_slice(&len.to_be_bytes());
+            message.extend(std::iter::repeat_n(7u8, len as usize));
+            let bytes = Bytes::from(message);
+            let frames = VecDeque::from([bytes.slice(..2), bytes.slice(2..)]);
+            Request::builder()
+                .uri(format!("/spotifai.insight.v1.InsightService/{method}"))
+                .body(Body::new(Frames(frames)))
+                .unwrap()
+        }
+
+        /// The grpc-status of a trailers-only response (0 when absent: a normal response).
+        pub fn grpc_status(response: &Response<Body>) -> i32 {
+            response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        }
+
+        pub fn status(response: Response<Body>) -> tonic::Status {
+            tonic::Status::from_header_map(response.headers()).unwrap()
+        }
+
+        pub fn ok() -> Response<Body> {
+            Response::new(Body::default())
+        }
+    }
+
+    fn metrics() -> Arc<AdmissionMetrics> {
+        Arc::new(AdmissionMetrics::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_answers_deadline_exceeded_from_the_callers_grpc_timeout() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = metrics();
+        let mut service =
+            DeadlineLayer::new(Duration::from_secs(120), metrics.clone()).layer(service);
+        handle.allow(1);
+        let mut req = request("SummarizeFeedback", 10);
+        req.headers_mut()
+            .insert("grpc-timeout", "250m".parse().unwrap());
+        let call = tokio::spawn(service.ready().await.unwrap().call(req));
+        // The inner service never answers.
+        let _pending = handle.next_request().await.unwrap();
+        let start = Instant::now();
+        let response = call.await.unwrap().unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(250));
+        assert_eq!(grpc_status(&response), tonic::Code::DeadlineExceeded as i32);
+        assert_eq!(metrics.deadline_exceeded.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_caps_the_caller_by_the_server_maximum() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let mut service = DeadlineLayer::new(Duration::from_secs(2), metrics()).layer(service);
+        handle.allow(1);
+        let mut req = request("SummarizeFeedback", 10);
+        req.headers_mut()
+            .insert("grpc-timeout", "1H".parse().unwrap());
+        let call = tokio::spawn(service.ready().await.unwrap().call(req));
+        let _pending = handle.next_request().await.unwrap();
+        let start = Instant::now();
+        let response = call.await.unwrap().unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        assert_eq!(grpc_status(&response), tonic::Code::DeadlineExceeded as i32);
+    }
+
+    #[tokio::test]
+    async fn shedding_refuses_heavy_calls_only_while_critical() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (tx, rx) = watch::channel(Pressure::Elevated);
+        let metrics = metrics();
+        let mut service = ShedLayer::new(rx, metrics.clone()).layer(service);
+        handle.allow(10);
+        // Elevated: admitted (work is made cheaper elsewhere, not refused).
+        let call = tokio::spawn(
+            service
+                .ready()
+                .await
+                .unwrap()
+                .call(request("SummarizeFeedback", 1)),
+        );
+        handle.next_request().await.unwrap().1.send_response(ok());
+        assert_eq!(grpc_status(&call.await.unwrap().unwrap()), 0);
+
+        tx.send_replace(Pressure::Critical);
+        let refused = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("SummarizeFeedback", 1))
+            .await
+            .unwrap();
+        let status = status(refused);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        use tonic_types::StatusExt;
+        let details = status.get_error_details();
+        assert_eq!(
+            details.error_info().map(|i| i.reason.as_str()),
+            Some("MEMORY_PRESSURE")
+        );
+        assert!(details.retry_info().is_some());
+        assert_eq!(metrics.shed_pressure.load(Ordering::Relaxed), 1);
+
+        // Cheap reads still pass while critical.
+        let call = tokio::spawn(service.ready().await.unwrap().call(request("GetJob", 1)));
+        handle.next_request().await.unwrap().1.send_response(ok());
+        assert_eq!(grpc_status(&call.await.unwrap().unwrap()), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_admits_max_queues_depth_and_refuses_the_excess() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = metrics();
+        let limiter = Limiter::new(2, 1, Duration::from_secs(5), metrics.clone());
+        let service = ConcurrencyLayer::new(limiter.clone()).layer(service);
+        handle.allow(100);
+        let mut calls = Vec::new();
+        for _ in 0..3 {
+            let mut svc = service.clone();
+            calls.push(tokio::spawn(async move {
+                svc.ready()
+                    .await
+                    .unwrap()
+                    .call(request("SummarizeFeedback", 1))
+                    .await
+            }));
+        }
+        tokio::task::yield_now().await;
+        let first = handle.next_request().await.unwrap();
+        let second = handle.next_request().await.unwrap();
+        assert_eq!(limiter.in_use(), 2);
+        // The fourth: two running, one queued, queue depth 1 → refused at once.
+        let mut svc = service.clone();
+        let refused = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request("SummarizeFeedback", 1))
+            .await
+            .unwrap();
+        let status = status(refused);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        use tonic_types::StatusExt;
+        let details = status.get_error_details();
+        assert_eq!(
+            details.error_info().map(|i| i.reason.as_str()),
+            Some("CONCURRENCY_LIMIT")
+        );
+        assert!(details.retry_info().and_then(|r| r.retry_delay).is_some());
+
+        // Finishing one call (and dropping its response body) lets the queued one in.
+        first.1.send_response(ok());
+        drop(calls.remove(0).await.unwrap().unwrap());
+        let third = handle.next_request().await.unwrap();
+        second.1.send_response(ok());
+        third.1.send_response(ok());
+        for call in calls {
+            assert_eq!(grpc_status(&call.await.unwrap().unwrap()), 0);
+        }
+        assert_eq!(metrics.shed_concurrency.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.queue_waits.load(Ordering::Relaxed), 1);
+
+        // Light calls are never limited.
+        let light = tokio::spawn(service.clone().oneshot(request("GetJob", 1)));
+        handle.next_request().await.unwrap().1.send_response(ok());
+        assert_eq!(grpc_status(&light.await.unwrap().unwrap()), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_call_times_out_with_resource_exhausted() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let limiter = Limiter::new(1, 4, Duration::from_millis(300), metrics());
+        let service = ConcurrencyLayer::new(limiter).layer(service);
+        handle.allow(10);
+        let running = tokio::spawn(service.clone().oneshot(request("SummarizeFeedback", 1)));
+        let _held = handle.next_request().await.unwrap();
+        let start = Instant::now();
+        let queued = service
+            .clone()
+            .oneshot(request("SummarizeFeedback", 1))
+            .await
+            .unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
+        let status = status(queued);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        running.abort();
+    }
+
+    fn memory_layer(
+        budget: u64,
+        metrics: Arc<AdmissionMetrics>,
+    ) -> (MemoryLayer, Arc<MemoryBudget>) {
+        let budget = MemoryBudget::new(budget);
+        let layer = MemoryLayer::new(MemoryState {
+            budget: budget.clone(),
+            estimator: EstimatorConfig {
+                max_entries_cap: 10_000,
+                map_parallelism: 1,
+                prompt_budget_bytes: 1024,
+                max_response_bytes: 1024,
+            },
+            max_message_size: 4 << 20,
+            metrics,
+        });
+        (layer, budget)
+    }
+
+    #[tokio::test]
+    async fn memory_admission_reserves_from_the_prefix_and_replays_the_body() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = metrics();
+        let (layer, budget) = memory_layer(64 << 20, metrics.clone());
+        let service = layer.layer(service);
+        handle.allow(10);
+        let call = tokio::spawn(service.clone().oneshot(request("SummarizeFeedback", 1000)));
+        let (req, respond) = handle.next_request().await.unwrap();
+        let expected = estimate(
+            1000,
+            &EstimatorConfig {
+                max_entries_cap: 10_000,
+                map_parallelism: 1,
+                prompt_budget_bytes: 1024,
+                max_response_bytes: 1024,
+            },
+        );
+        assert_eq!(
+            budget.in_use(),
+            expected,
+            "reserved before the handler runs"
+        );
+        // The handler sees the whole message, prefix included, byte for byte.
+        let mut body = req.into_body();
+        let mut seen = Vec::new();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            seen.extend_from_slice(frame.unwrap().data_ref().unwrap());
+        }
+        assert_eq!(seen.len(), 1005);
+        assert_eq!(&seen[..5], &[0, 0, 0, 3, 232]);
+        // A response that still has a message to stream (tonic drops bodies that are
+        // already at their end, and with them the guard: that call is over anyway).
+        let streaming = Response::new(Body::new(Frames(VecDeque::from([Bytes::from_static(
+            b"x",
+        )]))));
+        respond.send_response(streaming);
+        let response = call.await.unwrap().unwrap();
+        assert_eq!(
+            budget.in_use(),
+            expected,
+            "held while the response body lives"
+        );
+        drop(response);
+        assert_eq!(budget.in_use(), 0, "released when the call ends");
+        assert_eq!(metrics.admitted.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn memory_admission_refuses_with_retry_info_before_reading_the_body() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = metrics();
+        let (layer, budget) = memory_layer(1 << 20, metrics.clone());
+        let service = layer.layer(service);
+        handle.allow(10);
+        let refused = service
+            .clone()
+            .oneshot(request("SummarizeFeedback", 600_000))
+            .await
+            .unwrap();
+        let status = status(refused);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        use tonic_types::StatusExt;
+        let details = status.get_error_details();
+        assert_eq!(
+            details.error_info().map(|i| i.reason.as_str()),
+            Some("MEMORY_BUDGET")
+        );
+        assert!(details.retry_info().and_then(|r| r.retry_delay).is_some());
+        assert_eq!(budget.in_use(), 0);
+        assert_eq!(metrics.shed_memory.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn oversized_messages_are_refused_from_their_prefix() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (layer, _budget) = memory_layer(1 << 40, metrics());
+        let service = layer.layer(service);
+        handle.allow(10);
+        // Declares 5 MiB but sends only the prefix: refused without waiting for the rest.
+        let mut message = vec![0u8];
+        message.extend_from_slice(&(5u32 << 20).to_be_bytes());
+        let req = Request::builder()
+            .uri("/spotifai.insight.v1.InsightService/SummarizeFeedback")
+            .body(Body::new(Frames(VecDeque::from([Bytes::from(message)]))))
+            .unwrap();
+        let status = status(service.oneshot(req).await.unwrap());
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("--max-message-size"),
+            "{}",
+            status.message()
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! Overload protection: the reason this service exists is that the seed's worker was
+//! SIGKILLed for lack of memory. Heavy calls pass, in this order (see `crate::run`):
+//! deadline → pressure shedding → concurrency limit with a bounded queue → memory admission
+//! from the gRPC length prefix → handler. Health, reflection and cheap reads bypass the heavy
+//! limits. Refusals are fast and typed ([`AdmissionError`]) and carry RetryInfo.
+//!
+//! Knows no tonic statuses: `grpc::error::admission_status` maps the errors.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+pub mod budget;
+pub mod estimator;
+pub mod layers;
+pub mod pressure;
+
+pub use budget::MemoryBudget;
+pub use layers::{ConcurrencyLayer, DeadlineLayer, Limiter, MemoryLayer, MemoryState, ShedLayer};
+pub use pressure::{Pressure, PressureConfig, PressureTracker};
+
+/// Methods whose memory and time grow with their input: they go through every limit. The
+/// rest (health, reflection, ListFeedback, GetJob, WatchJob, CancelJob) only through the
+/// deadline, so probes and cheap reads keep answering under overload.
+pub fn is_heavy(path: &str) -> bool {
+    let Some(method) = path.strip_prefix("/spotifai.insight.v1.InsightService/") else {
+        return false;
+    };
+    matches!(
+        method,
+        "SummarizeFeedback"
+            | "StreamFeedbackSummary"
+            | "AnalyzeMusic"
+            | "SubmitSummaryJob"
+            | "ImportFeedback"
+            | "ImportListening"
+    )
+}
+
+/// Why a call was refused or cut short by overload protection.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdmissionError {
+    /// Every concurrency slot is taken and the wait queue is full.
+    #[error("all {limit} slots for heavy calls are busy and the wait queue is full")]
+    QueueFull {
+        /// `--max-concurrency`.
+        limit: usize,
+        /// When a slot is likely free.
+        retry_after: Duration,
+    },
+    /// The call waited in the queue for `--queue-timeout` without getting a slot.
+    #[error("no slot for a heavy call freed up within {waited:?}")]
+    QueueTimeout {
+        /// How long it waited.
+        waited: Duration,
+        /// When a slot is likely free.
+        retry_after: Duration,
+    },
+    /// The call's estimated peak memory does not fit the budget now.
+    #[error("estimated memory {wanted} bytes exceeds the {available} bytes of budget free")]
+    MemoryBudget {
+        /// The estimate.
+        wanted: u64,
+        /// Budget free at the time.
+        available: u64,
+        /// When enough budget is likely free.
+        retry_after: Duration,
+    },
+    /// Memory pressure is critical: new heavy calls are shed.
+    #[error("memory pressure is critical; shedding new heavy calls")]
+    MemoryPressure {
+        /// When pressure is likely to have eased.
+        retry_after: Duration,
+    },
+    /// The request message exceeds `--max-message-size`.
+    #[error("request message of {len} bytes exceeds the {limit}-byte limit (--max-message-size)")]
+    MessageTooLarge {
+        /// Declared length.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The caller's deadline or `--request-timeout` passed.
+    #[error("deadline of {after:?} exceeded")]
+    DeadlineExceeded {
+        /// The deadline that applied.
+        after: Duration,
+    },
+}
+
+/// Metrics-ready counters (exported by the telemetry issue; readable via [`AdmissionMetrics::snapshot`]).
+#[derive(Debug, Default)]
+pub struct AdmissionMetrics {
+    /// Heavy calls that passed memory admission.
+    pub admitted: AtomicU64,
+    /// Refused: memory pressure critical.
+    pub shed_pressure: AtomicU64,
+    /// Refused: concurrency queue full or timed out.
+    pub shed_concurrency: AtomicU64,
+    /// Refused: memory budget.
+    pub shed_memory: AtomicU64,
+    /// Refused: message over the size limit.
+    pub shed_too_large: AtomicU64,
+    /// Cut off: deadline exceeded.
+    pub deadline_exceeded: AtomicU64,
+    /// Calls that waited in the queue, and their total and longest wait (µs).
+    pub queue_waits: AtomicU64,
+    /// See [`AdmissionMetrics::queue_waits`].
+    pub queue_wait_us_total: AtomicU64,
+    /// See [`AdmissionMetrics::queue_waits`].
+    pub queue_wait_us_max: AtomicU64,
+}
+
+/// A point-in-time copy of the counters, plus the budget in use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// See [`AdmissionMetrics::admitted`].
+    pub admitted: u64,
+    /// See [`AdmissionMetrics::shed_pressure`].
+    pub shed_pressure: u64,
+    /// See [`AdmissionMetrics::shed_concurrency`].
+    pub shed_concurrency: u64,
+    /// See [`AdmissionMetrics::shed_memory`].
+    pub shed_memory: u64,
+    /// See [`AdmissionMetrics::shed_too_large`].
+    pub shed_too_large: u64,
+    /// See [`AdmissionMetrics::deadline_exceeded`].
+    pub deadline_exceeded: u64,
+    /// Bytes of memory budget reserved now.
+    pub budget_in_use: u64,
+    /// See [`AdmissionMetrics::queue_waits`].
+    pub queue_waits: u64,
+    /// Mean queue wait, µs.
+    pub queue_wait_us_mean: u64,
+    /// Longest queue wait, µs.
+    pub queue_wait_us_max: u64,
+}
+
+impl AdmissionMetrics {
+    /// Records one wait in the concurrency queue.
+    pub fn record_queue_wait(&self, waited: Duration) {
+        let us = waited.as_micros() as u64;
+        self.queue_waits.fetch_add(1, Ordering::Relaxed);
+        self.queue_wait_us_total.fetch_add(us, Ordering::Relaxed);
+        self.queue_wait_us_max.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// Copies the counters; `budget` gives the bytes in use.
+    pub fn snapshot(&self, budget: &MemoryBudget) -> MetricsSnapshot {
+        let waits = self.queue_waits.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            admitted: self.admitted.load(Ordering::Relaxed),
+            shed_pressure: self.shed_pressure.load(Ordering::Relaxed),
+            shed_concurrency: self.shed_concurrency.load(Ordering::Relaxed),
+            shed_memory: self.shed_memory.load(Ordering::Relaxed),
+            shed_too_large: self.shed_too_large.load(Ordering::Relaxed),
+            deadline_exceeded: self.deadline_exceeded.load(Ordering::Relaxed),
+            budget_in_use: budget.in_use(),
+            queue_waits: waits,
+            queue_wait_us_mean: self
+                .queue_wait_us_total
+                .load(Ordering::Relaxed)
+                .checked_div(waits)
+                .unwrap_or(0),
+            queue_wait_us_max: self.queue_wait_us_max.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Memory budget when `--memory-budget` is 0 (auto): half of the cgroup limit, else a quarter
+/// of the machine's memory. Half leaves room for the runtime, buffers and the allocator's
+/// fragmentation, which no per-call estimate sees.
+pub fn default_budget(cgroup_limit: u64, system_total: u64) -> u64 {
+    if cgroup_limit > 0 {
+        cgroup_limit / 2
+    } else {
+        (system_total / 4).max(64 << 20)
+    }
+}
+
+/// Parses a byte size: a number with an optional KiB/MiB/GiB (or K/M/G, KB/MB/GB as powers of
+/// two) suffix, e.g. "128MiB". `0` means automatic.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a byte size like 128MiB"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown byte unit {other:?} in {text:?} (use KiB, MiB, GiB)"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heavy_methods_are_classified() {
+        assert!(is_heavy(
+            "/spotifai.insight.v1.InsightService/SummarizeFeedback"
+        ));
+        assert!(is_heavy(
+            "/spotifai.insight.v1.InsightService/ImportFeedback"
+        ));
+        assert!(!is_heavy("/spotifai.insight.v1.InsightService/GetJob"));
+        assert!(!is_heavy(
+            "/spotifai.insight.v1.InsightService/ListFeedback"
+        ));
+        assert!(!is_heavy("/grpc.health.v1.Health/Check"));
+        assert!(!is_heavy(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+        ));
+    }
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(parse_bytes("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_bytes("4 MiB"), Ok(4 << 20));
+        assert_eq!(parse_bytes("2g"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5TB").is_err());
+    }
+
+    #[test]
+    fn default_budget_prefers_the_cgroup_limit() {
+        assert_eq!(default_budget(256 << 20, 24 << 30), 128 << 20);
+        assert_eq!(default_budget(0, 24 << 30), 6 << 30);
+    }
+}

@@ -1,0 +1,197 @@
+//! Memory-pressure shedding: the monitor-service probe, sampled in-process (no network, so
+//! shedding never depends on another service being up), turned into a level with hysteresis.
+//!
+//! - **Critical**: new heavy calls are refused, and the readiness status of
+//!   `spotifai.insight.v1.InsightService` turns NOT_SERVING so Kubernetes stops routing to this
+//!   pod; the overall "" status (liveness) stays SERVING: restarting would not help.
+//! - **Elevated** (warning): calls are admitted but made cheaper (one map call at a time, half
+//!   the prompt budget).
+
+use std::time::Duration;
+
+use monitor_service::{
+    lifecycle::Drain,
+    probe::{Probe, Sample},
+};
+use spotifai_proto::INSIGHT_SERVICE_NAME;
+use tokio::sync::watch;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+/// How hard memory is pressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Pressure {
+    /// Below the warning thresholds.
+    #[default]
+    Normal,
+    /// At or above a warning threshold: make work cheaper.
+    Elevated,
+    /// At or above a critical threshold: shed new heavy calls.
+    Critical,
+}
+
+/// Thresholds of [`PressureTracker`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PressureConfig {
+    /// Usage ratio entering Elevated.
+    pub warn_ratio: f64,
+    /// Usage ratio entering Critical.
+    pub critical_ratio: f64,
+    /// PSI memory "some" avg10 (percent) entering Elevated.
+    pub warn_psi: f64,
+    /// PSI memory "some" avg10 (percent) entering Critical.
+    pub critical_psi: f64,
+    /// A level is left only below threshold × (1 − hysteresis), so a reading hovering at a
+    /// threshold does not flap readiness.
+    pub hysteresis: f64,
+}
+
+impl Default for PressureConfig {
+    fn default() -> Self {
+        Self {
+            warn_ratio: 0.80,
+            critical_ratio: 0.90,
+            warn_psi: 10.0,
+            critical_psi: 25.0,
+            hysteresis: 0.05,
+        }
+    }
+}
+
+/// The level state machine, pure so it is tested without a clock or files.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PressureTracker {
+    config: PressureConfig,
+    level: Pressure,
+}
+
+impl PressureTracker {
+    /// Starts at Normal.
+    pub fn new(config: PressureConfig) -> Self {
+        Self {
+            config,
+            level: Pressure::Normal,
+        }
+    }
+
+    /// The current level.
+    pub fn level(&self) -> Pressure {
+        self.level
+    }
+
+    /// Feeds one reading (usage ratio, PSI some avg10 if known) and returns the new level.
+    pub fn observe(&mut self, ratio: f64, psi: Option<f64>) -> Pressure {
+        let c = self.config;
+        let psi = psi.unwrap_or(0.0);
+        let above = |ratio_t: f64, psi_t: f64| ratio >= ratio_t || psi >= psi_t;
+        let below = |ratio_t: f64, psi_t: f64| {
+            ratio < ratio_t * (1.0 - c.hysteresis) && psi < psi_t * (1.0 - c.hysteresis)
+        };
+        let entered = if above(c.critical_ratio, c.critical_psi) {
+            Pressure::Critical
+        } else if above(c.warn_ratio, c.warn_psi) {
+            Pressure::Elevated
+        } else {
+            Pressure::Normal
+        };
+        self.level = match self.level {
+            Pressure::Critical if !below(c.critical_ratio, c.critical_psi) => Pressure::Critical,
+            Pressure::Elevated | Pressure::Critical
+                if entered < Pressure::Elevated && !below(c.warn_ratio, c.warn_psi) =>
+            {
+                Pressure::Elevated
+            }
+            _ => entered,
+        };
+        self.level
+    }
+
+    /// Feeds a probe sample.
+    pub fn observe_sample(&mut self, sample: &Sample) -> Pressure {
+        let psi = sample.cgroup.as_ref().and_then(|c| c.pressure_some_avg10);
+        self.observe(sample.usage_ratio, psi)
+    }
+}
+
+/// Samples `probe` every `interval`, publishes the level on `tx`, and keeps the readiness
+/// status of the insight service in step (never back to SERVING once draining began).
+pub async fn run_monitor(
+    mut probe: Probe,
+    mut tracker: PressureTracker,
+    interval: Duration,
+    tx: watch::Sender<Pressure>,
+    health: HealthReporter,
+    drain: Drain,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticker.tick().await;
+        // A handful of small reads of kernel files: cheaper inline than a blocking-pool hop.
+        let sample = probe.sample();
+        let before = tracker.level();
+        let level = tracker.observe_sample(&sample);
+        if level == before {
+            continue;
+        }
+        let psi = sample.cgroup.as_ref().and_then(|c| c.pressure_some_avg10);
+        tracing::warn!(
+            from = ?before,
+            to = ?level,
+            usage_ratio = sample.usage_ratio,
+            psi_some_avg10 = psi,
+            "memory pressure changed"
+        );
+        tx.send_replace(level);
+        let status = if level == Pressure::Critical {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        if status == ServingStatus::NotServing || !drain.is_draining() {
+            health
+                .set_service_status(INSIGHT_SERVICE_NAME, status)
+                .await;
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enters_and_leaves_levels_with_hysteresis() {
+        let mut t = PressureTracker::new(PressureConfig::default());
+        assert_eq!(t.observe(0.50, None), Pressure::Normal);
+        assert_eq!(t.observe(0.81, None), Pressure::Elevated);
+        assert_eq!(t.observe(0.91, None), Pressure::Critical);
+        // Inside the band below critical (0.855..0.90): stays Critical, no flapping.
+        assert_eq!(t.observe(0.88, None), Pressure::Critical);
+        assert_eq!(t.observe(0.90, None), Pressure::Critical);
+        assert_eq!(t.observe(0.86, None), Pressure::Critical);
+        // Below 0.855: leaves Critical to Elevated (still above warning).
+        assert_eq!(t.observe(0.85, None), Pressure::Elevated);
+        // Inside the warning band (0.76..0.80): stays Elevated.
+        assert_eq!(t.observe(0.78, None), Pressure::Elevated);
+        assert_eq!(t.observe(0.75, None), Pressure::Normal);
+    }
+
+    #[test]
+    fn psi_alone_can_raise_the_level() {
+        let mut t = PressureTracker::new(PressureConfig::default());
+        assert_eq!(t.observe(0.1, Some(12.0)), Pressure::Elevated);
+        assert_eq!(t.observe(0.1, Some(30.0)), Pressure::Critical);
+        assert_eq!(t.observe(0.1, Some(24.0)), Pressure::Critical);
+        assert_eq!(t.observe(0.1, Some(2.0)), Pressure::Normal);
+    }
+
+    #[test]
+    fn a_drop_from_critical_straight_to_calm_is_normal() {
+        let mut t = PressureTracker::new(PressureConfig::default());
+        t.observe(0.95, None);
+        assert_eq!(t.observe(0.2, None), Pressure::Normal);
+    }
+}

@@ -7,7 +7,7 @@ use secrecy::SecretString;
 use crate::{
     config::{BackendKind, Config},
     llm::{
-        LlmBackend,
+        Generator, LlmBackend,
         gemini::{GeminiConfig, GeminiGenerator},
         http::{HttpLimits, SetupError},
         local::LocalBackend,
@@ -68,10 +68,49 @@ fn limits(config: &Config) -> HttpLimits {
     }
 }
 
+/// The configured backend, in the two shapes its users need.
+#[derive(Clone)]
+pub struct Backends {
+    /// The map-reduce summarizer.
+    pub summarizer: Arc<dyn LlmBackend>,
+    /// The raw text generator (for music analysis); `None` for `local`, whose analysis is the
+    /// deterministic one.
+    pub generator: Option<Arc<dyn Generator>>,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backends")
+            .field("summarizer", &self.summarizer.name())
+            .field(
+                "generator",
+                &self.generator.as_ref().map(|g| g.name().to_owned()),
+            )
+            .finish()
+    }
+}
+
 /// Builds the backend `config.llm_backend` names.
-pub fn build_backend(config: &Config) -> Result<Arc<dyn LlmBackend>, BackendError> {
+pub fn build_backends(config: &Config) -> Result<Backends, BackendError> {
+    let generator: Arc<dyn Generator> = match build_generator(config)? {
+        Some(generator) => generator,
+        None => {
+            return Ok(Backends {
+                summarizer: Arc::new(LocalBackend::new()),
+                generator: None,
+            });
+        }
+    };
+    Ok(Backends {
+        summarizer: Arc::new(PromptedBackend::new(generator.clone())),
+        generator: Some(generator),
+    })
+}
+
+/// The remote generator `config.llm_backend` names; `None` for `local`.
+fn build_generator(config: &Config) -> Result<Option<Arc<dyn Generator>>, BackendError> {
     Ok(match config.llm_backend {
-        BackendKind::Local => Arc::new(LocalBackend::new()),
+        BackendKind::Local => None,
         BackendKind::Gemini => {
             let key = api_key(config, "GEMINI_API_KEY")?.ok_or(BackendError::MissingGeminiKey)?;
             let mut gemini = GeminiConfig::new(key);
@@ -83,7 +122,7 @@ pub fn build_backend(config: &Config) -> Result<Arc<dyn LlmBackend>, BackendErro
             }
             gemini.stream = config.llm_stream;
             gemini.limits = limits(config);
-            Arc::new(PromptedBackend::new(GeminiGenerator::new(gemini)?))
+            Some(Arc::new(GeminiGenerator::new(gemini)?))
         }
         BackendKind::Openai => {
             let mut openai = OpenAiConfig::new(api_key(config, "OPENAI_API_KEY")?);
@@ -95,7 +134,7 @@ pub fn build_backend(config: &Config) -> Result<Arc<dyn LlmBackend>, BackendErro
             }
             openai.stream = config.llm_stream;
             openai.limits = limits(config);
-            Arc::new(PromptedBackend::new(OpenAiGenerator::new(openai)?))
+            Some(Arc::new(OpenAiGenerator::new(openai)?))
         }
     })
 }

@@ -65,8 +65,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let backend = backend::build_backend(&config)?;
-    let backend_name = backend.name().to_owned();
+    let backends = backend::build_backends(&config)?;
+    let backend_name = backends.summarizer.name().to_owned();
     let protect = config.overload_protection == Switch::On;
     let drain = Drain::new();
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -110,11 +110,12 @@ pub async fn run(
         ));
     }
 
-    let mut pipeline = pipeline::Pipeline::new(backend, config.pipeline_config());
+    let mut pipeline =
+        pipeline::Pipeline::new(backends.summarizer.clone(), config.pipeline_config());
     if protect {
         pipeline = pipeline.with_pressure(pressure_rx.clone());
     }
-    let service = grpc::InsightGrpc::new(pipeline, config.max_entries_cap, config.request_timeout);
+    let service = grpc::InsightGrpc::new(pipeline, backends.generator.clone(), &config);
     let max_message = usize::try_from(config.max_message_size).unwrap_or(usize::MAX);
     let insight = InsightServiceServer::new(service)
         .max_decoding_message_size(max_message)

@@ -14,7 +14,7 @@ use crate::{
     history::HistoryArgs,
     lifecycle::LogFormat,
     probe::ProbeConfig,
-    sampler::{MIN_INTERVAL, SamplerConfig},
+    sampler::{MAX_SUBSCRIBER_BUFFER, MIN_INTERVAL, SamplerConfig},
 };
 
 /// Longest shutdown grace accepted: Kubernetes' default is 30s and an hour-long drain is a
@@ -73,7 +73,8 @@ pub struct ServeArgs {
         long,
         env = "MONITOR_SUBSCRIBER_BUFFER",
         default_value_t = 16,
-        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096)
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+            .range(1..=MAX_SUBSCRIBER_BUFFER as u64)
     )]
     pub subscriber_buffer: usize,
 
@@ -389,7 +390,7 @@ impl ServeArgs {
 impl ServeArgs {
     /// The ranges the fan-out flags' parsers enforce, for values built in code.
     fn validate_fan_out(&self) -> Result<(), ConfigError> {
-        if !(1..=4096).contains(&self.subscriber_buffer) {
+        if !(1..=MAX_SUBSCRIBER_BUFFER).contains(&self.subscriber_buffer) {
             return Err(ConfigError::OutOfRange {
                 flag: "--subscriber-buffer/MONITOR_SUBSCRIBER_BUFFER",
                 rule: "in 1..=4096",

@@ -54,6 +54,10 @@ pub const MIN_INTERVAL: Duration = BASE_TICK;
 /// takes, and costs 64 pointers.
 pub const INTERNAL_BUFFER: usize = 64;
 
+/// Largest per-subscriber buffer: 4096 samples is over 6 minutes at 10 Hz, past any useful
+/// cushion, and keeps a code-built configuration from asking tokio for a channel it refuses.
+pub const MAX_SUBSCRIBER_BUFFER: usize = 4096;
+
 /// How often the loop forgets subscribers whose stream was cancelled between two of their
 /// samples, so a long-interval subscriber that hung up does not hold its entry for an hour.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -101,7 +105,7 @@ pub struct SamplerConfig {
     /// no subscriber, and streams asking for interval 0 use it. Rounded up to [`BASE_TICK`]s.
     pub server_interval: Duration,
     /// Samples each subscriber may have queued; past it samples are dropped for it (and
-    /// counted). 0 is taken as 1.
+    /// counted). Clamped to 1..=[`MAX_SUBSCRIBER_BUFFER`].
     pub subscriber_buffer: usize,
     /// How long a subscriber may take nothing (its buffer full) before it is disconnected.
     pub slow_subscriber_timeout: Duration,
@@ -275,8 +279,8 @@ impl Sampler {
     pub fn with_config(probe: Probe, config: SamplerConfig) -> Self {
         let config = SamplerConfig {
             server_interval: grid_duration(ticks_of(config.server_interval)),
-            // tokio's channels panic on a zero capacity.
-            subscriber_buffer: config.subscriber_buffer.max(1),
+            // tokio's channels panic on a zero or enormous capacity.
+            subscriber_buffer: config.subscriber_buffer.clamp(1, MAX_SUBSCRIBER_BUFFER),
             ..config
         };
         let core = Arc::new(Core {
@@ -1117,7 +1121,14 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_zero_buffer_is_taken_as_one() {
+    async fn out_of_range_buffers_are_clamped() {
+        let huge = sampler_with(SamplerConfig {
+            subscriber_buffer: usize::MAX,
+            ..SamplerConfig::default()
+        });
+        assert_eq!(huge.config().subscriber_buffer, MAX_SUBSCRIBER_BUFFER);
+        assert!(huge.subscribe(plan(100, 0)).is_ok());
+
         let sampler = sampler_with(SamplerConfig {
             subscriber_buffer: 0,
             ..SamplerConfig::default()

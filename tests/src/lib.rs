@@ -3,8 +3,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod fake_cgroup;
 pub mod fakes;
 pub mod loadgen;
+pub mod overload;
 
 use std::{
     io::{BufRead, BufReader},
@@ -23,6 +25,8 @@ pub struct InProcess {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), String>>,
+    /// Scratch files of the server (its SQLite database), removed with it.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl InProcess {
@@ -73,6 +77,7 @@ pub async fn start_insight(config: insight_service::Config) -> InProcess {
         addr,
         stop: Some(stop),
         handle,
+        _dir: None,
     }
 }
 
@@ -81,10 +86,14 @@ pub async fn start_insight(config: insight_service::Config) -> InProcess {
 pub async fn start_monitor(args: &[&str]) -> InProcess {
     use clap::Parser;
     use monitor_service::config::{Cli, Command};
-    let argv = ["monitor-service", "serve"]
-        .iter()
-        .chain(args.iter())
-        .copied();
+    // Alert history in a scratch SQLite file, unless the test names its own database.
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("alerts.db").display());
+    let mut argv: Vec<&str> = vec!["monitor-service", "serve"];
+    if !args.iter().any(|a| a.starts_with("--database-url")) {
+        argv.extend(["--database-url", db.as_str()]);
+    }
+    argv.extend(args.iter().copied());
     let config = match Cli::try_parse_from(argv).unwrap().command {
         Command::Serve(config) => config,
         other => panic!("not serve: {other:?}"),
@@ -103,6 +112,7 @@ pub async fn start_monitor(args: &[&str]) -> InProcess {
         addr,
         stop: Some(stop),
         handle,
+        _dir: Some(dir),
     }
 }
 

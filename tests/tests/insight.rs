@@ -330,10 +330,6 @@ async fn rpcs_of_later_issues_are_unimplemented_and_say_what_is_missing() {
     let job = pb::GetJobRequest { id: "x".into() };
     let statuses = vec![
         client
-            .analyze_music(pb::AnalyzeMusicRequest::default())
-            .await
-            .err(),
-        client
             .import_feedback(tokio_stream::iter(vec![entry("a", "x", 1)]))
             .await
             .err(),
@@ -419,6 +415,102 @@ async fn stream_sends_one_chunk_event_per_chunk_then_the_summary() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    server.shutdown().await.unwrap();
+}
+
+pub fn play(i: usize, artist: &str, genre: &str, energy: f64) -> pb::TrackPlay {
+    pb::TrackPlay {
+        track_id: format!("t{i}"),
+        track_name: format!("Song {i}"),
+        artist: artist.into(),
+        genres: vec![genre.into()],
+        played_at: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000 + (i as i64) * 3_600,
+            nanos: 0,
+        }),
+        ms_played: 180_000,
+        features: Some(pb::AudioFeatures {
+            danceability: 0.7,
+            energy,
+            valence: 0.6,
+            acousticness: 0.1,
+            instrumentalness: 0.0,
+            speechiness: 0.05,
+            liveness: 0.1,
+            tempo: 120.0,
+            loudness: -6.0,
+        }),
+        skipped: i.is_multiple_of(7),
+        duration_ms: 200_000,
+    }
+}
+
+#[tokio::test]
+async fn analyze_music_answers_from_the_history_with_the_local_analysis() {
+    let server = start_insight(insight_service::Config::default()).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let plays: Vec<pb::TrackPlay> = (0..60)
+        .map(|i| match i % 3 {
+            0 => play(i, "Daft Punk", "electronic", 0.8),
+            1 => play(i, "Daft Punk", "house", 0.9),
+            _ => play(i, "Norah Jones", "jazz", 0.3),
+        })
+        .collect();
+    let analysis = client
+        .analyze_music(pb::AnalyzeMusicRequest {
+            input: Some(pb::analyze_music_request::Input::History(
+                pb::ListeningHistory { plays },
+            )),
+            max_words: Some(50),
+            disable_fallback: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(analysis.backend, "local");
+    assert!(!analysis.degraded);
+    assert!(!analysis.summary.is_empty());
+    assert!(analysis.summary.split_whitespace().count() <= 50);
+    assert_eq!(
+        analysis.top_artists.first().map(String::as_str),
+        Some("Daft Punk")
+    );
+    let stats = analysis.stats.unwrap();
+    assert_eq!(stats.plays, 60);
+    assert_eq!(stats.unique_artists, 2);
+    assert_eq!(stats.plays_by_hour.len(), 24);
+    assert!(!analysis.recommendations.is_empty());
+
+    let bad = client
+        .analyze_music(pb::AnalyzeMusicRequest {
+            input: Some(pb::analyze_music_request::Input::History(
+                pb::ListeningHistory {
+                    plays: vec![play(0, "", "pop", 0.5)],
+                },
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(
+        bad.message().starts_with("history.plays[0].artist"),
+        "{}",
+        bad.message()
+    );
+    let missing = client
+        .analyze_music(pb::AnalyzeMusicRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::InvalidArgument);
+    let stored = client
+        .analyze_music(pb::AnalyzeMusicRequest {
+            input: Some(pb::analyze_music_request::Input::UserId("u1".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stored.code(), Code::Unimplemented);
     server.shutdown().await.unwrap();
 }
 

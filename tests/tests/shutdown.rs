@@ -83,6 +83,8 @@ async fn insight_sigterm_turns_not_serving_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread")]
 async fn monitor_sigterm_finishes_the_stream_refuses_new_calls_and_exits_zero() {
     let bin = bin_path("monitor-service");
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("alerts.db").display());
     let mut child = Spawned::start(
         &bin,
         &[
@@ -93,6 +95,8 @@ async fn monitor_sigterm_finishes_the_stream_refuses_new_calls_and_exits_zero() 
             "json",
             "--shutdown-grace",
             "20s",
+            "--database-url",
+            &db,
         ],
     );
     let channel = connect(child.url()).await;

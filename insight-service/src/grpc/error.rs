@@ -3,7 +3,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{admission::AdmissionError, pipeline::PipelineError};
+use crate::{admission::AdmissionError, music::MusicError, pipeline::PipelineError};
 
 /// The ErrorInfo domain of this service's errors.
 const DOMAIN: &str = "insight.spotifai";
@@ -30,6 +30,21 @@ pub fn to_status(error: PipelineError) -> Status {
         error @ PipelineError::DeadlineExceeded { .. } => {
             Status::deadline_exceeded(error.to_string())
         }
+    }
+}
+
+/// Maps a music-analysis error: bad input names its field; stored plays are not available
+/// yet; a failed LLM with fallback disabled is UNAVAILABLE naming the backend.
+pub fn music_status(error: MusicError) -> Status {
+    match error {
+        MusicError::InvalidArgument { field, reason } => {
+            to_status(PipelineError::InvalidArgument { field, reason })
+        }
+        MusicError::StoredPlaysUnavailable => Status::unimplemented(error.to_string()),
+        MusicError::BackendUnavailable { source } => to_status(PipelineError::BackendUnavailable {
+            backend: source.backend().to_owned(),
+            message: source.to_string(),
+        }),
     }
 }
 

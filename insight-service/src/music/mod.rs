@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::{
     domain::Usage,
-    llm::{GenerateRequest, Generation, Generator, LlmError},
+    llm::{FinishReason, GenerateRequest, Generation, Generator, LlmError},
 };
 
 pub mod play;
@@ -299,7 +299,7 @@ async fn ask_model(
     let first = call(generator, &prompt, &schema, deadline, usage).await?;
     let reason = match parse_answer(&first.text, max_words) {
         Ok(draft) => return Ok(draft),
-        Err(reason) => reason,
+        Err(reason) => with_finish(&first.finish, reason),
     };
     let malformed = |message: String| LlmError::Malformed {
         backend: generator.name().to_owned(),
@@ -313,8 +313,20 @@ async fn ask_model(
     tracing::debug!(backend = generator.name(), %reason, "invalid music answer, asking for a repair");
     let repair = prompt::repair_prompt(&prompt, &first.text, &reason);
     let second = call(generator, &repair, &schema, deadline, usage).await?;
-    parse_answer(&second.text, max_words)
-        .map_err(|reason| malformed(format!("still invalid after one repair call: {reason}")))
+    parse_answer(&second.text, max_words).map_err(|reason| {
+        let reason = with_finish(&second.finish, reason);
+        malformed(format!("still invalid after one repair call: {reason}"))
+    })
+}
+
+/// The rejection reason, saying when the answer was cut off or blocked: the repair prompt then
+/// tells the model why, and the log tells the operator that the token cap or a filter was hit.
+fn with_finish(finish: &FinishReason, reason: String) -> String {
+    match finish {
+        FinishReason::MaxTokens => format!("{reason} (the answer was cut off at the token cap)"),
+        FinishReason::Safety => format!("{reason} (the answer was blocked by a safety filter)"),
+        FinishReason::Stop | FinishReason::Other(_) => reason,
+    }
 }
 
 /// One generator call bounded by `deadline`, with its cost added to `usage` (a failed call
@@ -360,14 +372,13 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::{
-        llm::FinishReason,
-        text::{truncate_words, word_count},
-    };
+    use crate::text::{truncate_words, word_count};
 
     /// One scripted reply of [`Scripted`].
     enum Reply {
         Text(String),
+        /// Text cut off at the output token cap.
+        Cut(String),
         Fail(LlmError),
         Hang,
     }
@@ -411,22 +422,24 @@ mod tests {
             let bytes = (request.system.len() + request.prompt.len()) as u64;
             Box::pin(async move {
                 assert!(request.response_schema.is_some(), "a schema is always sent");
-                match reply {
-                    Some(Reply::Text(text)) => Ok(Generation {
-                        usage: Usage {
-                            llm_calls: 1,
-                            prompt_bytes: bytes,
-                            response_bytes: text.len() as u64,
-                            input_tokens: 10,
-                            output_tokens: 5,
-                        },
-                        text,
-                        finish: FinishReason::Stop,
-                    }),
-                    Some(Reply::Fail(error)) => Err(error),
+                let (text, finish) = match reply {
+                    Some(Reply::Text(text)) => (text, FinishReason::Stop),
+                    Some(Reply::Cut(text)) => (text, FinishReason::MaxTokens),
+                    Some(Reply::Fail(error)) => return Err(error),
                     Some(Reply::Hang) => std::future::pending().await,
                     None => panic!("the script ran out: an unexpected extra call"),
-                }
+                };
+                Ok(Generation {
+                    usage: Usage {
+                        llm_calls: 1,
+                        prompt_bytes: bytes,
+                        response_bytes: text.len() as u64,
+                        input_tokens: 10,
+                        output_tokens: 5,
+                    },
+                    text,
+                    finish,
+                })
             })
         }
     }
@@ -547,7 +560,7 @@ mod tests {
     #[tokio::test]
     async fn one_repair_call_fixes_an_invalid_answer() {
         let fake = Scripted::new(vec![
-            Reply::Text("{\"summary\": \"half an answer\"".into()),
+            Reply::Cut("{\"summary\": \"half an answer\"".into()),
             Reply::Text(format!("```json\n{}\n```", good_answer())),
         ]);
         let analysis = analyze_plays(
@@ -569,6 +582,11 @@ mod tests {
             "the repair repeats the data"
         );
         assert!(prompts[1].contains("not valid JSON"), "{}", prompts[1]);
+        assert!(
+            prompts[1].contains("cut off at the token cap"),
+            "{}",
+            prompts[1]
+        );
         assert!(prompts[1].contains("{\\\"summary\\\": \\\"half an answer\\\""));
     }
 

@@ -38,7 +38,8 @@ pub const EARLY_HOURS: std::ops::Range<usize> = 5..10;
 /// A name ranked by plays and listening time.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RankedItem {
-    /// Artist name as first seen (trimmed), or genre name (trimmed, lowercased).
+    /// Artist name (trimmed; artists are told apart by exact name), or genre name (trimmed,
+    /// lowercased, since catalogues disagree on the case of genres).
     pub name: String,
     /// Plays of this artist, or plays tagged with this genre.
     pub plays: u32,

@@ -179,11 +179,13 @@ impl Recorder {
     }
 }
 
-/// Percentiles of one latency histogram, in microseconds.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// Percentiles of one latency histogram, in microseconds (all zero: no samples).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Percentiles {
     /// Samples.
     pub count: u64,
+    /// Smallest sample.
+    pub min: u64,
     /// Median.
     pub p50: u64,
     /// 90th percentile.
@@ -202,18 +204,11 @@ impl Percentiles {
     /// Reads the percentiles of `histogram` (all zero when it is empty).
     pub fn of(histogram: &Histogram<u64>) -> Self {
         if histogram.is_empty() {
-            return Self {
-                count: 0,
-                p50: 0,
-                p90: 0,
-                p99: 0,
-                p999: 0,
-                max: 0,
-                mean: 0.0,
-            };
+            return Self::default();
         }
         Self {
             count: histogram.len(),
+            min: histogram.min(),
             p50: histogram.value_at_quantile(0.50),
             p90: histogram.value_at_quantile(0.90),
             p99: histogram.value_at_quantile(0.99),
@@ -226,6 +221,7 @@ impl Percentiles {
     fn to_json(self) -> Value {
         json!({
             "count": self.count,
+            "min": self.min,
             "p50": self.p50,
             "p90": self.p90,
             "p99": self.p99,

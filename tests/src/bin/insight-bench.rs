@@ -1,0 +1,820 @@
+//! insight-bench: the insight-service benchmark of issue 4, in one run so that ratios compare
+//! numbers taken minutes apart on the same (noisy, shared) machine.
+//!
+//! 1. **Saturation** (closed loop, same callers and connections, same window): a bare tonic
+//!    echo server answering SummarizeFeedback with a canned summary against the real
+//!    `insight-service` binary with the `local` backend, for the same 15-entry request. Target:
+//!    the real service reaches at least 80% of the echo server's requests/s.
+//! 2. **Unloaded latency** (one caller): the per-call cost without queueing. Target: p99 at most
+//!    0.3 ms above the echo server's (checked here and under saturation).
+//! 3. **Open loop** at a fixed rate both sustain: latency from each call's intended send time.
+//! 4. **Fake Gemini at a fixed delay**: `insight-service --llm-backend gemini` against an
+//!    in-process fake Gemini answering after 200 ms; 15 entries in chunks of 5 are 3 map calls
+//!    with parallelism P and one reduce, so a call should take about (⌈3 / P⌉ + 1) × 200 ms.
+//!
+//! Both servers are child processes (the echo server is this binary re-run with the hidden
+//! `echo-server` command), each with its own runtime, so neither shares threads with the load
+//! generator; their CPU time per call says what dominates. Every phase is bounded in time and
+//! every child is killed when its phase ends.
+//!
+//! It is a binary, not a `cargo bench` or test target, so `cargo test` never runs it:
+//! `cargo run --release -p spotifai-e2e --bin insight-bench` (it builds the `insight-service`
+//! binary of the same profile first when run through cargo).
+
+use std::{
+    error::Error,
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    sync::Arc,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use prost::Message;
+use spotifai_e2e::{
+    Review,
+    fakes::{FakeLlm, Fault, RecordedRequest},
+    loadgen::{
+        self, ChildServer, EchoInsight, LoadConfig, Mode, Percentiles, Report, RequestSpec,
+        SummarizeFeedback, ms,
+    },
+};
+use spotifai_proto::insight::{
+    FeedbackSummary, SummarizeFeedbackRequest, insight_service_client::InsightServiceClient,
+};
+use tokio::net::TcpListener;
+
+type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// The issue's throughput target: the real service reaches this share of the echo server's.
+const THROUGHPUT_TARGET: f64 = 0.8;
+/// The issue's latency target: p99 at most this much above the echo server's, in microseconds.
+const P99_OVERHEAD_TARGET_US: f64 = 300.0;
+/// The API key the fake Gemini requires and the service is given.
+const FAKE_KEY: &str = "insight-bench-fake-key";
+/// How long a child server may take to log its address.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of the single probe call made before each phase.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Benchmarks insight-service against a bare tonic echo server and a fake Gemini.
+#[derive(Debug, Parser)]
+#[command(name = "insight-bench", about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Role>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// Internal: serve the echo baseline on 127.0.0.1:0 (canned summary read from stdin as a
+    /// 4-byte big-endian length and the encoded FeedbackSummary; exits when stdin closes).
+    #[command(hide = true)]
+    EchoServer,
+}
+
+#[derive(Debug, clap::Args)]
+struct Args {
+    /// Measurement window of each saturation run.
+    #[arg(long, env = "INSIGHT_BENCH_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+
+    /// Load applied before each measured run (connections, allocator and caches warm up).
+    #[arg(long, env = "INSIGHT_BENCH_WARMUP", default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+
+    /// Closed-loop callers of the saturation runs.
+    #[arg(long, env = "INSIGHT_BENCH_CONCURRENCY", default_value_t = 16)]
+    concurrency: usize,
+
+    /// HTTP/2 connections of the saturation and open-loop runs.
+    #[arg(long, env = "INSIGHT_BENCH_CONNECTIONS", default_value_t = 4)]
+    connections: usize,
+
+    /// Saturation rounds; each runs both servers, in alternating order, so a drift in machine
+    /// load does not always favour the same one. The ratio's median is reported.
+    #[arg(long, env = "INSIGHT_BENCH_ROUNDS", default_value_t = 3)]
+    rounds: usize,
+
+    /// Window of the unloaded (one caller) and open-loop runs.
+    #[arg(long, env = "INSIGHT_BENCH_SHORT_DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    short_duration: Duration,
+
+    /// Open-loop rate in calls/s (default: half of the real service's saturated throughput).
+    #[arg(long, env = "INSIGHT_BENCH_OPEN_RATE")]
+    open_rate: Option<f64>,
+
+    /// Feedback entries per request.
+    #[arg(long, env = "INSIGHT_BENCH_ENTRIES", default_value_t = 15)]
+    entries: usize,
+
+    /// `options.chunk_size` of the requests.
+    #[arg(long, env = "INSIGHT_BENCH_CHUNK_SIZE", default_value_t = 5)]
+    chunk_size: u32,
+
+    /// Shared data directory with reviews/spotify_googleplay_reviews_sample1000.csv (absent:
+    /// synthetic reviews of similar length).
+    #[arg(long, env = "INSIGHT_BENCH_DATA_DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data"))]
+    data_dir: PathBuf,
+
+    /// The insight-service binary (default: built by cargo for this profile, next to this one).
+    #[arg(long, env = "INSIGHT_BENCH_SERVER_BIN")]
+    server_bin: Option<PathBuf>,
+
+    /// Fixed latency of the fake Gemini.
+    #[arg(long, env = "INSIGHT_BENCH_GEMINI_DELAY", default_value = "200ms", value_parser = humantime::parse_duration)]
+    gemini_delay: Duration,
+
+    /// Map parallelism values of the fake-Gemini phase, comma-separated.
+    #[arg(long, env = "INSIGHT_BENCH_PARALLELISM", value_delimiter = ',', default_values_t = [1u32, 2, 4])]
+    parallelism: Vec<u32>,
+
+    /// Calls per parallelism value in the fake-Gemini phase (one at a time).
+    #[arg(long, env = "INSIGHT_BENCH_GEMINI_CALLS", default_value_t = 10)]
+    gemini_calls: u64,
+
+    /// Skip the local-backend phases (saturation, unloaded, open loop).
+    #[arg(long, env = "INSIGHT_BENCH_SKIP_LOCAL")]
+    skip_local: bool,
+
+    /// Skip the fake-Gemini phase.
+    #[arg(long, env = "INSIGHT_BENCH_SKIP_GEMINI")]
+    skip_gemini: bool,
+
+    /// Also print one JSON line per run (prefixed `json: `).
+    #[arg(long, env = "INSIGHT_BENCH_JSON")]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Role::EchoServer) => echo_server().await,
+        None => bench(&cli.args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("insight-bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The echo server child.
+
+/// Reads the canned summary from stdin, serves it on 127.0.0.1:0, logs the address like the
+/// services do, and stops when stdin closes (the parent dropped it, or died).
+async fn echo_server() -> BenchResult<()> {
+    let mut stdin = std::io::stdin().lock();
+    let mut len = [0u8; 4];
+    stdin
+        .read_exact(&mut len)
+        .map_err(|e| format!("echo-server: reading the summary length from stdin: {e}"))?;
+    let mut bytes = vec![0u8; u32::from_be_bytes(len) as usize];
+    stdin
+        .read_exact(&mut bytes)
+        .map_err(|e| format!("echo-server: reading the summary from stdin: {e}"))?;
+    drop(stdin);
+    let summary = FeedbackSummary::decode(bytes.as_slice())
+        .map_err(|e| format!("echo-server: decoding the summary: {e}"))?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    eprintln!(
+        "{}",
+        serde_json::json!({"level": "INFO", "addr": addr.to_string(), "message": "echo server listening"})
+    );
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        // Blocks until EOF: the parent holds the pipe open for exactly as long as it wants us.
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        let _ = closed_tx.send(());
+    });
+    loadgen::serve_echo(listener, EchoInsight::new(summary), async {
+        let _ = closed_rx.await;
+    })
+    .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmark.
+
+async fn bench(args: &Args) -> BenchResult<()> {
+    let bin = server_bin(args)?;
+    let reviews = match loadgen::load_review_sample(&args.data_dir) {
+        Ok(reviews) => Some(reviews),
+        Err(error) => {
+            println!("note: {error}; sending deterministic synthetic reviews instead");
+            None
+        }
+    };
+    print_machine(args, &bin, reviews.as_deref());
+
+    let mut markdown = Vec::new();
+    if !args.skip_local {
+        local_phases(args, &bin, reviews.as_deref(), &mut markdown).await?;
+    }
+    if !args.skip_gemini {
+        // A failure here must not discard the local results printed above.
+        if let Err(error) = gemini_phase(args, &bin, reviews.as_deref(), &mut markdown).await {
+            println!("\nfake-Gemini phase failed: {error}");
+            markdown.push(format!("\nFake-Gemini phase failed: {error}\n"));
+        }
+    }
+    println!("\n===== Markdown summary =====\n{}", markdown.join("\n"));
+    Ok(())
+}
+
+fn print_machine(args: &Args, bin: &Path, reviews: Option<&[Review]>) {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "machine: {cores} cores ({cpu}), load average {}",
+        load.trim()
+    );
+    println!("server: {}", bin.display());
+    let data = match reviews {
+        Some(r) => format!(
+            "the first {} of {} Google Play reviews",
+            args.entries.min(r.len()),
+            r.len()
+        ),
+        None => "synthetic reviews".to_owned(),
+    };
+    println!(
+        "request: {} entries ({data}), chunk_size {}",
+        args.entries, args.chunk_size
+    );
+}
+
+/// The `insight-service` binary: `--server-bin`, else the one next to this executable, built
+/// first through cargo when run by cargo (so the numbers are never those of a stale binary).
+fn server_bin(args: &Args) -> BenchResult<PathBuf> {
+    if let Some(bin) = &args.server_bin {
+        return if bin.is_file() {
+            Ok(bin.clone())
+        } else {
+            Err(format!("--server-bin {} is not a file", bin.display()).into())
+        };
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .ok_or("this executable has no parent directory")?;
+    let bin = dir.join("insight-service");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut build = Command::new(cargo);
+        build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "-p",
+            "insight-service",
+            "--bin",
+            "insight-service",
+        ]);
+        if dir.file_name().is_some_and(|name| name == "release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .map_err(|e| format!("cannot run cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build -p insight-service failed ({status})").into());
+        }
+    }
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} is missing: build it with `cargo build --release -p insight-service`, or pass \
+             --server-bin",
+            bin.display()
+        )
+        .into())
+    }
+}
+
+/// Starts the real service with `extra` flags; INSIGHT_* variables of this shell are removed
+/// so only the flags given here configure it.
+fn start_insight(bin: &Path, extra: &[String], env: &[(&str, &str)]) -> BenchResult<ChildServer> {
+    let mut command = Command::new(bin);
+    command
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env_remove("GEMINI_API_KEY")
+        .env_remove("OPENAI_API_KEY");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("INSIGHT_") {
+            command.env_remove(key);
+        }
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    Ok(ChildServer::start(
+        "insight-service",
+        command,
+        None,
+        STARTUP_TIMEOUT,
+    )?)
+}
+
+/// Starts the echo baseline (this binary's hidden `echo-server` role) answering `summary`.
+fn start_echo(summary: &FeedbackSummary) -> BenchResult<ChildServer> {
+    let bytes = summary.encode_to_vec();
+    let mut input = u32::try_from(bytes.len())?.to_be_bytes().to_vec();
+    input.extend_from_slice(&bytes);
+    let mut command = Command::new(std::env::current_exe()?);
+    command.arg("echo-server");
+    Ok(ChildServer::start(
+        "echo",
+        command,
+        Some(&input),
+        STARTUP_TIMEOUT,
+    )?)
+}
+
+/// One SummarizeFeedback call, to check what a server answers before measuring it.
+async fn probe(url: &str, request: &SummarizeFeedbackRequest) -> BenchResult<FeedbackSummary> {
+    let channel = loadgen::connect(url, 1).await?.remove(0);
+    let mut client = InsightServiceClient::new(channel);
+    let call = client.summarize_feedback(loadgen::request_with_timeout(
+        request.clone(),
+        Some(PROBE_TIMEOUT),
+    ));
+    let answer = tokio::time::timeout(PROBE_TIMEOUT + Duration::from_secs(1), call)
+        .await
+        .map_err(|_| format!("probe call to {url} timed out"))?
+        .map_err(|status| format!("probe call to {url} failed: {status}"))?;
+    Ok(answer.into_inner())
+}
+
+/// One measured run against one server, with the CPU both processes spent on it.
+struct Run {
+    report: Report,
+    /// Server CPU per call (warm-up calls included, as their CPU is), microseconds.
+    server_cpu_us: f64,
+    /// This process's CPU per call: the load generator (plus the fake Gemini when present).
+    client_cpu_us: f64,
+}
+
+async fn measure(
+    label: &str,
+    server: &ChildServer,
+    request: &SummarizeFeedbackRequest,
+    config: &LoadConfig,
+    connections: usize,
+    json: bool,
+) -> BenchResult<Run> {
+    let channels = loadgen::connect(&server.url(), connections).await?;
+    let me = std::process::id();
+    let (server_before, client_before) = (server.cpu_time()?, loadgen::cpu_time(me)?);
+    let rpc = Arc::new(SummarizeFeedback::new(request.clone()));
+    let report = loadgen::run(channels, rpc, config).await?;
+    let (server_after, client_after) = (server.cpu_time()?, loadgen::cpu_time(me)?);
+    let calls = (report.requests() + report.warmup_calls() + report.unfinished()).max(1) as f64;
+    let run = Run {
+        server_cpu_us: (server_after - server_before).as_secs_f64() * 1e6 / calls,
+        client_cpu_us: (client_after - client_before).as_secs_f64() * 1e6 / calls,
+        report,
+    };
+    println!("\n--- {label}");
+    print!("{}", run.report.table());
+    println!(
+        "  CPU per call: server {:.0} us, load generator {:.0} us",
+        run.server_cpu_us, run.client_cpu_us
+    );
+    if json {
+        let mut line = run.report.to_json();
+        line["label"] = serde_json::json!(label);
+        line["server_cpu_us_per_call"] = serde_json::json!(run.server_cpu_us.round());
+        line["client_cpu_us_per_call"] = serde_json::json!(run.client_cpu_us.round());
+        println!("json: {line}");
+    }
+    Ok(run)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+async fn local_phases(
+    args: &Args,
+    bin: &Path,
+    reviews: Option<&[Review]>,
+    markdown: &mut Vec<String>,
+) -> BenchResult<()> {
+    let spec = RequestSpec {
+        entries: args.entries,
+        chunk_size: Some(args.chunk_size),
+        ..RequestSpec::default()
+    };
+    let request = loadgen::summarize_request(&spec, reviews);
+    let request_bytes = request.encoded_len();
+
+    let real = start_insight(bin, &["--llm-backend".to_owned(), "local".to_owned()], &[])?;
+    // The echo server answers exactly what the real service answers, so both move the same
+    // bytes each way and only the work differs.
+    let summary = probe(&real.url(), &request).await?;
+    if summary.backend != "local" || summary.chunks.is_empty() {
+        return Err(format!(
+            "the real service answered backend {:?} with {} chunks; expected local",
+            summary.backend,
+            summary.chunks.len()
+        )
+        .into());
+    }
+    let echo = start_echo(&summary)?;
+    println!(
+        "\nrequest {request_bytes} bytes, answer {} bytes ({} chunks, {} entries used)",
+        summary.encoded_len(),
+        summary.chunks.len(),
+        summary.entries_used
+    );
+
+    // 1. Saturation, rounds in alternating order.
+    let saturated = LoadConfig {
+        mode: Mode::Closed {
+            concurrency: args.concurrency,
+        },
+        warmup: args.warmup,
+        duration: args.duration,
+        ..LoadConfig::default()
+    };
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        let order: [(&str, &ChildServer); 2] = if round % 2 == 1 {
+            [("echo", &echo), ("insight-service", &real)]
+        } else {
+            [("insight-service", &real), ("echo", &echo)]
+        };
+        let mut pair: [Option<Run>; 2] = [None, None];
+        for (name, server) in order {
+            let label = format!(
+                "round {round}: {name}, closed loop, {} callers",
+                args.concurrency
+            );
+            let run = measure(
+                &label,
+                server,
+                &request,
+                &saturated,
+                args.connections,
+                args.json,
+            )
+            .await?;
+            pair[usize::from(name != "echo")] = Some(run);
+        }
+        if let [Some(echo_run), Some(real_run)] = pair {
+            rounds.push((echo_run, real_run));
+        }
+    }
+
+    // 2. Unloaded: one caller on one connection.
+    let unloaded = LoadConfig {
+        mode: Mode::Closed { concurrency: 1 },
+        warmup: args.warmup,
+        duration: args.short_duration,
+        ..LoadConfig::default()
+    };
+    let echo_unloaded =
+        measure("echo, one caller", &echo, &request, &unloaded, 1, args.json).await?;
+    let real_unloaded = measure(
+        "insight-service, one caller",
+        &real,
+        &request,
+        &unloaded,
+        1,
+        args.json,
+    )
+    .await?;
+
+    // 3. Open loop at a rate both sustain.
+    let mut real_rps: Vec<f64> = rounds.iter().map(|(_, r)| r.report.ok_rps()).collect();
+    let rate = args
+        .open_rate
+        .unwrap_or_else(|| (median(&mut real_rps) / 2.0).floor().max(1.0));
+    let open = LoadConfig {
+        mode: Mode::Open {
+            rate,
+            max_outstanding: 1000,
+        },
+        warmup: args.warmup,
+        duration: args.short_duration,
+        ..LoadConfig::default()
+    };
+    let echo_open = measure(
+        &format!("echo, open loop {rate:.0}/s"),
+        &echo,
+        &request,
+        &open,
+        args.connections,
+        args.json,
+    )
+    .await?;
+    let real_open = measure(
+        &format!("insight-service, open loop {rate:.0}/s"),
+        &real,
+        &request,
+        &open,
+        args.connections,
+        args.json,
+    )
+    .await?;
+    drop(echo);
+    drop(real);
+
+    markdown.push(local_markdown(
+        args,
+        request_bytes,
+        &summary,
+        &rounds,
+        (&echo_unloaded, &real_unloaded),
+        (&echo_open, &real_open),
+        rate,
+    ));
+    Ok(())
+}
+
+fn errors_note(report: &Report) -> String {
+    let failed = report.requests() - report.ok();
+    if failed == 0 && report.unfinished() == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({failed} not OK: {:?}, {} transport, {} unfinished)",
+            report.status_counts(),
+            report.transport_errors(),
+            report.unfinished()
+        )
+    }
+}
+
+fn latency_cells(p: Percentiles) -> String {
+    format!("{} | {} | {}", ms(p.p50), ms(p.p99), ms(p.p999))
+}
+
+fn local_markdown(
+    args: &Args,
+    request_bytes: usize,
+    summary: &FeedbackSummary,
+    rounds: &[(Run, Run)],
+    unloaded: (&Run, &Run),
+    open: (&Run, &Run),
+    rate: f64,
+) -> String {
+    let mut md = String::new();
+    md.push_str(&format!(
+        "Request: {} entries, chunk_size {}, {request_bytes} bytes; answer {} bytes.\n\n",
+        args.entries,
+        args.chunk_size,
+        summary.encoded_len()
+    ));
+    md.push_str(&format!(
+        "Saturation: closed loop, {} callers over {} connections, {} s warm-up + {} s measured per \
+         server per round, order alternating.\n\n",
+        args.concurrency,
+        args.connections,
+        args.warmup.as_secs_f64(),
+        args.duration.as_secs_f64()
+    ));
+    md.push_str(
+        "| round | server | OK req/s | p50 ms | p99 ms | p99.9 ms | server CPU/call | \
+         client CPU/call |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut ratios = Vec::new();
+    let mut overheads = Vec::new();
+    for (i, (echo, real)) in rounds.iter().enumerate() {
+        for (name, run) in [("echo", echo), ("insight-service", real)] {
+            md.push_str(&format!(
+                "| {} | {name} | {:.0}{} | {} | {:.0} µs | {:.0} µs |\n",
+                i + 1,
+                run.report.ok_rps(),
+                errors_note(&run.report),
+                latency_cells(run.report.ok_latency()),
+                run.server_cpu_us,
+                run.client_cpu_us
+            ));
+        }
+        ratios.push(real.report.ok_rps() / echo.report.ok_rps());
+        overheads.push(real.report.ok_latency().p99 as f64 - echo.report.ok_latency().p99 as f64);
+    }
+    let ratio = median(&mut ratios);
+    let overhead = median(&mut overheads);
+    md.push_str(&format!(
+        "\nThroughput ratio (median of {} rounds): **{:.1}%** of echo (per round: {}) — target ≥ \
+         80%: {}.\n",
+        ratios.len(),
+        ratio * 100.0,
+        ratios
+            .iter()
+            .map(|r| format!("{:.1}%", r * 100.0))
+            .collect::<Vec<_>>()
+            .join(", "),
+        verdict(ratio >= THROUGHPUT_TARGET)
+    ));
+    md.push_str(&format!(
+        "p99 overhead under saturation (median): **{:+.3} ms** — target ≤ 0.3 ms: {}.\n",
+        overhead / 1000.0,
+        verdict(overhead <= P99_OVERHEAD_TARGET_US)
+    ));
+
+    let (echo, real) = unloaded;
+    let unloaded_overhead =
+        real.report.ok_latency().p99 as f64 - echo.report.ok_latency().p99 as f64;
+    md.push_str(&format!(
+        "\nUnloaded: one caller, one connection, {} s.\n\n| server | OK req/s | p50 ms | p99 ms | \
+         p99.9 ms | server CPU/call |\n|---|---|---|---|---|---|\n",
+        args.short_duration.as_secs_f64()
+    ));
+    for (name, run) in [("echo", echo), ("insight-service", real)] {
+        md.push_str(&format!(
+            "| {name} | {:.0}{} | {} | {:.0} µs |\n",
+            run.report.ok_rps(),
+            errors_note(&run.report),
+            latency_cells(run.report.ok_latency()),
+            run.server_cpu_us
+        ));
+    }
+    md.push_str(&format!(
+        "\np99 overhead unloaded: **{:+.3} ms** (p50 {:+.3} ms) — target ≤ 0.3 ms: {}.\n",
+        unloaded_overhead / 1000.0,
+        (real.report.ok_latency().p50 as f64 - echo.report.ok_latency().p50 as f64) / 1000.0,
+        verdict(unloaded_overhead <= P99_OVERHEAD_TARGET_US)
+    ));
+
+    let (echo, real) = open;
+    md.push_str(&format!(
+        "\nOpen loop at {rate:.0} calls/s (half the real service's saturated rate), {} \
+         connections, {} s; latency from each call's intended send time.\n\n| server | OK req/s \
+         | p50 ms | p99 ms | p99.9 ms | not sent | send lag p99 ms |\n|---|---|---|---|---|---|---|\n",
+        args.connections,
+        args.short_duration.as_secs_f64()
+    ));
+    for (name, run) in [("echo", echo), ("insight-service", real)] {
+        md.push_str(&format!(
+            "| {name} | {:.0}{} | {} | {} | {} |\n",
+            run.report.ok_rps(),
+            errors_note(&run.report),
+            latency_cells(run.report.ok_latency()),
+            run.report.not_sent,
+            ms(run.report.send_lag().p99)
+        ));
+    }
+    let open_overhead = real.report.ok_latency().p99 as f64 - echo.report.ok_latency().p99 as f64;
+    md.push_str(&format!(
+        "\np99 overhead at {rate:.0}/s: **{:+.3} ms** — target ≤ 0.3 ms: {}.\n",
+        open_overhead / 1000.0,
+        verdict(open_overhead <= P99_OVERHEAD_TARGET_US)
+    ));
+    md
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake Gemini.
+
+/// The fake's answers: the map step asks for `{"insight", "themes"}` and the reduce step for
+/// `{"summary", "themes"}` (told apart by the response schema the service sends, else by the
+/// prompt).
+fn gemini_answer(request: &RecordedRequest) -> String {
+    let schema = request
+        .json
+        .pointer("/generationConfig/responseSchema/properties");
+    let is_map = match schema {
+        Some(properties) => properties.get("insight").is_some(),
+        None => !request.prompt().unwrap_or("").contains("\"summary\""),
+    };
+    if is_map {
+        r#"{"insight": "Listeners like the playlists but ads and crashes interrupt them.", "themes": ["ads", "playlists", "crashes"]}"#.to_owned()
+    } else {
+        r#"{"summary": "Users value the catalogue and playlists; ads, crashes and premium pricing are the main complaints.", "themes": ["ads", "playlists", "crashes", "premium"]}"#.to_owned()
+    }
+}
+
+async fn gemini_phase(
+    args: &Args,
+    bin: &Path,
+    reviews: Option<&[Review]>,
+    markdown: &mut Vec<String>,
+) -> BenchResult<()> {
+    let spec = RequestSpec {
+        entries: args.entries,
+        chunk_size: Some(args.chunk_size),
+        // A failing fake must show as UNAVAILABLE, not as a fast local answer.
+        disable_fallback: true,
+        ..RequestSpec::default()
+    };
+    let request = loadgen::summarize_request(&spec, reviews);
+    let chunks = args.entries.div_ceil(args.chunk_size.max(1) as usize) as u64;
+    let delay = args.gemini_delay;
+    let mut md = format!(
+        "Fake Gemini answering every call after {} ms; {} entries in chunks of {} = {chunks} map \
+         calls + 1 reduce; {} calls one at a time per parallelism P, each its own \
+         `insight-service --llm-backend gemini --map-parallelism P` process.\n\n| P | expected \
+         (⌈{chunks}/P⌉+1)×{} ms | p50 ms | mean ms | min ms | max ms | p50 − expected | LLM \
+         calls/request |\n|---|---|---|---|---|---|---|---|\n",
+        delay.as_millis(),
+        args.entries,
+        args.chunk_size,
+        args.gemini_calls,
+        delay.as_millis()
+    );
+    for &parallelism in &args.parallelism {
+        let fake = FakeLlm::gemini().await;
+        fake.require_api_key(FAKE_KEY);
+        fake.set_default_fault(Fault::Delay(delay));
+        fake.set_answer_fn(gemini_answer);
+        let server = start_insight(
+            bin,
+            &[
+                "--llm-backend".to_owned(),
+                "gemini".to_owned(),
+                "--llm-base-url".to_owned(),
+                fake.base_url(),
+                "--map-parallelism".to_owned(),
+                parallelism.to_string(),
+            ],
+            &[("GEMINI_API_KEY", FAKE_KEY)],
+        )?;
+        let answer = probe(&server.url(), &request).await?;
+        if answer.backend != "gemini" || answer.degraded {
+            let note = format!(
+                "`insight-service --llm-backend gemini` answered with backend {:?} (degraded: \
+                 {}) and made {} requests to the fake: the gemini backend is not wired into \
+                 `run()` in this build, so the fake-Gemini latency was not measured.",
+                answer.backend,
+                answer.degraded,
+                fake.request_count()
+            );
+            println!("\n{note}");
+            markdown.push(note);
+            return Ok(());
+        }
+        let before = fake.request_count();
+        let expected = delay * (chunks.div_ceil(u64::from(parallelism.max(1))) as u32 + 1);
+        let config = LoadConfig {
+            mode: Mode::Closed { concurrency: 1 },
+            warmup: Duration::ZERO,
+            // Generous: the call count ends the run long before this.
+            duration: expected * (args.gemini_calls as u32).saturating_mul(4)
+                + Duration::from_secs(10),
+            timeout: Some(Duration::from_secs(30)),
+            max_requests: Some(args.gemini_calls),
+            drain: Duration::from_secs(30),
+        };
+        let run = measure(
+            &format!(
+                "insight-service + fake Gemini ({} ms), P = {parallelism}",
+                delay.as_millis()
+            ),
+            &server,
+            &request,
+            &config,
+            1,
+            args.json,
+        )
+        .await?;
+        let calls = (fake.request_count() - before) as f64 / run.report.requests().max(1) as f64;
+        let p = run.report.ok_latency();
+        println!(
+            "  expected ≈ {} ms; LLM calls per request {calls:.1}",
+            expected.as_millis()
+        );
+        md.push_str(&format!(
+            "| {parallelism} | {} | {} | {:.1} | {} | {} | {:+.1} ms{} | {calls:.1} |\n",
+            expected.as_millis(),
+            ms(p.p50),
+            p.mean / 1000.0,
+            ms(p.min),
+            ms(p.max),
+            (p.p50 as f64 - expected.as_micros() as f64) / 1000.0,
+            errors_note(&run.report),
+        ));
+    }
+    markdown.push(md);
+    Ok(())
+}

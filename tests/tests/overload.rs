@@ -1,0 +1,712 @@
+//! Overload protection end to end: a real tonic server (`start_insight` on 127.0.0.1:0) with a
+//! tuned `Config`, generated tonic clients, and a fake Gemini on loopback whose answers are
+//! slow, so calls really occupy the server. Every assertion is on what a caller or the backend
+//! sees: status codes, ErrorInfo reasons, RetryInfo, health statuses, what the fake received.
+//!
+//! Proves:
+//! - concurrency: N running + Q queued + 1 simultaneous heavy calls → exactly the one excess
+//!   call is refused RESOURCE_EXHAUSTED (CONCURRENCY_LIMIT, with RetryInfo), the others
+//!   succeed, and health checks and cheap reads answer while every heavy slot is taken; with
+//!   `--overload-protection off` the same burst is admitted whole (the control);
+//! - deadlines reach the backend call: when the caller's deadline or `--request-timeout`
+//!   passes, the call ends DEADLINE_EXCEEDED (never UNKNOWN), the in-flight Gemini request is
+//!   dropped (the fake sees it cancelled) and no further backend request is made;
+//! - memory admission: a request whose estimate exceeds the budget is refused MEMORY_BUDGET
+//!   with a positive RetryInfo delay while small ones pass; budget held by a running call is
+//!   released when it ends; a message over `--max-message-size` is refused MESSAGE_TOO_LARGE
+//!   from its 5-byte length prefix, without the server waiting for (or buffering) the body;
+//! - readiness: under an injected cgroup memory reading at 95% of the limit the health status
+//!   of `spotifai.insight.v1.InsightService` turns NOT_SERVING while "" stays SERVING, and heavy
+//!   calls are shed MEMORY_PRESSURE; back at 50% both are SERVING and calls succeed.
+//!
+//! Timing: waits are on events (the fake's request/cancel notifications, health Watch
+//! streams, task completion) with generous timeouts; durations are asserted only as bounds
+//! far from the event they separate (300 ms deadlines against a 5 s backend delay).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::{future::Future, path::Path, time::Duration};
+
+use futures::StreamExt;
+use insight_service::{
+    Config,
+    admission::estimator::{EstimatorConfig, estimate},
+    config::{BackendKind, Switch},
+};
+use prost::Message;
+use spotifai_e2e::{
+    fake_cgroup::{FakeCgroup, calm_probe_root},
+    fakes::{FakeLlm, Fault, Outcome, RecordedRequest},
+    start_insight,
+};
+use spotifai_proto::{
+    INSIGHT_SERVICE_NAME,
+    insight::{
+        self as pb, insight_service_client::InsightServiceClient, summarize_feedback_request::Input,
+    },
+};
+use tokio::{task::JoinSet, time::Instant};
+use tonic::{Code, Status, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tonic_types::StatusExt;
+
+const KEY: &str = "overload-e2e-key";
+/// Upper bound on waiting for something that should happen at once (a refusal, a health
+/// change, a cancellation): generous, because this 2-core machine is shared and noisy.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Scheduling slack allowed past a deadline.
+const SLACK: Duration = Duration::from_millis(1500);
+/// How long the backend holds a call that must stay in flight while the test looks around.
+const HOLD: Duration = Duration::from_millis(1500);
+/// Backend latency of calls that only need to be slow-ish.
+const QUICK: Duration = Duration::from_millis(200);
+
+/// Awaits `future`, failing with `what` instead of hanging if it takes over [`EVENT_TIMEOUT`].
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(EVENT_TIMEOUT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {EVENT_TIMEOUT:?}: {what}"))
+}
+
+/// Answers map prompts with a chunk insight and reduce prompts with a summary, in the JSON
+/// shapes the pipeline asks for (the reduce prompt fences its data as `<<<CHUNK n>>>`).
+fn answer(request: &RecordedRequest) -> String {
+    if request.system().unwrap_or_default().contains("<<<CHUNK") {
+        r#"{"summary": "Listeners want fewer ads.", "themes": ["ads"]}"#.to_owned()
+    } else {
+        r#"{"insight": "Ads interrupt songs too often.", "themes": ["ads"]}"#.to_owned()
+    }
+}
+
+/// What a test needs alive while its server runs: the files the server reads live in
+/// temporary directories removed on drop.
+struct Setup {
+    config: Config,
+    fake: Option<FakeLlm>,
+    _files: Vec<tempfile::TempDir>,
+}
+
+impl Setup {
+    fn fake(&self) -> &FakeLlm {
+        self.fake.as_ref().unwrap()
+    }
+}
+
+/// The server defaults with the pressure probe pointed at an empty tree (a usage ratio of 0,
+/// so the load of the machine running the tests never sheds a call) and an explicit budget
+/// (what --memory-budget 0 would derive depends on the machine).
+fn calm(mut config: Config, probe_root: &Path) -> Config {
+    config.probe_proc_root = probe_root.to_path_buf();
+    config.probe_cgroup_root = probe_root.to_path_buf();
+    config.memory_budget = 256 << 20;
+    config
+}
+
+/// The local backend, calm probe.
+fn local() -> Setup {
+    let probe = calm_probe_root();
+    Setup {
+        config: calm(Config::default(), probe.path()),
+        fake: None,
+        _files: vec![probe],
+    }
+}
+
+/// The gemini backend against a fake Gemini, key from a file (not the process env, which
+/// tests running in parallel share), no retries so every backend request is one the test
+/// accounts for; calm probe.
+async fn gemini() -> Setup {
+    let fake = FakeLlm::gemini().await;
+    fake.require_api_key(KEY);
+    fake.set_answer_fn(answer);
+    let files = tempfile::tempdir().unwrap();
+    let key_file = files.path().join("gemini.key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let config = Config {
+        llm_backend: BackendKind::Gemini,
+        llm_base_url: Some(fake.base_url()),
+        llm_api_key_file: Some(key_file),
+        llm_max_retries: 0,
+        ..Config::default()
+    };
+    Setup {
+        config: calm(config, files.path()),
+        fake: Some(fake),
+        _files: vec![files],
+    }
+}
+
+/// A summary request of `count` entries of about `text_bytes` bytes each, all summarized
+/// (`max_entries` 0 = the server cap).
+fn summarize(count: usize, text_bytes: usize) -> pb::SummarizeFeedbackRequest {
+    let sentence = "Too many ads between songs, and shuffle repeats the same tracks. ";
+    let entries = (0..count)
+        .map(|i| {
+            let mut text = format!("Review {i}: ");
+            while text.len() < text_bytes {
+                text.push_str(sentence);
+            }
+            text.truncate(text_bytes.max(12));
+            pb::FeedbackEntry {
+                id: format!("fb-{i:05}"),
+                text,
+                rating: 2,
+                ..Default::default()
+            }
+        })
+        .collect();
+    pb::SummarizeFeedbackRequest {
+        input: Some(Input::Entries(pb::FeedbackBatch { entries })),
+        options: Some(pb::SummaryOptions {
+            max_entries: Some(0),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The ErrorInfo reason of a status, if it carries one.
+fn reason(status: &Status) -> Option<String> {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+}
+
+/// The RetryInfo delay of a status, if it carries one.
+fn retry_delay(status: &Status) -> Option<Duration> {
+    status
+        .get_error_details()
+        .retry_info()
+        .and_then(|info| info.retry_delay)
+}
+
+/// Asserts a RESOURCE_EXHAUSTED refusal with `expected` as ErrorInfo reason.
+fn assert_refused(status: &Status, expected: &str) {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(status).as_deref(), Some(expected), "{status:?}");
+}
+
+/// The health status of `service`, by Check.
+async fn health_of(channel: &Channel, service: &str) -> ServingStatus {
+    let mut health = HealthClient::new(channel.clone());
+    let response = within("health check", async {
+        health
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+    })
+    .await;
+    response.unwrap().into_inner().status()
+}
+
+/// Reads a health Watch stream until it reports `expected`.
+async fn watch_until(
+    stream: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+    expected: ServingStatus,
+) {
+    within(&format!("health Watch reporting {expected:?}"), async {
+        loop {
+            let update = stream.message().await.unwrap().expect("watch ended");
+            if update.status() == expected {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// Starts `count` SummarizeFeedback calls of one entry at once on `channel`.
+fn burst(
+    channel: &Channel,
+    count: usize,
+) -> JoinSet<Result<tonic::Response<pb::FeedbackSummary>, Status>> {
+    let mut calls = JoinSet::new();
+    for _ in 0..count {
+        let mut client = InsightServiceClient::new(channel.clone());
+        calls.spawn(async move { client.summarize_feedback(summarize(1, 80)).await });
+    }
+    calls
+}
+
+fn pending(fake: &FakeLlm) -> usize {
+    fake.requests()
+        .iter()
+        .filter(|r| r.outcome == Outcome::Pending)
+        .count()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency limit
+
+#[tokio::test]
+async fn the_concurrency_limit_refuses_exactly_the_excess_and_cheap_calls_still_answer() {
+    const N: usize = 2;
+    const Q: usize = 2;
+    let setup = gemini().await;
+    let fake = setup.fake();
+    // The N calls that get a slot hold it: their map calls (the first backend requests; queued
+    // calls cannot reach the backend) answer only after HOLD, so all N+Q+1 calls arrive while
+    // the slots and the queue are taken. Every later backend call is quick.
+    fake.push_faults(std::iter::repeat_n(Fault::Delay(HOLD), N));
+    fake.set_default_fault(Fault::Delay(QUICK));
+    let server = start_insight(Config {
+        max_concurrency: N as u32,
+        queue_depth: Q as u32,
+        // Long, so the queued calls wait for a slot rather than time out.
+        queue_timeout: Duration::from_secs(30),
+        ..setup.config.clone()
+    })
+    .await;
+    let channel = server.channel().await;
+
+    let mut calls = burst(&channel, N + Q + 1);
+    // The refusal is immediate, so it is the first call to end, before any admitted one.
+    let first = within("the first call to end", calls.join_next())
+        .await
+        .unwrap()
+        .unwrap();
+    let status = first.expect_err("the first call to end must be the refused excess");
+    assert_refused(&status, "CONCURRENCY_LIMIT");
+    assert!(
+        retry_delay(&status).is_some_and(|d| d > Duration::ZERO),
+        "RetryInfo with a delay: {status:?}"
+    );
+
+    // The admitted calls reach the backend; the queued ones do not (no slot).
+    assert!(fake.wait_for_requests(N, EVENT_TIMEOUT).await);
+    // While every heavy slot is taken and the queue is full, health and cheap reads answer.
+    assert_eq!(health_of(&channel, "").await, ServingStatus::Serving);
+    assert_eq!(
+        health_of(&channel, INSIGHT_SERVICE_NAME).await,
+        ServingStatus::Serving
+    );
+    let mut client = InsightServiceClient::new(channel.clone());
+    let list = within("ListFeedback", async {
+        client
+            .list_feedback(pb::ListFeedbackRequest::default())
+            .await
+    })
+    .await;
+    if let Err(status) = list {
+        // Answered by its handler (the store may not exist yet), not refused by a limit.
+        assert_ne!(status.code(), Code::ResourceExhausted, "{status:?}");
+    }
+    assert_eq!(
+        (fake.request_count(), pending(fake)),
+        (N, N),
+        "the cheap calls were answered while the admitted calls still held their slots"
+    );
+
+    // Every admitted call, running or queued, succeeds.
+    let mut ok = 0;
+    while let Some(joined) = within("the admitted calls", calls.join_next()).await {
+        let summary = joined.unwrap().unwrap().into_inner();
+        assert_eq!(summary.entries_used, 1);
+        assert_eq!(summary.backend, "gemini");
+        ok += 1;
+    }
+    assert_eq!(ok, N + Q);
+    // One map and one reduce per admitted call; none from the refused one.
+    assert_eq!(fake.request_count(), 2 * (N + Q));
+    drop(client);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_overload_protection_off_the_same_burst_is_admitted_whole() {
+    const N: usize = 2;
+    const Q: usize = 2;
+    let setup = gemini().await;
+    let fake = setup.fake();
+    fake.push_faults(std::iter::repeat_n(Fault::Delay(HOLD), N + Q + 1));
+    fake.set_default_fault(Fault::Delay(QUICK));
+    let server = start_insight(Config {
+        overload_protection: Switch::Off,
+        max_concurrency: N as u32,
+        queue_depth: Q as u32,
+        ..setup.config.clone()
+    })
+    .await;
+    let channel = server.channel().await;
+
+    let mut calls = burst(&channel, N + Q + 1);
+    // Nothing limits them: all N+Q+1 map calls are at the backend at the same time.
+    assert!(fake.wait_for_requests(N + Q + 1, EVENT_TIMEOUT).await);
+    assert_eq!(pending(fake), N + Q + 1);
+    let mut ok = 0;
+    while let Some(joined) = within("the calls", calls.join_next()).await {
+        joined.unwrap().unwrap();
+        ok += 1;
+    }
+    assert_eq!(ok, N + Q + 1);
+    server.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines
+
+/// Checks that the one backend request was dropped by the server by `limit` after `start`,
+/// and that no other backend request follows.
+async fn assert_backend_call_cancelled(fake: &FakeLlm, start: Instant, limit: Duration) {
+    assert!(
+        fake.wait_for_cancelled(1, EVENT_TIMEOUT).await,
+        "the in-flight Gemini request was never cancelled"
+    );
+    let seen = start.elapsed();
+    assert!(
+        seen < limit,
+        "the backend call was cancelled only after {seen:?} (deadline + slack {limit:?}); \
+         the fake would have answered at 5 s"
+    );
+    // Absence cannot be awaited: give a retry or a reduce call time to show up.
+    assert!(
+        !fake.wait_for_requests(2, Duration::from_millis(500)).await,
+        "a backend request was made after the deadline: {:?}",
+        fake.requests()
+    );
+    assert_eq!(fake.requests()[0].outcome, Outcome::Cancelled);
+}
+
+#[tokio::test]
+async fn a_client_deadline_cancels_the_backend_call() {
+    let setup = gemini().await;
+    let fake = setup.fake();
+    fake.set_default_fault(Fault::Delay(Duration::from_secs(5)));
+    let server = start_insight(setup.config.clone()).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+
+    let deadline = Duration::from_millis(300);
+    let mut request = tonic::Request::new(summarize(1, 80));
+    request.set_timeout(deadline);
+    let start = Instant::now();
+    let status = within("the call", client.summarize_feedback(request))
+        .await
+        .unwrap_err();
+    let elapsed = start.elapsed();
+    eprintln!("client deadline {deadline:?}: {status:?} after {elapsed:?}");
+    // The server answers DEADLINE_EXCEEDED at the deadline; tonic's client enforces the same
+    // grpc-timeout itself with a timer that starts before the server's, and reports its own
+    // expiry as CANCELLED "Timeout expired" (tonic::TimeoutExpired). Either is the deadline;
+    // never UNKNOWN or INTERNAL. (The streamed test below sees the server's own status.)
+    assert!(
+        status.code() == Code::DeadlineExceeded
+            || (status.code() == Code::Cancelled && status.message() == "Timeout expired"),
+        "{status:?}"
+    );
+    assert!(
+        elapsed >= deadline - Duration::from_millis(50) && elapsed < deadline + SLACK,
+        "ended after {elapsed:?} for a {deadline:?} deadline"
+    );
+    assert_backend_call_cancelled(fake, start, deadline + SLACK).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_streamed_summary_ends_deadline_exceeded_and_cancels_the_backend_call() {
+    let setup = gemini().await;
+    let fake = setup.fake();
+    fake.set_default_fault(Fault::Delay(Duration::from_secs(5)));
+    let server = start_insight(setup.config.clone()).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+
+    let deadline = Duration::from_millis(300);
+    let mut request = tonic::Request::new(summarize(1, 80));
+    request.set_timeout(deadline);
+    let start = Instant::now();
+    // The response headers come at once (the client's own timer covers only those), so what
+    // ends the stream is the server's status.
+    let mut stream = within(
+        "the stream to open",
+        client.stream_feedback_summary(request),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let status = within("the stream to end", async {
+        loop {
+            match stream.message().await {
+                Ok(Some(event)) => {
+                    // At most the chunk, reported failed: its only backend call was cut off.
+                    if let Some(pb::summary_event::Event::Chunk(chunk)) = event.event {
+                        assert_eq!(chunk.status(), pb::ChunkStatus::Failed, "{chunk:?}");
+                    } else {
+                        panic!("a summary despite the deadline: {event:?}");
+                    }
+                }
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    let elapsed = start.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        elapsed >= deadline - Duration::from_millis(50) && elapsed < deadline + SLACK,
+        "ended after {elapsed:?} for a {deadline:?} deadline"
+    );
+    assert_backend_call_cancelled(fake, start, deadline + SLACK).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_server_request_timeout_answers_deadline_exceeded() {
+    let setup = gemini().await;
+    let fake = setup.fake();
+    fake.set_default_fault(Fault::Delay(Duration::from_secs(5)));
+    let timeout = Duration::from_millis(400);
+    let server = start_insight(Config {
+        request_timeout: timeout,
+        ..setup.config.clone()
+    })
+    .await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+
+    // No client deadline: only the server's --request-timeout can end the call.
+    let start = Instant::now();
+    let status = within("the call", client.summarize_feedback(summarize(1, 80)))
+        .await
+        .unwrap_err();
+    let elapsed = start.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        elapsed >= timeout - Duration::from_millis(50) && elapsed < timeout + SLACK,
+        "ended after {elapsed:?} for a {timeout:?} request timeout"
+    );
+    assert_backend_call_cancelled(fake, start, timeout + SLACK).await;
+    server.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory admission
+
+/// The estimate the server computes for `request`, from the same settings `run` uses.
+fn server_estimate(config: &Config, request: &pb::SummarizeFeedbackRequest) -> u64 {
+    estimate(
+        request.encoded_len() as u64,
+        &EstimatorConfig {
+            max_entries_cap: u64::from(config.max_entries_cap),
+            map_parallelism: u64::from(config.map_parallelism),
+            prompt_budget_bytes: u64::from(config.prompt_budget_bytes),
+            max_response_bytes: config.llm_max_response_bytes as u64,
+        },
+    )
+}
+
+/// A 1 MiB budget, with one map call in flight and 64 KiB responses so that a small request
+/// costs well under it (the defaults' in-flight term alone, 4 x ~1 MiB, would not fit).
+fn small_budget(config: Config) -> Config {
+    Config {
+        memory_budget: 1 << 20,
+        map_parallelism: 1,
+        llm_max_response_bytes: 64 << 10,
+        ..config
+    }
+}
+
+#[tokio::test]
+async fn memory_admission_refuses_what_the_budget_cannot_hold_with_retry_info() {
+    let setup = local();
+    let config = small_budget(setup.config.clone());
+    let small = summarize(3, 200);
+    let large = summarize(300, 1_000);
+    assert!(server_estimate(&config, &small) < config.memory_budget);
+    assert!(server_estimate(&config, &large) > config.memory_budget);
+    let server = start_insight(config).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+
+    let summary = client
+        .summarize_feedback(small.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.entries_used, 3);
+
+    let status = client.summarize_feedback(large).await.unwrap_err();
+    assert_refused(&status, "MEMORY_BUDGET");
+    assert!(
+        retry_delay(&status).is_some_and(|d| d > Duration::ZERO),
+        "RetryInfo with a positive delay: {status:?}"
+    );
+
+    // Nothing of the refused call was kept: small calls still pass.
+    let summary = client.summarize_feedback(small).await.unwrap().into_inner();
+    assert_eq!(summary.entries_used, 3);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn budget_held_by_a_running_call_is_released_when_it_ends() {
+    let setup = gemini().await;
+    let fake = setup.fake();
+    let config = small_budget(setup.config.clone());
+    // One of these fits the budget, two at once do not.
+    let request = summarize(10, 450);
+    let one = server_estimate(&config, &request);
+    assert!(one < config.memory_budget && 2 * one > config.memory_budget);
+    // The first call's map request is held; everything after answers at once.
+    fake.push_fault(Fault::Delay(HOLD));
+    let server = start_insight(config).await;
+    let channel = server.channel().await;
+
+    let mut first_client = InsightServiceClient::new(channel.clone());
+    let first_request = request.clone();
+    let first = tokio::spawn(async move { first_client.summarize_feedback(first_request).await });
+    // Admitted, so its reservation is held, and running at the backend.
+    assert!(fake.wait_for_requests(1, EVENT_TIMEOUT).await);
+
+    let mut client = InsightServiceClient::new(channel.clone());
+    let status = client
+        .summarize_feedback(request.clone())
+        .await
+        .unwrap_err();
+    assert_refused(&status, "MEMORY_BUDGET");
+    let delay = retry_delay(&status).expect("RetryInfo");
+    assert!(
+        delay >= Duration::from_millis(50) && delay <= Duration::from_secs(10),
+        "a delay a client can act on: {delay:?}"
+    );
+    assert_eq!(pending(fake), 1, "refused while the first call was running");
+
+    within("the first call", first).await.unwrap().unwrap();
+    // Released when the first call ended. The server drops the reservation with the response
+    // body, which can trail the client's receipt of the trailers by a scheduler tick, so a
+    // refusal here is retried once after its RetryInfo delay, as a client should.
+    let again = match client.summarize_feedback(request.clone()).await {
+        Err(status) if reason(&status).as_deref() == Some("MEMORY_BUDGET") => {
+            eprintln!("refused once right after the first call ended: {status:?}");
+            tokio::time::sleep(retry_delay(&status).unwrap_or(HOLD)).await;
+            client.summarize_feedback(request).await
+        }
+        other => other,
+    };
+    assert_eq!(again.unwrap().into_inner().entries_used, 10);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused_from_their_length_prefix() {
+    let setup = local();
+    let server = start_insight(Config {
+        max_message_size: 64 << 10,
+        ..setup.config.clone()
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut client = InsightServiceClient::new(channel.clone());
+
+    // ~100 KB, over the 64 KiB limit.
+    let over = summarize(100, 1_000);
+    assert!(over.encoded_len() > 64 << 10);
+    let status = client.summarize_feedback(over).await.unwrap_err();
+    assert_refused(&status, "MESSAGE_TOO_LARGE");
+    assert!(
+        status.message().contains("--max-message-size"),
+        "{status:?}"
+    );
+
+    // 8 MiB: answered promptly, with the same refusal.
+    let huge = summarize(1_024, 8 * 1_024);
+    assert!(huge.encoded_len() > 8 << 20);
+    let start = Instant::now();
+    let status = within("the 8 MiB call", client.summarize_feedback(huge))
+        .await
+        .unwrap_err();
+    assert_refused(&status, "MESSAGE_TOO_LARGE");
+    assert!(start.elapsed() < SLACK, "took {:?}", start.elapsed());
+
+    // The proof that nothing waits for the body: a request that sends only the 5-byte prefix
+    // announcing 8 MiB, then never another byte. A server that buffered the message first
+    // would wait forever; this one answers from the prefix alone.
+    let status = within("the prefix-only call", prefix_only_call(&channel, 8 << 20)).await;
+    assert_refused(&status, "MESSAGE_TOO_LARGE");
+
+    // A message under the limit still passes.
+    let summary = client
+        .summarize_feedback(summarize(5, 200))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.entries_used, 5);
+    server.shutdown().await.unwrap();
+}
+
+/// Sends a SummarizeFeedback whose body is a gRPC length prefix announcing `len` bytes and
+/// then nothing (the body never ends), and returns the status of the (trailers-only) answer.
+async fn prefix_only_call(channel: &Channel, len: u32) -> Status {
+    use tonic::codegen::{Service, http};
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&len.to_be_bytes());
+    let body =
+        futures::stream::once(async move { Ok::<_, std::io::Error>(bytes::Bytes::from(prefix)) })
+            .chain(futures::stream::pending());
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri("/spotifai.insight.v1.InsightService/SummarizeFeedback")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(axum::body::Body::from_stream(body)))
+        .unwrap();
+    let mut channel = channel.clone();
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .unwrap();
+    let response = channel.call(request).await.unwrap();
+    Status::from_header_map(response.headers()).expect("a trailers-only gRPC status")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readiness under memory pressure
+
+#[tokio::test]
+async fn readiness_flips_under_injected_memory_pressure_and_back() {
+    let cgroup = FakeCgroup::new(1 << 30, 0.50);
+    let server = start_insight(Config {
+        probe_proc_root: cgroup.proc_root(),
+        probe_cgroup_root: cgroup.cgroup_root(),
+        pressure_interval: Duration::from_millis(50),
+        ..Config::default()
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut client = InsightServiceClient::new(channel.clone());
+    let mut health = HealthClient::new(channel.clone());
+    let mut readiness = health
+        .watch(HealthCheckRequest {
+            service: INSIGHT_SERVICE_NAME.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch_until(&mut readiness, ServingStatus::Serving).await;
+    client.summarize_feedback(summarize(3, 100)).await.unwrap();
+
+    // 95% of the limit: above the 90% critical ratio.
+    cgroup.set_usage(0.95);
+    watch_until(&mut readiness, ServingStatus::NotServing).await;
+    // Liveness is untouched: restarting would not free memory sooner.
+    assert_eq!(health_of(&channel, "").await, ServingStatus::Serving);
+    let status = client
+        .summarize_feedback(summarize(3, 100))
+        .await
+        .unwrap_err();
+    assert_refused(&status, "MEMORY_PRESSURE");
+    assert!(retry_delay(&status).is_some(), "{status:?}");
+
+    // 50%: well below the hysteresis band, back to normal.
+    cgroup.set_usage(0.50);
+    watch_until(&mut readiness, ServingStatus::Serving).await;
+    assert_eq!(health_of(&channel, "").await, ServingStatus::Serving);
+    let summary = client
+        .summarize_feedback(summarize(3, 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.entries_used, 3);
+
+    drop(readiness);
+    server.shutdown().await.unwrap();
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use insight_service::config::BackendKind;
 use spotifai_e2e::{
-    fakes::{FakeLlm, Fault, FinishKind, RecordedRequest},
+    fakes::{FakeLlm, Fault, FinishKind, Flavor, RecordedRequest, closed_port_url},
     start_insight,
 };
 use spotifai_proto::insight::{
@@ -383,5 +383,170 @@ async fn analyze_music_repairs_once_then_falls_back_to_the_rules() {
     let status = client.analyze_music(strict).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("gemini"), "{}", status.message());
+    server.shutdown().await.unwrap();
+}
+
+/// Every fault of the issue, through the whole service, for both providers and both transport
+/// modes: the RPC ends within its deadline, either with a (degraded) answer from the fallback or
+/// with the status of the error contract, never hanging, never INTERNAL/UNKNOWN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_ends_within_the_deadline_with_a_contract_status_or_a_degraded_answer() {
+    const DEADLINE: Duration = Duration::from_millis(1_500);
+    // Scheduling slack on a loaded 2-core CI machine.
+    const SLACK: Duration = Duration::from_millis(700);
+    let faults: Vec<(&str, Fault)> = vec![
+        (
+            "429 + Retry-After",
+            Fault::RateLimited {
+                retry_after: Some("1".into()),
+                retry_delay: Some("1s".into()),
+            },
+        ),
+        ("500", Fault::Status(500)),
+        ("503", Fault::Status(503)),
+        ("slow first byte", Fault::Delay(Duration::from_secs(10))),
+        ("stall mid-stream", Fault::Stall(Duration::from_secs(10))),
+        ("truncated JSON", Fault::Truncated),
+        ("invalid JSON", Fault::InvalidJson),
+        (
+            "100 MB body",
+            Fault::Huge {
+                bytes: 100 << 20,
+                declare_length: false,
+            },
+        ),
+        (
+            "MAX_TOKENS",
+            Fault::Finish {
+                kind: FinishKind::MaxTokens,
+                text: r#"{"insight": "cut"#.into(),
+            },
+        ),
+        (
+            "SAFETY",
+            Fault::Finish {
+                kind: FinishKind::Safety,
+                text: String::new(),
+            },
+        ),
+    ];
+    let mut cases = Vec::new();
+    for flavor in [Flavor::Gemini, Flavor::OpenAi] {
+        for stream in [false, true] {
+            for (name, fault) in &faults {
+                cases.push((flavor, stream, *name, Some(fault.clone())));
+            }
+            cases.push((flavor, stream, "connect refused", None));
+        }
+    }
+    let runs = cases
+        .into_iter()
+        .map(|(flavor, stream, name, fault)| async move {
+            let fake = FakeLlm::start(flavor).await;
+            fake.set_answer_fn(answer);
+            let key_file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(key_file.path(), KEY).unwrap();
+            let base_url = match &fault {
+                Some(fault) => {
+                    fake.set_default_fault(fault.clone());
+                    fake.base_url()
+                }
+                None => closed_port_url().await,
+            };
+            let config = insight_service::Config {
+                llm_backend: match flavor {
+                    Flavor::Gemini => BackendKind::Gemini,
+                    Flavor::OpenAi => BackendKind::Openai,
+                },
+                llm_base_url: Some(base_url),
+                llm_api_key_file: Some(key_file.path().to_path_buf()),
+                llm_stream: stream,
+                llm_stall_timeout: Duration::from_millis(500),
+                llm_max_response_bytes: 256 << 10,
+                ..insight_service::Config::default()
+            };
+            let server = start_insight(config).await;
+            let mut client = InsightServiceClient::new(server.channel().await);
+            let label = format!("{flavor:?} stream={stream} {name}");
+            for disable_fallback in [false, true] {
+                let mut req = tonic::Request::new(request(5, disable_fallback));
+                req.set_timeout(DEADLINE);
+                let start = tokio::time::Instant::now();
+                let result = client.summarize_feedback(req).await;
+                let took = start.elapsed();
+                assert!(
+                    took < DEADLINE + SLACK,
+                    "{label} (disable_fallback={disable_fallback}): took {took:?}, {:?}",
+                    result.as_ref().map(|s| s.get_ref().backend.clone())
+                );
+                match result {
+                    Ok(summary) => {
+                        let summary = summary.into_inner();
+                        assert!(
+                            !disable_fallback,
+                            "{label}: answered despite disable_fallback"
+                        );
+                        assert!(summary.degraded, "{label}");
+                        assert!(
+                            summary.backend.starts_with("local (fallback"),
+                            "{label}: {}",
+                            summary.backend
+                        );
+                    }
+                    Err(status) => assert!(
+                        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+                        "{label} (disable_fallback={disable_fallback}): {status:?}"
+                    ),
+                }
+            }
+            server.shutdown().await.unwrap();
+        });
+    // A few at a time: all 42 at once would starve this 2-core machine's timers and measure
+    // the machine rather than the service.
+    use futures::StreamExt;
+    futures::stream::iter(runs)
+        .buffer_unordered(6)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+#[tokio::test]
+async fn the_openai_compatible_backend_summarizes_too() {
+    let fake = FakeLlm::openai().await;
+    fake.set_answer_fn(answer);
+    let key_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key_file.path(), KEY).unwrap();
+    let config = insight_service::Config {
+        llm_backend: BackendKind::Openai,
+        llm_base_url: Some(fake.base_url()),
+        llm_model: Some("llama3.1".into()),
+        llm_api_key_file: Some(key_file.path().to_path_buf()),
+        ..insight_service::Config::default()
+    };
+    let server = start_insight(config).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let summary = client
+        .summarize_feedback(request(10, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.backend, "openai");
+    assert_eq!(summary.model, "llama3.1");
+    assert!(!summary.degraded);
+    assert_eq!(
+        summary.summary,
+        "Listeners want fewer ads and a shuffle that really shuffles."
+    );
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 3);
+    for r in &requests {
+        assert_eq!(r.path, "/v1/chat/completions");
+        assert_eq!(
+            r.header("authorization"),
+            Some(format!("Bearer {KEY}").as_str())
+        );
+        assert_eq!(r.json["model"], "llama3.1");
+        assert!(r.json["response_format"].is_object());
+    }
     server.shutdown().await.unwrap();
 }

@@ -141,13 +141,16 @@ impl Pipeline {
         let ranges = chunk_ranges(&entries, options.chunk_size, self.cfg().prompt_budget_bytes);
 
         let mut usage = Usage::default();
+        // Remote calls stop a little before the request deadline, so that the fallback and
+        // the reply itself still fit inside it.
+        let backend_deadline = with_headroom(deadline, self.backend.name() != self.fallback.name());
         let mut chunks = self
             .map(
                 &*self.backend,
                 &entries,
                 &ranges,
                 options,
-                deadline,
+                backend_deadline,
                 &mut usage,
                 &mut on_chunk,
             )
@@ -213,12 +216,13 @@ impl Pipeline {
         let entries_used: usize = ok.iter().map(|c| c.entry_ids.len()).sum();
         let sentiment = text::merge_sentiments(ok.iter().map(|c| &c.sentiment));
 
+        let reduce_deadline = with_headroom(deadline, backend.name() != self.fallback.name());
         let draft = match self
             .reduce_levels(
                 &*backend,
                 ok.clone(),
                 options.max_words,
-                deadline,
+                reduce_deadline,
                 &mut usage,
             )
             .await
@@ -441,6 +445,19 @@ impl Pipeline {
             .await
             .unwrap_or_else(|_| Err(deadline_error(backend, call_deadline == deadline)))
     }
+}
+
+/// Most time kept back from remote calls for the fallback and the reply.
+const HEADROOM: Duration = Duration::from_millis(500);
+
+/// The deadline for remote backend calls: the request's, less a fifth of what is left (at most
+/// [`HEADROOM`]). A local backend gets the full deadline: it is the last resort.
+fn with_headroom(deadline: Instant, remote: bool) -> Instant {
+    if !remote {
+        return deadline;
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    deadline - (left / 5).min(HEADROOM)
 }
 
 /// The error of a call cut off by its deadline: the request's, or `--llm-timeout`.
@@ -770,24 +787,66 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_deadline_that_passes_mid_map_is_deadline_exceeded() {
+    async fn remote_calls_stop_before_the_deadline_so_a_partial_answer_still_arrives_in_time() {
+        // Chunks take 1 s each, one at a time; the deadline is 2.7 s, so remote calls stop at
+        // 2.2 s (headroom 0.5 s): chunks 0 and 1 finish, 2 is cut, 3 and 4 never start.
         let backend = Arc::new(Scripted::new(|_| 1_000, |_, _| false));
         let pipeline = Pipeline::new(
-            backend,
+            backend.clone(),
             PipelineConfig {
                 map_parallelism: 1,
                 ..PipelineConfig::default()
             },
         );
-        let deadline = Instant::now() + Duration::from_millis(2_500);
-        let err = pipeline
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(2_700);
+        let summary = pipeline
             .summarize(entries(25), options(5, 25), deadline)
+            .await
+            .unwrap();
+        assert!(Instant::now() <= deadline, "answered within the deadline");
+        assert!(summary.degraded);
+        assert_eq!(summary.entries_used, 10);
+        let failed: Vec<u32> = summary
+            .chunks
+            .iter()
+            .filter(|c| c.status == ChunkStatus::Failed)
+            .map(|c| c.index)
+            .collect();
+        assert_eq!(failed, vec![2, 3, 4]);
+        assert!(
+            summary.chunks[2]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("deadline")
+        );
+        assert_eq!(
+            backend.calls.lock().unwrap().len(),
+            3,
+            "3 and 4 never called"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_already_passed_is_deadline_exceeded() {
+        let backend = Arc::new(Scripted::new(|_| 10, |_, _| false));
+        let pipeline = Pipeline::new(backend.clone(), PipelineConfig::default());
+        let err = pipeline
+            .summarize(entries(10), options(5, 10), Instant::now())
             .await
             .unwrap_err();
         assert!(
-            matches!(err, PipelineError::DeadlineExceeded { total: 5, .. }),
+            matches!(
+                err,
+                PipelineError::DeadlineExceeded {
+                    completed: 0,
+                    total: 2
+                }
+            ),
             "{err:?}"
         );
+        assert!(backend.calls.lock().unwrap().is_empty(), "no call made");
     }
 
     #[tokio::test]

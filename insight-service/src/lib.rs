@@ -32,8 +32,8 @@ pub mod pipeline;
 pub mod text;
 
 use admission::{
-    AdmissionMetrics, ConcurrencyLayer, DeadlineLayer, Limiter, MemoryBudget, MemoryLayer,
-    MemoryState, Pressure, PressureConfig, PressureTracker, ShedLayer, estimator::EstimatorConfig,
+    AdmissionMetrics, ConcurrencyLayer, DeadlineLayer, Limiter, MemoryBudget, MemoryGate,
+    MemoryLayer, Pressure, PressureConfig, PressureTracker, ShedLayer, estimator::EstimatorConfig,
 };
 pub use config::Config;
 use config::Switch;
@@ -130,7 +130,7 @@ pub async fn run(
         config.queue_timeout,
         metrics.clone(),
     );
-    let memory = MemoryState {
+    let memory = MemoryGate {
         budget: budget.clone(),
         estimator: EstimatorConfig {
             max_entries_cap: u64::from(config.max_entries_cap),

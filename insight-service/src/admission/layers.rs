@@ -79,59 +79,70 @@ impl<G> http_body::Body for Holding<G> {
 }
 
 /// Takes the inner service out for a call, leaving a clone (the service was made ready).
+/// Takes the inner service out for a call, leaving a clone (the service was made ready).
 fn take<S: Clone>(slot: &mut S) -> S {
     let clone = slot.clone();
     std::mem::replace(slot, clone)
 }
 
-macro_rules! layer {
-    ($layer:ident, $service:ident, $state:ty) => {
-        impl<S> Layer<S> for $layer {
-            type Service = $service<S>;
-            fn layer(&self, inner: S) -> Self::Service {
-                $service {
-                    inner,
-                    state: self.0.clone(),
-                }
-            }
-        }
+/// One overload step: it sees each request before the inner service and either passes it on
+/// (possibly holding a guard until the response body ends) or answers for it. The tower
+/// plumbing is written once, in [`GateService`].
+pub trait Gate: Send + Sync + 'static {
+    /// Whether light calls (`is_heavy` false) skip this step.
+    const HEAVY_ONLY: bool;
 
-        /// Service of the layer of the same name.
-        #[derive(Clone, Debug)]
-        pub struct $service<S> {
-            inner: S,
-            state: $state,
-        }
-    };
+    /// Handles one request.
+    fn admit<S>(
+        self: Arc<Self>,
+        inner: S,
+        req: Request<Body>,
+    ) -> BoxFuture<Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static;
 }
 
-// ---------------------------------------------------------------------------------------------
-
-/// Deadline: honours the caller's `grpc-timeout`, capped by `--request-timeout`, and answers
-/// DEADLINE_EXCEEDED (never UNKNOWN, as tower's own timeout error would become).
-#[derive(Clone, Debug)]
-pub struct DeadlineLayer(Arc<DeadlineState>);
-
-/// State of [`DeadlineLayer`].
+/// The tower layer of a [`Gate`].
 #[derive(Debug)]
-pub struct DeadlineState {
-    /// `--request-timeout`.
-    pub max: Duration,
-    /// Shared counters.
-    pub metrics: Arc<AdmissionMetrics>,
-}
+pub struct GateLayer<G>(Arc<G>);
 
-impl DeadlineLayer {
-    /// A deadline layer with server maximum `max`.
-    pub fn new(max: Duration, metrics: Arc<AdmissionMetrics>) -> Self {
-        Self(Arc::new(DeadlineState { max, metrics }))
+impl<G> Clone for GateLayer<G> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
     }
 }
 
-layer!(DeadlineLayer, DeadlineService, Arc<DeadlineState>);
+impl<G, S> Layer<S> for GateLayer<G> {
+    type Service = GateService<G, S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GateService {
+            inner,
+            gate: self.0.clone(),
+        }
+    }
+}
 
-impl<S> Service<Request<Body>> for DeadlineService<S>
+/// The service of a [`GateLayer`].
+#[derive(Debug)]
+pub struct GateService<G, S> {
+    inner: S,
+    gate: Arc<G>,
+}
+
+impl<G, S: Clone> Clone for GateService<G, S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+impl<G, S> Service<Request<Body>> for GateService<G, S>
 where
+    G: Gate,
     S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
@@ -145,20 +156,61 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let mut inner = take(&mut self.inner);
+        if G::HEAVY_ONLY && !is_heavy(req.uri().path()) {
+            return Box::pin(inner.call(req));
+        }
+        self.gate.clone().admit(inner, req)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Deadline: honours the caller's `grpc-timeout`, capped by `--request-timeout`, and answers
+/// DEADLINE_EXCEEDED (never UNKNOWN, as tower's own timeout error would become).
+pub type DeadlineLayer = GateLayer<DeadlineGate>;
+
+/// The [`Gate`] of [`DeadlineLayer`].
+#[derive(Debug)]
+pub struct DeadlineGate {
+    /// `--request-timeout`.
+    pub max: Duration,
+    /// Shared counters.
+    pub metrics: Arc<AdmissionMetrics>,
+}
+
+impl DeadlineLayer {
+    /// A deadline layer with server maximum `max`.
+    pub fn new(max: Duration, metrics: Arc<AdmissionMetrics>) -> Self {
+        Self(Arc::new(DeadlineGate { max, metrics }))
+    }
+}
+
+impl Gate for DeadlineGate {
+    const HEAVY_ONLY: bool = false;
+
+    fn admit<S>(
+        self: Arc<Self>,
+        mut inner: S,
+        req: Request<Body>,
+    ) -> BoxFuture<Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+    {
         let caller = req
             .headers()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
-        let timeout = caller.map_or(self.state.max, |t| t.min(self.state.max));
-        let state = self.state.clone();
-        let fut = take(&mut self.inner).call(req);
+        let timeout = caller.map_or(self.max, |t| t.min(self.max));
+        let fut = inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
                 Ok(response) => response,
                 Err(_) => {
-                    state
-                        .metrics
+                    self.metrics
                         .deadline_exceeded
                         .fetch_add(1, Ordering::Relaxed);
                     Ok(refuse(AdmissionError::DeadlineExceeded { after: timeout }))
@@ -172,12 +224,11 @@ where
 
 /// Pressure shedding: while the memory level is Critical, new heavy calls are refused at once.
 /// First among the heavy limits because it is the cheapest check and the most urgent.
-#[derive(Clone, Debug)]
-pub struct ShedLayer(Arc<ShedState>);
+pub type ShedLayer = GateLayer<ShedGate>;
 
-/// State of [`ShedLayer`].
+/// The [`Gate`] of [`ShedLayer`].
 #[derive(Debug)]
-pub struct ShedState {
+pub struct ShedGate {
     /// The current pressure level.
     pub pressure: watch::Receiver<Pressure>,
     /// Shared counters.
@@ -187,42 +238,34 @@ pub struct ShedState {
 impl ShedLayer {
     /// Sheds while `pressure` reads Critical.
     pub fn new(pressure: watch::Receiver<Pressure>, metrics: Arc<AdmissionMetrics>) -> Self {
-        Self(Arc::new(ShedState { pressure, metrics }))
+        Self(Arc::new(ShedGate { pressure, metrics }))
     }
 }
-
-layer!(ShedLayer, ShedService, Arc<ShedState>);
 
 /// Delay suggested while shedding for pressure: a few probe intervals.
 const PRESSURE_RETRY: Duration = Duration::from_secs(1);
 
-impl<S> Service<Request<Body>> for ShedService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+impl Gate for ShedGate {
+    const HEAVY_ONLY: bool = true;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        if is_heavy(req.uri().path()) && *self.state.pressure.borrow() == Pressure::Critical {
-            self.state
-                .metrics
-                .shed_pressure
-                .fetch_add(1, Ordering::Relaxed);
+    fn admit<S>(
+        self: Arc<Self>,
+        mut inner: S,
+        req: Request<Body>,
+    ) -> BoxFuture<Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+    {
+        if *self.pressure.borrow() == Pressure::Critical {
+            self.metrics.shed_pressure.fetch_add(1, Ordering::Relaxed);
             let response = refuse(AdmissionError::MemoryPressure {
                 retry_after: PRESSURE_RETRY,
             });
             return Box::pin(async move { Ok(response) });
         }
-        let fut = take(&mut self.inner).call(req);
-        Box::pin(fut)
+        Box::pin(inner.call(req))
     }
 }
 
@@ -231,10 +274,9 @@ where
 /// Concurrency limit of heavy calls with a short bounded wait queue. Before memory admission,
 /// so that queued calls hold no budget: their bodies wait in the h2 flow-control window, whose
 /// size is set explicitly on the server.
-#[derive(Clone, Debug)]
-pub struct ConcurrencyLayer(Arc<Limiter>);
+pub type ConcurrencyLayer = GateLayer<Limiter>;
 
-/// The limiter of [`ConcurrencyLayer`].
+/// The [`Gate`] of [`ConcurrencyLayer`]: a semaphore and a bounded queue.
 #[derive(Debug)]
 pub struct Limiter {
     permits: Arc<Semaphore>,
@@ -342,34 +384,24 @@ impl ConcurrencyLayer {
     }
 }
 
-layer!(ConcurrencyLayer, ConcurrencyService, Arc<Limiter>);
+impl Gate for Limiter {
+    const HEAVY_ONLY: bool = true;
 
-impl<S> Service<Request<Body>> for ConcurrencyService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        if !is_heavy(req.uri().path()) {
-            return Box::pin(take(&mut self.inner).call(req));
-        }
-        let limiter = self.state.clone();
-        let mut inner = take(&mut self.inner);
+    fn admit<S>(
+        self: Arc<Self>,
+        mut inner: S,
+        req: Request<Body>,
+    ) -> BoxFuture<Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+    {
         Box::pin(async move {
-            match limiter.acquire().await {
+            match self.acquire().await {
                 Ok(permit) => Ok(hold(inner.call(req).await?, permit)),
                 Err(error) => {
-                    limiter
-                        .metrics
+                    self.metrics
                         .shed_concurrency
                         .fetch_add(1, Ordering::Relaxed);
                     Ok(refuse(error))
@@ -385,12 +417,11 @@ where
 /// the body is read any further (tonic buffers whole messages before a handler runs: 200
 /// concurrent 4 MiB requests would otherwise sit in memory first). Oversized messages are
 /// refused here too, before a byte of them is buffered.
-#[derive(Clone, Debug)]
-pub struct MemoryLayer(Arc<MemoryState>);
+pub type MemoryLayer = GateLayer<MemoryGate>;
 
-/// State of [`MemoryLayer`].
+/// The [`Gate`] of [`MemoryLayer`].
 #[derive(Debug)]
-pub struct MemoryState {
+pub struct MemoryGate {
     /// The shared budget.
     pub budget: Arc<MemoryBudget>,
     /// Inputs of the estimate.
@@ -402,13 +433,11 @@ pub struct MemoryState {
 }
 
 impl MemoryLayer {
-    /// A layer charging `state.budget`.
-    pub fn new(state: MemoryState) -> Self {
-        Self(Arc::new(state))
+    /// A layer charging `gate.budget`.
+    pub fn new(gate: MemoryGate) -> Self {
+        Self(Arc::new(gate))
     }
 }
-
-layer!(MemoryLayer, MemoryService, Arc<MemoryState>);
 
 /// Reads body frames until the 5-byte prefix is known; returns the frames read (to replay)
 /// and the declared message length (`None` when the body ended first).
@@ -463,60 +492,50 @@ impl http_body::Body for Replay {
     }
 }
 
-impl<S> Service<Request<Body>> for MemoryService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+impl Gate for MemoryGate {
+    const HEAVY_ONLY: bool = true;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        if !is_heavy(req.uri().path()) {
-            return Box::pin(take(&mut self.inner).call(req));
-        }
-        let state = self.state.clone();
-        let mut inner = take(&mut self.inner);
+    fn admit<S>(
+        self: Arc<Self>,
+        mut inner: S,
+        req: Request<Body>,
+    ) -> BoxFuture<Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+    {
         Box::pin(async move {
             let (parts, mut body) = req.into_parts();
             let (frames, len) = match read_prefix(&mut body).await {
                 Ok(read) => read,
                 Err(status) => return Ok(status.into_http()),
             };
+            let replay = |rest: Body| {
+                Body::new(Replay {
+                    frames: frames.into(),
+                    rest,
+                })
+            };
             let Some(len) = len else {
                 // An empty body: nothing to buffer; the handler reports the missing message.
-                let body = Body::new(Replay {
-                    frames: frames.into(),
-                    rest: body,
-                });
-                return inner.call(Request::from_parts(parts, body)).await;
+                return inner.call(Request::from_parts(parts, replay(body))).await;
             };
-            if len > state.max_message_size {
-                state.metrics.shed_too_large.fetch_add(1, Ordering::Relaxed);
+            if len > self.max_message_size {
+                self.metrics.shed_too_large.fetch_add(1, Ordering::Relaxed);
                 return Ok(refuse(AdmissionError::MessageTooLarge {
                     len,
-                    limit: state.max_message_size,
+                    limit: self.max_message_size,
                 }));
             }
-            let wanted = estimate(len, &state.estimator);
-            match state.budget.try_reserve(wanted) {
+            match self.budget.try_reserve(estimate(len, &self.estimator)) {
                 Ok(reservation) => {
-                    state.metrics.admitted.fetch_add(1, Ordering::Relaxed);
-                    let body = Body::new(Replay {
-                        frames: frames.into(),
-                        rest: body,
-                    });
-                    let response = inner.call(Request::from_parts(parts, body)).await?;
+                    self.metrics.admitted.fetch_add(1, Ordering::Relaxed);
+                    let response = inner.call(Request::from_parts(parts, replay(body))).await?;
                     Ok(hold(response, reservation))
                 }
                 Err(refused) => {
-                    state.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
                     Ok(refuse(AdmissionError::MemoryBudget {
                         wanted: refused.wanted,
                         available: refused.available,
@@ -755,7 +774,7 @@ mod tests {
         metrics: Arc<AdmissionMetrics>,
     ) -> (MemoryLayer, Arc<MemoryBudget>) {
         let budget = MemoryBudget::new(budget);
-        let layer = MemoryLayer::new(MemoryState {
+        let layer = MemoryLayer::new(MemoryGate {
             budget: budget.clone(),
             estimator: EstimatorConfig {
                 max_entries_cap: 10_000,

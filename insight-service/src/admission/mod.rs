@@ -17,7 +17,7 @@ pub mod layers;
 pub mod pressure;
 
 pub use budget::MemoryBudget;
-pub use layers::{ConcurrencyLayer, DeadlineLayer, Limiter, MemoryLayer, MemoryState, ShedLayer};
+pub use layers::{ConcurrencyLayer, DeadlineLayer, Limiter, MemoryGate, MemoryLayer, ShedLayer};
 pub use pressure::{Pressure, PressureConfig, PressureTracker};
 
 /// Methods whose memory and time grow with their input: they go through every limit. The

@@ -167,6 +167,25 @@ pub struct Config {
     /// HTTP/2 initial connection window (all streams of one connection together).
     #[arg(long, env = "INSIGHT_H2_CONNECTION_WINDOW", default_value = "1MiB", value_parser = crate::admission::parse_bytes)]
     pub h2_connection_window: u64,
+
+    /// Where imported feedback and listening plays are stored: sqlite://PATH (created on
+    /// first start, WAL mode; relative to the working directory) or
+    /// postgres://USER@HOST:PORT/DB for several replicas on one database. While it is
+    /// unreachable the server still serves summaries and the store RPCs answer UNAVAILABLE.
+    #[arg(
+        long,
+        env = "INSIGHT_DATABASE_URL",
+        // The variable may hold a password; --help must not print it.
+        hide_env_values = true,
+        default_value = crate::store::DEFAULT_DATABASE_URL,
+        value_parser = crate::store::DatabaseUrl::parse
+    )]
+    pub database_url: crate::store::DatabaseUrl,
+
+    /// Bring the store's schema up to date at start (the `.sql` migrations built into the
+    /// binary). Turn off where a deploy step migrates, or the database user may not alter it.
+    #[arg(long, env = "INSIGHT_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
 }
 
 /// An on/off flag value.
@@ -242,6 +261,8 @@ impl Default for Config {
             max_concurrent_streams: 128,
             h2_stream_window: 64 << 10,
             h2_connection_window: 1 << 20,
+            database_url: crate::store::DatabaseUrl::default(),
+            migrate: true,
         }
     }
 }

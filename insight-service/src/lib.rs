@@ -3,8 +3,8 @@
 //! the OOM killer.
 //!
 //! The gRPC adapters in [`grpc`] are thin: they convert messages and call the domain modules
-//! ([`pipeline`], [`llm`], [`music`], [`admission`]), which know nothing of tonic. [`run`]
-//! assembles the server and its one tower chain.
+//! ([`pipeline`], [`llm`], [`music`], [`admission`], [`store`]), which know nothing of tonic.
+//! [`run`] assembles the server and its one tower chain.
 
 use std::{future::Future, sync::Arc};
 
@@ -17,7 +17,6 @@ use spotifai_proto::{
     insight::insight_service_server::InsightServiceServer,
 };
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
@@ -29,6 +28,7 @@ pub mod grpc;
 pub mod llm;
 pub mod music;
 pub mod pipeline;
+pub mod store;
 pub mod text;
 
 use admission::{
@@ -116,6 +116,20 @@ pub async fn run(
         pipeline = pipeline.with_pressure(pressure_rx.clone());
     }
     let service = grpc::InsightGrpc::new(pipeline, backends.generator.clone(), &config);
+    // Connect and migrate at start, so a fresh machine gets its SQLite file on first start
+    // and a broken database shows in the log at once; in the background, because the server
+    // serves summaries without the store and retries the connection on the next store call.
+    let store = service.store().clone();
+    tokio::spawn(async move {
+        match store.get().await {
+            Ok(_) => tracing::info!(database = %store.url(), "insight store ready"),
+            Err(error) => tracing::warn!(
+                database = %store.url(),
+                %error,
+                "insight store unreachable; store RPCs answer UNAVAILABLE until it is back"
+            ),
+        }
+    });
     let max_message = usize::try_from(config.max_message_size).unwrap_or(usize::MAX);
     let insight = InsightServiceServer::new(service)
         .max_decoding_message_size(max_message)
@@ -184,9 +198,15 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(insight)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = stop_rx.await;
-        });
+        // TCP_NODELAY on every accepted socket: `Server::tcp_nodelay` is ignored with
+        // `serve_with_incoming`, and with Nagle on, a small write (a refusal, a WINDOW_UPDATE)
+        // waits for the peer's delayed ACK: ~40 ms stalls (overload-bench measured them).
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
     let result = serve_until_drained(
         server,
         stop_tx,

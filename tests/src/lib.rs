@@ -62,7 +62,14 @@ impl InProcess {
 }
 
 /// Starts insight-service in-process with `config` on an ephemeral loopback port.
-pub async fn start_insight(config: insight_service::Config) -> InProcess {
+pub async fn start_insight(mut config: insight_service::Config) -> InProcess {
+    // The store in a scratch SQLite file unless the test names its own database: parallel
+    // test servers must not share (and migrate at once) one insight.db in the working dir.
+    let dir = tempfile::tempdir().unwrap();
+    if config.database_url == insight_service::store::DatabaseUrl::default() {
+        let url = format!("sqlite://{}", dir.path().join("insight.db").display());
+        config.database_url = insight_service::store::DatabaseUrl::parse(&url).unwrap();
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -77,7 +84,7 @@ pub async fn start_insight(config: insight_service::Config) -> InProcess {
         addr,
         stop: Some(stop),
         handle,
-        _dir: None,
+        _dir: Some(dir),
     }
 }
 

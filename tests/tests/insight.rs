@@ -330,18 +330,6 @@ async fn rpcs_of_later_issues_are_unimplemented_and_say_what_is_missing() {
     let job = pb::GetJobRequest { id: "x".into() };
     let statuses = vec![
         client
-            .import_feedback(tokio_stream::iter(vec![entry("a", "x", 1)]))
-            .await
-            .err(),
-        client
-            .import_listening(tokio_stream::iter(vec![pb::ListeningPlay::default()]))
-            .await
-            .err(),
-        client
-            .list_feedback(pb::ListFeedbackRequest::default())
-            .await
-            .err(),
-        client
             .submit_summary_job(request(forty_entries(), Default::default()))
             .await
             .err(),

@@ -470,6 +470,8 @@ async fn every_fault_ends_within_the_deadline_with_a_contract_status_or_a_degrad
             let label = format!("{flavor:?} stream={stream} {name}");
             for disable_fallback in [false, true] {
                 let mut req = tonic::Request::new(request(5, disable_fallback));
+                // The server answers before the client's own timer (it keeps a reply
+                // margin), so the status seen is the server's, never tonic's CANCELLED.
                 req.set_timeout(DEADLINE);
                 let start = tokio::time::Instant::now();
                 let result = client.summarize_feedback(req).await;

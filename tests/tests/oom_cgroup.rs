@@ -42,8 +42,6 @@ const OVERLOAD_WINDOW: Duration = Duration::from_secs(30);
 const OVERLOAD_FACTOR: f64 = 10.0;
 /// The goodput criterion.
 const GOODPUT_TARGET: f64 = 0.90;
-/// The server's `--queue-timeout` (its default).
-const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Writes straight to stderr: the test harness captures `print!`/`eprint!`, but the summary
 /// and a skip must show on every run, passing or not.
@@ -149,12 +147,7 @@ async fn insight_service_is_not_oom_killed_at_10x_overload_in_a_256_mib_cgroup()
         server.log_tail().join("\n")
     );
     let rate = OVERLOAD_FACTOR * sustainable;
-    // Far above what an admitted call can take (queue wait + its own duration), so only a
-    // hang can reach it.
-    let deadline = (sustained.report.ok_latency().p99 * 3)
-        .checked_add(QUEUE_TIMEOUT.as_micros() as u64)
-        .map_or(Duration::from_secs(30), Duration::from_micros)
-        .clamp(Duration::from_secs(10), Duration::from_secs(30));
+    let deadline = overload::overload_deadline(&sustained);
     let overloaded = overload::measure(
         &server,
         &llm,

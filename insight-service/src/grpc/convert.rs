@@ -15,31 +15,36 @@ pub fn entries_from_proto(entries: Vec<pb::FeedbackEntry>) -> Result<Vec<Entry>,
     entries
         .into_iter()
         .enumerate()
-        .map(|(i, e)| {
-            let rating = match e.rating {
-                0 => None,
-                r @ 1..=5 => Some(r as u8),
-                r => {
-                    return Err(PipelineError::invalid(
-                        format!("entries[{i}].rating"),
-                        format!("must be 0 (no rating) or 1..5, got {r}"),
-                    ));
-                }
-            };
-            let created_at = e
-                .created_at
-                .map(|ts| system_time(ts, &format!("entries[{i}].created_at")))
-                .transpose()?;
-            Ok(Entry {
-                id: e.id,
-                user_id: e.user_id,
-                text: e.text,
-                rating,
-                created_at,
-                source: e.source,
-            })
-        })
+        .map(|(i, e)| entry_from_proto(e).map_err(|err| err.within(&format!("entries[{i}]"))))
         .collect()
+}
+
+/// Converts one entry, with field paths relative to it (`rating`, `created_at`): the one
+/// conversion shared by inline summaries and `ImportFeedback`, so both accept the same
+/// ratings and timestamps.
+pub fn entry_from_proto(e: pb::FeedbackEntry) -> Result<Entry, PipelineError> {
+    let rating = match e.rating {
+        0 => None,
+        r @ 1..=5 => Some(r as u8),
+        r => {
+            return Err(PipelineError::invalid(
+                "rating",
+                format!("must be 0 (no rating) or 1..5, got {r}"),
+            ));
+        }
+    };
+    let created_at = e
+        .created_at
+        .map(|ts| system_time(ts, "created_at"))
+        .transpose()?;
+    Ok(Entry {
+        id: e.id,
+        user_id: e.user_id,
+        text: e.text,
+        rating,
+        created_at,
+        source: e.source,
+    })
 }
 
 /// Earliest and latest instants a `google.protobuf.Timestamp` may hold (0001-01-01 and

@@ -3,7 +3,9 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{admission::AdmissionError, music::MusicError, pipeline::PipelineError};
+use crate::{
+    admission::AdmissionError, music::MusicError, pipeline::PipelineError, store::StoreError,
+};
 
 /// The ErrorInfo domain of this service's errors.
 const DOMAIN: &str = "insight.spotifai";
@@ -45,6 +47,27 @@ pub fn music_status(error: MusicError) -> Status {
             backend: source.backend().to_owned(),
             message: source.to_string(),
         }),
+    }
+}
+
+/// Maps a store error: bad request values name their field (INVALID_ARGUMENT); a database
+/// that is down, locked or cannot be migrated is UNAVAILABLE with an ErrorInfo, so clients
+/// retry (imports are idempotent, so a retried import is safe); a row that cannot be read
+/// back is DATA_LOSS, never INTERNAL.
+pub fn store_status(error: StoreError) -> Status {
+    match error {
+        StoreError::InvalidArgument { field, reason } => {
+            to_status(PipelineError::InvalidArgument { field, reason })
+        }
+        error @ (StoreError::Unavailable(_) | StoreError::Migrate(_)) => {
+            let details = ErrorDetails::with_error_info(
+                "STORE_UNAVAILABLE",
+                DOMAIN,
+                std::collections::HashMap::new(),
+            );
+            Status::with_error_details(Code::Unavailable, error.to_string(), details)
+        }
+        error @ StoreError::Corrupt(_) => Status::data_loss(error.to_string()),
     }
 }
 
@@ -94,6 +117,19 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(violations.len(), 1);
         assert_eq!(violations[0].field, "entries[2].text");
+    }
+
+    #[test]
+    fn store_errors_are_unavailable_or_name_the_field() {
+        let down = store_status(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+        assert_eq!(down.code(), Code::Unavailable);
+        let bad = store_status(StoreError::invalid("page_token", "malformed"));
+        assert_eq!(bad.code(), Code::InvalidArgument);
+        assert!(
+            bad.message().starts_with("page_token:"),
+            "{}",
+            bad.message()
+        );
     }
 
     #[test]

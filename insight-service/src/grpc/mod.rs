@@ -6,5 +6,6 @@ pub mod deadline;
 pub mod error;
 pub mod music;
 pub mod service;
+pub mod store;
 
 pub use service::InsightGrpc;

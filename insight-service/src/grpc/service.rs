@@ -19,6 +19,7 @@ use crate::{
     llm::Generator,
     music::DEFAULT_MAX_PLAYS,
     pipeline::{Pipeline, PipelineError, RequestedOptions, resolve_options},
+    store::Store,
 };
 
 /// A boxed server stream, as tonic's associated stream types want.
@@ -32,6 +33,7 @@ pub struct InsightGrpc {
     max_entries_cap: u32,
     request_timeout: Duration,
     llm_timeout: Duration,
+    store: Store,
 }
 
 impl std::fmt::Debug for InsightGrpc {
@@ -39,6 +41,7 @@ impl std::fmt::Debug for InsightGrpc {
         f.debug_struct("InsightGrpc")
             .field("pipeline", &self.pipeline)
             .field("max_entries_cap", &self.max_entries_cap)
+            .field("store", &self.store)
             .finish_non_exhaustive()
     }
 }
@@ -57,7 +60,16 @@ impl InsightGrpc {
             max_entries_cap: config.max_entries_cap,
             request_timeout: config.request_timeout,
             llm_timeout: config.llm_timeout,
+            // Connects on first use (see `Store`): building the adapter never touches the
+            // database, and a database that is down only affects the store RPCs.
+            store: Store::new(config.database_url.clone(), config.migrate),
         }
+    }
+
+    /// The store handle behind ImportFeedback, ImportListening and ListFeedback (the server
+    /// uses it to connect and migrate at start).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Options and inline entries of a summary request, or the status saying what is wrong.
@@ -117,7 +129,7 @@ impl InsightService for InsightGrpc {
         &self,
         request: Request<pb::SummarizeFeedbackRequest>,
     ) -> Result<Response<pb::FeedbackSummary>, Status> {
-        let deadline = request_deadline(request.metadata(), self.request_timeout);
+        let deadline = request_deadline(&request, self.request_timeout);
         let (entries, options) = self.summary_input(request.into_inner())?;
         tracing::Span::current().record("entries", entries.len());
         let summary = self
@@ -135,7 +147,7 @@ impl InsightService for InsightGrpc {
         &self,
         request: Request<pb::SummarizeFeedbackRequest>,
     ) -> Result<Response<Self::StreamFeedbackSummaryStream>, Status> {
-        let deadline = request_deadline(request.metadata(), self.request_timeout);
+        let deadline = request_deadline(&request, self.request_timeout);
         let (entries, options) = self.summary_input(request.into_inner())?;
         tracing::Span::current().record("entries", entries.len());
         // Bad input is an immediate status, not a stream that fails on its first message.
@@ -171,7 +183,7 @@ impl InsightService for InsightGrpc {
         &self,
         request: Request<pb::AnalyzeMusicRequest>,
     ) -> Result<Response<pb::MusicAnalysis>, Status> {
-        let deadline = request_deadline(request.metadata(), self.request_timeout)
+        let deadline = request_deadline(&request, self.request_timeout)
             .min(tokio::time::Instant::now() + self.llm_timeout);
         let analysis = crate::grpc::music::analyze_request(
             request.into_inner(),
@@ -184,25 +196,39 @@ impl InsightService for InsightGrpc {
         Ok(Response::new(analysis))
     }
 
+    #[tracing::instrument(skip(self, request), fields(inserted, updated, rejected))]
     async fn import_feedback(
         &self,
-        _request: Request<Streaming<pb::FeedbackEntry>>,
+        request: Request<Streaming<pb::FeedbackEntry>>,
     ) -> Result<Response<pb::ImportFeedbackResponse>, Status> {
-        Err(not_yet("the feedback store is", "insight store issue"))
+        let response = super::store::import_feedback(&self.store, request.into_inner()).await?;
+        let span = tracing::Span::current();
+        span.record("inserted", response.inserted);
+        span.record("updated", response.updated);
+        span.record("rejected", response.rejected);
+        Ok(Response::new(response))
     }
 
+    #[tracing::instrument(skip(self, request), fields(inserted, updated, rejected))]
     async fn import_listening(
         &self,
-        _request: Request<Streaming<pb::ListeningPlay>>,
+        request: Request<Streaming<pb::ListeningPlay>>,
     ) -> Result<Response<pb::ImportListeningResponse>, Status> {
-        Err(not_yet("the listening store is", "insight store issue"))
+        let response = super::store::import_listening(&self.store, request.into_inner()).await?;
+        let span = tracing::Span::current();
+        span.record("inserted", response.inserted);
+        span.record("updated", response.updated);
+        span.record("rejected", response.rejected);
+        Ok(Response::new(response))
     }
 
+    #[tracing::instrument(skip(self, request))]
     async fn list_feedback(
         &self,
-        _request: Request<pb::ListFeedbackRequest>,
+        request: Request<pb::ListFeedbackRequest>,
     ) -> Result<Response<pb::ListFeedbackResponse>, Status> {
-        Err(not_yet("the feedback store is", "insight store issue"))
+        let response = super::store::list_feedback(&self.store, request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 
     async fn submit_summary_job(

@@ -143,7 +143,12 @@ impl Pipeline {
         let mut usage = Usage::default();
         // Remote calls stop a little before the request deadline, so that the fallback and
         // the reply itself still fit inside it.
-        let backend_deadline = with_headroom(deadline, self.backend.name() != self.fallback.name());
+        // Without a fallback to use the headroom, the backend gets the whole deadline.
+        let fallback_allowed = !options.disable_fallback;
+        let backend_deadline = with_headroom(
+            deadline,
+            fallback_allowed && self.backend.name() != self.fallback.name(),
+        );
         let mut chunks = self
             .map(
                 &*self.backend,
@@ -216,7 +221,10 @@ impl Pipeline {
         let entries_used: usize = ok.iter().map(|c| c.entry_ids.len()).sum();
         let sentiment = text::merge_sentiments(ok.iter().map(|c| &c.sentiment));
 
-        let reduce_deadline = with_headroom(deadline, backend.name() != self.fallback.name());
+        let reduce_deadline = with_headroom(
+            deadline,
+            fallback_allowed && backend.name() != self.fallback.name(),
+        );
         let draft = match self
             .reduce_levels(
                 &*backend,
@@ -825,6 +833,28 @@ mod tests {
             backend.calls.lock().unwrap().len(),
             3,
             "3 and 4 never called"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_fallback_the_backend_gets_the_whole_deadline_then_deadline_exceeded() {
+        let backend = Arc::new(Scripted::new(|_| 10_000, |_, _| false));
+        let pipeline = Pipeline::new(backend.clone(), PipelineConfig::default());
+        let mut strict = options(5, 10);
+        strict.disable_fallback = true;
+        let start = Instant::now();
+        let err = pipeline
+            .summarize(entries(10), strict, start + Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(2),
+            "no headroom kept back"
+        );
+        assert!(
+            matches!(err, PipelineError::DeadlineExceeded { .. }),
+            "{err:?}"
         );
     }
 

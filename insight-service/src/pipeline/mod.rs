@@ -65,6 +65,19 @@ impl PipelineError {
             reason: reason.into(),
         }
     }
+
+    /// Prefixes the field path of an [`PipelineError::InvalidArgument`] with `prefix` (e.g.
+    /// `entries[3]`), so per-entry rules can name relative fields and each caller says where
+    /// the entry sits in its request. Other variants are returned unchanged.
+    pub fn within(self, prefix: &str) -> Self {
+        match self {
+            Self::InvalidArgument { field, reason } => Self::InvalidArgument {
+                field: format!("{prefix}.{field}"),
+                reason,
+            },
+            other => other,
+        }
+    }
 }
 
 /// Summary options as the caller sent them: `None` = not set, take the default.
@@ -134,33 +147,36 @@ pub fn validate_entries(entries: &[Entry]) -> Result<(), PipelineError> {
     }
     let mut seen: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
     for (i, entry) in entries.iter().enumerate() {
-        if entry.id.trim().is_empty() {
-            return Err(PipelineError::invalid(
-                format!("entries[{i}].id"),
-                "must not be empty",
-            ));
-        }
+        validate_entry(entry).map_err(|e| e.within(&format!("entries[{i}]")))?;
         if let Some(first) = seen.insert(entry.id.as_str(), i) {
             return Err(PipelineError::invalid(
                 format!("entries[{i}].id"),
                 format!("duplicate id {:?} (first at entries[{first}])", entry.id),
             ));
         }
-        if entry.text.trim().is_empty() {
-            return Err(PipelineError::invalid(
-                format!("entries[{i}].text"),
-                "must not be empty",
-            ));
-        }
-        if entry.text.len() > MAX_TEXT_BYTES {
-            return Err(PipelineError::invalid(
-                format!("entries[{i}].text"),
-                format!(
-                    "must be at most {MAX_TEXT_BYTES} bytes, got {}",
-                    entry.text.len()
-                ),
-            ));
-        }
+    }
+    Ok(())
+}
+
+/// The per-entry foundation rules: a non-empty id and a non-empty text of at most
+/// [`MAX_TEXT_BYTES`]. The one home of these rules, called by inline summaries
+/// ([`validate_entries`]) and by `ImportFeedback`, so a stored entry is always one an inline
+/// summary would accept. Field paths are relative to the entry (`id`, `text`).
+pub fn validate_entry(entry: &Entry) -> Result<(), PipelineError> {
+    if entry.id.trim().is_empty() {
+        return Err(PipelineError::invalid("id", "must not be empty"));
+    }
+    if entry.text.trim().is_empty() {
+        return Err(PipelineError::invalid("text", "must not be empty"));
+    }
+    if entry.text.len() > MAX_TEXT_BYTES {
+        return Err(PipelineError::invalid(
+            "text",
+            format!(
+                "must be at most {MAX_TEXT_BYTES} bytes, got {}",
+                entry.text.len()
+            ),
+        ));
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ use std::{
     error::Error,
     hint::black_box,
     io::{BufRead, BufReader},
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     process::{Child, ExitCode, Stdio},
     sync::{
@@ -28,11 +29,15 @@ use std::{
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use monitor_service::probe::{PAGE_SIZE, Probe, ProbeConfig, SLOW_REFRESH};
+use monitor_service::{
+    probe::{CgroupVersion, PAGE_SIZE, Probe, ProbeConfig, SLOW_REFRESH, Sample},
+    sampler::{Sampler, SamplerConfig, StreamPlan},
+};
 use spotifai_proto::monitor::{
     SnapshotRequest, StreamSamplesRequest, memory_monitor_client::MemoryMonitorClient,
 };
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 
 type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
@@ -110,6 +115,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Err(error) = runtime.block_on(bench_in_process(&args)) {
+            eprintln!("monitor-bench: in-process fan-out phase failed: {error}");
+            return ExitCode::FAILURE;
+        }
         if let Err(error) = runtime.block_on(bench_fanout(&args)) {
             eprintln!("monitor-bench: fan-out phase failed: {error}");
             return ExitCode::FAILURE;
@@ -193,16 +202,170 @@ fn bench_probe(iterations: u32) -> BenchResult<String> {
          round (min..max of the rounds). Cgroup read: {cgroup}.\n\n\
          | what | ns/sample | sysinfo ÷ this | target |\n|---|---:|---:|---|\n\
          | `Probe::sample`, fast path (statm + cgroup usage; slow figures not due) | {fast_ns} ({}) | {:.1}× | ≤ 5000, ≥ 10× |\n\
-         | `Probe::sample`, every file (+ limit, memory.stat, oom, PSI, /proc/meminfo via sysinfo) | {full_ns} ({}) | {:.1}× | |\n\
+         | `Probe::sample`, every file (+ limit, memory.stat, oom, PSI, /proc/meminfo) | {full_ns} ({}) | {:.1}× | |\n\
          | `Probe::sample` as the server runs it at 10 Hz (1 in {per_second} reads every file) | {amortized_ns} | {:.1}× | ≤ 5000, ≥ 10× |\n\
-         | sysinfo `refresh_processes_specifics` (this pid, memory only) | {sysinfo_ns} ({}) | 1.0× | |\n\n",
+         | sysinfo `refresh_processes_specifics` (this pid, memory only) | {sysinfo_ns} ({}) | 1.0× | |\n\n\
+         {}",
         range(&fast_rounds),
         ratio(fast_ns),
         range(&full_rounds),
         ratio(full_ns),
         ratio(amortized_ns),
         range(&sysinfo_rounds),
+        file_costs(&first, per_round),
     ))
+}
+
+/// What each file the probe reads costs by itself: one `pread` on a kept descriptor, which is
+/// almost all kernel time formatting the file. Explains where a full sample's time goes.
+fn file_costs(sample: &Sample, iterations: u32) -> String {
+    let mut files = vec![
+        (
+            PathBuf::from(format!("/proc/{}/statm", std::process::id())),
+            "every sample",
+        ),
+        (PathBuf::from("/proc/meminfo"), "slow"),
+    ];
+    if let Some(group) = &sample.cgroup {
+        let relative = group.path.trim_start_matches('/');
+        let (dir, names, pressure) = match group.version {
+            CgroupVersion::V1 => (
+                Path::new("/sys/fs/cgroup/memory").join(relative),
+                [
+                    "memory.usage_in_bytes",
+                    "memory.limit_in_bytes",
+                    "memory.stat",
+                    "memory.oom_control",
+                ],
+                // v1 groups have no PSI file; the probe reads the system-wide one.
+                PathBuf::from("/proc/pressure/memory"),
+            ),
+            CgroupVersion::V2 => {
+                let dir = Path::new("/sys/fs/cgroup").join(relative);
+                let pressure = dir.join("memory.pressure");
+                (
+                    dir,
+                    [
+                        "memory.current",
+                        "memory.max",
+                        "memory.stat",
+                        "memory.events",
+                    ],
+                    pressure,
+                )
+            }
+        };
+        for (index, name) in names.into_iter().enumerate() {
+            // The usage file comes first and is the only one read on every sample.
+            files.push((
+                dir.join(name),
+                if index == 0 { "every sample" } else { "slow" },
+            ));
+        }
+        files.push((pressure, "slow"));
+    }
+    let mut table = String::from(
+        "Where a full sample's time goes: one `pread` of each file on a kept descriptor (median \
+         of the rounds; almost all of it is the kernel formatting the file).\n\n\
+         | file | read | ns/pread |\n|---|---|---:|\n",
+    );
+    let mut buf = vec![0_u8; 8192];
+    for (path, when) in files {
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        let mut rounds: Vec<u128> = (0..ROUNDS)
+            .map(|_| {
+                let start = Instant::now();
+                for _ in 0..iterations {
+                    black_box(file.read_at(&mut buf, 0).ok());
+                }
+                start.elapsed().as_nanos() / u128::from(iterations.max(1))
+            })
+            .collect();
+        rounds.sort_unstable();
+        let median = rounds.get(rounds.len() / 2).copied().unwrap_or(0);
+        table.push_str(&format!("| `{}` | {when} | {median} |\n", path.display()));
+    }
+    table.push('\n');
+    table
+}
+
+/// The sampler alone, in this process: N `Sampler::subscribe` readers at 100 ms, no gRPC. Its
+/// lag is what the fan-out itself adds (probe read, N `try_reserve`s, waking N tasks); the
+/// loopback runs add HTTP/2 on both ends.
+async fn bench_in_process(args: &Args) -> BenchResult<()> {
+    let window = args.window.min(Duration::from_secs(5));
+    println!(
+        "### Fan-out inside the process (sampler only, no gRPC)\n\n\
+         N `Sampler::subscribe` readers at 100 ms, one task each, measured for {}.\n\n\
+         | subscribers | msgs/s (expected) | lag p50 | lag p99 | lag max | dropped |\n\
+         |---:|---:|---:|---:|---:|---:|",
+        humantime::format_duration(window)
+    );
+    for &subscribers in &args.subscribers {
+        let sampler = Sampler::with_config(
+            Probe::new(ProbeConfig::default()),
+            SamplerConfig {
+                max_subscribers: subscribers.max(1),
+                ..SamplerConfig::default()
+            },
+        );
+        let plan = StreamPlan::new(100, 0, sampler.default_interval())?;
+        let shared = Arc::new(Shared::default());
+        let mut tasks = Vec::with_capacity(subscribers);
+        for _ in 0..subscribers {
+            let mut subscription = sampler.subscribe(plan)?;
+            let shared = Arc::clone(&shared);
+            tasks.push(tokio::spawn(async move {
+                let mut lags = Vec::new();
+                // The first delivery is the latest sample, stale by design.
+                let _ = subscription.next().await;
+                while let Some(Ok(delivery)) = subscription.next().await {
+                    if shared.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if shared.measuring.load(Ordering::Relaxed) {
+                        shared.delivered.fetch_add(1, Ordering::Relaxed);
+                        shared
+                            .dropped
+                            .fetch_add(delivery.dropped, Ordering::Relaxed);
+                        let lag = SystemTime::now()
+                            .duration_since(delivery.sample.at)
+                            .unwrap_or_default();
+                        lags.push(u64::try_from(lag.as_micros()).unwrap_or(u64::MAX));
+                    }
+                }
+                lags
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let start = Instant::now();
+        shared.measuring.store(true, Ordering::Relaxed);
+        tokio::time::sleep(window).await;
+        shared.measuring.store(false, Ordering::Relaxed);
+        let elapsed = start.elapsed();
+        shared.stop.store(true, Ordering::Relaxed);
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        for task in tasks {
+            if let Ok(Ok(lags)) = tokio::time::timeout(Duration::from_secs(5), task).await {
+                for lag in lags {
+                    histogram.saturating_record(lag);
+                }
+            }
+        }
+        println!(
+            "| {subscribers} | {:.0} ({}) | {:.2} ms | {:.2} ms | {:.2} ms | {} |",
+            shared.delivered.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+            subscribers * 10,
+            histogram.value_at_quantile(0.50) as f64 / 1000.0,
+            histogram.value_at_quantile(0.99) as f64 / 1000.0,
+            histogram.max() as f64 / 1000.0,
+            shared.dropped.load(Ordering::Relaxed),
+        );
+    }
+    println!();
+    Ok(())
 }
 
 /// Counters the subscriber tasks share.

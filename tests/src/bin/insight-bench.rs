@@ -96,7 +96,7 @@ struct Args {
 
     /// Saturation rounds; each runs both servers, in alternating order, so a drift in machine
     /// load does not always favour the same one. The ratio's median is reported.
-    #[arg(long, env = "INSIGHT_BENCH_ROUNDS", default_value_t = 3)]
+    #[arg(long, env = "INSIGHT_BENCH_ROUNDS", default_value_t = 5)]
     rounds: usize,
 
     /// Window of the unloaded (one caller) and open-loop runs.
@@ -364,12 +364,13 @@ async fn probe(url: &str, request: &SummarizeFeedbackRequest) -> BenchResult<Fee
     Ok(answer.into_inner())
 }
 
-/// One measured run against one server, with the CPU both processes spent on it.
+/// One measured run against one server, with the CPU both sides spent on it.
 struct Run {
     report: Report,
     /// Server CPU per call (warm-up calls included, as their CPU is), microseconds.
     server_cpu_us: f64,
-    /// This process's CPU per call: the load generator (plus the fake Gemini when present).
+    /// The load generator's CPU per call (this process: the fake Gemini too when present),
+    /// microseconds.
     client_cpu_us: f64,
 }
 
@@ -383,20 +384,25 @@ async fn measure(
 ) -> BenchResult<Run> {
     let channels = loadgen::connect(&server.url(), connections).await?;
     let me = std::process::id();
-    let (server_before, client_before) = (server.cpu_time()?, loadgen::cpu_time(me)?);
+    let client_cpu = || loadgen::cpu_time(me);
+    let (server_before, client_before) = (server.cpu_time()?, client_cpu()?);
     let rpc = Arc::new(SummarizeFeedback::new(request.clone()));
     let report = loadgen::run(channels, rpc, config).await?;
-    let (server_after, client_after) = (server.cpu_time()?, loadgen::cpu_time(me)?);
+    let (server_after, client_after) = (server.cpu_time()?, client_cpu()?);
     let calls = (report.requests() + report.warmup_calls() + report.unfinished()).max(1) as f64;
+    let per_call = |after: Duration, before: Duration| {
+        after.saturating_sub(before).as_secs_f64() * 1e6 / calls
+    };
     let run = Run {
-        server_cpu_us: (server_after - server_before).as_secs_f64() * 1e6 / calls,
-        client_cpu_us: (client_after - client_before).as_secs_f64() * 1e6 / calls,
+        server_cpu_us: per_call(server_after, server_before),
+        client_cpu_us: per_call(client_after, client_before),
         report,
     };
     println!("\n--- {label}");
     print!("{}", run.report.table());
     println!(
-        "  CPU per call: server {:.0} us, load generator {:.0} us",
+        "  CPU per call: server {:.0} us, load generator {:.0} us (10 ms clock ticks: per-call \
+         CPU is meaningful only over many calls)",
         run.server_cpu_us, run.client_cpu_us
     );
     if json {
@@ -420,6 +426,20 @@ fn median(values: &mut [f64]) -> f64 {
 
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
+}
+
+/// The contenders of the local phases, by name; the first is the baseline.
+const ECHO: &str = "echo";
+const BINARY: &str = "insight-service";
+
+/// Measurements of the local phases: per contender, one run per saturation round, then the
+/// unloaded and the open-loop run.
+struct LocalResults {
+    names: Vec<&'static str>,
+    saturated: Vec<Vec<Run>>,
+    unloaded: Vec<Run>,
+    open: Vec<Run>,
+    open_rate: f64,
 }
 
 async fn local_phases(
@@ -449,6 +469,7 @@ async fn local_phases(
         .into());
     }
     let echo = start_echo(&summary)?;
+    let servers = [(ECHO, echo), (BINARY, real)];
     println!(
         "\nrequest {request_bytes} bytes, answer {} bytes ({} chunks, {} entries used)",
         summary.encoded_len(),
@@ -456,8 +477,8 @@ async fn local_phases(
         summary.entries_used
     );
 
-    // 1. Saturation, rounds in alternating order.
-    let saturated = LoadConfig {
+    // 1. Saturation; each round starts with the next server, so none always goes first.
+    let saturated_config = LoadConfig {
         mode: Mode::Closed {
             concurrency: args.concurrency,
         },
@@ -465,98 +486,84 @@ async fn local_phases(
         duration: args.duration,
         ..LoadConfig::default()
     };
-    let mut rounds = Vec::new();
-    for round in 1..=args.rounds.max(1) {
-        let order: [(&str, &ChildServer); 2] = if round % 2 == 1 {
-            [("echo", &echo), ("insight-service", &real)]
-        } else {
-            [("insight-service", &real), ("echo", &echo)]
-        };
-        let mut pair: [Option<Run>; 2] = [None, None];
-        for (name, server) in order {
+    let mut saturated: Vec<Vec<Run>> = servers.iter().map(|_| Vec::new()).collect();
+    for round in 0..args.rounds.max(1) {
+        for offset in 0..servers.len() {
+            let index = (round + offset) % servers.len();
+            let (name, server) = &servers[index];
             let label = format!(
-                "round {round}: {name}, closed loop, {} callers",
+                "round {}: {name}, closed loop, {} callers",
+                round + 1,
                 args.concurrency
             );
             let run = measure(
                 &label,
                 server,
                 &request,
-                &saturated,
+                &saturated_config,
                 args.connections,
                 args.json,
             )
             .await?;
-            pair[usize::from(name != "echo")] = Some(run);
-        }
-        if let [Some(echo_run), Some(real_run)] = pair {
-            rounds.push((echo_run, real_run));
+            saturated[index].push(run);
         }
     }
 
     // 2. Unloaded: one caller on one connection.
-    let unloaded = LoadConfig {
+    let unloaded_config = LoadConfig {
         mode: Mode::Closed { concurrency: 1 },
         warmup: args.warmup,
         duration: args.short_duration,
         ..LoadConfig::default()
     };
-    let echo_unloaded =
-        measure("echo, one caller", &echo, &request, &unloaded, 1, args.json).await?;
-    let real_unloaded = measure(
-        "insight-service, one caller",
-        &real,
-        &request,
-        &unloaded,
-        1,
-        args.json,
-    )
-    .await?;
+    let mut unloaded = Vec::new();
+    for (name, server) in &servers {
+        let label = format!("{name}, one caller");
+        unloaded.push(measure(&label, server, &request, &unloaded_config, 1, args.json).await?);
+    }
 
-    // 3. Open loop at a rate both sustain.
-    let mut real_rps: Vec<f64> = rounds.iter().map(|(_, r)| r.report.ok_rps()).collect();
-    let rate = args
+    // 3. Open loop at a rate every server sustains: half the slowest median throughput.
+    let slowest = saturated
+        .iter()
+        .map(|runs| median(&mut runs.iter().map(|r| r.report.ok_rps()).collect::<Vec<_>>()))
+        .fold(f64::INFINITY, f64::min);
+    let open_rate = args
         .open_rate
-        .unwrap_or_else(|| (median(&mut real_rps) / 2.0).floor().max(1.0));
-    let open = LoadConfig {
+        .unwrap_or_else(|| (slowest / 2.0).floor().max(1.0));
+    let open_config = LoadConfig {
         mode: Mode::Open {
-            rate,
+            rate: open_rate,
             max_outstanding: 1000,
         },
         warmup: args.warmup,
         duration: args.short_duration,
         ..LoadConfig::default()
     };
-    let echo_open = measure(
-        &format!("echo, open loop {rate:.0}/s"),
-        &echo,
-        &request,
-        &open,
-        args.connections,
-        args.json,
-    )
-    .await?;
-    let real_open = measure(
-        &format!("insight-service, open loop {rate:.0}/s"),
-        &real,
-        &request,
-        &open,
-        args.connections,
-        args.json,
-    )
-    .await?;
-    drop(echo);
-    drop(real);
+    let mut open = Vec::new();
+    for (name, server) in &servers {
+        let label = format!("{name}, open loop {open_rate:.0}/s");
+        let run = measure(
+            &label,
+            server,
+            &request,
+            &open_config,
+            args.connections,
+            args.json,
+        )
+        .await?;
+        open.push(run);
+    }
+    let names = servers.iter().map(|(name, _)| *name).collect();
+    drop(servers);
 
-    markdown.push(local_markdown(
-        args,
-        request_bytes,
-        &summary,
-        &rounds,
-        (&echo_unloaded, &real_unloaded),
-        (&echo_open, &real_open),
-        rate,
-    ));
+    let results = LocalResults {
+        names,
+        saturated,
+        unloaded,
+        open,
+        open_rate,
+    };
+    markdown.push(local_markdown(args, request_bytes, &summary, &results));
     Ok(())
 }
 
@@ -565,12 +572,18 @@ fn errors_note(report: &Report) -> String {
     if failed == 0 && report.unfinished() == 0 {
         String::new()
     } else {
-        format!(
-            " ({failed} not OK: {:?}, {} transport, {} unfinished)",
-            report.status_counts(),
-            report.transport_errors(),
-            report.unfinished()
-        )
+        let codes: Vec<String> = report
+            .status_counts()
+            .into_iter()
+            .filter(|(name, _)| *name != "OK")
+            .map(|(name, count)| format!("{count} {name}"))
+            .chain(
+                (report.transport_errors() > 0)
+                    .then(|| format!("{} transport errors", report.transport_errors())),
+            )
+            .chain((report.unfinished() > 0).then(|| format!("{} unfinished", report.unfinished())))
+            .collect();
+        format!(" (+ {})", codes.join(", "))
     }
 }
 
@@ -578,119 +591,138 @@ fn latency_cells(p: Percentiles) -> String {
     format!("{} | {} | {}", ms(p.p50), ms(p.p99), ms(p.p999))
 }
 
+fn p99_overhead_us(real: &Run, echo: &Run) -> f64 {
+    real.report.ok_latency().p99 as f64 - echo.report.ok_latency().p99 as f64
+}
+
 fn local_markdown(
     args: &Args,
     request_bytes: usize,
     summary: &FeedbackSummary,
-    rounds: &[(Run, Run)],
-    unloaded: (&Run, &Run),
-    open: (&Run, &Run),
-    rate: f64,
+    results: &LocalResults,
 ) -> String {
     let mut md = String::new();
     md.push_str(&format!(
-        "Request: {} entries, chunk_size {}, {request_bytes} bytes; answer {} bytes.\n\n",
+        "Request: {} entries, chunk_size {}, {request_bytes} bytes; answer {} bytes (the echo \
+         server sends the real service's answer to this request).\n\n",
         args.entries,
         args.chunk_size,
         summary.encoded_len()
     ));
     md.push_str(&format!(
-        "Saturation: closed loop, {} callers over {} connections, {} s warm-up + {} s measured per \
-         server per round, order alternating.\n\n",
+        "Saturation: closed loop, {} callers over {} connections, {} s warm-up + {} s measured \
+         per server per round, {} rounds, starting order rotated.\n\n",
         args.concurrency,
         args.connections,
         args.warmup.as_secs_f64(),
-        args.duration.as_secs_f64()
+        args.duration.as_secs_f64(),
+        args.rounds.max(1)
     ));
     md.push_str(
-        "| round | server | OK req/s | p50 ms | p99 ms | p99.9 ms | server CPU/call | \
-         client CPU/call |\n|---|---|---|---|---|---|---|---|\n",
+        "| round | server | OK req/s | p50 ms | p99 ms | p99.9 ms | server CPU/call | load \
+         generator CPU/call |\n|---|---|---|---|---|---|---|---|\n",
     );
-    let mut ratios = Vec::new();
-    let mut overheads = Vec::new();
-    for (i, (echo, real)) in rounds.iter().enumerate() {
-        for (name, run) in [("echo", echo), ("insight-service", real)] {
-            md.push_str(&format!(
-                "| {} | {name} | {:.0}{} | {} | {:.0} µs | {:.0} µs |\n",
-                i + 1,
-                run.report.ok_rps(),
-                errors_note(&run.report),
-                latency_cells(run.report.ok_latency()),
-                run.server_cpu_us,
-                run.client_cpu_us
-            ));
+    for round in 0..args.rounds.max(1) {
+        for (name, runs) in results.names.iter().zip(&results.saturated) {
+            if let Some(run) = runs.get(round) {
+                md.push_str(&format!(
+                    "| {} | {name} | {:.0}{} | {} | {:.0} µs | {:.0} µs |\n",
+                    round + 1,
+                    run.report.ok_rps(),
+                    errors_note(&run.report),
+                    latency_cells(run.report.ok_latency()),
+                    run.server_cpu_us,
+                    run.client_cpu_us
+                ));
+            }
         }
-        ratios.push(real.report.ok_rps() / echo.report.ok_rps());
-        overheads.push(real.report.ok_latency().p99 as f64 - echo.report.ok_latency().p99 as f64);
     }
-    let ratio = median(&mut ratios);
-    let overhead = median(&mut overheads);
-    md.push_str(&format!(
-        "\nThroughput ratio (median of {} rounds): **{:.1}%** of echo (per round: {}) — target ≥ \
-         80%: {}.\n",
-        ratios.len(),
-        ratio * 100.0,
-        ratios
+    md.push('\n');
+    let echo_runs = &results.saturated[0];
+    for (name, runs) in results.names.iter().zip(&results.saturated).skip(1) {
+        let mut ratios: Vec<f64> = runs
+            .iter()
+            .zip(echo_runs)
+            .map(|(real, echo)| real.report.ok_rps() / echo.report.ok_rps())
+            .collect();
+        let per_round = ratios
             .iter()
             .map(|r| format!("{:.1}%", r * 100.0))
             .collect::<Vec<_>>()
-            .join(", "),
-        verdict(ratio >= THROUGHPUT_TARGET)
-    ));
-    md.push_str(&format!(
-        "p99 overhead under saturation (median): **{:+.3} ms** — target ≤ 0.3 ms: {}.\n",
-        overhead / 1000.0,
-        verdict(overhead <= P99_OVERHEAD_TARGET_US)
-    ));
+            .join(", ");
+        let ratio = median(&mut ratios);
+        let mut overheads: Vec<f64> = runs
+            .iter()
+            .zip(echo_runs)
+            .map(|(real, echo)| p99_overhead_us(real, echo))
+            .collect();
+        let overhead = median(&mut overheads);
+        md.push_str(&format!(
+            "- {name}: throughput **{:.1}%** of echo (median; rounds: {per_round}), target ≥ 80%: \
+             {}; p99 overhead under saturation **{:+.3} ms** (median), target ≤ 0.3 ms: {}.\n",
+            ratio * 100.0,
+            verdict(ratio >= THROUGHPUT_TARGET),
+            overhead / 1000.0,
+            verdict(overhead <= P99_OVERHEAD_TARGET_US)
+        ));
+    }
 
-    let (echo, real) = unloaded;
-    let unloaded_overhead =
-        real.report.ok_latency().p99 as f64 - echo.report.ok_latency().p99 as f64;
     md.push_str(&format!(
         "\nUnloaded: one caller, one connection, {} s.\n\n| server | OK req/s | p50 ms | p99 ms | \
-         p99.9 ms | server CPU/call |\n|---|---|---|---|---|---|\n",
+         p99.9 ms | server CPU/call | p99 overhead |\n|---|---|---|---|---|---|---|\n",
         args.short_duration.as_secs_f64()
     ));
-    for (name, run) in [("echo", echo), ("insight-service", real)] {
+    let echo = &results.unloaded[0];
+    for (name, run) in results.names.iter().zip(&results.unloaded) {
+        let overhead = p99_overhead_us(run, echo);
         md.push_str(&format!(
-            "| {name} | {:.0}{} | {} | {:.0} µs |\n",
+            "| {name} | {:.0}{} | {} | {:.0} µs | {} |\n",
             run.report.ok_rps(),
             errors_note(&run.report),
             latency_cells(run.report.ok_latency()),
-            run.server_cpu_us
+            run.server_cpu_us,
+            if *name == ECHO {
+                "—".to_owned()
+            } else {
+                format!(
+                    "{:+.3} ms ({})",
+                    overhead / 1000.0,
+                    verdict(overhead <= P99_OVERHEAD_TARGET_US)
+                )
+            }
         ));
     }
-    md.push_str(&format!(
-        "\np99 overhead unloaded: **{:+.3} ms** (p50 {:+.3} ms) — target ≤ 0.3 ms: {}.\n",
-        unloaded_overhead / 1000.0,
-        (real.report.ok_latency().p50 as f64 - echo.report.ok_latency().p50 as f64) / 1000.0,
-        verdict(unloaded_overhead <= P99_OVERHEAD_TARGET_US)
-    ));
 
-    let (echo, real) = open;
     md.push_str(&format!(
-        "\nOpen loop at {rate:.0} calls/s (half the real service's saturated rate), {} \
-         connections, {} s; latency from each call's intended send time.\n\n| server | OK req/s \
-         | p50 ms | p99 ms | p99.9 ms | not sent | send lag p99 ms |\n|---|---|---|---|---|---|---|\n",
+        "\nOpen loop at {:.0} calls/s (half the slowest server's saturated rate), {} connections, \
+         {} s; latency from each call's intended send time.\n\n| server | OK req/s | p50 ms | p99 \
+         ms | p99.9 ms | not sent | send lag p99 ms | p99 overhead |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        results.open_rate,
         args.connections,
         args.short_duration.as_secs_f64()
     ));
-    for (name, run) in [("echo", echo), ("insight-service", real)] {
+    let echo = &results.open[0];
+    for (name, run) in results.names.iter().zip(&results.open) {
+        let overhead = p99_overhead_us(run, echo);
         md.push_str(&format!(
-            "| {name} | {:.0}{} | {} | {} | {} |\n",
+            "| {name} | {:.0}{} | {} | {} | {} | {} |\n",
             run.report.ok_rps(),
             errors_note(&run.report),
             latency_cells(run.report.ok_latency()),
             run.report.not_sent,
-            ms(run.report.send_lag().p99)
+            ms(run.report.send_lag().p99),
+            if *name == ECHO {
+                "—".to_owned()
+            } else {
+                format!(
+                    "{:+.3} ms ({})",
+                    overhead / 1000.0,
+                    verdict(overhead <= P99_OVERHEAD_TARGET_US)
+                )
+            }
         ));
     }
-    let open_overhead = real.report.ok_latency().p99 as f64 - echo.report.ok_latency().p99 as f64;
-    md.push_str(&format!(
-        "\np99 overhead at {rate:.0}/s: **{:+.3} ms** — target ≤ 0.3 ms: {}.\n",
-        open_overhead / 1000.0,
-        verdict(open_overhead <= P99_OVERHEAD_TARGET_US)
-    ));
     md
 }
 

@@ -17,8 +17,8 @@ use spotifai_proto::insight::{
     insight_service_server::{InsightService, InsightServiceServer},
 };
 use tokio::net::TcpListener;
-use tokio_stream::{Stream, wrappers::TcpListenerStream};
-use tonic::{Code, Request, Response, Status, Streaming};
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status, Streaming, transport::server::TcpIncoming};
 
 /// A boxed server stream, as tonic's associated stream types want.
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -176,6 +176,10 @@ impl InsightService for EchoInsight {
 /// Serves `service` on `listener` (bound by the caller, e.g. to `127.0.0.1:0`, so the port is
 /// known before the first call) until `shutdown` resolves. No middleware, health or reflection:
 /// this is the floor a real server is measured against.
+///
+/// Accepted connections get TCP_NODELAY, as tonic's own `Server::serve` sets by default.
+/// `serve_with_incoming` ignores the builder's `tcp_nodelay`, and without it a response written
+/// in more than one piece waits for the client's delayed ACK (about 40 ms on Linux).
 pub async fn serve_echo(
     listener: TcpListener,
     service: EchoInsight,
@@ -183,6 +187,9 @@ pub async fn serve_echo(
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(InsightServiceServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
 }

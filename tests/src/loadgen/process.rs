@@ -194,9 +194,12 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
 /// User + system CPU time used so far by process `pid` (this process: `std::process::id()`),
 /// from `/proc/<pid>/stat`.
 pub fn cpu_time(pid: u32) -> Result<Duration, ProcessError> {
+    stat_cpu_time(&format!("/proc/{pid}/stat"), pid)
+}
+
+fn stat_cpu_time(path: &str, pid: u32) -> Result<Duration, ProcessError> {
     let error = |reason: String| ProcessError::Stat { pid, reason };
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| error(e.to_string()))?;
+    let stat = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
     // The command name may hold spaces and parentheses; the fields after its last ')' do not.
     let (_, after_name) = stat
         .rsplit_once(')')

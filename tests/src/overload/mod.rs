@@ -46,7 +46,7 @@ pub use cgroup::{CgroupError, CgroupMemory, MemoryCgroup, V1_MEMORY_ROOT, v1_mem
 pub use llm::{FAKE_GEMINI_KEY, LlmCounts, LoadGemini};
 
 use crate::loadgen::{
-    self, ChildServer, LoadConfig, LoadError, Percentiles, ProcessError, Report, Rpc,
+    self, ChildServer, HealthCheck, LoadConfig, LoadError, Percentiles, ProcessError, Report, Rpc,
     request_with_timeout,
 };
 
@@ -63,6 +63,8 @@ pub const MAX_OUTSTANDING: usize = 200;
 /// `--max-concurrency` of the server under test (its default), and the closed-loop
 /// concurrency at which its sustainable rate is measured.
 pub const MAX_CONCURRENCY: usize = 4;
+/// The server's `--queue-timeout` (its default): how long a queued call may wait for a slot.
+pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the server may take to log its address.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -578,6 +580,10 @@ pub struct Measured {
     pub report: Report,
     /// What the RPC saw beyond status codes.
     pub tally: TallySnapshot,
+    /// Latency of `grpc.health.v1.Health/Check` calls sent alongside the load (on their own
+    /// connection, at a low fixed rate): what any answer from this server costs at this load
+    /// on this machine, the baseline a refusal's latency is compared with.
+    pub health: Percentiles,
     /// The server's memory at the end (peaks since the phase began).
     pub memory: MemoryReading,
     /// Whether the server process was alive at the end.
@@ -632,6 +638,9 @@ impl Measured {
     }
 }
 
+/// Health checks per second sent alongside every load phase.
+const HEALTH_PROBE_RATE: f64 = 20.0;
+
 /// How often the watcher samples the server's liveness and its group's usage during a run.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -660,18 +669,32 @@ pub async fn measure(
             }
         }
     });
-    let report = loadgen::run(channels, Arc::new(rpc.clone()), config).await;
+    let probe_channels = loadgen::connect(&server.url(), 1).await?;
+    let probe_config = LoadConfig {
+        mode: loadgen::Mode::Open {
+            rate: HEALTH_PROBE_RATE,
+            max_outstanding: 64,
+        },
+        timeout: Some(Duration::from_secs(5)),
+        drain: Duration::from_secs(6),
+        ..config.clone()
+    };
+    let (report, health) = tokio::join!(
+        loadgen::run(channels, Arc::new(rpc.clone()), config),
+        loadgen::run(probe_channels, Arc::new(HealthCheck), &probe_config),
+    );
     let died_after = if watcher.is_finished() {
         watcher.await.ok()
     } else {
         watcher.abort();
         None
     };
-    let report = report?;
+    let (report, health) = (report?, health?);
     let after = llm.counts();
     Ok(Measured {
         report,
         tally: rpc.snapshot().map_err(LoadError::from)?,
+        health: health.all_latency(),
         memory: server.memory()?,
         alive: server.alive(),
         died_after,
@@ -698,6 +721,14 @@ pub fn sustainable_config(duration: Duration) -> LoadConfig {
         max_requests: None,
         drain: Duration::from_secs(30),
     }
+}
+
+/// The client deadline of the overload runs: three times the p99 of an admitted call at the
+/// sustainable rate plus the queue timeout, within 10..=30 s. Far above what an admitted call
+/// takes (its queue wait plus its own duration), so only a hang reaches it.
+pub fn overload_deadline(sustained: &Measured) -> Duration {
+    let p99 = Duration::from_micros(sustained.report.ok_latency().p99);
+    (p99 * 3 + QUEUE_TIMEOUT).clamp(Duration::from_secs(10), Duration::from_secs(30))
 }
 
 /// The open-loop run at `rate` calls/s with at most [`MAX_OUTSTANDING`] callers in flight.
@@ -805,6 +836,13 @@ pub fn summary_table(columns: &[(&str, &Measured)], sustainable: f64) -> String 
         } else {
             format!("{} / {}", loadgen::ms(p.p50), loadgen::ms(p.p99))
         }
+    });
+    row("health check p50 / p99 ms", &|m| {
+        format!(
+            "{} / {}",
+            loadgen::ms(m.health.p50),
+            loadgen::ms(m.health.p99)
+        )
     });
     row("queue-timeout refusal p50 ms", &|m| {
         m.tally

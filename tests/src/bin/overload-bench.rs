@@ -1,0 +1,486 @@
+//! overload-bench: insight-service under overload (issue 5, item 6), the numbers behind the
+//! `## insight-service: overload` section of BENCHMARKS.md.
+//!
+//! The real `insight-service` binary runs in a 256 MiB cgroup v1 memory group (when this runs
+//! as root on a host with the v1 memory controller; otherwise unconfined, and peak memory is
+//! read from `VmHWM` only), against a fake Gemini in this process answering every call after
+//! 200 ms with ~2 KB. Every call is the OOM test's request: 1,500 entries of 2 KB (~3 MB),
+//! 30 map calls.
+//!
+//! 1. **Sustainable rate**: closed loop with `--max-concurrency` (4) callers for 15 s.
+//! 2. **Offered load sweep**: open loop at 1×, 2×, 5× and 10× that rate (at most 200 calls in
+//!    flight), 20 s each, on the same server process: goodput (complete OK answers per second),
+//!    p50/p99 latency of admitted calls from their intended send time, refusals by reason, the
+//!    latency of immediate refusals (target: p99 ≤ 1 ms) apart from the queue-timeout ones
+//!    (which wait `--queue-timeout` by design), peak memory per level.
+//! 3. **Control**: the top level again with `--overload-protection off`, in a fresh group
+//!    (expected: the kernel's OOM killer).
+//!
+//! It prints a Markdown section to paste into BENCHMARKS.md. Loopback only; every phase is
+//! bounded in time; children are killed and groups removed when their phase ends (also on
+//! error). Not a test target, so `cargo test` never runs it:
+//! `cargo run --release -p spotifai-e2e --bin overload-bench`.
+
+use std::{
+    error::Error,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Duration,
+};
+
+use clap::Parser;
+use spotifai_e2e::{
+    loadgen::ms,
+    overload::{
+        self, CGROUP_LIMIT, LoadGemini, MAX_CONCURRENCY, MAX_OUTSTANDING, Measured, MemoryCgroup,
+        OverloadServer, QUEUE_TIMEOUT_REASON, ServerSpec, Workload,
+    },
+};
+
+type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// The issue's shed-latency target: a refusal answered within 1 ms at p99.
+const SHED_P99_TARGET_US: u64 = 1000;
+
+/// Measures goodput, latency, refusal latency and peak memory of insight-service against
+/// offered load, in a 256 MiB memory cgroup.
+#[derive(Debug, Parser)]
+#[command(name = "overload-bench", about)]
+struct Args {
+    /// The insight-service binary (default: the one next to this executable, built first by
+    /// cargo for the same profile when run through cargo).
+    #[arg(long, env = "OVERLOAD_BENCH_SERVER_BIN")]
+    server_bin: Option<PathBuf>,
+
+    /// Offered load levels, in multiples of the sustainable rate.
+    #[arg(
+        long,
+        env = "OVERLOAD_BENCH_LEVELS",
+        value_delimiter = ',',
+        default_value = "1,2,5,10"
+    )]
+    levels: Vec<f64>,
+
+    /// Measurement window of each load level.
+    #[arg(long, env = "OVERLOAD_BENCH_WINDOW", default_value = "20s", value_parser = humantime::parse_duration)]
+    window: Duration,
+
+    /// Measurement window of the sustainable-rate run.
+    #[arg(long, env = "OVERLOAD_BENCH_SUSTAIN_WINDOW", default_value = "15s", value_parser = humantime::parse_duration)]
+    sustain_window: Duration,
+
+    /// Measurement window of the control run (protection off).
+    #[arg(long, env = "OVERLOAD_BENCH_CONTROL_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
+    control_window: Duration,
+
+    /// Skip the control run.
+    #[arg(long, env = "OVERLOAD_BENCH_NO_CONTROL")]
+    no_control: bool,
+
+    /// Run the server without a memory cgroup even when one could be created.
+    #[arg(long, env = "OVERLOAD_BENCH_NO_CGROUP")]
+    no_cgroup: bool,
+
+    /// Entries per request.
+    #[arg(long, env = "OVERLOAD_BENCH_ENTRIES", default_value_t = 1500)]
+    entries: usize,
+
+    /// Bytes of text per entry.
+    #[arg(long, env = "OVERLOAD_BENCH_ENTRY_BYTES", default_value_t = 2000)]
+    entry_bytes: usize,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match bench(&args).await {
+        Ok(markdown) => {
+            println!("\n{markdown}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("overload-bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `insight-service` binary: `--server-bin`, else the one next to this executable, built
+/// first through cargo when run by cargo (so the numbers are never those of a stale binary).
+fn server_bin(args: &Args) -> BenchResult<PathBuf> {
+    if let Some(bin) = &args.server_bin {
+        return if bin.is_file() {
+            Ok(bin.clone())
+        } else {
+            Err(format!("--server-bin {} is not a file", bin.display()).into())
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let dir = exe
+        .parent()
+        .ok_or("this executable has no parent directory")?;
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut build = Command::new(cargo);
+        build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "-p",
+            "insight-service",
+            "--bin",
+            "insight-service",
+        ]);
+        if dir.file_name().is_some_and(|name| name == "release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .map_err(|e| format!("cannot run cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build -p insight-service failed ({status})").into());
+        }
+    }
+    let bin = dir.join("insight-service");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} is missing: build it with `cargo build --release -p insight-service`, or pass \
+             --server-bin",
+            bin.display()
+        )
+        .into())
+    }
+}
+
+/// One line about the machine: cores, memory, kernel, load average when the run started.
+fn machine_note() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / f64::from(1 << 20));
+    let load: Vec<String> = read("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .map(str::to_owned)
+        .collect();
+    format!(
+        "{cores} cores, {mem_gib:.0} GiB, Linux {}, load average {} at the start (a shared, \
+         noisy machine: other builds and tests run on the same cores)",
+        read("/proc/sys/kernel/osrelease").trim(),
+        load.join(" ")
+    )
+}
+
+fn group(root: Option<&Path>) -> BenchResult<Option<MemoryCgroup>> {
+    Ok(match root {
+        Some(root) => Some(MemoryCgroup::create(root, CGROUP_LIMIT)?),
+        None => None,
+    })
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or_else(
+        || "-".to_owned(),
+        |b| format!("{:.0}", b as f64 / 1048576.0),
+    )
+}
+
+fn refusals(m: &Measured) -> String {
+    let parts: Vec<String> = m
+        .tally
+        .refusals
+        .iter()
+        .map(|(reason, p)| format!("{reason} {}", p.count))
+        .collect();
+    if parts.is_empty() {
+        "0".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Statuses that are neither OK nor RESOURCE_EXHAUSTED, failures below gRPC, unfinished.
+fn other_outcomes(m: &Measured) -> String {
+    let mut parts: Vec<String> = m
+        .report
+        .status_counts()
+        .into_iter()
+        .filter(|(name, _)| !matches!(*name, "OK" | "RESOURCE_EXHAUSTED"))
+        .map(|(name, count)| format!("{name} {count}"))
+        .collect();
+    if m.report.transport_errors() > 0 {
+        parts.push(format!("transport {}", m.report.transport_errors()));
+    }
+    if m.report.unfinished() > 0 {
+        parts.push(format!("unfinished {}", m.report.unfinished()));
+    }
+    if parts.is_empty() {
+        "0".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn print_phase(title: &str, m: &Measured, sustainable: f64) {
+    println!(
+        "\n== {title} ==\n{}",
+        overload::summary_table(&[(title, m)], sustainable)
+    );
+}
+
+async fn bench(args: &Args) -> BenchResult<String> {
+    let bin = server_bin(args)?;
+    let workload = Workload {
+        entries: args.entries,
+        entry_bytes: args.entry_bytes,
+        ..Workload::default()
+    };
+    let body = workload.encoded();
+    let expected = u32::try_from(workload.entries)?;
+    let machine = machine_note();
+    let root = if args.no_cgroup {
+        println!("running without a memory cgroup (--no-cgroup)");
+        None
+    } else {
+        match overload::v1_memory_support() {
+            Ok(root) => Some(root),
+            Err(reason) => {
+                println!("running without a memory cgroup: {reason}");
+                None
+            }
+        }
+    };
+    let llm = LoadGemini::start(overload::LLM_DELAY, overload::LLM_ANSWER_BYTES)
+        .await
+        .map_err(|e| format!("cannot start the fake Gemini: {e}"))?;
+    let spec = |protection| ServerSpec {
+        bin: &bin,
+        llm_url: llm.base_url(),
+        protection,
+        prompt_budget_bytes: workload.prompt_budget_bytes(),
+        extra: Vec::new(),
+    };
+    println!(
+        "{machine}\nserver {}; requests of {} entries x {} B = {} bytes, {} map calls each",
+        bin.display(),
+        workload.entries,
+        workload.entry_bytes,
+        body.len(),
+        workload.chunks()
+    );
+
+    // Sustainable rate and the sweep, on one protected server.
+    let server = OverloadServer::start(&spec(true), group(root.as_deref())?)?;
+    let sustained = overload::measure(
+        &server,
+        &llm,
+        &body,
+        expected,
+        &overload::sustainable_config(args.sustain_window),
+    )
+    .await?;
+    let sustainable = sustained.goodput();
+    print_phase("sustainable (closed loop x4)", &sustained, sustainable);
+    if sustainable <= 0.0 {
+        return Err(format!(
+            "the server completed nothing at its sustainable rate:\n{}\nlast logs:\n{}",
+            sustained.report.table(),
+            server.log_tail().join("\n")
+        )
+        .into());
+    }
+    let deadline = overload::overload_deadline(&sustained);
+    let mut levels = Vec::new();
+    for &level in &args.levels {
+        let rate = level * sustainable;
+        let config = overload::open_config(rate, args.window, deadline);
+        let measured = overload::measure(&server, &llm, &body, expected, &config).await?;
+        print_phase(&format!("{level}x = {rate:.2}/s"), &measured, sustainable);
+        levels.push((level, measured));
+    }
+    drop(server);
+
+    let top = args.levels.iter().copied().fold(0.0, f64::max).max(1.0);
+    let control = if args.no_control {
+        None
+    } else {
+        let server = OverloadServer::start(&spec(false), group(root.as_deref())?)?;
+        let config = overload::open_config(top * sustainable, args.control_window, deadline);
+        let measured = overload::measure(&server, &llm, &body, expected, &config).await?;
+        print_phase("control: protection off", &measured, sustainable);
+        Some(measured)
+    };
+
+    Ok(markdown(
+        args,
+        &machine,
+        &workload,
+        body.len(),
+        root.is_some(),
+        &sustained,
+        deadline,
+        &levels,
+        control.as_ref().map(|c| (top, c)),
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn markdown(
+    args: &Args,
+    machine: &str,
+    workload: &Workload,
+    body_len: usize,
+    in_cgroup: bool,
+    sustained: &Measured,
+    deadline: Duration,
+    levels: &[(f64, Measured)],
+    control: Option<(f64, &Measured)>,
+) -> String {
+    let sustainable = sustained.goodput();
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Machine: {machine}.\n\nServer: release `insight-service --llm-backend gemini` with every \
+         overload setting at its default (`--max-concurrency 4 --queue-depth 8 --queue-timeout \
+         2s`, memory budget = half the cgroup limit), `--prompt-budget-bytes {}`; {}. Fake \
+         Gemini in the driving process: {} ms per call, ~{} B answers. Every call: \
+         SummarizeFeedback of {} entries × {} B ({body_len} bytes encoded), chunk size {} = {} \
+         map calls + 1 reduce, map parallelism 4. Client: {} HTTP/2 connections, open loop \
+         with at most {MAX_OUTSTANDING} calls in flight, deadline {:.1} s, {} s per level.\n",
+        workload.prompt_budget_bytes(),
+        if in_cgroup {
+            format!(
+                "in a cgroup v1 memory group with a {} MiB hard limit (memsw too, no swap)",
+                CGROUP_LIMIT >> 20
+            )
+        } else {
+            "unconfined (no memory cgroup could be created)".to_owned()
+        },
+        overload::LLM_DELAY.as_millis(),
+        overload::LLM_ANSWER_BYTES,
+        workload.entries,
+        workload.entry_bytes,
+        workload.chunk_size,
+        workload.chunks(),
+        overload::CONNECTIONS,
+        deadline.as_secs_f64(),
+        args.window.as_secs()
+    );
+    let p = sustained.report.ok_latency();
+    let _ = writeln!(
+        md,
+        "Sustainable rate (closed loop, {MAX_CONCURRENCY} callers, {} s): **{sustainable:.2} \
+         calls/s** ({} complete answers, p50 {} ms, p99 {} ms per call; {} LLM calls).\n",
+        args.sustain_window.as_secs(),
+        sustained.good(),
+        ms(p.p50),
+        ms(p.p99),
+        sustained.llm.requests
+    );
+    let _ = writeln!(
+        md,
+        "| offered | calls/s | calls | goodput /s | vs sustainable | admitted p50 ms | admitted \
+         p99 ms | refused (ErrorInfo reason) | other outcomes | immediate refusal p50 / p99 / \
+         max ms | health check p50 / p99 ms | queue-timeout refusal p50 ms | cgroup peak MiB | VmHWM MiB | oom_kill | \
+         alive |\n|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"
+    );
+    let mut rows: Vec<(String, &Measured)> = levels
+        .iter()
+        .map(|(level, m)| (format!("{level}×"), m))
+        .collect();
+    if let Some((top, control)) = control {
+        rows.push((format!("{top}×, protection **off**"), control));
+    }
+    for (label, m) in &rows {
+        let admitted = m.report.ok_latency();
+        let fast = m.tally.immediate;
+        let queue_timeout = m
+            .tally
+            .refusals
+            .iter()
+            .find(|(r, _)| r == QUEUE_TIMEOUT_REASON)
+            .map_or_else(|| "-".to_owned(), |(_, p)| ms(p.p50));
+        let cgroup = m.memory.cgroup;
+        let _ = writeln!(
+            md,
+            "| {label} | {:.2} | {} | {:.2} | {:.0}% | {} | {} | {} | {} | {} | {} / {} | \
+             {queue_timeout} | {} | {} | {} | {} |",
+            m.report.target_rate.unwrap_or(0.0),
+            m.report.requests(),
+            m.goodput(),
+            100.0 * m.goodput() / sustainable,
+            if admitted.count == 0 {
+                "-".to_owned()
+            } else {
+                ms(admitted.p50)
+            },
+            if admitted.count == 0 {
+                "-".to_owned()
+            } else {
+                ms(admitted.p99)
+            },
+            refusals(m),
+            other_outcomes(m),
+            if fast.count == 0 {
+                "-".to_owned()
+            } else {
+                format!("{} / {} / {}", ms(fast.p50), ms(fast.p99), ms(fast.max))
+            },
+            ms(m.health.p50),
+            ms(m.health.p99),
+            mib(cgroup.map(|c| c.max_usage)),
+            mib(m.memory.vm_hwm),
+            cgroup
+                .and_then(|c| c.oom_kill)
+                .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+            match (m.alive, m.died_after) {
+                (true, _) => "yes".to_owned(),
+                (false, Some(after)) => format!("**no** (killed at {:.1} s)", after.as_secs_f64()),
+                (false, None) => "**no**".to_owned(),
+            },
+        );
+    }
+    // The verdicts, stated with their numbers.
+    let fast_p99 = levels
+        .iter()
+        .filter(|(_, m)| m.tally.immediate.count > 0)
+        .map(|(level, m)| (*level, m.tally.immediate.p99))
+        .max_by_key(|(_, p99)| *p99);
+    let _ = writeln!(md);
+    match fast_p99 {
+        Some((level, p99)) => {
+            let _ = writeln!(
+                md,
+                "Shed latency (immediate refusals, client-side from the call's start): worst \
+                 p99 {} ms at {level}× — target ≤ 1 ms: **{}**.",
+                ms(p99),
+                if p99 <= SHED_P99_TARGET_US {
+                    "met"
+                } else {
+                    "missed"
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(md, "No immediate refusals at any level.");
+        }
+    }
+    let min_goodput = levels
+        .iter()
+        .filter(|(level, _)| *level > 1.0)
+        .map(|(level, m)| (*level, m.goodput() / sustainable))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    if let Some((level, ratio)) = min_goodput {
+        let _ = writeln!(
+            md,
+            "Goodput under overload: lowest {:.0}% of the sustainable rate (at {level}×) — \
+             target ≥ 90%: **{}**.",
+            ratio * 100.0,
+            if ratio >= 0.9 { "met" } else { "missed" }
+        );
+    }
+    md
+}

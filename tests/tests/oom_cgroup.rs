@@ -134,7 +134,7 @@ async fn insight_service_is_not_oom_killed_at_10x_overload_in_a_256_mib_cgroup()
         &llm,
         &body,
         expected,
-        &overload::sustainable_config(SUSTAIN_WINDOW),
+        &overload::sustainable_config(MAX_CONCURRENCY, SUSTAIN_WINDOW),
     )
     .await
     .unwrap();

@@ -60,7 +60,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Benchmarks insight-service against a bare tonic echo server and a fake Gemini.
 #[derive(Debug, Parser)]
-#[command(name = "insight-bench", about)]
+#[command(name = "insight-bench")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Role>,
@@ -159,7 +159,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("insight-bench: {error}");
+            eprintln!("insight-bench: {}", loadgen::error_chain(&*error));
             ExitCode::FAILURE
         }
     }

@@ -18,7 +18,7 @@ use spotifai_e2e::loadgen::{
 
 /// Applies closed-loop or open-loop gRPC load and counts every grpc-status.
 #[derive(Debug, Parser)]
-#[command(name = "loadgen", version, about)]
+#[command(name = "loadgen", version)]
 struct Args {
     /// Server to load (plaintext HTTP/2).
     #[arg(long, env = "LOADGEN_TARGET", default_value = "http://127.0.0.1:50051")]
@@ -134,7 +134,7 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("loadgen: {error}");
+            eprintln!("loadgen: {}", loadgen::error_chain(&*error));
             ExitCode::FAILURE
         }
     }

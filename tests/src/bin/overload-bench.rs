@@ -82,6 +82,11 @@ struct Args {
     #[arg(long, env = "OVERLOAD_BENCH_NO_CGROUP")]
     no_cgroup: bool,
 
+    /// The server's `--max-concurrency`, also the number of callers of the sustainable-rate
+    /// run (default: the server's default).
+    #[arg(long, env = "OVERLOAD_BENCH_MAX_CONCURRENCY", default_value_t = MAX_CONCURRENCY)]
+    max_concurrency: usize,
+
     /// Entries per request.
     #[arg(long, env = "OVERLOAD_BENCH_ENTRIES", default_value_t = 1500)]
     entries: usize,
@@ -261,7 +266,10 @@ async fn bench(args: &Args) -> BenchResult<String> {
         llm_url: llm.base_url(),
         protection,
         prompt_budget_bytes: workload.prompt_budget_bytes(),
-        extra: Vec::new(),
+        extra: vec![
+            "--max-concurrency".to_owned(),
+            args.max_concurrency.to_string(),
+        ],
     };
     println!(
         "{machine}\nserver {}; requests of {} entries x {} B = {} bytes, {} map calls each",
@@ -279,11 +287,15 @@ async fn bench(args: &Args) -> BenchResult<String> {
         &llm,
         &body,
         expected,
-        &overload::sustainable_config(args.sustain_window),
+        &overload::sustainable_config(args.max_concurrency, args.sustain_window),
     )
     .await?;
     let sustainable = sustained.goodput();
-    print_phase("sustainable (closed loop x4)", &sustained, sustainable);
+    print_phase(
+        &format!("sustainable (closed loop x{})", args.max_concurrency),
+        &sustained,
+        sustainable,
+    );
     if sustainable <= 0.0 {
         return Err(format!(
             "the server completed nothing at its sustainable rate:\n{}\nlast logs:\n{}",
@@ -344,12 +356,14 @@ fn markdown(
     let _ = writeln!(
         md,
         "Machine: {machine}.\n\nServer: release `insight-service --llm-backend gemini` with every \
-         overload setting at its default (`--max-concurrency 4 --queue-depth 8 --queue-timeout \
-         2s`, memory budget = half the cgroup limit), `--prompt-budget-bytes {}`; {}. Fake \
+         overload setting at its default (`--queue-depth 8 --queue-timeout 2s`, memory budget = \
+         half the cgroup limit) but `--max-concurrency {}` (default 4), \
+         `--prompt-budget-bytes {}`; {}. Fake \
          Gemini in the driving process: {} ms per call, ~{} B answers. Every call: \
          SummarizeFeedback of {} entries × {} B ({body_len} bytes encoded), chunk size {} = {} \
          map calls + 1 reduce, map parallelism 4. Client: {} HTTP/2 connections, open loop \
          with at most {MAX_OUTSTANDING} calls in flight, deadline {:.1} s, {} s per level.\n",
+        args.max_concurrency,
         workload.prompt_budget_bytes(),
         if in_cgroup {
             format!(
@@ -372,13 +386,17 @@ fn markdown(
     let p = sustained.report.ok_latency();
     let _ = writeln!(
         md,
-        "Sustainable rate (closed loop, {MAX_CONCURRENCY} callers, {} s): **{sustainable:.2} \
-         calls/s** ({} complete answers, p50 {} ms, p99 {} ms per call; {} LLM calls).\n",
+        "Sustainable rate (closed loop, {} callers, {} s): **{sustainable:.2} calls/s** ({} \
+         complete answers, p50 {} ms, p99 {} ms per call; {} LLM calls; health check p50 {} \
+         ms, p99 {} ms).\n",
+        args.max_concurrency,
         args.sustain_window.as_secs(),
         sustained.good(),
         ms(p.p50),
         ms(p.p99),
-        sustained.llm.requests
+        sustained.llm.requests,
+        ms(sustained.health.p50),
+        ms(sustained.health.p99)
     );
     let _ = writeln!(
         md,

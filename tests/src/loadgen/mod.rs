@@ -112,7 +112,7 @@ pub enum LoadError {
     #[error("invalid load configuration: {0}")]
     Invalid(&'static str),
     /// The target is not a URL tonic can connect to.
-    #[error("invalid target {target:?}: {source}")]
+    #[error("invalid target {target:?}: {}", error_chain(.source))]
     Target {
         /// The target as given.
         target: String,
@@ -120,7 +120,7 @@ pub enum LoadError {
         source: tonic::transport::Error,
     },
     /// A connection could not be established.
-    #[error("cannot connect to {target} (connection {index}): {source}")]
+    #[error("cannot connect to {target} (connection {index}): {}", error_chain(.source))]
     Connect {
         /// The target URL.
         target: String,
@@ -135,6 +135,23 @@ pub enum LoadError {
     /// A caller task panicked (a bug in the [`Rpc`] implementation).
     #[error("a load task failed: {0}")]
     Task(String),
+}
+
+/// An error and its causes on one line. tonic's transport errors say only "transport error" and
+/// keep the cause ("tcp connect error: Connection refused") in their source chain; a cause whose
+/// text is already shown is not repeated, since many errors include their source's text.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// How long establishing one connection may take.

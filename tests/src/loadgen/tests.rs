@@ -191,6 +191,9 @@ async fn a_refused_connection_is_a_transport_error_not_a_status() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
+    // Connecting up front fails at once, and says why (tonic alone says "transport error").
+    let error = connect(&url, 2).await.unwrap_err().to_string();
+    assert!(error.contains("Connection refused"), "{error}");
     let channel = tonic::transport::Endpoint::from_shared(url)
         .unwrap()
         .connect_lazy();

@@ -707,13 +707,11 @@ pub async fn measure(
     })
 }
 
-/// The closed-loop run that measures the sustainable rate: `MAX_CONCURRENCY` callers, i.e.
-/// exactly as many as the server runs at once, so nothing queues and nothing is refused.
-pub fn sustainable_config(duration: Duration) -> LoadConfig {
+/// The closed-loop run that measures the sustainable rate: `concurrency` callers, as many as
+/// the server runs at once (`--max-concurrency`), so nothing queues and nothing is refused.
+pub fn sustainable_config(concurrency: usize, duration: Duration) -> LoadConfig {
     LoadConfig {
-        mode: loadgen::Mode::Closed {
-            concurrency: MAX_CONCURRENCY,
-        },
+        mode: loadgen::Mode::Closed { concurrency },
         // One call per caller, so connections, pools and allocators are warm.
         warmup: Duration::from_secs(3),
         duration,

@@ -8,13 +8,17 @@
 //! 30 map calls.
 //!
 //! 1. **Sustainable rate**: closed loop with `--max-concurrency` (4) callers for 15 s.
-//! 2. **Offered load sweep**: open loop at 1×, 2×, 5× and 10× that rate (at most 200 calls in
-//!    flight), 20 s each, on the same server process: goodput (complete OK answers per second),
-//!    p50/p99 latency of admitted calls from their intended send time, refusals by reason, the
-//!    latency of immediate refusals (target: p99 ≤ 1 ms) apart from the queue-timeout ones
-//!    (which wait `--queue-timeout` by design), peak memory per level.
-//! 3. **Control**: the top level again with `--overload-protection off`, in a fresh group
-//!    (expected: the kernel's OOM killer).
+//! 2. **Offered load sweep**: open loop at 1×, 2×, 5×, 10× and 30× that rate (at most 200
+//!    calls in flight), 5 s warm-up + 20 s each, on the same server process: goodput
+//!    (complete OK answers per second of window, each call weighted by its share inside the
+//!    window), p50/p99 latency of admitted calls from their intended send time, refusals by
+//!    reason, the latency of immediate refusals (target: p99 ≤ 1 ms) apart from the
+//!    queue-timeout ones (which wait `--queue-timeout` by design) and next to that of health
+//!    checks sent at the same time, peak memory per level.
+//! 3. **Control**: 10× and 30× again with `--overload-protection off`, each on a fresh server
+//!    in a fresh group, 30 s (expected: the kernel's OOM killer, at least at 30×: the workload
+//!    is LLM-latency bound, so an unlimited server carries far more than 4 calls at once until
+//!    its memory runs out).
 //!
 //! It prints a Markdown section to paste into BENCHMARKS.md. Loopback only; every phase is
 //! bounded in time; children are killed and groups removed when their phase ends (also on
@@ -58,9 +62,20 @@ struct Args {
         long,
         env = "OVERLOAD_BENCH_LEVELS",
         value_delimiter = ',',
-        default_value = "1,2,5,10"
+        default_value = "1,2,5,10,30"
     )]
     levels: Vec<f64>,
+
+    /// Load levels of the control runs (protection off, each on a fresh server in a fresh
+    /// group); the flag without a value skips them.
+    #[arg(
+        long,
+        env = "OVERLOAD_BENCH_CONTROL_LEVELS",
+        value_delimiter = ',',
+        num_args = 0..,
+        default_value = "10,30"
+    )]
+    control_levels: Vec<f64>,
 
     /// Measurement window of each load level.
     #[arg(long, env = "OVERLOAD_BENCH_WINDOW", default_value = "20s", value_parser = humantime::parse_duration)]
@@ -70,13 +85,9 @@ struct Args {
     #[arg(long, env = "OVERLOAD_BENCH_SUSTAIN_WINDOW", default_value = "15s", value_parser = humantime::parse_duration)]
     sustain_window: Duration,
 
-    /// Measurement window of the control run (protection off).
+    /// Measurement window of each control run (protection off).
     #[arg(long, env = "OVERLOAD_BENCH_CONTROL_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
     control_window: Duration,
-
-    /// Skip the control run.
-    #[arg(long, env = "OVERLOAD_BENCH_NO_CONTROL")]
-    no_control: bool,
 
     /// Run the server without a memory cgroup even when one could be created.
     #[arg(long, env = "OVERLOAD_BENCH_NO_CGROUP")]
@@ -315,16 +326,19 @@ async fn bench(args: &Args) -> BenchResult<String> {
     }
     drop(server);
 
-    let top = args.levels.iter().copied().fold(0.0, f64::max).max(1.0);
-    let control = if args.no_control {
-        None
-    } else {
+    let mut controls = Vec::new();
+    for &level in &args.control_levels {
         let server = OverloadServer::start(&spec(false), group(root.as_deref())?)?;
-        let config = overload::open_config(top * sustainable, args.control_window, deadline);
+        let rate = level * sustainable;
+        let config = overload::open_config(rate, args.control_window, deadline);
         let measured = overload::measure(&server, &llm, &body, expected, &config).await?;
-        print_phase("control: protection off", &measured, sustainable);
-        Some(measured)
-    };
+        print_phase(
+            &format!("control: protection off, {level}x = {rate:.2}/s"),
+            &measured,
+            sustainable,
+        );
+        controls.push((level, measured));
+    }
 
     Ok(markdown(
         args,
@@ -335,7 +349,7 @@ async fn bench(args: &Args) -> BenchResult<String> {
         &sustained,
         deadline,
         &levels,
-        control.as_ref().map(|c| (top, c)),
+        &controls,
     ))
 }
 
@@ -349,7 +363,7 @@ fn markdown(
     sustained: &Measured,
     deadline: Duration,
     levels: &[(f64, Measured)],
-    control: Option<(f64, &Measured)>,
+    controls: &[(f64, Measured)],
 ) -> String {
     let sustainable = sustained.goodput();
     let mut md = String::new();
@@ -362,7 +376,9 @@ fn markdown(
          Gemini in the driving process: {} ms per call, ~{} B answers. Every call: \
          SummarizeFeedback of {} entries × {} B ({body_len} bytes encoded), chunk size {} = {} \
          map calls + 1 reduce, map parallelism 4. Client: {} HTTP/2 connections, open loop \
-         with at most {MAX_OUTSTANDING} calls in flight, deadline {:.1} s, {} s per level.\n",
+         with at most {MAX_OUTSTANDING} calls in flight, deadline {:.1} s, 5 s warm-up + {} s \
+         per level (control: {} s). Goodput counts complete OK answers per second of window, \
+         each call weighted by the share of its duration inside the window.\n",
         args.max_concurrency,
         workload.prompt_budget_bytes(),
         if in_cgroup {
@@ -381,7 +397,8 @@ fn markdown(
         workload.chunks(),
         overload::CONNECTIONS,
         deadline.as_secs_f64(),
-        args.window.as_secs()
+        args.window.as_secs(),
+        args.control_window.as_secs()
     );
     let p = sustained.report.ok_latency();
     let _ = writeln!(
@@ -409,8 +426,8 @@ fn markdown(
         .iter()
         .map(|(level, m)| (format!("{level}×"), m))
         .collect();
-    if let Some((top, control)) = control {
-        rows.push((format!("{top}×, protection **off**"), control));
+    for (level, control) in controls {
+        rows.push((format!("{level}×, protection **off**"), control));
     }
     for (label, m) in &rows {
         let admitted = m.report.ok_latency();
@@ -498,6 +515,25 @@ fn markdown(
              target ≥ 90%: **{}**.",
             ratio * 100.0,
             if ratio >= 0.9 { "met" } else { "missed" }
+        );
+    }
+    for (level, control) in controls {
+        let kills = control
+            .memory
+            .cgroup
+            .and_then(|c| c.oom_kill)
+            .map_or_else(|| "not reported".to_owned(), |n| n.to_string());
+        let fate = match (control.alive, control.died_after) {
+            (true, _) => "survived".to_owned(),
+            (false, Some(after)) => format!("was killed {:.1} s into the run", after.as_secs_f64()),
+            (false, None) => "died".to_owned(),
+        };
+        let _ = writeln!(
+            md,
+            "Control at {level}× (protection off): oom_kill {kills}; the process {fate}; peak \
+             {} MiB of {} MiB.",
+            mib(control.memory.cgroup.map(|c| c.max_usage)),
+            CGROUP_LIMIT >> 20
         );
     }
     md

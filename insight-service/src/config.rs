@@ -186,6 +186,11 @@ pub struct Config {
     /// binary). Turn off where a deploy step migrates, or the database user may not alter it.
     #[arg(long, env = "INSIGHT_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
+
+    /// How long a computed summary (and each remote chunk insight) is served from the insight
+    /// cache; 0 turns the cache off. Expired rows are deleted hourly (or every TTL if shorter).
+    #[arg(long, env = "INSIGHT_CACHE_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cache_ttl: Duration,
 }
 
 /// An on/off flag value.
@@ -263,6 +268,7 @@ impl Default for Config {
             h2_connection_window: 1 << 20,
             database_url: crate::store::DatabaseUrl::default(),
             migrate: true,
+            cache_ttl: Duration::from_secs(24 * 60 * 60),
         }
     }
 }

@@ -3,8 +3,10 @@
 
 use std::time::SystemTime;
 
+use serde::{Deserialize, Serialize};
+
 /// One piece of user feedback.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     /// Caller-chosen unique id.
     pub id: String,
@@ -21,7 +23,7 @@ pub struct Entry {
 }
 
 /// Overall tone of a set of entries.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SentimentLabel {
     /// Mostly positive.
     Positive,
@@ -35,7 +37,7 @@ pub enum SentimentLabel {
 }
 
 /// Sentiment of a chunk or of a whole summary.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sentiment {
     /// The overall label.
     pub label: SentimentLabel,
@@ -61,7 +63,7 @@ impl Sentiment {
 }
 
 /// Outcome of one chunk's map step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChunkStatus {
     /// Summarized.
     Ok,
@@ -70,7 +72,7 @@ pub enum ChunkStatus {
 }
 
 /// The insight for one chunk of entries.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChunkInsight {
     /// Position of the chunk in the input, from 0.
     pub index: u32,
@@ -89,7 +91,7 @@ pub struct ChunkInsight {
 }
 
 /// What the backend calls of one answer cost.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     /// Backend calls made, retries included.
     pub llm_calls: u32,
@@ -114,7 +116,7 @@ impl std::ops::AddAssign for Usage {
 }
 
 /// The final, reduced summary.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FeedbackSummary {
     /// Summary text, at most `max_words` words.
     pub summary: String,
@@ -141,7 +143,7 @@ pub struct FeedbackSummary {
 }
 
 /// Validated summary options, defaults applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SummaryOptions {
     /// Entries per chunk, 1..=50.
     pub chunk_size: usize,

@@ -6,7 +6,7 @@
 //! ([`pipeline`], [`llm`], [`music`], [`admission`], [`store`]), which know nothing of tonic.
 //! [`run`] assembles the server and its one tower chain.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use monitor_service::{
     lifecycle::{Drain, DrainLayer, reflection_services, serve_until_drained},
@@ -29,6 +29,7 @@ pub mod llm;
 pub mod music;
 pub mod pipeline;
 pub mod store;
+pub mod summaries;
 pub mod text;
 
 use admission::{
@@ -120,6 +121,10 @@ pub async fn run(
     // and a broken database shows in the log at once; in the background, because the server
     // serves summaries without the store and retries the connection on the next store call.
     let store = service.store().clone();
+    if !config.cache_ttl.is_zero() {
+        let every = config.cache_ttl.min(Duration::from_secs(60 * 60));
+        tokio::spawn(summaries::prune_cache(store.clone(), every));
+    }
     tokio::spawn(async move {
         match store.get().await {
             Ok(_) => tracing::info!(database = %store.url(), "insight store ready"),

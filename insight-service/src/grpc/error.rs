@@ -32,17 +32,30 @@ pub fn to_status(error: PipelineError) -> Status {
         error @ PipelineError::DeadlineExceeded { .. } => {
             Status::deadline_exceeded(error.to_string())
         }
+        error @ PipelineError::Source(_) => store_unavailable(error.to_string()),
     }
 }
 
-/// Maps a music-analysis error: bad input names its field; stored plays are not available
-/// yet; a failed LLM with fallback disabled is UNAVAILABLE naming the backend.
+/// UNAVAILABLE with the STORE_UNAVAILABLE reason: the database is down or went away; retrying
+/// later is safe.
+fn store_unavailable(message: String) -> Status {
+    let details = ErrorDetails::with_error_info(
+        "STORE_UNAVAILABLE",
+        DOMAIN,
+        std::collections::HashMap::new(),
+    );
+    Status::with_error_details(Code::Unavailable, message, details)
+}
+
+/// Maps a music-analysis error: bad input names its field; a user without stored plays is
+/// NOT_FOUND; a store failure is the store's status; a failed LLM with fallback disabled is UNAVAILABLE naming the backend.
 pub fn music_status(error: MusicError) -> Status {
     match error {
         MusicError::InvalidArgument { field, reason } => {
             to_status(PipelineError::InvalidArgument { field, reason })
         }
-        MusicError::StoredPlaysUnavailable => Status::unimplemented(error.to_string()),
+        error @ MusicError::NoStoredPlays { .. } => Status::not_found(error.to_string()),
+        MusicError::Store(error) => store_status(error),
         MusicError::BackendUnavailable { source } => to_status(PipelineError::BackendUnavailable {
             backend: source.backend().to_owned(),
             message: source.to_string(),
@@ -60,12 +73,7 @@ pub fn store_status(error: StoreError) -> Status {
             to_status(PipelineError::InvalidArgument { field, reason })
         }
         error @ (StoreError::Unavailable(_) | StoreError::Migrate(_)) => {
-            let details = ErrorDetails::with_error_info(
-                "STORE_UNAVAILABLE",
-                DOMAIN,
-                std::collections::HashMap::new(),
-            );
-            Status::with_error_details(Code::Unavailable, error.to_string(), details)
+            store_unavailable(error.to_string())
         }
         error @ StoreError::Corrupt(_) => Status::data_loss(error.to_string()),
     }

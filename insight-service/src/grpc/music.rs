@@ -15,6 +15,7 @@ use crate::{
         RankedItem, StatsBuilder,
     },
     pipeline::PipelineError,
+    store::Store,
 };
 
 /// Runs one AnalyzeMusic request: options, input, validation, statistics and analysis (see
@@ -30,16 +31,17 @@ use crate::{
 ///
 /// Errors, for the one status mapping: [`MusicError::InvalidArgument`] → INVALID_ARGUMENT (with
 /// the field path, e.g. `history.plays[3].artist`, `max_words`, `input`);
-/// [`MusicError::StoredPlaysUnavailable`] → UNIMPLEMENTED (a `user_id` request);
+/// [`MusicError::NoStoredPlays`] → NOT_FOUND (a `user_id` without plays);
 /// [`MusicError::BackendUnavailable`] → UNAVAILABLE naming `source.backend()`.
 pub async fn analyze_request(
     request: pb::AnalyzeMusicRequest,
     generator: Option<&dyn Generator>,
     deadline: Instant,
     max_plays: usize,
+    store: &Store,
 ) -> Result<pb::MusicAnalysis, MusicError> {
     let options = MusicOptions::try_from(&request)?;
-    let stats = stats_from_input(request.input, max_plays).await?;
+    let stats = stats_from_input(request.input, max_plays, store).await?;
     let analysis = music::analyze(stats, options, generator, deadline).await?;
     Ok(analysis.into())
 }
@@ -52,18 +54,22 @@ const PLAYS_PER_YIELD: usize = 256;
 /// Validates the inline history of a request and computes its statistics in one pass, yielding
 /// to the runtime every 256 plays (about 0.2 ms of work).
 ///
-/// `user_id` input is [`MusicError::StoredPlaysUnavailable`] (plays are stored by the store
-/// issue); an empty `user_id` or a missing input is INVALID_ARGUMENT.
+/// `user_id` input reads that user's stored plays page by page ([`music::stored_stats`]); an
+/// empty `user_id` or a missing input is INVALID_ARGUMENT.
 pub async fn stats_from_input(
     input: Option<Input>,
     max_plays: usize,
+    store: &Store,
 ) -> Result<ListeningStats, MusicError> {
     let history = match input {
         Some(Input::History(history)) => history,
         Some(Input::UserId(user_id)) if user_id.trim().is_empty() => {
             return Err(MusicError::invalid("user_id", "must not be empty"));
         }
-        Some(Input::UserId(_)) => return Err(MusicError::StoredPlaysUnavailable),
+        Some(Input::UserId(user_id)) => {
+            let store = store.get().await?;
+            return music::stored_stats(&*store, &user_id, max_plays).await;
+        }
         None => {
             return Err(MusicError::invalid(
                 "input",
@@ -247,6 +253,14 @@ mod tests {
         }
     }
 
+    /// A store that is never connected (tests of inline histories).
+    fn no_store() -> Store {
+        Store::new(
+            crate::store::DatabaseUrl::parse("sqlite::memory:").expect("url"),
+            true,
+        )
+    }
+
     fn deadline() -> Instant {
         Instant::now() + Duration::from_secs(10)
     }
@@ -263,7 +277,7 @@ mod tests {
         let plays = vec![track(0, "A"), track(1, "A"), track(2, "B"), track(3, "C")];
         let mut req = request(plays);
         req.max_words = Some(10);
-        let analysis = analyze_request(req, None, deadline(), 100).await;
+        let analysis = analyze_request(req, None, deadline(), 100, &no_store()).await;
         let analysis = match analysis {
             Ok(a) => a,
             Err(e) => panic!("{e}"),
@@ -306,6 +320,7 @@ mod tests {
             None,
             deadline(),
             100,
+            &no_store(),
         )
         .await;
         assert_eq!(field_of(r), "history.plays[1].artist");
@@ -314,7 +329,7 @@ mod tests {
         if let Some(f) = nan.features.as_mut() {
             f.energy = f64::NAN;
         }
-        let r = analyze_request(request(vec![nan]), None, deadline(), 100).await;
+        let r = analyze_request(request(vec![nan]), None, deadline(), 100, &no_store()).await;
         assert_eq!(field_of(r), "history.plays[0].features.energy");
 
         let mut bad_time = track(0, "A");
@@ -327,38 +342,86 @@ mod tests {
             None,
             deadline(),
             100,
+            &no_store(),
         )
         .await;
         assert_eq!(field_of(r), "history.plays[2].played_at");
 
-        let r = analyze_request(request(vec![]), None, deadline(), 100).await;
+        let r = analyze_request(request(vec![]), None, deadline(), 100, &no_store()).await;
         assert_eq!(field_of(r), "history.plays");
-        let r = analyze_request(request(vec![track(0, "A"); 3]), None, deadline(), 2).await;
+        let r = analyze_request(
+            request(vec![track(0, "A"); 3]),
+            None,
+            deadline(),
+            2,
+            &no_store(),
+        )
+        .await;
         assert_eq!(field_of(r), "history.plays");
 
         let mut words = request(vec![track(0, "A")]);
         words.max_words = Some(301);
         assert_eq!(
-            field_of(analyze_request(words, None, deadline(), 100).await),
+            field_of(analyze_request(words, None, deadline(), 100, &no_store()).await),
             "max_words"
         );
 
         let empty = pb::AnalyzeMusicRequest::default();
         assert_eq!(
-            field_of(analyze_request(empty, None, deadline(), 100).await),
+            field_of(analyze_request(empty, None, deadline(), 100, &no_store()).await),
             "input"
         );
     }
 
     #[tokio::test]
-    async fn user_id_input_waits_for_the_store() {
+    async fn user_id_input_reads_the_stored_plays_page_by_page() {
+        use crate::store::{Import, ListeningRecord};
+        let store = no_store();
+        let mut import =
+            Import::<ListeningRecord>::new(store.get().await.expect("in-memory store"));
+        // More than a page, with one other user's plays in between.
+        let plays = music::STORED_PAGE_PLAYS as usize + 7;
+        let mut inline = Vec::new();
+        for i in 0..plays {
+            let mut message = track(i as u32 % 40, &format!("Artist {}", i % 9));
+            message.played_at = Some(prost_types::Timestamp {
+                seconds: 1_700_000_000 + i as i64 * 60,
+                nanos: 0,
+            });
+            let play = Play::try_from(message.clone()).expect("valid play");
+            for user in ["u1", "u2"] {
+                let record = ListeningRecord {
+                    user_id: user.to_owned(),
+                    played_at: play.played_at.expect("played_at"),
+                    play: play.clone(),
+                };
+                import.push(record).await.expect("stored");
+            }
+            inline.push(message);
+        }
+        import.finish().await.expect("stored");
+
         let by_user = pb::AnalyzeMusicRequest {
             input: Some(Input::UserId("u1".into())),
             ..pb::AnalyzeMusicRequest::default()
         };
-        let result = analyze_request(by_user, None, deadline(), 100).await;
+        let stored = analyze_request(by_user, None, deadline(), 100_000, &store)
+            .await
+            .expect("analysis of stored plays");
+        let direct = analyze_request(request(inline), None, deadline(), 100_000, &store)
+            .await
+            .expect("analysis of the same plays inline");
+        assert_eq!(stored.stats, direct.stats);
+        assert_eq!(stored.stats.as_ref().map(|s| s.plays), Some(plays as u32));
+        assert_eq!(stored.summary, direct.summary);
+
+        let nobody = pb::AnalyzeMusicRequest {
+            input: Some(Input::UserId("nobody".into())),
+            ..pb::AnalyzeMusicRequest::default()
+        };
+        let result = analyze_request(nobody, None, deadline(), 100, &store).await;
         assert!(
-            matches!(result, Err(MusicError::StoredPlaysUnavailable)),
+            matches!(&result, Err(MusicError::NoStoredPlays { user_id }) if user_id == "nobody"),
             "{result:?}"
         );
         let blank = pb::AnalyzeMusicRequest {
@@ -366,7 +429,7 @@ mod tests {
             ..pb::AnalyzeMusicRequest::default()
         };
         assert_eq!(
-            field_of(analyze_request(blank, None, deadline(), 100).await),
+            field_of(analyze_request(blank, None, deadline(), 100, &store).await),
             "user_id"
         );
     }
@@ -386,9 +449,15 @@ mod tests {
             request(plays)
         };
         let started = std::time::Instant::now();
-        let analysis = analyze_request(request(plays), None, deadline(), music::DEFAULT_MAX_PLAYS)
-            .await
-            .map_err(|e| e.to_string());
+        let analysis = analyze_request(
+            request(plays),
+            None,
+            deadline(),
+            music::DEFAULT_MAX_PLAYS,
+            &no_store(),
+        )
+        .await
+        .map_err(|e| e.to_string());
         println!(
             "{} plays analyzed in {:?}",
             music::DEFAULT_MAX_PLAYS,
@@ -404,7 +473,14 @@ mod tests {
             stats.top_genres.first().map(|g| (g.name.as_str(), g.plays)),
             Some(("pop", 100_000))
         );
-        let r = analyze_request(over, None, deadline(), music::DEFAULT_MAX_PLAYS).await;
+        let r = analyze_request(
+            over,
+            None,
+            deadline(),
+            music::DEFAULT_MAX_PLAYS,
+            &no_store(),
+        )
+        .await;
         assert_eq!(field_of(r), "history.plays");
     }
 

@@ -13,13 +13,14 @@ use super::{
     convert::entries_from_proto,
     deadline::request_deadline,
     error::{music_status, to_status},
+    store::filter_from_proto,
 };
 use crate::{
-    domain::{Entry, SummaryOptions},
     llm::Generator,
     music::DEFAULT_MAX_PLAYS,
     pipeline::{Pipeline, PipelineError, RequestedOptions, resolve_options},
     store::Store,
+    summaries::{Summaries, SummaryInput, SummaryRequest},
 };
 
 /// A boxed server stream, as tonic's associated stream types want.
@@ -28,20 +29,18 @@ pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 's
 /// The gRPC face of the insight service.
 #[derive(Clone)]
 pub struct InsightGrpc {
-    pipeline: Pipeline,
+    summaries: Summaries,
     generator: Option<Arc<dyn Generator>>,
     max_entries_cap: u32,
     request_timeout: Duration,
     llm_timeout: Duration,
-    store: Store,
 }
 
 impl std::fmt::Debug for InsightGrpc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InsightGrpc")
-            .field("pipeline", &self.pipeline)
+            .field("summaries", &self.summaries)
             .field("max_entries_cap", &self.max_entries_cap)
-            .field("store", &self.store)
             .finish_non_exhaustive()
     }
 }
@@ -54,29 +53,34 @@ impl InsightGrpc {
         generator: Option<Arc<dyn Generator>>,
         config: &crate::Config,
     ) -> Self {
+        // Connects on first use (see `Store`): building the adapter never touches the
+        // database, and a database that is down only affects what needs it.
+        let store = Store::new(config.database_url.clone(), config.migrate);
         Self {
-            pipeline,
+            summaries: Summaries::new(pipeline, store, config.cache_ttl),
             generator,
             max_entries_cap: config.max_entries_cap,
             request_timeout: config.request_timeout,
             llm_timeout: config.llm_timeout,
-            // Connects on first use (see `Store`): building the adapter never touches the
-            // database, and a database that is down only affects the store RPCs.
-            store: Store::new(config.database_url.clone(), config.migrate),
         }
     }
 
-    /// The store handle behind ImportFeedback, ImportListening and ListFeedback (the server
-    /// uses it to connect and migrate at start).
+    /// The store handle behind the store RPCs, stored input and the cache (the server uses
+    /// it to connect and migrate at start).
     pub fn store(&self) -> &Store {
-        &self.store
+        self.summaries.store()
     }
 
-    /// Options and inline entries of a summary request, or the status saying what is wrong.
-    fn summary_input(
+    /// The summaries behind the summary RPCs (and the job workers).
+    pub fn summaries(&self) -> &Summaries {
+        &self.summaries
+    }
+
+    /// A summary request in domain terms, checked, or the status saying what is wrong.
+    fn summary_request(
         &self,
         request: pb::SummarizeFeedbackRequest,
-    ) -> Result<(Vec<Entry>, SummaryOptions), Status> {
+    ) -> Result<SummaryRequest, Status> {
         let options = resolve_options(
             request
                 .options
@@ -85,13 +89,12 @@ impl InsightGrpc {
             self.max_entries_cap,
         )
         .map_err(to_status)?;
-        let entries = match request.input {
-            Some(Input::Entries(batch)) => entries_from_proto(batch.entries).map_err(to_status)?,
-            Some(Input::Selector(_)) => {
-                return Err(not_yet(
-                    "summaries of stored feedback (selector) are",
-                    "insight store issue; send inline `entries` meanwhile",
-                ));
+        let input = match request.input {
+            Some(Input::Entries(batch)) => {
+                SummaryInput::Inline(entries_from_proto(batch.entries).map_err(to_status)?)
+            }
+            Some(Input::Selector(selector)) => {
+                SummaryInput::Stored(filter_from_proto(selector, "selector").map_err(to_status)?)
             }
             None => {
                 return Err(to_status(PipelineError::invalid(
@@ -100,7 +103,9 @@ impl InsightGrpc {
                 )));
             }
         };
-        Ok((entries, options))
+        let request = SummaryRequest { input, options };
+        self.summaries.validate(&request).map_err(to_status)?;
+        Ok(request)
     }
 }
 
@@ -112,6 +117,15 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Records the size of a summary's input on the current span.
+fn record_input(request: &SummaryRequest) {
+    let span = tracing::Span::current();
+    match &request.input {
+        SummaryInput::Inline(entries) => span.record("entries", entries.len()),
+        SummaryInput::Stored(_) => span.record("entries", "stored"),
+    };
 }
 
 /// The RPCs whose behaviour arrives with a later issue say which, so a caller knows it is not
@@ -130,11 +144,11 @@ impl InsightService for InsightGrpc {
         request: Request<pb::SummarizeFeedbackRequest>,
     ) -> Result<Response<pb::FeedbackSummary>, Status> {
         let deadline = request_deadline(&request, self.request_timeout);
-        let (entries, options) = self.summary_input(request.into_inner())?;
-        tracing::Span::current().record("entries", entries.len());
+        let request = self.summary_request(request.into_inner())?;
+        record_input(&request);
         let summary = self
-            .pipeline
-            .summarize(entries, options, deadline)
+            .summaries
+            .summarize(request, deadline, None, |_| {})
             .await
             .map_err(to_status)?;
         Ok(Response::new(summary.into()))
@@ -148,19 +162,18 @@ impl InsightService for InsightGrpc {
         request: Request<pb::SummarizeFeedbackRequest>,
     ) -> Result<Response<Self::StreamFeedbackSummaryStream>, Status> {
         let deadline = request_deadline(&request, self.request_timeout);
-        let (entries, options) = self.summary_input(request.into_inner())?;
-        tracing::Span::current().record("entries", entries.len());
         // Bad input is an immediate status, not a stream that fails on its first message.
-        crate::pipeline::validate_entries(&entries).map_err(to_status)?;
+        let request = self.summary_request(request.into_inner())?;
+        record_input(&request);
 
         // At most one message per chunk plus the summary, so the channel is bounded by the
         // request's own chunk count.
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::SummaryEvent, Status>>();
-        let pipeline = self.pipeline.clone();
+        let summaries = self.summaries.clone();
         let task = tokio::spawn(async move {
             let chunks = tx.clone();
-            let result = pipeline
-                .summarize_with(entries, options, deadline, |chunk| {
+            let result = summaries
+                .summarize(request, deadline, None, move |chunk| {
                     let event = Event::Chunk(chunk.clone().into());
                     let _ = chunks.send(Ok(pb::SummaryEvent { event: Some(event) }));
                 })
@@ -190,6 +203,7 @@ impl InsightService for InsightGrpc {
             self.generator.as_deref(),
             deadline,
             DEFAULT_MAX_PLAYS,
+            self.summaries.store(),
         )
         .await
         .map_err(music_status)?;
@@ -201,7 +215,8 @@ impl InsightService for InsightGrpc {
         &self,
         request: Request<Streaming<pb::FeedbackEntry>>,
     ) -> Result<Response<pb::ImportFeedbackResponse>, Status> {
-        let response = super::store::import_feedback(&self.store, request.into_inner()).await?;
+        let response =
+            super::store::import_feedback(self.summaries.store(), request.into_inner()).await?;
         let span = tracing::Span::current();
         span.record("inserted", response.inserted);
         span.record("updated", response.updated);
@@ -214,7 +229,8 @@ impl InsightService for InsightGrpc {
         &self,
         request: Request<Streaming<pb::ListeningPlay>>,
     ) -> Result<Response<pb::ImportListeningResponse>, Status> {
-        let response = super::store::import_listening(&self.store, request.into_inner()).await?;
+        let response =
+            super::store::import_listening(self.summaries.store(), request.into_inner()).await?;
         let span = tracing::Span::current();
         span.record("inserted", response.inserted);
         span.record("updated", response.updated);
@@ -227,7 +243,8 @@ impl InsightService for InsightGrpc {
         &self,
         request: Request<pb::ListFeedbackRequest>,
     ) -> Result<Response<pb::ListFeedbackResponse>, Status> {
-        let response = super::store::list_feedback(&self.store, request.into_inner()).await?;
+        let response =
+            super::store::list_feedback(self.summaries.store(), request.into_inner()).await?;
         Ok(Response::new(response))
     }
 

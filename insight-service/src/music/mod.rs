@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::{
     domain::Usage,
     llm::{FinishReason, GenerateRequest, Generation, Generator, LlmError},
+    store::{FeedbackStore, PlayCursor},
 };
 
 pub mod play;
@@ -60,13 +61,19 @@ pub enum MusicError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The caller named a `user_id` instead of sending plays (→ UNIMPLEMENTED): stored plays
-    /// arrive with the store issue, and the caller should know it is not a bug in the request.
+    /// The caller named a `user_id` with no stored plays (→ NOT_FOUND): import them with
+    /// ImportListening first, or send them inline in `history`.
     #[error(
-        "analysis of stored plays by `user_id` is not available yet: it arrives with the \
-         insight store issue; send the plays inline in `history` meanwhile"
+        "user_id: no stored plays for user {user_id:?}; import them with ImportListening or \
+         send them inline in `history`"
     )]
-    StoredPlaysUnavailable,
+    NoStoredPlays {
+        /// The user asked for.
+        user_id: String,
+    },
+    /// The stored plays could not be read (→ the store's status, UNAVAILABLE when it is down).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// The LLM failed (after the repair attempt, if any) and the caller disabled the fallback
     /// (→ UNAVAILABLE, naming [`LlmError::backend`]).
     #[error("the LLM backend failed and fallback is disabled: {source}")]
@@ -226,6 +233,50 @@ pub async fn analyze_plays(
         deadline,
     )
     .await
+}
+
+/// Plays read per page when analyzing stored plays: about 0.5 MB of rows at a time, folded
+/// into the statistics before the next page is read, so memory does not grow with the
+/// listener's history.
+pub const STORED_PAGE_PLAYS: u32 = 1000;
+
+/// The statistics of `user_id`'s stored plays (the first `max_plays` in time order), read
+/// page by page and folded one play at a time. No stored play is [`MusicError::NoStoredPlays`].
+pub async fn stored_stats(
+    store: &dyn FeedbackStore,
+    user_id: &str,
+    max_plays: usize,
+) -> Result<ListeningStats, MusicError> {
+    let mut builder = StatsBuilder::new();
+    let mut cursor: Option<PlayCursor> = None;
+    let mut read = 0;
+    loop {
+        let want = max_plays
+            .saturating_sub(read)
+            .min(STORED_PAGE_PLAYS as usize);
+        if want == 0 {
+            break;
+        }
+        let page = store
+            .list_plays(user_id, cursor.as_ref(), want as u32)
+            .await?;
+        for record in &page {
+            builder.add(&record.play);
+        }
+        read += page.len();
+        if page.len() < want {
+            break;
+        }
+        cursor = page.last().map(PlayCursor::after);
+        // A page is about a millisecond of folding: let other tasks run between pages.
+        tokio::task::yield_now().await;
+    }
+    if read == 0 {
+        return Err(MusicError::NoStoredPlays {
+            user_id: user_id.to_owned(),
+        });
+    }
+    Ok(builder.finish())
 }
 
 /// Analyzes listening statistics.
@@ -998,8 +1049,11 @@ mod tests {
         let e = MusicError::invalid("artist", "must not be empty").within("history.plays[2]");
         assert_eq!(e.to_string(), "history.plays[2].artist: must not be empty");
         assert!(matches!(
-            MusicError::StoredPlaysUnavailable.within("x"),
-            MusicError::StoredPlaysUnavailable
+            MusicError::NoStoredPlays {
+                user_id: "u".into()
+            }
+            .within("x"),
+            MusicError::NoStoredPlays { user_id } if user_id == "u"
         ));
         let e = MusicError::BackendUnavailable {
             source: server_error(),

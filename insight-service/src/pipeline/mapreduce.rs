@@ -3,10 +3,17 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures::{StreamExt, stream};
+use futures::{
+    Stream, StreamExt,
+    stream::{self, BoxStream},
+};
 use tokio::{sync::watch, time::Instant};
 
-use super::{CHUNK_INSIGHT_WORDS, PipelineError, chunk::chunk_ranges, validate_entries};
+use super::{
+    CHUNK_INSIGHT_WORDS, PipelineError,
+    source::{ChunkMemo, Chunker, EntrySource, InlineEntries, SourceError, chunk_key},
+    validate_entries,
+};
 use crate::{
     admission::Pressure,
     domain::{ChunkInsight, ChunkStatus, Entry, FeedbackSummary, Sentiment, SummaryOptions, Usage},
@@ -106,6 +113,16 @@ impl Pipeline {
         self.backend.name()
     }
 
+    /// The primary backend's model.
+    pub fn backend_model(&self) -> &str {
+        self.backend.model()
+    }
+
+    /// Whether the primary backend is the offline `local` one (no remote calls to save).
+    pub fn is_local(&self) -> bool {
+        self.backend.name() == self.fallback.name()
+    }
+
     /// The pipeline's tuning.
     pub fn config(&self) -> PipelineConfig {
         self.config
@@ -122,23 +139,40 @@ impl Pipeline {
             .await
     }
 
-    /// Validates `entries`, keeps the first `options.max_entries`, splits them into chunks
-    /// (by count and prompt bytes), maps each chunk through the backend with at most
-    /// `map_parallelism` calls in flight, and reduces the chunk insights, in levels when they
-    /// exceed the prompt budget. `on_chunk` sees each chunk insight as soon as it is done
-    /// (completion order). Dropping the returned future stops every call in flight.
+    /// Validates `entries`, keeps the first `options.max_entries`, and summarizes them (see
+    /// [`Pipeline::summarize_source`]) with nothing remembered between runs.
     pub async fn summarize_with(
         &self,
-        mut entries: Vec<Entry>,
+        entries: Vec<Entry>,
+        options: SummaryOptions,
+        deadline: Instant,
+        on_chunk: impl FnMut(&ChunkInsight),
+    ) -> Result<FeedbackSummary, PipelineError> {
+        validate_entries(&entries)?;
+        let source = InlineEntries(Arc::new(entries));
+        self.summarize_source(&source, None, options, deadline, on_chunk)
+            .await
+    }
+
+    /// Reads the first `options.max_entries` entries of `source` as a stream, cuts them into
+    /// chunks as they arrive (by count and prompt bytes), maps each chunk through the backend
+    /// with at most `map_parallelism` calls in flight, and reduces the chunk insights, in
+    /// levels when they exceed the prompt budget. Only the chunks in flight hold entries, so
+    /// memory follows the chunk insights, not the input. `memo` (if any) answers chunks it
+    /// remembers from an earlier run of the primary backend and remembers the new ones.
+    /// `on_chunk` sees each chunk insight as soon as it is done (completion order). Dropping
+    /// the returned future stops every call in flight.
+    pub async fn summarize_source(
+        &self,
+        source: &dyn EntrySource,
+        memo: Option<&dyn ChunkMemo>,
         options: SummaryOptions,
         deadline: Instant,
         mut on_chunk: impl FnMut(&ChunkInsight),
     ) -> Result<FeedbackSummary, PipelineError> {
-        validate_entries(&entries)?;
-        let total = entries.len();
-        entries.truncate(options.max_entries);
-        let entries_skipped = (total - entries.len()) as u32;
-        let ranges = chunk_ranges(&entries, options.chunk_size, self.cfg().prompt_budget_bytes);
+        let available = source.available().await.map_err(PipelineError::Source)?;
+        // Chunk boundaries are fixed for the whole run (the fallback re-reads the same ones).
+        let budget = self.cfg().prompt_budget_bytes;
 
         let mut usage = Usage::default();
         // Remote calls stop a little before the request deadline, so that the fallback and
@@ -152,14 +186,23 @@ impl Pipeline {
         let mut chunks = self
             .map(
                 &*self.backend,
-                &entries,
-                &ranges,
+                source,
+                memo,
+                budget,
                 options,
                 backend_deadline,
                 &mut usage,
                 &mut on_chunk,
             )
-            .await;
+            .await?;
+        if chunks.is_empty() {
+            return Err(PipelineError::invalid(
+                "entries",
+                "at least one feedback entry is required",
+            ));
+        }
+        let consumed: usize = chunks.iter().map(|c| c.entry_ids.len()).sum();
+        let entries_skipped = available.saturating_sub(consumed) as u32;
         let mut backend = self.backend.clone();
         let mut backend_label = self.backend.name().to_owned();
         let mut degraded = false;
@@ -194,14 +237,15 @@ impl Pipeline {
             chunks = self
                 .map(
                     &*self.fallback,
-                    &entries,
-                    &ranges,
+                    source,
+                    None,
+                    budget,
                     options,
                     deadline,
                     &mut usage,
                     &mut on_chunk,
                 )
-                .await;
+                .await?;
             backend = self.fallback.clone();
             backend_label = format!(
                 "{} (fallback from {})",
@@ -277,37 +321,85 @@ impl Pipeline {
         })
     }
 
-    /// The map step over every chunk, at most `map_parallelism` at a time; results are
-    /// returned ordered by index, and reported to `on_chunk` in completion order.
+    /// The map step over every chunk of `source`, at most `map_parallelism` at a time; results
+    /// are returned ordered by index, and reported to `on_chunk` in completion order. The
+    /// source is read only as fast as chunks are started.
     #[allow(clippy::too_many_arguments)]
     async fn map(
         &self,
         backend: &dyn LlmBackend,
-        entries: &[Entry],
-        ranges: &[std::ops::Range<usize>],
+        source: &dyn EntrySource,
+        memo: Option<&dyn ChunkMemo>,
+        budget: usize,
         options: SummaryOptions,
         deadline: Instant,
         usage: &mut Usage,
         on_chunk: &mut impl FnMut(&ChunkInsight),
-    ) -> Vec<ChunkInsight> {
+    ) -> Result<Vec<ChunkInsight>, PipelineError> {
         let max_words = CHUNK_INSIGHT_WORDS.min(options.max_words);
-        let mut done: Vec<Option<ChunkInsight>> = vec![None; ranges.len()];
-        let mut results = stream::iter(ranges.iter().cloned().enumerate())
-            .map(|(index, range)| {
-                self.map_chunk(backend, index as u32, &entries[range], max_words, deadline)
+        let chunks = chunked(
+            source.entries(options.max_entries),
+            Chunker::new(options.chunk_size, budget),
+        );
+        let mut done: Vec<Option<ChunkInsight>> = Vec::new();
+        let results = chunks
+            .enumerate()
+            .map(|(index, chunk)| async move {
+                let chunk = chunk.map_err(PipelineError::Source)?;
+                Ok::<_, PipelineError>(
+                    self.map_chunk(backend, memo, index as u32, chunk, max_words, deadline)
+                        .await,
+                )
             })
             .buffer_unordered(self.cfg().map_parallelism.max(1));
+        let mut results = std::pin::pin!(results);
         while let Some(mapped) = results.next().await {
+            let mapped = mapped?;
             *usage += mapped.usage;
             on_chunk(&mapped.insight);
             let index = mapped.insight.index as usize;
+            if done.len() <= index {
+                done.resize(index + 1, None);
+            }
             done[index] = Some(mapped.insight);
         }
-        done.into_iter().flatten().collect()
+        Ok(done.into_iter().flatten().collect())
     }
 
-    /// One chunk: a call, retried once on failure while the deadline allows.
+    /// One chunk: the memo's answer if it has one, else a call, retried once on failure while
+    /// the deadline allows.
     async fn map_chunk(
+        &self,
+        backend: &dyn LlmBackend,
+        memo: Option<&dyn ChunkMemo>,
+        index: u32,
+        chunk: Vec<Entry>,
+        max_words: usize,
+        deadline: Instant,
+    ) -> Mapped {
+        let key = memo.map(|_| chunk_key(backend.name(), backend.model(), max_words, &chunk));
+        if let (Some(memo), Some(key)) = (memo, &key)
+            && let Some(mut insight) = memo.recall(key).await
+        {
+            insight.index = index;
+            return Mapped {
+                insight,
+                usage: Usage::default(),
+            };
+        }
+        let mapped = self
+            .call_chunk(backend, index, &chunk, max_words, deadline)
+            .await;
+        if let (Some(memo), Some(key)) = (memo, &key)
+            && mapped.insight.status == ChunkStatus::Ok
+        {
+            memo.remember(key, &mapped.insight).await;
+        }
+        mapped
+    }
+
+    /// One chunk's backend call, retried once on failure while the deadline allows.
+    async fn call_chunk(
         &self,
         backend: &dyn LlmBackend,
         index: u32,
@@ -453,6 +545,33 @@ impl Pipeline {
             .await
             .unwrap_or_else(|_| Err(deadline_error(backend, call_deadline == deadline)))
     }
+}
+
+/// `entries` cut into chunks by `chunker`, as a stream; it ends after the first error.
+fn chunked<'a>(
+    entries: BoxStream<'a, Result<Entry, SourceError>>,
+    chunker: Chunker,
+) -> impl Stream<Item = Result<Vec<Entry>, SourceError>> + 'a {
+    stream::unfold(
+        (entries, Some(chunker)),
+        |(mut entries, mut chunker)| async move {
+            loop {
+                let current = chunker.as_mut()?;
+                match entries.next().await {
+                    Some(Ok(entry)) => {
+                        if let Some(chunk) = current.push(entry) {
+                            return Some((Ok(chunk), (entries, chunker)));
+                        }
+                    }
+                    Some(Err(error)) => return Some((Err(error), (entries, None))),
+                    None => {
+                        let last = chunker.take().and_then(Chunker::finish)?;
+                        return Some((Ok(last), (entries, None)));
+                    }
+                }
+            }
+        },
+    )
 }
 
 /// Most time kept back from remote calls for the fallback and the reply.

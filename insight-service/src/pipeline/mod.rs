@@ -12,8 +12,10 @@ use crate::domain::{Entry, SummaryOptions};
 pub mod chunk;
 mod mapreduce;
 pub mod prompts;
+pub mod source;
 
 pub use mapreduce::{Pipeline, PipelineConfig};
+pub use source::{ChunkMemo, EntrySource, InlineEntries, SourceError};
 
 /// Largest accepted feedback text, in bytes of UTF-8.
 pub const MAX_TEXT_BYTES: usize = 8 * 1024;
@@ -28,8 +30,9 @@ pub const MAX_WORDS: u32 = 300;
 /// Word budget of one chunk insight: short, because the reduce step reads all of them.
 pub const CHUNK_INSIGHT_WORDS: usize = 60;
 
-/// Why a summary could not be produced.
-#[derive(Debug, thiserror::Error)]
+/// Why a summary could not be produced. Clone, so identical concurrent requests computed
+/// once can all be told the same outcome.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum PipelineError {
     /// The request is malformed; `field` names the offending field (e.g. `entries[3].text`).
     #[error("{field}: {reason}")]
@@ -55,6 +58,9 @@ pub enum PipelineError {
         /// Chunks in all.
         total: usize,
     },
+    /// The entries could not be read (the store went away mid-read): retrying later is safe.
+    #[error("cannot read the entries to summarize: {0}")]
+    Source(#[source] SourceError),
 }
 
 impl PipelineError {
@@ -81,7 +87,7 @@ impl PipelineError {
 }
 
 /// Summary options as the caller sent them: `None` = not set, take the default.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RequestedOptions {
     /// Entries per chunk.
     pub chunk_size: Option<u32>,

@@ -5,8 +5,11 @@ use std::{sync::Arc, time::SystemTime};
 
 use futures::future::BoxFuture;
 
-use super::{FeedbackStore, StoreError, WriteCounts};
-use crate::{domain::Entry, music::Play};
+use super::{ImportWriter, StoreError, WriteCounts};
+use crate::{
+    domain::Entry,
+    music::{AudioFeatures, Play},
+};
 
 /// Rows per transaction. One transaction per row would pay a commit (an fsync) per row; one
 /// transaction for a whole stream would hold SQLite's write lock, and the memory of every
@@ -35,7 +38,7 @@ pub struct ListeningRecord {
 pub trait Record: Send + Sync + Sized + 'static {
     /// Writes `batch` in one transaction.
     fn write<'a>(
-        store: &'a dyn FeedbackStore,
+        store: &'a dyn ImportWriter,
         batch: &'a [Self],
         now: SystemTime,
     ) -> BoxFuture<'a, Result<WriteCounts, StoreError>>;
@@ -43,7 +46,7 @@ pub trait Record: Send + Sync + Sized + 'static {
 
 impl Record for Entry {
     fn write<'a>(
-        store: &'a dyn FeedbackStore,
+        store: &'a dyn ImportWriter,
         batch: &'a [Self],
         now: SystemTime,
     ) -> BoxFuture<'a, Result<WriteCounts, StoreError>> {
@@ -53,7 +56,7 @@ impl Record for Entry {
 
 impl Record for ListeningRecord {
     fn write<'a>(
-        store: &'a dyn FeedbackStore,
+        store: &'a dyn ImportWriter,
         batch: &'a [Self],
         now: SystemTime,
     ) -> BoxFuture<'a, Result<WriteCounts, StoreError>> {
@@ -66,14 +69,14 @@ impl Record for ListeningRecord {
 /// because a re-import of the same stream is idempotent.
 #[derive(Debug)]
 pub struct Import<T> {
-    store: Arc<dyn FeedbackStore>,
+    store: Arc<dyn ImportWriter>,
     batch: Vec<T>,
     counts: WriteCounts,
 }
 
 impl<T: Record> Import<T> {
     /// An empty import into `store`.
-    pub fn new(store: Arc<dyn FeedbackStore>) -> Self {
+    pub fn new(store: Arc<dyn ImportWriter>) -> Self {
         Self {
             store,
             batch: Vec::with_capacity(BATCH_ROWS),
@@ -184,6 +187,64 @@ impl<'a> PlayRow<'a> {
     }
 }
 
+/// A stored play row as both backends read it (the columns of the `listening_plays` table).
+pub(super) struct StoredPlay {
+    pub user_id: String,
+    pub track_id: String,
+    pub played_at_us: i64,
+    pub track_name: String,
+    pub artist: String,
+    pub genres: String,
+    pub ms_played: i64,
+    pub skipped: bool,
+    pub duration_ms: Option<i64>,
+    pub features: Option<String>,
+}
+
+impl StoredPlay {
+    /// The play this row holds; a value the domain cannot hold is [`StoreError::Corrupt`].
+    pub fn decode(self) -> Result<ListeningRecord, StoreError> {
+        let corrupt = |what: &str| {
+            StoreError::Corrupt(format!(
+                "play of {:?} / track {:?} at {} µs has {what}",
+                self.user_id, self.track_id, self.played_at_us
+            ))
+        };
+        let played_at = super::from_micros(self.played_at_us)
+            .ok_or_else(|| corrupt("an unrepresentable time"))?;
+        let genres: Vec<String> =
+            serde_json::from_str(&self.genres).map_err(|_| corrupt("malformed genres"))?;
+        let features = match &self.features {
+            Some(text) => Some(AudioFeatures::from_array(
+                serde_json::from_str(text).map_err(|_| corrupt("malformed audio features"))?,
+            )),
+            None => None,
+        };
+        let ms_played =
+            u64::try_from(self.ms_played).map_err(|_| corrupt("a negative ms_played"))?;
+        let duration_ms = self
+            .duration_ms
+            .map(u64::try_from)
+            .transpose()
+            .map_err(|_| corrupt("a negative duration_ms"))?;
+        Ok(ListeningRecord {
+            play: Play {
+                track_id: self.track_id,
+                track_name: self.track_name,
+                artist: self.artist,
+                genres,
+                played_at: Some(played_at),
+                ms_played,
+                features,
+                skipped: self.skipped,
+                duration_ms,
+            },
+            user_id: self.user_id,
+            played_at,
+        })
+    }
+}
+
 /// Decodes a stored feedback row; a value the domain cannot hold is [`StoreError::Corrupt`].
 pub(super) fn decode_entry(
     id: String,
@@ -225,13 +286,12 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::store::{FeedbackPage, FeedbackQuery};
 
     /// Records the size of every batch written.
     #[derive(Debug, Default)]
     struct Recorder(Mutex<Vec<usize>>);
 
-    impl FeedbackStore for Recorder {
+    impl ImportWriter for Recorder {
         fn upsert_feedback<'a>(
             &'a self,
             entries: &'a [Entry],
@@ -255,18 +315,6 @@ mod tests {
             _now: SystemTime,
         ) -> BoxFuture<'a, Result<WriteCounts, StoreError>> {
             Box::pin(async { Ok(WriteCounts::default()) })
-        }
-
-        fn list_feedback<'a>(
-            &'a self,
-            _query: &'a FeedbackQuery,
-        ) -> BoxFuture<'a, Result<FeedbackPage, StoreError>> {
-            Box::pin(async {
-                Ok(FeedbackPage {
-                    entries: Vec::new(),
-                    next: None,
-                })
-            })
         }
     }
 

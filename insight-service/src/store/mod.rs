@@ -10,6 +10,7 @@
 //! Times are stored as microseconds since the Unix epoch on both backends (one page-token
 //! encoding for both); a Timestamp's sub-microsecond nanos are dropped.
 
+mod cache;
 mod import;
 mod postgres;
 mod query;
@@ -25,12 +26,14 @@ use std::{
 use futures::future::BoxFuture;
 use tokio::sync::OnceCell;
 
+pub use cache::{CacheStore, CacheTable};
 pub use import::{
     BATCH_ROWS, Import, ListeningRecord, MAX_REJECTIONS_LISTED, Record, Rejection, Rejections,
 };
 pub use postgres::PostgresStore;
 pub use query::{
     DEFAULT_PAGE_SIZE, FeedbackFilter, FeedbackPage, FeedbackQuery, MAX_PAGE_SIZE, PageToken,
+    PlayCursor,
 };
 pub use sqlite::SqliteStore;
 pub use url::{Backend, DEFAULT_DATABASE_URL, DatabaseUrl};
@@ -92,8 +95,9 @@ impl std::ops::AddAssign for WriteCounts {
     }
 }
 
-/// Where feedback and plays are kept. Implementations must be safe to call concurrently.
-pub trait FeedbackStore: Send + Sync + fmt::Debug {
+/// The writes an import makes, apart from the rest of the store so an importer (and its
+/// tests) need nothing else.
+pub trait ImportWriter: Send + Sync + fmt::Debug {
     /// Upserts `entries` by id in ONE transaction (all or nothing), stamping rows with `now`.
     /// An entry without `created_at` gets `now` on first import and keeps its stored time on
     /// a re-import. Entries must already be valid (`pipeline::validate_entry`).
@@ -109,12 +113,31 @@ pub trait FeedbackStore: Send + Sync + fmt::Debug {
         plays: &'a [ListeningRecord],
         now: SystemTime,
     ) -> BoxFuture<'a, Result<WriteCounts, StoreError>>;
+}
 
+/// Where feedback, plays, cached insights and jobs are kept. Implementations must be safe to
+/// call concurrently.
+pub trait FeedbackStore: ImportWriter + CacheStore + Send + Sync + fmt::Debug {
     /// One page of feedback matching `query`, ordered by (created_at, id).
     fn list_feedback<'a>(
         &'a self,
         query: &'a FeedbackQuery,
     ) -> BoxFuture<'a, Result<FeedbackPage, StoreError>>;
+
+    /// How many stored entries match `query`'s filter (its page position is ignored).
+    fn count_feedback<'a>(
+        &'a self,
+        query: &'a FeedbackQuery,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Up to `limit` plays of `user_id` after `after` (from the first when `None`), ordered by
+    /// (played_at, track_id).
+    fn list_plays<'a>(
+        &'a self,
+        user_id: &'a str,
+        after: Option<&'a PlayCursor>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<ListeningRecord>, StoreError>>;
 }
 
 /// Connects to the database `url` names (creating a SQLite file if missing) and, when

@@ -60,7 +60,7 @@ impl PageToken {
 }
 
 /// Which entries ListFeedback returns; every set field narrows the selection.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FeedbackFilter {
     /// Only this user's entries; `None` = all users.
     pub user_id: Option<String>,
@@ -183,6 +183,26 @@ pub(super) struct Bounds {
     pub after_us: i64,
     pub after_id: String,
     pub limit: i64,
+}
+
+/// Where a page of one user's plays ends: the (played_at, track_id) of its last play, which
+/// the next page starts after (keyset order, as for feedback).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlayCursor {
+    /// `played_at` of the last play read, µs since the Unix epoch.
+    pub played_at_us: i64,
+    /// `track_id` of the last play read.
+    pub track_id: String,
+}
+
+impl PlayCursor {
+    /// The position just after `record`.
+    pub fn after(record: &super::ListeningRecord) -> Self {
+        Self {
+            played_at_us: micros(record.played_at),
+            track_id: record.play.track_id.clone(),
+        }
+    }
 }
 
 /// A page of feedback in (created_at, id) order.

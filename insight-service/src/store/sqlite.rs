@@ -12,9 +12,9 @@ use sqlx::{
 };
 
 use super::{
-    ACQUIRE_TIMEOUT, FeedbackPage, FeedbackQuery, FeedbackStore, ListeningRecord, StoreError,
-    WriteCounts,
-    import::{PlayRow, decode_entry},
+    ACQUIRE_TIMEOUT, FeedbackPage, FeedbackQuery, FeedbackStore, ImportWriter, ListeningRecord,
+    PlayCursor, StoreError, WriteCounts,
+    import::{PlayRow, StoredPlay, decode_entry},
     micros,
 };
 use crate::domain::Entry;
@@ -71,6 +71,26 @@ const LIST_BY_USER: &str = "\
     ORDER BY created_at, id \
     LIMIT ?8";
 
+// ListFeedback's filters without the page position, for the `entries_skipped` of a selector
+// summary; the same two shapes so each uses its index.
+const COUNT_ALL: &str = "\
+    SELECT COUNT(*) FROM feedback \
+    WHERE created_at >= ?1 AND created_at < ?2 AND rating BETWEEN ?3 AND ?4 \
+      AND (?5 = '' OR source = ?5)";
+
+const COUNT_BY_USER: &str = "\
+    SELECT COUNT(*) FROM feedback \
+    WHERE user_id = ?6 AND created_at >= ?1 AND created_at < ?2 \
+      AND rating BETWEEN ?3 AND ?4 AND (?5 = '' OR source = ?5)";
+
+// One user's plays in keyset order, for AnalyzeMusic of stored plays.
+const LIST_PLAYS: &str = "\
+    SELECT user_id, track_id, played_at, track_name, artist, genres, ms_played, skipped, \
+        duration_ms, features FROM listening_plays \
+    WHERE user_id = ?1 AND (played_at, track_id) > (?2, ?3) \
+    ORDER BY played_at, track_id \
+    LIMIT ?4";
+
 /// Feedback and plays in a SQLite file.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -113,9 +133,14 @@ impl SqliteStore {
         }
         Ok(Self { pool })
     }
+
+    /// The connection pool, for the other tables' modules (cache, jobs).
+    pub(super) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
 }
 
-impl FeedbackStore for SqliteStore {
+impl ImportWriter for SqliteStore {
     fn upsert_feedback<'a>(
         &'a self,
         entries: &'a [Entry],
@@ -193,7 +218,9 @@ impl FeedbackStore for SqliteStore {
             Ok(counts)
         })
     }
+}
 
+impl FeedbackStore for SqliteStore {
     fn list_feedback<'a>(
         &'a self,
         query: &'a FeedbackQuery,
@@ -223,6 +250,56 @@ impl FeedbackStore for SqliteStore {
                 .map_err(StoreError::Unavailable)?;
             let entries = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
             Ok(FeedbackPage::from_rows(entries, query.page_size))
+        })
+    }
+
+    fn count_feedback<'a>(
+        &'a self,
+        query: &'a FeedbackQuery,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let bounds = query.bounds();
+            let sql = if bounds.user_id.is_some() {
+                COUNT_BY_USER
+            } else {
+                COUNT_ALL
+            };
+            let mut statement = sqlx::query_scalar::<_, i64>(sql)
+                .bind(bounds.since_us)
+                .bind(bounds.until_us)
+                .bind(bounds.min_rating)
+                .bind(bounds.max_rating)
+                .bind(&bounds.source);
+            if let Some(user_id) = &bounds.user_id {
+                statement = statement.bind(user_id);
+            }
+            let count = statement
+                .fetch_one(&self.pool)
+                .await
+                .map_err(StoreError::Unavailable)?;
+            Ok(u64::try_from(count).unwrap_or(0))
+        })
+    }
+
+    fn list_plays<'a>(
+        &'a self,
+        user_id: &'a str,
+        after: Option<&'a PlayCursor>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<ListeningRecord>, StoreError>> {
+        Box::pin(async move {
+            let (after_us, after_track) = after.map_or((i64::MIN, ""), |cursor| {
+                (cursor.played_at_us, cursor.track_id.as_str())
+            });
+            let rows = sqlx::query(LIST_PLAYS)
+                .bind(user_id)
+                .bind(after_us)
+                .bind(after_track)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::Unavailable)?;
+            rows.iter().map(decode_play).collect()
         })
     }
 }
@@ -261,4 +338,24 @@ fn decode(row: &SqliteRow) -> Result<(i64, Entry), StoreError> {
     let (id, user_id, text, rating, created_at, source) =
         read().map_err(|error| StoreError::Corrupt(error.to_string()))?;
     decode_entry(id, user_id, text, rating, created_at, source)
+}
+
+fn decode_play(row: &SqliteRow) -> Result<ListeningRecord, StoreError> {
+    let read = || -> Result<StoredPlay, sqlx::Error> {
+        Ok(StoredPlay {
+            user_id: row.try_get("user_id")?,
+            track_id: row.try_get("track_id")?,
+            played_at_us: row.try_get("played_at")?,
+            track_name: row.try_get("track_name")?,
+            artist: row.try_get("artist")?,
+            genres: row.try_get("genres")?,
+            ms_played: row.try_get("ms_played")?,
+            skipped: row.try_get("skipped")?,
+            duration_ms: row.try_get("duration_ms")?,
+            features: row.try_get("features")?,
+        })
+    };
+    read()
+        .map_err(|error| StoreError::Corrupt(error.to_string()))?
+        .decode()
 }

@@ -1,0 +1,497 @@
+//! The one entry point for feedback summaries, shared by the RPCs and the background jobs:
+//! resolves the input (inline entries, or stored ones read page by page), consults and fills
+//! the insight cache, computes identical concurrent requests once, and runs the pipeline.
+//! Knows no tonic.
+//!
+//! What is cached, and why:
+//! - Whole summaries, under a key of everything that decides the answer (entry ids, ratings
+//!   and text hashes, the options, backend, model, prompt version and prompt budget), for
+//!   `--cache-ttl`. A hit answers with `cached = true`, zero usage, and no backend call.
+//!   Degraded answers are never cached: the next request should get the real backend once it
+//!   is back.
+//! - Chunk insights of a remote backend, by the chunk's own content key, so a retry or an
+//!   overlapping request does not redo finished chunks.
+//! - Inline requests to the `local` backend are not cached at all: the offline summarizer
+//!   answers them faster than a database round trip would.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use futures::{
+    StreamExt, TryStreamExt,
+    future::BoxFuture,
+    stream::{self, BoxStream},
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    domain::{ChunkInsight, Entry, FeedbackSummary, SummaryOptions, Usage},
+    pipeline::{
+        ChunkMemo, EntrySource, InlineEntries, Pipeline, PipelineError, SourceError,
+        source::{hash_entry, hex},
+        validate_entries,
+    },
+    store::{
+        CacheTable, FeedbackFilter, FeedbackQuery, FeedbackStore, MAX_PAGE_SIZE, Store, StoreError,
+    },
+};
+
+/// Rows read per page when a summary reads stored feedback: big enough that paging costs
+/// little, small enough that one page of 8 KiB texts stays around 4 MiB.
+pub const STORED_PAGE_ROWS: u32 = 500;
+
+/// What to summarize.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SummaryInput {
+    /// Entries given inline, in the caller's order.
+    Inline(Vec<Entry>),
+    /// Stored entries matching a filter, in (created_at, id) order.
+    Stored(FeedbackFilter),
+}
+
+/// A summary request, validated options applied. Serializable: a job stores it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SummaryRequest {
+    /// What to summarize.
+    pub input: SummaryInput,
+    /// How.
+    pub options: SummaryOptions,
+}
+
+/// The outcome a flight leader shares with the requests that waited for it.
+type Outcome = Result<Arc<FeedbackSummary>, PipelineError>;
+
+/// Summaries with a cache in front and one computation per key at a time. Cheap to clone.
+#[derive(Clone)]
+pub struct Summaries {
+    pipeline: Pipeline,
+    store: Store,
+    cache_ttl: Duration,
+    flights: Arc<Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>>,
+}
+
+impl std::fmt::Debug for Summaries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Summaries")
+            .field("pipeline", &self.pipeline)
+            .field("store", &self.store)
+            .field("cache_ttl", &self.cache_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Summaries {
+    /// Summaries through `pipeline`, reading stored entries and caching in `store`, cached
+    /// answers kept for `cache_ttl` (zero turns the cache off).
+    pub fn new(pipeline: Pipeline, store: Store, cache_ttl: Duration) -> Self {
+        Self {
+            pipeline,
+            store,
+            cache_ttl,
+            flights: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The store behind stored input and the cache.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The pipeline summaries run through.
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Checks a request before any work: inline entries by the foundation rules, a stored
+    /// selection's ranges. Field paths are those of the RPC (`entries[3].text`,
+    /// `selector.min_rating`).
+    pub fn validate(&self, request: &SummaryRequest) -> Result<(), PipelineError> {
+        match &request.input {
+            SummaryInput::Inline(entries) => validate_entries(entries),
+            SummaryInput::Stored(filter) => stored_query(filter, 1).map(|_| ()),
+        }
+    }
+
+    /// Summarizes `request` (see the module documentation for the cache). `on_chunk` sees
+    /// each chunk insight as it is done, or, for an answer from the cache or from an
+    /// identical request computed meanwhile, every chunk insight at once. `memo`, when given,
+    /// replaces the chunk cache (a job's checkpoints).
+    pub async fn summarize(
+        &self,
+        request: SummaryRequest,
+        deadline: Instant,
+        memo: Option<Arc<dyn ChunkMemo>>,
+        mut on_chunk: impl FnMut(&ChunkInsight) + Send,
+    ) -> Result<FeedbackSummary, PipelineError> {
+        self.validate(&request)?;
+        let options = request.options;
+        let (source, store): (Box<dyn EntrySource>, Option<Arc<dyn FeedbackStore>>) =
+            match request.input {
+                SummaryInput::Inline(entries) => {
+                    let store = if self.cache_ttl.is_zero() || self.pipeline.is_local() {
+                        None
+                    } else {
+                        // The cache is an optimisation: with the database down an inline
+                        // summary still runs, uncached.
+                        self.store
+                            .get()
+                            .await
+                            .inspect_err(|error| {
+                                tracing::warn!(%error, "insight cache unavailable; not caching")
+                            })
+                            .ok()
+                    };
+                    (Box::new(InlineEntries(Arc::new(entries))), store)
+                }
+                SummaryInput::Stored(filter) => {
+                    let store = self.store.get().await.map_err(source_error)?;
+                    let source = StoredEntries {
+                        store: store.clone(),
+                        filter,
+                    };
+                    if source.available().await.map_err(PipelineError::Source)? == 0 {
+                        return Err(PipelineError::invalid(
+                            "selector",
+                            "no stored feedback entry matches the selector",
+                        ));
+                    }
+                    let store = (!self.cache_ttl.is_zero()).then_some(store);
+                    (Box::new(source), store)
+                }
+            };
+        let Some(store) = store else {
+            return self
+                .pipeline
+                .summarize_source(&*source, memo.as_deref(), options, deadline, on_chunk)
+                .await;
+        };
+
+        let key = self.summary_key(&*source, options).await?;
+        if !options.bypass_cache
+            && let Some(summary) = self.cached(&*store, &key).await
+        {
+            replay(&summary, &mut on_chunk);
+            return Ok(summary);
+        }
+        let memo = memo.or_else(|| {
+            (!self.pipeline.is_local()).then(|| {
+                Arc::new(CacheMemo {
+                    store: store.clone(),
+                    ttl: self.cache_ttl,
+                    read: !options.bypass_cache,
+                }) as Arc<dyn ChunkMemo>
+            })
+        });
+        loop {
+            match self.join(&key) {
+                Flight::Follow(mut outcome) => {
+                    let waited =
+                        tokio::time::timeout_at(deadline, outcome.wait_for(Option::is_some))
+                            .await
+                            .map_err(|_| PipelineError::DeadlineExceeded {
+                                completed: 0,
+                                total: 0,
+                            })?;
+                    let shared = match waited {
+                        Ok(shared) => shared.clone(),
+                        // The leader's caller went away before it finished: lead instead.
+                        Err(_closed) => continue,
+                    };
+                    match shared {
+                        Some(Ok(summary)) => {
+                            let mut summary = FeedbackSummary::clone(&summary);
+                            // This caller's answer cost no backend call.
+                            summary.usage = Usage::default();
+                            replay(&summary, &mut on_chunk);
+                            return Ok(summary);
+                        }
+                        // The leader ran out of its own time; this caller may have more.
+                        Some(Err(PipelineError::DeadlineExceeded { .. })) => continue,
+                        Some(Err(error)) => return Err(error),
+                        None => continue,
+                    }
+                }
+                Flight::Lead(flight) => {
+                    let outcome = self
+                        .pipeline
+                        .summarize_source(&*source, memo.as_deref(), options, deadline, on_chunk)
+                        .await;
+                    if let Ok(summary) = &outcome
+                        && !summary.degraded
+                    {
+                        self.store_summary(&*store, &key, summary).await;
+                    }
+                    flight.land(match &outcome {
+                        Ok(summary) => Ok(Arc::new(summary.clone())),
+                        Err(error) => Err(error.clone()),
+                    });
+                    return outcome;
+                }
+            }
+        }
+    }
+
+    /// The cache key of a request over `source`: its entries (ids, ratings, text hashes) up
+    /// to `max_entries`, how many there are in all, the options that shape the answer, the
+    /// backend, model, prompt version and the prompt budget (which sets chunk boundaries).
+    async fn summary_key(
+        &self,
+        source: &dyn EntrySource,
+        options: SummaryOptions,
+    ) -> Result<String, PipelineError> {
+        let mut hasher = Sha256::new();
+        hasher.update(b"summary\0");
+        hasher.update(crate::pipeline::prompts::PROMPT_VERSION.to_le_bytes());
+        for part in [self.pipeline.backend_name(), self.pipeline.backend_model()] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+        for number in [
+            options.chunk_size,
+            options.max_entries,
+            options.max_words,
+            usize::from(options.disable_fallback),
+            self.pipeline.cfg().prompt_budget_bytes,
+        ] {
+            hasher.update((number as u64).to_le_bytes());
+        }
+        let available = source.available().await.map_err(PipelineError::Source)?;
+        hasher.update((available as u64).to_le_bytes());
+        let mut entries = source.entries(options.max_entries);
+        while let Some(entry) = entries.next().await {
+            hash_entry(&mut hasher, &entry.map_err(PipelineError::Source)?);
+        }
+        Ok(hex(&hasher.finalize()))
+    }
+
+    /// The cached summary under `key`, marked as such; `None` on a miss or a cache failure.
+    async fn cached(&self, store: &dyn FeedbackStore, key: &str) -> Option<FeedbackSummary> {
+        let text = store
+            .cache_get(CacheTable::Summary, key, SystemTime::now())
+            .await
+            .inspect_err(|error| tracing::warn!(%error, "insight cache read failed"))
+            .ok()??;
+        let mut summary: FeedbackSummary = serde_json::from_str(&text)
+            .inspect_err(|error| tracing::warn!(%error, "unreadable cached summary ignored"))
+            .ok()?;
+        summary.cached = true;
+        summary.usage = Usage::default();
+        Some(summary)
+    }
+
+    async fn store_summary(&self, store: &dyn FeedbackStore, key: &str, summary: &FeedbackSummary) {
+        let now = SystemTime::now();
+        let result = match serde_json::to_string(summary) {
+            Ok(text) => {
+                store
+                    .cache_put(CacheTable::Summary, key, &text, now, now + self.cache_ttl)
+                    .await
+            }
+            Err(error) => Err(StoreError::Corrupt(error.to_string())),
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, "cannot write the insight cache");
+        }
+    }
+
+    /// Joins the computation of `key` in progress, or becomes its leader.
+    fn join(&self, key: &str) -> Flight {
+        let mut flights = self
+            .flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(outcome) = flights.get(key)
+            && outcome.has_changed().is_ok()
+        {
+            return Flight::Follow(outcome.clone());
+        }
+        let (sender, receiver) = watch::channel(None);
+        flights.insert(key.to_owned(), receiver);
+        Flight::Lead(FlightGuard {
+            key: key.to_owned(),
+            sender,
+            flights: self.flights.clone(),
+        })
+    }
+}
+
+/// A request's place in the computation of its key.
+enum Flight {
+    /// Another request computes it: wait for its outcome.
+    Follow(watch::Receiver<Option<Outcome>>),
+    /// This request computes it.
+    Lead(FlightGuard),
+}
+
+/// The leader's end of a flight; dropping it (the caller went away) lets a follower lead.
+struct FlightGuard {
+    key: String,
+    sender: watch::Sender<Option<Outcome>>,
+    flights: Arc<Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>>,
+}
+
+impl FlightGuard {
+    /// Shares the outcome with every follower.
+    fn land(self, outcome: Outcome) {
+        self.sender.send_replace(Some(outcome));
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        let mut flights = self
+            .flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if flights
+            .get(&self.key)
+            .is_some_and(|receiver| receiver.same_channel(&self.sender.subscribe()))
+        {
+            flights.remove(&self.key);
+        }
+    }
+}
+
+/// Hands every chunk of a finished summary to `on_chunk`, in index order.
+fn replay(summary: &FeedbackSummary, on_chunk: &mut impl FnMut(&ChunkInsight)) {
+    for chunk in &summary.chunks {
+        on_chunk(chunk);
+    }
+}
+
+/// A store failure while reading entries.
+fn source_error(error: StoreError) -> PipelineError {
+    PipelineError::Source(SourceError(error.to_string()))
+}
+
+/// A validated page query over `filter`; a bad range names the `selector` field.
+fn stored_query(filter: &FeedbackFilter, page_size: u32) -> Result<FeedbackQuery, PipelineError> {
+    FeedbackQuery::new(page_size, "", filter.clone()).map_err(|error| match error {
+        StoreError::InvalidArgument { field, reason } => {
+            PipelineError::invalid(field.replacen("filter.", "selector.", 1), reason)
+        }
+        other => source_error(other),
+    })
+}
+
+/// Stored feedback matching a filter, read page by page in (created_at, id) order.
+#[derive(Debug)]
+pub struct StoredEntries {
+    /// The store to read.
+    pub store: Arc<dyn FeedbackStore>,
+    /// Which entries.
+    pub filter: FeedbackFilter,
+}
+
+impl EntrySource for StoredEntries {
+    fn entries(&self, limit: usize) -> BoxStream<'_, Result<Entry, SourceError>> {
+        let page_size = u32::try_from(limit)
+            .unwrap_or(u32::MAX)
+            .clamp(1, STORED_PAGE_ROWS.min(MAX_PAGE_SIZE));
+        let first = match stored_query(&self.filter, page_size) {
+            Ok(query) => query,
+            Err(error) => {
+                return Box::pin(stream::once(
+                    async move { Err(SourceError(error.to_string())) },
+                ));
+            }
+        };
+        let pages = stream::try_unfold(Some(first), move |query| async move {
+            let Some(query) = query else {
+                return Ok(None);
+            };
+            let page = self
+                .store
+                .list_feedback(&query)
+                .await
+                .map_err(|error| SourceError(error.to_string()))?;
+            let next = page.next.map(|after| FeedbackQuery {
+                after: Some(after),
+                ..query
+            });
+            Ok(Some((page.entries, next)))
+        });
+        Box::pin(
+            pages
+                .map_ok(|entries| stream::iter(entries.into_iter().map(Ok)))
+                .try_flatten()
+                .take(limit),
+        )
+    }
+
+    fn available(&self) -> BoxFuture<'_, Result<usize, SourceError>> {
+        Box::pin(async move {
+            let query = stored_query(&self.filter, 1).map_err(|e| SourceError(e.to_string()))?;
+            let count = self
+                .store
+                .count_feedback(&query)
+                .await
+                .map_err(|error| SourceError(error.to_string()))?;
+            Ok(usize::try_from(count).unwrap_or(usize::MAX))
+        })
+    }
+}
+
+/// The chunk cache as the pipeline's memo.
+struct CacheMemo {
+    store: Arc<dyn FeedbackStore>,
+    ttl: Duration,
+    /// `false` under `bypass_cache`: fresh insights are still written.
+    read: bool,
+}
+
+impl ChunkMemo for CacheMemo {
+    fn recall<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<ChunkInsight>> {
+        Box::pin(async move {
+            if !self.read {
+                return None;
+            }
+            let text = self
+                .store
+                .cache_get(CacheTable::Chunk, key, SystemTime::now())
+                .await
+                .inspect_err(|error| tracing::warn!(%error, "chunk cache read failed"))
+                .ok()??;
+            serde_json::from_str(&text).ok()
+        })
+    }
+
+    fn remember<'a>(&'a self, key: &'a str, insight: &'a ChunkInsight) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Ok(text) = serde_json::to_string(insight) else {
+                return;
+            };
+            let now = SystemTime::now();
+            if let Err(error) = self
+                .store
+                .cache_put(CacheTable::Chunk, key, &text, now, now + self.ttl)
+                .await
+            {
+                tracing::warn!(%error, "cannot write the chunk cache");
+            }
+        })
+    }
+}
+
+/// Deletes expired cache rows every `every` until the process ends; a failed pass (database
+/// down) is retried at the next tick.
+pub async fn prune_cache(store: Store, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Ok(store) = store.get().await else {
+            continue;
+        };
+        match store.prune_cache(SystemTime::now()).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "expired insight cache rows deleted"),
+            Err(error) => tracing::warn!(%error, "cannot prune the insight cache"),
+        }
+    }
+}

@@ -191,6 +191,29 @@ pub struct Config {
     /// cache; 0 turns the cache off. Expired rows are deleted hourly (or every TTL if shorter).
     #[arg(long, env = "INSIGHT_CACHE_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub cache_ttl: Duration,
+
+    /// Background job workers in this process; 0 = accept jobs but leave running them to
+    /// other replicas on the same database.
+    #[arg(long, env = "INSIGHT_JOB_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub job_workers: u32,
+
+    /// How long a worker's claim on a job lasts without renewal (renewed every third of it):
+    /// a job whose worker died is taken over by another worker this long after.
+    #[arg(long, env = "INSIGHT_JOB_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub job_lease: Duration,
+
+    /// How often idle workers look for jobs submitted to other replicas, and WatchJob
+    /// re-reads a job changed elsewhere.
+    #[arg(long, env = "INSIGHT_JOB_POLL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub job_poll: Duration,
+
+    /// Longest a background job may run before it FAILS with a deadline error.
+    #[arg(long, env = "INSIGHT_JOB_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub job_timeout: Duration,
+
+    /// Finished jobs (and their results) are deleted this long after they ended.
+    #[arg(long, env = "INSIGHT_JOB_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub job_retention: Duration,
 }
 
 /// An on/off flag value.
@@ -223,6 +246,17 @@ impl Config {
             prompt_budget_bytes: self.prompt_budget_bytes as usize,
             max_reduce_depth: self.max_reduce_depth as usize,
             llm_timeout: self.llm_timeout,
+        }
+    }
+
+    /// The job workers' settings from these flags.
+    pub fn jobs_config(&self) -> crate::jobs::JobsConfig {
+        crate::jobs::JobsConfig {
+            workers: self.job_workers as usize,
+            lease: self.job_lease,
+            poll: self.job_poll,
+            timeout: self.job_timeout,
+            retention: self.job_retention,
         }
     }
 }
@@ -269,6 +303,11 @@ impl Default for Config {
             database_url: crate::store::DatabaseUrl::default(),
             migrate: true,
             cache_ttl: Duration::from_secs(24 * 60 * 60),
+            job_workers: 2,
+            job_lease: Duration::from_secs(30),
+            job_poll: Duration::from_millis(500),
+            job_timeout: Duration::from_secs(60 * 60),
+            job_retention: Duration::from_secs(7 * 24 * 60 * 60),
         }
     }
 }

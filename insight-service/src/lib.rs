@@ -25,6 +25,7 @@ pub mod backend;
 pub mod config;
 pub mod domain;
 pub mod grpc;
+pub mod jobs;
 pub mod llm;
 pub mod music;
 pub mod pipeline;
@@ -116,7 +117,31 @@ pub async fn run(
     if protect {
         pipeline = pipeline.with_pressure(pressure_rx.clone());
     }
-    let service = grpc::InsightGrpc::new(pipeline, backends.generator.clone(), &config);
+    let budget = MemoryBudget::new(budget_bytes);
+    let estimator = EstimatorConfig {
+        max_entries_cap: u64::from(config.max_entries_cap),
+        map_parallelism: u64::from(config.map_parallelism),
+        prompt_budget_bytes: u64::from(config.prompt_budget_bytes),
+        max_response_bytes: config.llm_max_response_bytes as u64,
+    };
+    // Connects on first use (see `Store`): building the service never touches the database,
+    // and a database that is down only affects what needs it.
+    let store = store::Store::new(config.database_url.clone(), config.migrate);
+    let summaries = summaries::Summaries::new(pipeline, store, config.cache_ttl);
+    // Jobs charge the same budget as calls (a job waits for it instead of failing).
+    let jobs = jobs::Jobs::new(
+        summaries.clone(),
+        protect.then(|| (budget.clone(), estimator)),
+        config.jobs_config(),
+    );
+    jobs.spawn_workers(drain.clone());
+    let service = grpc::InsightGrpc::new(
+        summaries,
+        jobs,
+        backends.generator.clone(),
+        protect.then(|| budget.clone()),
+        &config,
+    );
     // Connect and migrate at start, so a fresh machine gets its SQLite file on first start
     // and a broken database shows in the log at once; in the background, because the server
     // serves summaries without the store and retries the connection on the next store call.
@@ -142,7 +167,6 @@ pub async fn run(
     let (reflection_v1, reflection_v1alpha) = reflection_services(INSIGHT_DESCRIPTOR_SET)?;
 
     let metrics = Arc::new(AdmissionMetrics::default());
-    let budget = MemoryBudget::new(budget_bytes);
     let limiter = Limiter::new(
         config.max_concurrency as usize,
         config.queue_depth as usize,
@@ -151,12 +175,7 @@ pub async fn run(
     );
     let memory = MemoryGate {
         budget: budget.clone(),
-        estimator: EstimatorConfig {
-            max_entries_cap: u64::from(config.max_entries_cap),
-            map_parallelism: u64::from(config.map_parallelism),
-            prompt_budget_bytes: u64::from(config.prompt_budget_bytes),
-            max_response_bytes: config.llm_max_response_bytes as u64,
-        },
+        estimator,
         max_message_size: config.max_message_size,
         metrics: metrics.clone(),
     };

@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
+    admission::estimator::{self, EstimatorConfig},
     domain::{ChunkInsight, Entry, FeedbackSummary, SummaryOptions, Usage},
     pipeline::{
         ChunkMemo, EntrySource, InlineEntries, Pipeline, PipelineError, SourceError,
@@ -61,6 +62,38 @@ pub struct SummaryRequest {
     pub input: SummaryInput,
     /// How.
     pub options: SummaryOptions,
+}
+
+/// Bytes one chunk insight holds while the reduce waits for the rest (its text, themes, ids
+/// and struct), generously rounded up.
+pub const CHUNK_INSIGHT_BYTES: u64 = 2 * 1024;
+
+/// Memory a summary of stored entries needs beyond what a call of its (tiny) encoded size is
+/// charged at the door: one page of rows at the largest text, and the chunk insights of up to
+/// `max_entries` entries. The gRPC adapter reserves it before reading; a job reserves it with
+/// the rest of [`estimate`].
+pub fn stored_extra_bytes(options: &SummaryOptions) -> u64 {
+    let page = u64::from(STORED_PAGE_ROWS)
+        * (crate::pipeline::MAX_TEXT_BYTES as u64 + estimator::ENTRY_OVERHEAD_BYTES);
+    let chunks = options.max_entries.div_ceil(options.chunk_size.max(1)) as u64;
+    page + chunks * CHUNK_INSIGHT_BYTES
+}
+
+/// Upper bound of the peak memory of summarizing `request` (the admission estimator's
+/// formula, from the request's own size, plus [`stored_extra_bytes`] for stored input).
+pub fn estimate(request: &SummaryRequest, config: &EstimatorConfig) -> u64 {
+    match &request.input {
+        SummaryInput::Inline(entries) => {
+            let bytes: usize = entries
+                .iter()
+                .map(|e| e.id.len() + e.user_id.len() + e.text.len() + e.source.len() + 16)
+                .sum();
+            estimator::estimate(bytes as u64, config)
+        }
+        SummaryInput::Stored(_) => {
+            estimator::estimate(0, config).saturating_add(stored_extra_bytes(&request.options))
+        }
+    }
 }
 
 /// The outcome a flight leader shares with the requests that waited for it.

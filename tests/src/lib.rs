@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod db;
 pub mod fake_cgroup;
 pub mod fakes;
 pub mod loadgen;

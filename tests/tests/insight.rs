@@ -324,32 +324,6 @@ async fn invalid_input_is_invalid_argument_naming_the_field() {
 }
 
 #[tokio::test]
-async fn rpcs_of_later_issues_are_unimplemented_and_say_what_is_missing() {
-    let server = start_insight(insight_service::Config::default()).await;
-    let mut client = InsightServiceClient::new(server.channel().await);
-    let job = pb::GetJobRequest { id: "x".into() };
-    let statuses = vec![
-        client
-            .submit_summary_job(request(forty_entries(), Default::default()))
-            .await
-            .err(),
-        client.get_job(job.clone()).await.err(),
-        client.watch_job(job.clone()).await.err(),
-        client.cancel_job(job).await.err(),
-    ];
-    for status in statuses {
-        let status = status.expect("must fail");
-        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
-        assert!(
-            status.message().contains("not available yet"),
-            "{}",
-            status.message()
-        );
-    }
-    server.shutdown().await.unwrap();
-}
-
-#[tokio::test]
 async fn stream_sends_one_chunk_event_per_chunk_then_the_summary() {
     let server = start_insight(insight_service::Config::default()).await;
     let mut client = InsightServiceClient::new(server.channel().await);

@@ -1,118 +1,20 @@
 //! The insight store through the gRPC API (ImportFeedback, ImportListening, ListFeedback),
 //! against in-process servers on SQLite (a scratch file) AND on the machine's PostgreSQL
 //! (127.0.0.1:5432, user postgres; each test creates its own `insight_test_<random>` database
-//! and drops it). Without PostgreSQL the PostgreSQL variants print `SKIP: <reason>` and pass,
-//! except under CI (`CI` set), where they fail.
+//! and drops it; see `spotifai_e2e::db`). Without PostgreSQL the PostgreSQL variants print
+//! `SKIP: <reason>` and pass, except under CI (`CI` set), where they fail.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::{
     collections::HashSet,
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, SystemTime},
 };
 
 use prost_types::Timestamp;
-use spotifai_e2e::{InProcess, start_insight};
+use spotifai_e2e::{InProcess, db::Db, start_insight};
 use spotifai_proto::insight::{self as pb, insight_service_client::InsightServiceClient};
-use sqlx::{Connection, Executor, PgConnection};
 use tonic::{Code, transport::Channel};
-
-/// The database the PostgreSQL tests create their own databases from.
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-/// A database for one test: a scratch SQLite file, or a fresh PostgreSQL database that is
-/// dropped when the test ends (also when it fails).
-enum Db {
-    Sqlite {
-        _dir: tempfile::TempDir,
-        url: String,
-    },
-    Postgres {
-        name: String,
-        url: String,
-    },
-}
-
-impl Db {
-    fn sqlite() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("insight.db").display());
-        Db::Sqlite { _dir: dir, url }
-    }
-
-    /// A fresh PostgreSQL database, or `None` (after printing SKIP) when PostgreSQL does not
-    /// answer outside CI.
-    async fn postgres() -> Option<Self> {
-        let mut admin = match PgConnection::connect(ADMIN_URL).await {
-            Ok(connection) => connection,
-            Err(error) => {
-                let reason = format!("PostgreSQL at {ADMIN_URL} does not answer: {error}");
-                assert!(std::env::var_os("CI").is_none(), "under CI: {reason}");
-                println!("SKIP: {reason}");
-                return None;
-            }
-        };
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!(
-            "insight_test_{}_{}_{}",
-            std::process::id(),
-            nanos,
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        // The name is made of digits and underscores only, so it is safe to splice into DDL
-        // (which cannot take bind parameters).
-        admin
-            .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "CREATE DATABASE {name}"
-            ))))
-            .await
-            .unwrap();
-        let _ = admin.close().await;
-        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-        Some(Db::Postgres { name, url })
-    }
-
-    fn url(&self) -> &str {
-        match self {
-            Db::Sqlite { url, .. } | Db::Postgres { url, .. } => url,
-        }
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        let Db::Postgres { name, .. } = self else {
-            return;
-        };
-        // Drop cannot await, and may run inside the test's runtime: clean up on a thread of
-        // its own with its own runtime.
-        let name = name.clone();
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let mut admin = PgConnection::connect(ADMIN_URL).await?;
-                admin
-                    .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    ))))
-                    .await?;
-                admin.close().await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop test database: {dropped:?}");
-        }
-    }
-}
 
 /// Defines one test per backend for `scenario(url)`.
 macro_rules! on_both_backends {

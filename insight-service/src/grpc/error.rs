@@ -4,7 +4,8 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
-    admission::AdmissionError, music::MusicError, pipeline::PipelineError, store::StoreError,
+    admission::AdmissionError, jobs::JobError, music::MusicError, pipeline::PipelineError,
+    store::StoreError,
 };
 
 /// The ErrorInfo domain of this service's errors.
@@ -76,6 +77,15 @@ pub fn store_status(error: StoreError) -> Status {
             store_unavailable(error.to_string())
         }
         error @ StoreError::Corrupt(_) => Status::data_loss(error.to_string()),
+    }
+}
+
+/// Maps a job error: bad request INVALID_ARGUMENT, unknown id NOT_FOUND, store UNAVAILABLE.
+pub fn job_status(error: JobError) -> Status {
+    match error {
+        JobError::Invalid(error) => to_status(error),
+        error @ JobError::NotFound(_) => Status::not_found(error.to_string()),
+        JobError::Store(error) => store_status(error),
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod deadline;
 pub mod error;
+pub mod jobs;
 pub mod music;
 pub mod service;
 pub mod store;

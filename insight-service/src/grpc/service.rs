@@ -12,15 +12,18 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{
     convert::entries_from_proto,
     deadline::request_deadline,
-    error::{music_status, to_status},
+    error::{admission_status, job_status, music_status, to_status},
+    jobs::job_id,
     store::filter_from_proto,
 };
 use crate::{
+    admission::{AdmissionError, MemoryBudget, budget::Reservation},
+    jobs::Jobs,
     llm::Generator,
     music::DEFAULT_MAX_PLAYS,
-    pipeline::{Pipeline, PipelineError, RequestedOptions, resolve_options},
+    pipeline::{PipelineError, RequestedOptions, resolve_options},
     store::Store,
-    summaries::{Summaries, SummaryInput, SummaryRequest},
+    summaries::{Summaries, SummaryInput, SummaryRequest, stored_extra_bytes},
 };
 
 /// A boxed server stream, as tonic's associated stream types want.
@@ -30,7 +33,11 @@ pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 's
 #[derive(Clone)]
 pub struct InsightGrpc {
     summaries: Summaries,
+    jobs: Jobs,
     generator: Option<Arc<dyn Generator>>,
+    /// The memory budget the admission layer charges (none with protection off): summaries
+    /// of stored entries reserve their reading memory from it too.
+    budget: Option<Arc<MemoryBudget>>,
     max_entries_cap: u32,
     request_timeout: Duration,
     llm_timeout: Duration,
@@ -46,19 +53,20 @@ impl std::fmt::Debug for InsightGrpc {
 }
 
 impl InsightGrpc {
-    /// An adapter over `pipeline` (summaries) and `generator` (music analysis; `None` =
-    /// the deterministic `local` analysis), with the limits of `config`.
+    /// An adapter over `summaries`, `jobs` and `generator` (music analysis; `None` = the
+    /// deterministic `local` analysis), with the limits of `config`.
     pub fn new(
-        pipeline: Pipeline,
+        summaries: Summaries,
+        jobs: Jobs,
         generator: Option<Arc<dyn Generator>>,
+        budget: Option<Arc<MemoryBudget>>,
         config: &crate::Config,
     ) -> Self {
-        // Connects on first use (see `Store`): building the adapter never touches the
-        // database, and a database that is down only affects what needs it.
-        let store = Store::new(config.database_url.clone(), config.migrate);
         Self {
-            summaries: Summaries::new(pipeline, store, config.cache_ttl),
+            summaries,
+            jobs,
             generator,
+            budget,
             max_entries_cap: config.max_entries_cap,
             request_timeout: config.request_timeout,
             llm_timeout: config.llm_timeout,
@@ -107,6 +115,24 @@ impl InsightGrpc {
         self.summaries.validate(&request).map_err(to_status)?;
         Ok(request)
     }
+
+    /// Reserves the memory a summary of stored entries needs beyond what the admission layer
+    /// charged for its (tiny) message; held until the summary ends.
+    fn reserve_reading(&self, request: &SummaryRequest) -> Result<Option<Reservation>, Status> {
+        let (Some(budget), SummaryInput::Stored(_)) = (&self.budget, &request.input) else {
+            return Ok(None);
+        };
+        budget
+            .try_reserve(stored_extra_bytes(&request.options))
+            .map(Some)
+            .map_err(|refused| {
+                admission_status(&AdmissionError::MemoryBudget {
+                    wanted: refused.wanted,
+                    available: refused.available,
+                    retry_after: refused.retry_after,
+                })
+            })
+    }
 }
 
 /// Aborts the pipeline task of a streamed summary when tonic drops the response stream, i.e.
@@ -128,14 +154,6 @@ fn record_input(request: &SummaryRequest) {
     };
 }
 
-/// The RPCs whose behaviour arrives with a later issue say which, so a caller knows it is not
-/// a bug in their request.
-fn not_yet(what: &str, arrives_with: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} not available yet: it arrives with the {arrives_with}"
-    ))
-}
-
 #[tonic::async_trait]
 impl InsightService for InsightGrpc {
     #[tracing::instrument(skip(self, request), fields(entries))]
@@ -146,6 +164,7 @@ impl InsightService for InsightGrpc {
         let deadline = request_deadline(&request, self.request_timeout);
         let request = self.summary_request(request.into_inner())?;
         record_input(&request);
+        let _reading = self.reserve_reading(&request)?;
         let summary = self
             .summaries
             .summarize(request, deadline, None, |_| {})
@@ -165,12 +184,14 @@ impl InsightService for InsightGrpc {
         // Bad input is an immediate status, not a stream that fails on its first message.
         let request = self.summary_request(request.into_inner())?;
         record_input(&request);
+        let reading = self.reserve_reading(&request)?;
 
         // At most one message per chunk plus the summary, so the channel is bounded by the
         // request's own chunk count.
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::SummaryEvent, Status>>();
         let summaries = self.summaries.clone();
         let task = tokio::spawn(async move {
+            let _reading = reading;
             let chunks = tx.clone();
             let result = summaries
                 .summarize(request, deadline, None, move |chunk| {
@@ -248,33 +269,54 @@ impl InsightService for InsightGrpc {
         Ok(Response::new(response))
     }
 
+    #[tracing::instrument(skip(self, request), fields(entries, job))]
     async fn submit_summary_job(
         &self,
-        _request: Request<pb::SummarizeFeedbackRequest>,
+        request: Request<pb::SummarizeFeedbackRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        Err(not_yet("jobs are", "insight store issue (background jobs)"))
+        let request = self.summary_request(request.into_inner())?;
+        record_input(&request);
+        let job = self.jobs.submit(request).await.map_err(job_status)?;
+        tracing::Span::current().record("job", job.id.as_str());
+        Ok(Response::new(job.into()))
     }
 
     async fn get_job(
         &self,
-        _request: Request<pb::GetJobRequest>,
+        request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        Err(not_yet("jobs are", "insight store issue (background jobs)"))
+        let job = self
+            .jobs
+            .get(job_id(request.get_ref())?)
+            .await
+            .map_err(job_status)?;
+        Ok(Response::new(job.into()))
     }
 
     type WatchJobStream = BoxStream<pb::Job>;
 
     async fn watch_job(
         &self,
-        _request: Request<pb::GetJobRequest>,
+        request: Request<pb::GetJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        Err(not_yet("jobs are", "insight store issue (background jobs)"))
+        let changes = self
+            .jobs
+            .watch(job_id(request.get_ref())?)
+            .await
+            .map_err(job_status)?;
+        let stream = changes.map(|job| job.map(pb::Job::from).map_err(job_status));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn cancel_job(
         &self,
-        _request: Request<pb::GetJobRequest>,
+        request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        Err(not_yet("jobs are", "insight store issue (background jobs)"))
+        let job = self
+            .jobs
+            .cancel(job_id(request.get_ref())?)
+            .await
+            .map_err(job_status)?;
+        Ok(Response::new(job.into()))
     }
 }

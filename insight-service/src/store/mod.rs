@@ -12,6 +12,7 @@
 
 mod cache;
 mod import;
+mod jobs;
 mod postgres;
 mod query;
 mod sqlite;
@@ -29,6 +30,9 @@ use tokio::sync::OnceCell;
 pub use cache::{CacheStore, CacheTable};
 pub use import::{
     BATCH_ROWS, Import, ListeningRecord, MAX_REJECTIONS_LISTED, Record, Rejection, Rejections,
+};
+pub use jobs::{
+    CANCELLED_ERROR, JobOutcome, JobRecord, JobState, JobStore, Lease, UnknownJobState,
 };
 pub use postgres::PostgresStore;
 pub use query::{
@@ -117,7 +121,7 @@ pub trait ImportWriter: Send + Sync + fmt::Debug {
 
 /// Where feedback, plays, cached insights and jobs are kept. Implementations must be safe to
 /// call concurrently.
-pub trait FeedbackStore: ImportWriter + CacheStore + Send + Sync + fmt::Debug {
+pub trait FeedbackStore: ImportWriter + CacheStore + JobStore + Send + Sync + fmt::Debug {
     /// One page of feedback matching `query`, ordered by (created_at, id).
     fn list_feedback<'a>(
         &'a self,

@@ -1,0 +1,239 @@
+//! Background summary jobs over gRPC, on SQLite and PostgreSQL: submit returns QUEUED at once,
+//! WatchJob streams the progress to a terminal state, GetJob returns the result, CancelJob
+//! stops the LLM calls, and unknown or missing ids get NOT_FOUND / INVALID_ARGUMENT.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::Duration;
+
+use insight_service::{config::BackendKind, store::DatabaseUrl};
+use spotifai_e2e::{
+    db::Db,
+    fakes::{FakeLlm, Fault, RecordedRequest},
+    start_insight,
+};
+use spotifai_proto::insight::{
+    self as pb, insight_service_client::InsightServiceClient, summarize_feedback_request::Input,
+};
+use tonic::Code;
+
+const KEY: &str = "fake-gemini-key-jobs";
+
+async fn databases() -> Vec<Db> {
+    let mut dbs = vec![Db::sqlite()];
+    dbs.extend(Db::postgres().await);
+    dbs
+}
+
+struct Gemini {
+    fake: FakeLlm,
+    key_file: tempfile::NamedTempFile,
+}
+
+impl Gemini {
+    async fn start() -> Self {
+        let fake = FakeLlm::gemini().await;
+        fake.require_api_key(KEY);
+        fake.set_answer_fn(|request: &RecordedRequest| {
+            if request
+                .system()
+                .unwrap_or_default()
+                .contains("combine summaries")
+            {
+                r#"{"summary": "Listeners want fewer ads.", "themes": ["ads"]}"#.to_owned()
+            } else {
+                r#"{"insight": "Ads interrupt songs.", "themes": ["ads"]}"#.to_owned()
+            }
+        });
+        let key_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(key_file.path(), KEY).unwrap();
+        Self { fake, key_file }
+    }
+
+    fn config(&self, db: &Db) -> insight_service::Config {
+        insight_service::Config {
+            llm_backend: BackendKind::Gemini,
+            llm_base_url: Some(self.fake.base_url()),
+            llm_api_key_file: Some(self.key_file.path().to_path_buf()),
+            llm_max_retries: 0,
+            map_parallelism: 1,
+            job_poll: Duration::from_millis(100),
+            database_url: DatabaseUrl::parse(db.url()).unwrap(),
+            ..insight_service::Config::default()
+        }
+    }
+}
+
+fn request(n: usize, tag: &str) -> pb::SummarizeFeedbackRequest {
+    let entries = (0..n)
+        .map(|i| pb::FeedbackEntry {
+            id: format!("{tag}-{i}"),
+            text: format!("Review {i} ({tag}): the ads interrupt my playlists."),
+            rating: 2,
+            ..Default::default()
+        })
+        .collect();
+    pb::SummarizeFeedbackRequest {
+        input: Some(Input::Entries(pb::FeedbackBatch { entries })),
+        options: Some(pb::SummaryOptions {
+            chunk_size: Some(5),
+            max_entries: Some(0),
+            ..Default::default()
+        }),
+    }
+}
+
+fn job_id(id: &str) -> pb::GetJobRequest {
+    pb::GetJobRequest { id: id.to_owned() }
+}
+
+#[tokio::test]
+async fn a_job_runs_in_the_background_and_its_progress_can_be_watched() {
+    for db in databases().await {
+        let gemini = Gemini::start().await;
+        gemini
+            .fake
+            .set_default_fault(Fault::Delay(Duration::from_millis(100)));
+        let server = start_insight(gemini.config(&db)).await;
+        let mut client = InsightServiceClient::new(server.channel().await);
+
+        let job = client
+            .submit_summary_job(request(20, "a"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!job.id.is_empty());
+        // Returned at once: the workers have not even started the first call.
+        assert_eq!(job.state(), pb::JobState::Queued, "{job:?}");
+
+        let mut watch = client
+            .watch_job(job_id(&job.id))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = Vec::new();
+        while let Some(update) = watch.message().await.unwrap() {
+            seen.push(update);
+        }
+        let last = seen.last().unwrap();
+        assert_eq!(last.state(), pb::JobState::Succeeded, "{seen:?}");
+        assert!(
+            seen.iter().any(|j| j.state() == pb::JobState::Running),
+            "{seen:?}"
+        );
+        // Progress only grows, and ends at 4 of 4 chunks.
+        let done: Vec<u32> = seen
+            .iter()
+            .map(|j| j.progress.unwrap_or_default().chunks_done)
+            .collect();
+        assert!(done.windows(2).all(|w| w[0] <= w[1]), "{done:?}");
+        assert_eq!(last.progress.unwrap().chunks_done, 4);
+        assert_eq!(last.progress.unwrap().chunks_total, 4);
+
+        let got = client.get_job(job_id(&job.id)).await.unwrap().into_inner();
+        let result = got.result.expect("a result once SUCCEEDED");
+        assert_eq!(result.entries_used, 20);
+        assert_eq!(result.summary, "Listeners want fewer ads.");
+        assert_eq!(gemini.fake.request_count(), 5, "4 maps + 1 reduce");
+
+        // Watching a finished job sends it once and ends.
+        let mut watch = client
+            .watch_job(job_id(&job.id))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            watch.message().await.unwrap().unwrap().state(),
+            pb::JobState::Succeeded
+        );
+        assert!(watch.message().await.unwrap().is_none());
+        server.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn cancel_stops_the_llm_calls_of_a_running_job() {
+    for db in databases().await {
+        let gemini = Gemini::start().await;
+        gemini
+            .fake
+            .set_default_fault(Fault::Delay(Duration::from_secs(2)));
+        let server = start_insight(gemini.config(&db)).await;
+        let mut client = InsightServiceClient::new(server.channel().await);
+        let job = client
+            .submit_summary_job(request(20, "c"))
+            .await
+            .unwrap()
+            .into_inner();
+        // The first map call is in flight.
+        assert!(
+            gemini
+                .fake
+                .wait_for_requests(1, Duration::from_secs(10))
+                .await
+        );
+        let cancelled = client
+            .cancel_job(job_id(&job.id))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(cancelled.state(), pb::JobState::Cancelled);
+        assert!(cancelled.error.contains("cancel"), "{cancelled:?}");
+        // The call in flight is dropped (the fake sees the connection go), and no other starts.
+        assert!(
+            gemini
+                .fake
+                .wait_for_cancelled(1, Duration::from_secs(5))
+                .await,
+            "the in-flight LLM call was not cancelled"
+        );
+        let calls = gemini.fake.request_count();
+        let got = client.get_job(job_id(&job.id)).await.unwrap().into_inner();
+        assert_eq!(got.state(), pb::JobState::Cancelled);
+        // Give a wrongly still-running worker time to make its next call (a map takes 2 s).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            gemini.fake.request_count(),
+            calls,
+            "no call after CancelJob"
+        );
+        // Cancelling again changes nothing.
+        let again = client
+            .cancel_job(job_id(&job.id))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again.state(), pb::JobState::Cancelled);
+        server.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn unknown_and_missing_job_ids_are_refused_by_name() {
+    let db = Db::sqlite();
+    let gemini = Gemini::start().await;
+    let server = start_insight(gemini.config(&db)).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let unknown = job_id("job-does-not-exist");
+    let statuses = [
+        client.get_job(unknown.clone()).await.unwrap_err(),
+        client.cancel_job(unknown.clone()).await.unwrap_err(),
+        client.watch_job(unknown).await.unwrap_err(),
+    ];
+    for status in statuses {
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    let status = client.get_job(job_id(" ")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("id"), "{status:?}");
+    // A bad request is refused at submit time, not stored as a job that fails later.
+    let mut bad = request(3, "b");
+    bad.options.as_mut().unwrap().chunk_size = Some(0);
+    let status = client.submit_summary_job(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("options.chunk_size"),
+        "{status:?}"
+    );
+    server.shutdown().await.unwrap();
+}

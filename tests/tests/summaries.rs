@@ -1,0 +1,518 @@
+//! Summaries of stored feedback and the insight cache, over gRPC, on SQLite and on the
+//! machine's PostgreSQL: a selector summary equals the inline summary of the same entries,
+//! a cache hit makes no backend call (counted by a fake Gemini on loopback), chunk insights
+//! are reused by overlapping requests, identical concurrent requests are computed once.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::{Duration, SystemTime};
+
+use insight_service::{
+    config::BackendKind,
+    store::{CacheTable, DatabaseUrl},
+};
+use spotifai_e2e::{
+    db::Db,
+    fakes::{FakeLlm, Fault, RecordedRequest},
+    start_insight,
+};
+use spotifai_proto::insight::{
+    self as pb, insight_service_client::InsightServiceClient, summarize_feedback_request::Input,
+};
+use tonic::{Code, transport::Channel};
+
+const KEY: &str = "fake-gemini-key-7";
+
+/// The databases every test runs on: a scratch SQLite file, and a scratch PostgreSQL
+/// database unless PostgreSQL is absent outside CI (then SKIP is printed).
+async fn databases() -> Vec<Db> {
+    let mut dbs = vec![Db::sqlite()];
+    dbs.extend(Db::postgres().await);
+    dbs
+}
+
+fn config(db: &Db) -> insight_service::Config {
+    insight_service::Config {
+        database_url: DatabaseUrl::parse(db.url()).unwrap(),
+        ..insight_service::Config::default()
+    }
+}
+
+/// A Gemini fake answering map and reduce prompts, and a config using it (no retries, so a
+/// call count is exact).
+struct Gemini {
+    fake: FakeLlm,
+    _key_file: tempfile::NamedTempFile,
+}
+
+impl Gemini {
+    async fn start() -> Self {
+        let fake = FakeLlm::gemini().await;
+        fake.require_api_key(KEY);
+        fake.set_answer_fn(|request: &RecordedRequest| {
+            if request
+                .system()
+                .unwrap_or_default()
+                .contains("combine summaries")
+            {
+                r#"{"summary": "Listeners want fewer ads.", "themes": ["ads"]}"#.to_owned()
+            } else {
+                r#"{"insight": "Ads interrupt songs.", "themes": ["ads"]}"#.to_owned()
+            }
+        });
+        let key_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(key_file.path(), KEY).unwrap();
+        Self {
+            fake,
+            _key_file: key_file,
+        }
+    }
+
+    fn config(&self, db: &Db) -> insight_service::Config {
+        insight_service::Config {
+            llm_backend: BackendKind::Gemini,
+            llm_base_url: Some(self.fake.base_url()),
+            llm_api_key_file: Some(self._key_file.path().to_path_buf()),
+            llm_max_retries: 0,
+            ..config(db)
+        }
+    }
+}
+
+fn at(seconds: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds, nanos: 0 }
+}
+
+/// `n` entries of `user`, created one minute apart from `start`, ratings cycling 1..5.
+fn entries(user: &str, n: usize, start: i64) -> Vec<pb::FeedbackEntry> {
+    let topics = [
+        "the ads interrupt my playlists every two songs",
+        "shuffle keeps repeating the same artist",
+        "offline downloads vanish after an update",
+        "the new podcast tab is great and discovery is better",
+        "lyrics are out of sync on some tracks",
+    ];
+    (0..n)
+        .map(|i| pb::FeedbackEntry {
+            id: format!("{user}-{i:04}"),
+            user_id: user.to_owned(),
+            text: format!("Review {i} by {user}: {}.", topics[i % topics.len()]),
+            rating: (i % 5 + 1) as u32,
+            created_at: Some(at(start + i as i64 * 60)),
+            source: if i % 2 == 0 { "android" } else { "ios" }.to_owned(),
+        })
+        .collect()
+}
+
+async fn import(client: &mut InsightServiceClient<Channel>, entries: Vec<pb::FeedbackEntry>) {
+    let response = client
+        .import_feedback(tokio_stream::iter(entries))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.rejected, 0, "{response:?}");
+}
+
+fn inline(
+    entries: Vec<pb::FeedbackEntry>,
+    options: pb::SummaryOptions,
+) -> pb::SummarizeFeedbackRequest {
+    pb::SummarizeFeedbackRequest {
+        input: Some(Input::Entries(pb::FeedbackBatch { entries })),
+        options: Some(options),
+    }
+}
+
+fn selected(
+    selector: pb::FeedbackSelector,
+    options: pb::SummaryOptions,
+) -> pb::SummarizeFeedbackRequest {
+    pb::SummarizeFeedbackRequest {
+        input: Some(Input::Selector(selector)),
+        options: Some(options),
+    }
+}
+
+fn by_user(user: &str) -> pb::FeedbackSelector {
+    pb::FeedbackSelector {
+        user_id: user.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// Everything but the provenance fields a cache changes.
+fn content(summary: &pb::FeedbackSummary) -> pb::FeedbackSummary {
+    pb::FeedbackSummary {
+        cached: false,
+        usage: None,
+        ..summary.clone()
+    }
+}
+
+#[tokio::test]
+async fn a_selector_summary_equals_the_inline_summary_of_the_same_entries() {
+    for db in databases().await {
+        let server = start_insight(config(&db)).await;
+        let mut client = InsightServiceClient::new(server.channel().await);
+        let alice = entries("alice", 37, 1_700_000_000);
+        // Another user's entries interleaved in time, so the filter really filters.
+        import(&mut client, entries("bob", 20, 1_700_000_030)).await;
+        // Imported in reverse: the selector reads in (created_at, id) order, not import order.
+        import(&mut client, alice.iter().rev().cloned().collect()).await;
+
+        for (max_entries, chunk_size) in [(0, 5), (12, 4), (37, 50)] {
+            let options = pb::SummaryOptions {
+                max_entries: Some(max_entries),
+                chunk_size: Some(chunk_size),
+                ..Default::default()
+            };
+            let stored = client
+                .summarize_feedback(selected(by_user("alice"), options))
+                .await
+                .unwrap()
+                .into_inner();
+            let given = client
+                .summarize_feedback(inline(alice.clone(), options))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                content(&stored),
+                content(&given),
+                "max_entries {max_entries}"
+            );
+            assert_eq!(
+                stored.entries_used + stored.entries_skipped,
+                37,
+                "{}",
+                db.url()
+            );
+        }
+
+        // Filters narrow as ListFeedback's do: rating and source.
+        let options = pb::SummaryOptions {
+            max_entries: Some(0),
+            ..Default::default()
+        };
+        let selector = pb::FeedbackSelector {
+            min_rating: 4,
+            source: "android".into(),
+            ..by_user("alice")
+        };
+        let stored = client
+            .summarize_feedback(selected(selector, options))
+            .await
+            .unwrap()
+            .into_inner();
+        let expected: Vec<pb::FeedbackEntry> = alice
+            .iter()
+            .filter(|e| e.rating >= 4 && e.source == "android")
+            .cloned()
+            .collect();
+        let given = client
+            .summarize_feedback(inline(expected, options))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(content(&stored), content(&given));
+
+        // The stream sends the same chunks, then the same summary.
+        let mut stream = client
+            .stream_feedback_summary(selected(by_user("alice"), options))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut chunks = 0;
+        let mut last = None;
+        while let Some(event) = stream.message().await.unwrap() {
+            match event.event.unwrap() {
+                pb::summary_event::Event::Chunk(_) => chunks += 1,
+                pb::summary_event::Event::Summary(summary) => last = Some(summary),
+            }
+        }
+        let last = last.expect("a summary ends the stream");
+        assert_eq!(chunks, last.chunks.len());
+        assert_eq!(last.entries_used, 37);
+        server.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn bad_selectors_name_the_field_and_a_missing_store_is_unavailable() {
+    for db in databases().await {
+        let server = start_insight(config(&db)).await;
+        let mut client = InsightServiceClient::new(server.channel().await);
+        import(&mut client, entries("alice", 3, 1_700_000_000)).await;
+        let options = pb::SummaryOptions::default();
+        let cases = [
+            (by_user("nobody"), "selector"),
+            (
+                pb::FeedbackSelector {
+                    min_rating: 9,
+                    ..Default::default()
+                },
+                "selector.min_rating",
+            ),
+            (
+                pb::FeedbackSelector {
+                    min_rating: 4,
+                    max_rating: 2,
+                    ..Default::default()
+                },
+                "selector.max_rating",
+            ),
+        ];
+        for (selector, field) in cases {
+            let status = client
+                .summarize_feedback(selected(selector, options))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert!(status.message().starts_with(field), "{status:?}");
+        }
+        server.shutdown().await.unwrap();
+    }
+
+    // No database at all: stored input is UNAVAILABLE (retry-safe); inline input still works.
+    let gemini = Gemini::start().await;
+    let nowhere = insight_service::Config {
+        database_url: DatabaseUrl::parse("postgres://postgres@127.0.0.1:1/none").unwrap(),
+        ..gemini.config(&Db::sqlite())
+    };
+    let server = start_insight(nowhere).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let status = client
+        .summarize_feedback(selected(by_user("alice"), pb::SummaryOptions::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let summary = client
+        .summarize_feedback(inline(entries("x", 6, 0), pb::SummaryOptions::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!summary.degraded && !summary.cached, "{summary:?}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cache_hit_makes_no_backend_call_and_bypass_cache_recomputes() {
+    for db in databases().await {
+        let gemini = Gemini::start().await;
+        let server = start_insight(gemini.config(&db)).await;
+        let mut client = InsightServiceClient::new(server.channel().await);
+        let options = pb::SummaryOptions {
+            chunk_size: Some(5),
+            max_entries: Some(0),
+            ..Default::default()
+        };
+        let request = inline(entries("alice", 10, 1_700_000_000), options);
+
+        let first = client
+            .summarize_feedback(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!first.cached && !first.degraded, "{first:?}");
+        // Two map calls and one reduce.
+        assert_eq!(first.usage.unwrap().llm_calls, 3);
+        assert_eq!(gemini.fake.request_count(), 3);
+
+        let second = client
+            .summarize_feedback(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(second.cached, "{second:?}");
+        assert_eq!(second.usage.unwrap_or_default(), pb::Usage::default());
+        assert_eq!(content(&second), content(&first));
+        assert_eq!(gemini.fake.request_count(), 3, "a hit calls no backend");
+
+        // The stream answers from the cache too, chunks first.
+        let mut stream = client
+            .stream_feedback_summary(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let mut events = 0;
+        while let Some(_event) = stream.message().await.unwrap() {
+            events += 1;
+        }
+        assert_eq!(events, 3, "two chunks and the summary");
+        assert_eq!(gemini.fake.request_count(), 3);
+
+        // bypass_cache skips reading: the chunks and the reduce are computed again.
+        let mut fresh = request.clone();
+        fresh.options.as_mut().unwrap().bypass_cache = true;
+        let third = client.summarize_feedback(fresh).await.unwrap().into_inner();
+        assert!(!third.cached);
+        assert_eq!(gemini.fake.request_count(), 6);
+
+        // Changing one text is another key.
+        let mut edited = request.clone();
+        if let Some(Input::Entries(batch)) = edited.input.as_mut() {
+            batch.entries[7].text.push_str(" Also the app crashes.");
+        }
+        let fourth = client
+            .summarize_feedback(edited)
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!fourth.cached);
+        // The unchanged first chunk came from the chunk cache: one map call and the reduce.
+        assert_eq!(fourth.usage.unwrap().llm_calls, 2);
+        assert_eq!(gemini.fake.request_count(), 8);
+
+        // A selector over stored entries is cached as well.
+        import(&mut client, entries("carol", 10, 1_700_000_000)).await;
+        let stored = selected(by_user("carol"), options);
+        let miss = client
+            .summarize_feedback(stored.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!miss.cached);
+        let calls = gemini.fake.request_count();
+        let hit = client
+            .summarize_feedback(stored.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(hit.cached);
+        assert_eq!(gemini.fake.request_count(), calls);
+        // A new matching entry changes the selection, so the key.
+        import(&mut client, entries("carol", 11, 1_700_000_000)).await;
+        let changed = client
+            .summarize_feedback(stored)
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!changed.cached);
+        assert_eq!(changed.entries_used, 11);
+        server.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn identical_concurrent_requests_are_computed_once() {
+    for db in databases().await {
+        let gemini = Gemini::start().await;
+        // Slow enough that every caller arrives while the first is still computing.
+        gemini
+            .fake
+            .set_default_fault(Fault::Delay(Duration::from_millis(400)));
+        let config = insight_service::Config {
+            max_concurrency: 16,
+            ..gemini.config(&db)
+        };
+        let server = start_insight(config).await;
+        let channel = server.channel().await;
+        let options = pb::SummaryOptions {
+            chunk_size: Some(5),
+            max_entries: Some(0),
+            ..Default::default()
+        };
+        let request = inline(entries("dave", 10, 1_700_000_000), options);
+        let calls: Vec<_> = (0..6)
+            .map(|_| {
+                let mut client = InsightServiceClient::new(channel.clone());
+                let request = request.clone();
+                tokio::spawn(async move { client.summarize_feedback(request).await })
+            })
+            .collect();
+        let mut summaries = Vec::new();
+        for call in calls {
+            summaries.push(call.await.unwrap().unwrap().into_inner());
+        }
+        assert_eq!(
+            gemini.fake.request_count(),
+            3,
+            "one computation: 2 maps + 1 reduce"
+        );
+        let paying: Vec<u32> = summaries
+            .iter()
+            .map(|s| s.usage.unwrap_or_default().llm_calls)
+            .filter(|&calls| calls > 0)
+            .collect();
+        assert_eq!(paying, [3], "exactly one caller's answer cost the calls");
+        for summary in &summaries {
+            assert_eq!(content(summary), content(&summaries[0]));
+        }
+        server.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn cache_rows_expire_and_are_pruned() {
+    for db in databases().await {
+        let store = insight_service::store::open(&DatabaseUrl::parse(db.url()).unwrap(), true)
+            .await
+            .unwrap();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let hour = Duration::from_secs(3600);
+        for table in [CacheTable::Summary, CacheTable::Chunk] {
+            store
+                .cache_put(table, "k1", "v1", now, now + hour)
+                .await
+                .unwrap();
+            store
+                .cache_put(table, "k2", "v2", now, now + 2 * hour)
+                .await
+                .unwrap();
+            // Replacing keeps one row.
+            store
+                .cache_put(table, "k2", "v2b", now, now + 2 * hour)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.cache_get(table, "k1", now).await.unwrap().as_deref(),
+                Some("v1")
+            );
+            assert_eq!(
+                store.cache_get(table, "k1", now + hour).await.unwrap(),
+                None
+            );
+            assert_eq!(
+                store
+                    .cache_get(table, "k2", now + hour)
+                    .await
+                    .unwrap()
+                    .as_deref(),
+                Some("v2b")
+            );
+        }
+        assert_eq!(store.prune_cache(now + hour).await.unwrap(), 2);
+        assert_eq!(store.prune_cache(now + 3 * hour).await.unwrap(), 2);
+        assert_eq!(
+            store.cache_get(CacheTable::Chunk, "k2", now).await.unwrap(),
+            None
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_zero_ttl_turns_the_cache_off() {
+    let db = Db::sqlite();
+    let gemini = Gemini::start().await;
+    let config = insight_service::Config {
+        cache_ttl: Duration::ZERO,
+        ..gemini.config(&db)
+    };
+    let server = start_insight(config).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let request = inline(entries("erin", 5, 0), pb::SummaryOptions::default());
+    for _ in 0..2 {
+        let summary = client
+            .summarize_feedback(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!summary.cached);
+    }
+    assert_eq!(
+        gemini.fake.request_count(),
+        4,
+        "one map and one reduce, twice"
+    );
+    server.shutdown().await.unwrap();
+}

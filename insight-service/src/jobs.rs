@@ -369,6 +369,7 @@ impl Jobs {
                 .filter_map(|(key, value)| Some((key, serde_json::from_str(&value).ok()?)))
                 .collect(),
             done: AtomicU32::new(0),
+            written: tokio::sync::Mutex::new(resumed),
             total,
             stop: stop_tx.clone(),
             changes: self.changes.clone(),
@@ -376,8 +377,9 @@ impl Jobs {
         if resumed > 0 {
             tracing::info!(job = %id, resumed, "resuming a job from its checkpoints");
         }
+        // The checkpointed chunks count as done from the start: progress never goes back.
         let _ = store
-            .set_progress(&lease, 0, total, SystemTime::now())
+            .set_progress(&lease, resumed, total, SystemTime::now())
             .await;
         self.changed();
 
@@ -399,6 +401,10 @@ impl Jobs {
         let written = match outcome {
             Some(Ok(summary)) => match serde_json::to_string(&summary) {
                 Ok(result) => {
+                    // The final count: every chunk, also those recalled or answered from the
+                    // cache (which save no checkpoint, so no progress was written for them).
+                    let done = memo.done.load(Ordering::Relaxed).max(resumed);
+                    let _ = store.set_progress(&lease, done, total.max(done), now).await;
                     store
                         .finish_job(&lease, JobOutcome::Succeeded { result }, now)
                         .await
@@ -549,6 +555,9 @@ struct Checkpoints {
     store: Store,
     known: HashMap<String, ChunkInsight>,
     done: AtomicU32,
+    /// The progress last saved; held while saving, so concurrent chunks (map_parallelism > 1)
+    /// save one after the other and the progress only grows.
+    written: tokio::sync::Mutex<u32>,
     total: u32,
     stop: watch::Sender<Stop>,
     changes: Arc<watch::Sender<u64>>,
@@ -564,8 +573,11 @@ impl ChunkMemo for Checkpoints {
             let Ok(value) = serde_json::to_string(insight) else {
                 return;
             };
-            // This chunk is done; `on_chunk` counts it right after.
-            let done = self.done.load(Ordering::Relaxed) + 1;
+            // This chunk is done; `on_chunk` counts it right after. Chunks finished meanwhile
+            // may not be counted there yet, but were saved: both are lower bounds of the chunks
+            // done, and the larger one keeps the progress growing.
+            let mut written = self.written.lock().await;
+            let done = (self.done.load(Ordering::Relaxed) + 1).max(*written + 1);
             let saved = match self.store.get().await {
                 Ok(store) => {
                     store
@@ -583,6 +595,7 @@ impl ChunkMemo for Checkpoints {
             };
             match saved {
                 Ok(true) => {
+                    *written = done;
                     self.changes.send_modify(|n| *n = n.wrapping_add(1));
                 }
                 Ok(false) => {

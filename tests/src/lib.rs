@@ -143,6 +143,39 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// A service binary for a bench: the one next to the running executable (same profile),
+/// built first through cargo when run by cargo, so numbers never come from a stale binary.
+pub fn service_bin(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let dir = exe
+        .parent()
+        .ok_or("this executable has no parent directory")?;
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut build = Command::new(cargo);
+        build
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "-p", name, "--bin", name]);
+        if dir.file_name().is_some_and(|dir| dir == "release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .map_err(|e| format!("cannot run cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build -p {name} failed ({status})"));
+        }
+    }
+    let bin = dir.join(name);
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} is missing: build it with `cargo build --release -p {name}`, or pass --server-bin",
+            bin.display()
+        ))
+    }
+}
+
 /// A service started as its real binary, with its stderr log lines forwarded.
 pub struct Spawned {
     /// The child process.

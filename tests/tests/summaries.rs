@@ -516,3 +516,42 @@ async fn a_zero_ttl_turns_the_cache_off() {
     );
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_reply_over_the_message_limit_says_to_raise_the_chunk_size() {
+    let db = Db::sqlite();
+    let config = insight_service::Config {
+        max_message_size: 64 * 1024,
+        ..config(&db)
+    };
+    let server = start_insight(config).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    // 500 one-entry chunks: a small request, but one chunk insight per entry in the reply.
+    let many = entries("frank", 500, 0);
+    let small_chunks = pb::SummaryOptions {
+        chunk_size: Some(1),
+        max_entries: Some(0),
+        ..Default::default()
+    };
+    let status = client
+        .summarize_feedback(inline(many.clone(), small_chunks))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("options.chunk_size"),
+        "{status:?}"
+    );
+    // The same entries in chunks of 50 fit.
+    let big_chunks = pb::SummaryOptions {
+        chunk_size: Some(50),
+        ..small_chunks
+    };
+    let summary = client
+        .summarize_feedback(inline(many, big_chunks))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.chunks.len(), 10);
+    server.shutdown().await.unwrap();
+}

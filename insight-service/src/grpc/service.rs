@@ -39,6 +39,7 @@ pub struct InsightGrpc {
     /// of stored entries reserve their reading memory from it too.
     budget: Option<Arc<MemoryBudget>>,
     max_entries_cap: u32,
+    max_message_size: usize,
     request_timeout: Duration,
     llm_timeout: Duration,
 }
@@ -68,6 +69,7 @@ impl InsightGrpc {
             generator,
             budget,
             max_entries_cap: config.max_entries_cap,
+            max_message_size: usize::try_from(config.max_message_size).unwrap_or(usize::MAX),
             request_timeout: config.request_timeout,
             llm_timeout: config.llm_timeout,
         }
@@ -145,6 +147,22 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// `reply` if the transport can send it; else RESOURCE_EXHAUSTED saying what to change
+/// (a summary of many entries in small chunks carries one insight per chunk), instead of
+/// the transport's bare OUT_OF_RANGE after the work is done.
+fn fitting<M: prost::Message>(reply: M, chunks: usize, max: usize) -> Result<M, Status> {
+    let bytes = reply.encoded_len();
+    if bytes <= max {
+        return Ok(reply);
+    }
+    Err(Status::resource_exhausted(format!(
+        "the reply is {bytes} bytes with {chunks} chunk insights, over the {} byte message \
+         limit (--max-message-size): summarize with a larger options.chunk_size (one insight \
+         per chunk) or fewer entries",
+        max
+    )))
+}
+
 /// Records the size of a summary's input on the current span.
 fn record_input(request: &SummaryRequest) {
     let span = tracing::Span::current();
@@ -170,7 +188,13 @@ impl InsightService for InsightGrpc {
             .summarize(request, deadline, None, |_| {})
             .await
             .map_err(to_status)?;
-        Ok(Response::new(summary.into()))
+        let chunks = summary.chunks.len();
+        let reply = fitting(
+            pb::FeedbackSummary::from(summary),
+            chunks,
+            self.max_message_size,
+        )?;
+        Ok(Response::new(reply))
     }
 
     type StreamFeedbackSummaryStream = BoxStream<pb::SummaryEvent>;
@@ -190,6 +214,7 @@ impl InsightService for InsightGrpc {
         // request's own chunk count.
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::SummaryEvent, Status>>();
         let summaries = self.summaries.clone();
+        let max_message_size = self.max_message_size;
         let task = tokio::spawn(async move {
             let _reading = reading;
             let chunks = tx.clone();
@@ -199,8 +224,15 @@ impl InsightService for InsightGrpc {
                     let _ = chunks.send(Ok(pb::SummaryEvent { event: Some(event) }));
                 })
                 .await;
-            let last = result.map_err(to_status).map(|summary| pb::SummaryEvent {
-                event: Some(Event::Summary(summary.into())),
+            let last = result.map_err(to_status).and_then(|summary| {
+                let chunks = summary.chunks.len();
+                fitting(
+                    pb::SummaryEvent {
+                        event: Some(Event::Summary(summary.into())),
+                    },
+                    chunks,
+                    max_message_size,
+                )
             });
             let _ = tx.send(last);
         });
@@ -290,7 +322,9 @@ impl InsightService for InsightGrpc {
             .get(job_id(request.get_ref())?)
             .await
             .map_err(job_status)?;
-        Ok(Response::new(job.into()))
+        let chunks = job.result.as_ref().map_or(0, |r| r.chunks.len());
+        let reply = fitting(pb::Job::from(job), chunks, self.max_message_size)?;
+        Ok(Response::new(reply))
     }
 
     type WatchJobStream = BoxStream<pb::Job>;
@@ -304,7 +338,12 @@ impl InsightService for InsightGrpc {
             .watch(job_id(request.get_ref())?)
             .await
             .map_err(job_status)?;
-        let stream = changes.map(|job| job.map(pb::Job::from).map_err(job_status));
+        let max = self.max_message_size;
+        let stream = changes.map(move |job| {
+            let job = job.map_err(job_status)?;
+            let chunks = job.result.as_ref().map_or(0, |r| r.chunks.len());
+            fitting(pb::Job::from(job), chunks, max)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

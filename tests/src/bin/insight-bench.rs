@@ -272,40 +272,7 @@ fn server_bin(args: &Args) -> BenchResult<PathBuf> {
             Err(format!("--server-bin {} is not a file", bin.display()).into())
         };
     }
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .ok_or("this executable has no parent directory")?;
-    let bin = dir.join("insight-service");
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let mut build = Command::new(cargo);
-        build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
-            "-p",
-            "insight-service",
-            "--bin",
-            "insight-service",
-        ]);
-        if dir.file_name().is_some_and(|name| name == "release") {
-            build.arg("--release");
-        }
-        let status = build
-            .status()
-            .map_err(|e| format!("cannot run cargo build: {e}"))?;
-        if !status.success() {
-            return Err(format!("cargo build -p insight-service failed ({status})").into());
-        }
-    }
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!(
-            "{} is missing: build it with `cargo build --release -p insight-service`, or pass \
-             --server-bin",
-            bin.display()
-        )
-        .into())
-    }
+    Ok(spotifai_e2e::service_bin("insight-service")?)
 }
 
 /// Starts the real service with `extra` flags; INSIGHT_* variables of this shell are removed

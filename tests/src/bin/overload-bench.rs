@@ -29,7 +29,7 @@ use std::{
     error::Error,
     fmt::Write as _,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::ExitCode,
     time::Duration,
 };
 
@@ -132,40 +132,7 @@ fn server_bin(args: &Args) -> BenchResult<PathBuf> {
             Err(format!("--server-bin {} is not a file", bin.display()).into())
         };
     }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
-    let dir = exe
-        .parent()
-        .ok_or("this executable has no parent directory")?;
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let mut build = Command::new(cargo);
-        build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
-            "-p",
-            "insight-service",
-            "--bin",
-            "insight-service",
-        ]);
-        if dir.file_name().is_some_and(|name| name == "release") {
-            build.arg("--release");
-        }
-        let status = build
-            .status()
-            .map_err(|e| format!("cannot run cargo build: {e}"))?;
-        if !status.success() {
-            return Err(format!("cargo build -p insight-service failed ({status})").into());
-        }
-    }
-    let bin = dir.join("insight-service");
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!(
-            "{} is missing: build it with `cargo build --release -p insight-service`, or pass \
-             --server-bin",
-            bin.display()
-        )
-        .into())
-    }
+    Ok(spotifai_e2e::service_bin("insight-service")?)
 }
 
 /// One line about the machine: cores, memory, kernel, load average when the run started.

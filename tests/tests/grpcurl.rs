@@ -28,7 +28,7 @@ async fn readme_grpcurl_examples_work_as_written() {
     let insight = start_insight(insight_service::Config::default()).await;
     let monitor = start_monitor(&[]).await;
     let commands = readme_commands();
-    assert!(commands.len() >= 8, "{commands:?}");
+    assert!(commands.len() >= 11, "{commands:?}");
 
     let mut outputs = Vec::new();
     for command in &commands {
@@ -81,6 +81,17 @@ async fn readme_grpcurl_examples_work_as_written() {
         } else if command.contains(" describe ") {
             assert!(out.contains("rpc SummarizeFeedback"), "{out}");
             assert!(out.contains("rpc StreamFeedbackSummary"), "{out}");
+        } else if command.contains("/ImportFeedback") {
+            let response: serde_json::Value = serde_json::from_str(out).unwrap();
+            assert_eq!(response["inserted"], 2, "{out}");
+        } else if command.contains("/SummarizeFeedback") && command.contains("selector") {
+            let summary: serde_json::Value = serde_json::from_str(out).unwrap();
+            assert_eq!(summary["entriesUsed"], 2, "{out}");
+            assert_eq!(summary["backend"], "local");
+        } else if command.contains("/SubmitSummaryJob") {
+            let job: serde_json::Value = serde_json::from_str(out).unwrap();
+            assert!(!job["id"].as_str().unwrap().is_empty(), "{out}");
+            assert_eq!(job["state"], "JOB_STATE_QUEUED", "{out}");
         } else if command.contains("/SummarizeFeedback") {
             let summary: serde_json::Value = serde_json::from_str(out).unwrap();
             assert_eq!(summary["chunks"].as_array().unwrap().len(), 2, "{out}");

@@ -227,9 +227,15 @@ fn burst(
     count: usize,
 ) -> JoinSet<Result<tonic::Response<pb::FeedbackSummary>, Status>> {
     let mut calls = JoinSet::new();
-    for _ in 0..count {
+    for call in 0..count {
         let mut client = InsightServiceClient::new(channel.clone());
-        calls.spawn(async move { client.summarize_feedback(summarize(1, 80)).await });
+        // Distinct texts: identical concurrent requests would be computed once (and answered
+        // from the cache after), so they would not each take a slot to the backend.
+        let mut request = summarize(1, 80);
+        if let Some(Input::Entries(batch)) = request.input.as_mut() {
+            batch.entries[0].text = format!("Call {call}. {}", batch.entries[0].text);
+        }
+        calls.spawn(async move { client.summarize_feedback(request).await });
     }
     calls
 }

@@ -42,7 +42,10 @@ pub fn is_heavy(path: &str) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AdmissionError {
     /// Every concurrency slot is taken and the wait queue is full.
-    #[error("all {limit} slots for heavy calls are busy and the wait queue is full")]
+    #[error(
+        "all {limit} slots for heavy calls are busy and the wait queue is full (or would take \
+         longer than --queue-timeout to reach a slot)"
+    )]
     QueueFull {
         /// `--max-concurrency`.
         limit: usize,

@@ -199,12 +199,12 @@ pub struct Config {
 
     /// How long a worker's claim on a job lasts without renewal (renewed every third of it):
     /// a job whose worker died is taken over by another worker this long after.
-    #[arg(long, env = "INSIGHT_JOB_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INSIGHT_JOB_LEASE", default_value = "30s", value_parser = at_least(Duration::from_secs(1)))]
     pub job_lease: Duration,
 
     /// How often idle workers look for jobs submitted to other replicas, and WatchJob
     /// re-reads a job changed elsewhere.
-    #[arg(long, env = "INSIGHT_JOB_POLL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INSIGHT_JOB_POLL", default_value = "500ms", value_parser = at_least(Duration::from_millis(10)))]
     pub job_poll: Duration,
 
     /// Longest a background job may run before it FAILS with a deadline error.
@@ -214,6 +214,21 @@ pub struct Config {
     /// Finished jobs (and their results) are deleted this long after they ended.
     #[arg(long, env = "INSIGHT_JOB_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub job_retention: Duration,
+}
+
+/// A duration parser refusing values below `min` (a zero lease would make every job look
+/// abandoned at once; a zero poll interval would spin on the database).
+fn at_least(min: Duration) -> impl Fn(&str) -> Result<Duration, String> + Clone {
+    move |text| {
+        let value = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+        if value < min {
+            return Err(format!(
+                "must be at least {}",
+                humantime::format_duration(min)
+            ));
+        }
+        Ok(value)
+    }
 }
 
 /// An on/off flag value.
@@ -337,6 +352,18 @@ mod tests {
             }
             assert!(arg.get_env().is_some(), "--{id} has no env twin");
         }
+    }
+
+    #[test]
+    fn a_zero_job_lease_or_poll_is_refused() {
+        for (flag, value) in [("--job-lease", "0s"), ("--job-poll", "1ms")] {
+            let err = Config::try_parse_from(["insight-service", flag, value])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(flag) && err.contains("at least"), "{err}");
+        }
+        assert!(Config::try_parse_from(["insight-service", "--job-lease", "2s"]).is_ok());
     }
 
     #[test]

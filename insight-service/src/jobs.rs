@@ -43,8 +43,10 @@ use crate::{
 };
 
 /// Claims after which a job is failed instead of run again: a job that took its worker down
-/// this many times (OOM kill, crash) would otherwise take every replica down in turn.
-pub const MAX_ATTEMPTS: u32 = 5;
+/// again and again (OOM kill, crash) would otherwise take every replica down in turn. A
+/// graceful shutdown that gives the job back also counts as an attempt (the store keeps
+/// attempts growing so a stale lease can never match again), hence the margin.
+pub const MAX_ATTEMPTS: u32 = 10;
 
 /// How the job workers run (from the server's flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,8 +262,12 @@ impl Jobs {
                 return;
             }
             while !done {
-                // Whichever comes first: a change here, or the poll for other replicas.
-                let _ = tokio::time::timeout(jobs.config.poll, changes.changed()).await;
+                // Whichever comes first: a change here, or the poll for other replicas; and
+                // stop at once when the client goes away (no task left polling for nobody).
+                tokio::select! {
+                    () = tx.closed() => return,
+                    _ = tokio::time::timeout(jobs.config.poll, changes.changed()) => {}
+                }
                 let job = match jobs.get(&id).await {
                     Ok(job) => job,
                     Err(error) => {
@@ -351,60 +357,83 @@ impl Jobs {
         };
         let (stop_tx, mut stop) = watch::channel(Stop::No);
         self.lock_running().insert(id.clone(), stop_tx.clone());
-
-        // The budget first: a job waits for memory instead of failing.
-        let _reservation = tokio::select! {
-            reservation = self.reserve(&request) => reservation,
-            _ = stop.wait_for(|s| *s != Stop::No) => None,
-        };
-
-        let checkpoints = store.checkpoints(&id).await.unwrap_or_default();
-        let resumed = checkpoints.len() as u32;
-        let total = self.expected_chunks(&request).await.max(resumed);
-        let memo = Arc::new(Checkpoints {
-            lease: lease.clone(),
-            store: self.store().clone(),
-            known: checkpoints
-                .into_iter()
-                .filter_map(|(key, value)| Some((key, serde_json::from_str(&value).ok()?)))
-                .collect(),
-            done: AtomicU32::new(0),
-            written: tokio::sync::Mutex::new(resumed),
-            total,
-            stop: stop_tx.clone(),
-            changes: self.changes.clone(),
-        });
-        if resumed > 0 {
-            tracing::info!(job = %id, resumed, "resuming a job from its checkpoints");
-        }
-        // The checkpointed chunks count as done from the start: progress never goes back.
-        let _ = store
-            .set_progress(&lease, resumed, total, SystemTime::now())
-            .await;
-        self.changed();
-
+        // The lease is renewed from the start, also while the job waits for memory below:
+        // a wait longer than the lease must not let another worker take the job meanwhile.
         let heartbeat = self.heartbeat(lease.clone(), stop_tx.clone(), drain.clone());
-        let deadline = Instant::now() + self.config.timeout;
-        let counted = memo.clone();
-        let summary = self
-            .summaries
-            .summarize(request, deadline, Some(memo.clone()), move |_| {
-                counted.done.fetch_add(1, Ordering::Relaxed);
+
+        let work = async {
+            // The budget first: a job waits for memory instead of failing.
+            let _reservation = self.reserve(&request).await;
+            // Unreadable checkpoints would make the job redo (and re-count) its chunks: give it
+            // back to the queue instead, to be resumed once the store answers.
+            let checkpoints = store.checkpoints(&id).await.map_err(|e| e.to_string())?;
+            let resumed = checkpoints.len() as u32;
+            let total = self.expected_chunks(&request).await.max(resumed);
+            let memo = Arc::new(Checkpoints {
+                lease: lease.clone(),
+                store: self.store().clone(),
+                known: checkpoints
+                    .into_iter()
+                    .filter_map(|(key, value)| Some((key, serde_json::from_str(&value).ok()?)))
+                    .collect(),
+                done: AtomicU32::new(0),
+                written: tokio::sync::Mutex::new(resumed),
+                total,
+                stop: stop_tx.clone(),
+                changes: self.changes.clone(),
             });
+            if resumed > 0 {
+                tracing::info!(job = %id, resumed, "resuming a job from its checkpoints");
+            }
+            // The checkpointed chunks count as done from the start: progress never goes back.
+            let _ = store
+                .set_progress(&lease, resumed, total, SystemTime::now())
+                .await;
+            self.changed();
+            // Chunks by index: a fallback pass reports every chunk a second time.
+            let finished = Arc::new(Mutex::new(std::collections::HashSet::new()));
+            let counted = (memo.clone(), finished.clone());
+            let deadline = Instant::now() + self.config.timeout;
+            let outcome = self
+                .summaries
+                .summarize(
+                    request.clone(),
+                    deadline,
+                    Some(memo.clone()),
+                    move |chunk| {
+                        let (memo, finished) = &counted;
+                        let mut finished = finished.lock().unwrap_or_else(PoisonError::into_inner);
+                        if finished.insert(chunk.index) {
+                            memo.done.store(finished.len() as u32, Ordering::Relaxed);
+                        }
+                    },
+                )
+                .await;
+            let done = memo.done.load(Ordering::Relaxed).max(resumed);
+            Ok::<_, String>((outcome, done, total.max(done)))
+        };
         let outcome = tokio::select! {
-            outcome = summary => Some(outcome),
+            outcome = work => Some(outcome),
             _ = stop.wait_for(|s| *s != Stop::No) => None,
             () = heartbeat => None,
         };
-        self.lock_running().remove(&id);
+        {
+            // Only our own switch: after a takeover the entry may be another attempt's.
+            let mut running = self.lock_running();
+            if running
+                .get(&id)
+                .is_some_and(|switch| switch.same_channel(&stop_tx))
+            {
+                running.remove(&id);
+            }
+        }
         let now = SystemTime::now();
         let written = match outcome {
-            Some(Ok(summary)) => match serde_json::to_string(&summary) {
+            Some(Ok((Ok(summary), done, total))) => match serde_json::to_string(&summary) {
                 Ok(result) => {
                     // The final count: every chunk, also those recalled or answered from the
                     // cache (which save no checkpoint, so no progress was written for them).
-                    let done = memo.done.load(Ordering::Relaxed).max(resumed);
-                    let _ = store.set_progress(&lease, done, total.max(done), now).await;
+                    let _ = store.set_progress(&lease, done, total, now).await;
                     store
                         .finish_job(&lease, JobOutcome::Succeeded { result }, now)
                         .await
@@ -416,7 +445,13 @@ impl Jobs {
                         .await
                 }
             },
-            Some(Err(error)) => {
+            // The store went away mid-read: not the job's fault. Back to the queue, to be
+            // resumed from its checkpoints when the store answers again.
+            Some(Ok((Err(PipelineError::Source(error)), ..))) => {
+                tracing::warn!(job = %id, %error, "job interrupted by the store; requeued");
+                store.release_job(&lease, now).await
+            }
+            Some(Ok((Err(error), ..))) => {
                 store
                     .finish_job(
                         &lease,
@@ -426,6 +461,10 @@ impl Jobs {
                         now,
                     )
                     .await
+            }
+            Some(Err(error)) => {
+                tracing::warn!(job = %id, %error, "cannot read the job's checkpoints; requeued");
+                store.release_job(&lease, now).await
             }
             None if *stop.borrow() == Stop::Release => store.release_job(&lease, now).await,
             None => Ok(false),

@@ -237,3 +237,51 @@ async fn unknown_and_missing_job_ids_are_refused_by_name() {
     );
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_result_too_large_for_one_message_is_sent_without_its_chunk_insights() {
+    let db = Db::sqlite();
+    let gemini = Gemini::start().await;
+    let config = insight_service::Config {
+        max_message_size: 64 * 1024,
+        map_parallelism: 8,
+        ..gemini.config(&db)
+    };
+    // Long chunk insights (50 words each).
+    gemini.fake.set_answer_fn(|request: &RecordedRequest| {
+        if request
+            .system()
+            .unwrap_or_default()
+            .contains("combine summaries")
+        {
+            r#"{"summary": "Listeners want fewer ads.", "themes": ["ads"]}"#.to_owned()
+        } else {
+            let insight = "advertising ".repeat(50);
+            format!(r#"{{"insight": "{}", "themes": ["ads"]}}"#, insight.trim())
+        }
+    });
+    let server = start_insight(config).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    // 500 one-entry chunks of ~600 bytes each: a summary of ~300 KB, over 64 KiB.
+    let mut big = request(500, "big");
+    big.options.as_mut().unwrap().chunk_size = Some(1);
+    let job = client.submit_summary_job(big).await.unwrap().into_inner();
+    let mut watch = client
+        .watch_job(job_id(&job.id))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(update) = watch.message().await.unwrap() {
+        last = Some(update);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.state(), pb::JobState::Succeeded, "{last:?}");
+    let got = client.get_job(job_id(&job.id)).await.unwrap().into_inner();
+    let result = got.result.clone().expect("the result, without its chunks");
+    assert!(result.chunks.is_empty());
+    assert_eq!(result.entries_used, 500);
+    assert!(!result.summary.is_empty());
+    assert!(got.error.contains("result.chunks omitted"), "{got:?}");
+    server.shutdown().await.unwrap();
+}

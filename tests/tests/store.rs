@@ -50,6 +50,7 @@ on_both_backends!(
     bad_page_arguments_are_invalid_argument,
     listening_import_is_idempotent,
     a_failed_batch_writes_nothing,
+    nul_characters_and_oversized_labels_are_refused_by_field,
 );
 
 async fn server(url: &str) -> (InProcess, InsightServiceClient<Channel>) {
@@ -572,5 +573,79 @@ async fn postgres_dropped_under_the_server_is_unavailable() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    server.shutdown().await.unwrap();
+}
+
+/// Values PostgreSQL cannot store (a NUL character) or index (a multi-KiB id) are refused by
+/// validation with the field named, on both backends alike: listed as rejections on import
+/// while the rest of the batch is stored, INVALID_ARGUMENT in a filter or a page token. Never
+/// UNAVAILABLE, which would tell the client to retry something that can never succeed.
+async fn nul_characters_and_oversized_labels_are_refused_by_field(url: &str) {
+    let (server, mut client) = server(url).await;
+    let mut nul_text = entry("nul-text", 1);
+    nul_text.text = "a\u{0}b".into();
+    let mut nul_user = entry("nul-user", 2);
+    nul_user.user_id = "u\u{0}".into();
+    let long_id = entry(&"x".repeat(5_000), 3);
+    let mut long_source = entry("long-source", 4);
+    long_source.source = "s".repeat(300);
+    let response = import(
+        &mut client,
+        vec![
+            entry("ok-1", 0),
+            nul_text,
+            nul_user,
+            long_id,
+            long_source,
+            entry("ok-2", 5),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (response.inserted, response.rejected),
+        (2, 4),
+        "{response:?}"
+    );
+    let fields: Vec<&str> = response
+        .rejections
+        .iter()
+        .map(|r| r.field.as_str())
+        .collect();
+    assert_eq!(fields, ["text", "user_id", "id", "source"]);
+    assert_eq!(
+        ids(&list_all(&mut client, None, 10).await),
+        ["ok-1", "ok-2"]
+    );
+
+    // A token whose id holds a NUL was never issued by the server.
+    let mut token = "v1".to_owned() + &format!("{:016x}", 0u64);
+    token.push_str("00");
+    let status = client
+        .list_feedback(pb::ListFeedbackRequest {
+            page_token: token,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("page_token"), "{status:?}");
+
+    let status = client
+        .summarize_feedback(pb::SummarizeFeedbackRequest {
+            input: Some(pb::summarize_feedback_request::Input::Selector(
+                pb::FeedbackSelector {
+                    user_id: "a\u{0}".into(),
+                    ..Default::default()
+                },
+            )),
+            options: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("selector.user_id"),
+        "{status:?}"
+    );
     server.shutdown().await.unwrap();
 }

@@ -437,6 +437,8 @@ async fn identical_concurrent_requests_are_computed_once() {
         assert_eq!(paying, [3], "exactly one caller's answer cost the calls");
         for summary in &summaries {
             assert_eq!(content(summary), content(&summaries[0]));
+            // Shared with the computation in flight, not read from the cache afterwards.
+            assert!(!summary.cached, "{summary:?}");
         }
         server.shutdown().await.unwrap();
     }

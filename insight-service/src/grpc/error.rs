@@ -37,6 +37,25 @@ pub fn to_status(error: PipelineError) -> Status {
     }
 }
 
+/// Whether the database refused a value (bad data, a constraint, a limit) rather than failed:
+/// PostgreSQL SQLSTATE classes 22 (data exception), 23 (integrity constraint) and 54 (program
+/// limit exceeded); SQLite's constraint, range and too-big errors. Validation stops these
+/// first; this keeps a value it missed from being reported as a retry-safe outage.
+fn refuses_a_value(error: &dyn sqlx::error::DatabaseError) -> bool {
+    use sqlx::error::ErrorKind;
+    if !matches!(error.kind(), ErrorKind::Other) {
+        // Unique, foreign key, not null and check violations.
+        return true;
+    }
+    error.code().is_some_and(|code| {
+        code.starts_with("22")
+            || code.starts_with("23")
+            || code.starts_with("54")
+            // SQLITE_TOOBIG, SQLITE_MISMATCH, SQLITE_RANGE, and extended constraint codes.
+            || matches!(code.as_ref(), "18" | "20" | "25")
+    })
+}
+
 /// UNAVAILABLE with the STORE_UNAVAILABLE reason: the database is down or went away; retrying
 /// later is safe.
 fn store_unavailable(message: String) -> Status {
@@ -72,6 +91,13 @@ pub fn store_status(error: StoreError) -> Status {
     match error {
         StoreError::InvalidArgument { field, reason } => {
             to_status(PipelineError::InvalidArgument { field, reason })
+        }
+        StoreError::Unavailable(sqlx::Error::Database(db)) if refuses_a_value(&*db) => {
+            // Retrying the same request would fail the same way: not UNAVAILABLE.
+            Status::invalid_argument(format!(
+                "the database refused a value of this request: {}",
+                db.message()
+            ))
         }
         error @ (StoreError::Unavailable(_) | StoreError::Migrate(_)) => {
             store_unavailable(error.to_string())

@@ -35,6 +35,26 @@ impl From<Job> for pb::Job {
     }
 }
 
+/// A job as GetJob and WatchJob answer it. A result too large for one message (a big job in
+/// small chunks carries one insight per chunk) is sent without its chunk insights, and
+/// `error` says so: the summary itself is complete, and a job must stay readable.
+pub fn job_reply(job: Job, max_message_size: usize) -> pb::Job {
+    use prost::Message as _;
+    let mut reply = pb::Job::from(job);
+    if reply.encoded_len() > max_message_size
+        && let Some(result) = reply.result.as_mut()
+    {
+        let chunks = result.chunks.len();
+        result.chunks.clear();
+        reply.error = format!(
+            "result.chunks omitted: its {chunks} chunk insights exceed the {max_message_size} \
+             byte message limit (--max-message-size); the summary, themes and sentiment are \
+             complete"
+        );
+    }
+    reply
+}
+
 /// The id of a GetJob/WatchJob/CancelJob request; empty is INVALID_ARGUMENT naming `id`.
 pub fn job_id(request: &pb::GetJobRequest) -> Result<&str, Status> {
     let id = request.id.trim();

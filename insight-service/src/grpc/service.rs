@@ -13,7 +13,7 @@ use super::{
     convert::entries_from_proto,
     deadline::request_deadline,
     error::{admission_status, job_status, music_status, to_status},
-    jobs::job_id,
+    jobs::{job_id, job_reply},
     store::filter_from_proto,
 };
 use crate::{
@@ -322,9 +322,7 @@ impl InsightService for InsightGrpc {
             .get(job_id(request.get_ref())?)
             .await
             .map_err(job_status)?;
-        let chunks = job.result.as_ref().map_or(0, |r| r.chunks.len());
-        let reply = fitting(pb::Job::from(job), chunks, self.max_message_size)?;
-        Ok(Response::new(reply))
+        Ok(Response::new(job_reply(job, self.max_message_size)))
     }
 
     type WatchJobStream = BoxStream<pb::Job>;
@@ -339,11 +337,7 @@ impl InsightService for InsightGrpc {
             .await
             .map_err(job_status)?;
         let max = self.max_message_size;
-        let stream = changes.map(move |job| {
-            let job = job.map_err(job_status)?;
-            let chunks = job.result.as_ref().map_or(0, |r| r.chunks.len());
-            fitting(pb::Job::from(job), chunks, max)
-        });
+        let stream = changes.map(move |job| job.map(|job| job_reply(job, max)).map_err(job_status));
         Ok(Response::new(Box::pin(stream)))
     }
 

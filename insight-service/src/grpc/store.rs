@@ -144,6 +144,8 @@ pub fn filter_from_proto(
         )),
     };
     let non_empty = |text: String| (!text.is_empty()).then_some(text);
+    crate::pipeline::no_nul(&format!("{prefix}.user_id"), &selector.user_id)?;
+    crate::pipeline::no_nul(&format!("{prefix}.source"), &selector.source)?;
     Ok(FeedbackFilter {
         since: time(selector.since, "since")?,
         until: time(selector.until, "until")?,

@@ -164,8 +164,14 @@ pub fn validate_entries(entries: &[Entry]) -> Result<(), PipelineError> {
     Ok(())
 }
 
+/// Longest accepted `id`, `user_id` or `source`, in bytes: they are keys and labels, not text,
+/// and an index row must hold them (PostgreSQL refuses index rows of a few KiB).
+pub const MAX_LABEL_BYTES: usize = 256;
+
 /// The per-entry foundation rules: a non-empty id and a non-empty text of at most
-/// [`MAX_TEXT_BYTES`]. The one home of these rules, called by inline summaries
+/// [`MAX_TEXT_BYTES`]; `id`, `user_id` and `source` of at most [`MAX_LABEL_BYTES`]; no NUL
+/// character anywhere (PostgreSQL cannot store one in text, so it would fail a whole import
+/// batch there). The one home of these rules, called by inline summaries
 /// ([`validate_entries`]) and by `ImportFeedback`, so a stored entry is always one an inline
 /// summary would accept. Field paths are relative to the entry (`id`, `text`).
 pub fn validate_entry(entry: &Entry) -> Result<(), PipelineError> {
@@ -182,6 +188,40 @@ pub fn validate_entry(entry: &Entry) -> Result<(), PipelineError> {
                 "must be at most {MAX_TEXT_BYTES} bytes, got {}",
                 entry.text.len()
             ),
+        ));
+    }
+    for (field, value) in [
+        ("id", &entry.id),
+        ("user_id", &entry.user_id),
+        ("source", &entry.source),
+    ] {
+        if value.len() > MAX_LABEL_BYTES {
+            return Err(PipelineError::invalid(
+                field,
+                format!(
+                    "must be at most {MAX_LABEL_BYTES} bytes, got {}",
+                    value.len()
+                ),
+            ));
+        }
+    }
+    for (field, value) in [
+        ("id", &entry.id),
+        ("user_id", &entry.user_id),
+        ("text", &entry.text),
+        ("source", &entry.source),
+    ] {
+        no_nul(field, value)?;
+    }
+    Ok(())
+}
+
+/// Refuses a NUL character in `value` (INVALID_ARGUMENT naming `field`).
+pub fn no_nul(field: &str, value: &str) -> Result<(), PipelineError> {
+    if value.contains('\0') {
+        return Err(PipelineError::invalid(
+            field,
+            "must not contain a NUL character (U+0000)",
         ));
     }
     Ok(())

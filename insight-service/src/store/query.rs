@@ -54,7 +54,11 @@ impl PageToken {
             .map(|i| u8::from_str_radix(&id[i..i + 2], 16))
             .collect::<Result<Vec<u8>, _>>()
             .map_err(|_| malformed())?;
-        let id = String::from_utf8(bytes).map_err(|_| malformed())?;
+        let id = String::from_utf8(bytes)
+            .ok()
+            // No stored id holds a NUL (validation refuses it; PostgreSQL cannot store one).
+            .filter(|id| !id.contains('\0'))
+            .ok_or_else(malformed)?;
         Ok(Self { created_at_us, id })
     }
 }

@@ -51,7 +51,7 @@ pub const STORED_PAGE_ROWS: u32 = 500;
 pub enum SummaryInput {
     /// Entries given inline, in the caller's order.
     Inline(Vec<Entry>),
-    /// Stored entries matching a filter, in (created_at, id) order.
+    /// Stored entries matching a filter, newest first.
     Stored(FeedbackFilter),
 }
 
@@ -163,14 +163,16 @@ impl Summaries {
     ) -> Result<FeedbackSummary, PipelineError> {
         self.validate(&request)?;
         let options = request.options;
-        let (source, store): (Box<dyn EntrySource>, Option<Arc<dyn FeedbackStore>>) =
+        // Worth a key (cache and one computation per key): anything but an inline request
+        // to the offline backend, which answers faster than the key is computed.
+        let keyed = !self.cache_ttl.is_zero();
+        let (source, store, keyed): (Box<dyn EntrySource>, Option<Arc<dyn FeedbackStore>>, bool) =
             match request.input {
                 SummaryInput::Inline(entries) => {
-                    let store = if self.cache_ttl.is_zero() || self.pipeline.is_local() {
-                        None
-                    } else {
+                    let keyed = keyed && !self.pipeline.is_local();
+                    let store = if keyed {
                         // The cache is an optimisation: with the database down an inline
-                        // summary still runs, uncached.
+                        // summary still runs (and identical ones still run once), uncached.
                         self.store
                             .get()
                             .await
@@ -178,8 +180,10 @@ impl Summaries {
                                 tracing::warn!(%error, "insight cache unavailable; not caching")
                             })
                             .ok()
+                    } else {
+                        None
                     };
-                    (Box::new(InlineEntries(Arc::new(entries))), store)
+                    (Box::new(InlineEntries(Arc::new(entries))), store, keyed)
                 }
                 SummaryInput::Stored(filter) => {
                     let store = self.store.get().await.map_err(source_error)?;
@@ -187,34 +191,40 @@ impl Summaries {
                         store: store.clone(),
                         filter,
                     };
-                    if source.available().await.map_err(PipelineError::Source)? == 0 {
-                        return Err(PipelineError::invalid(
-                            "selector",
-                            "no stored feedback entry matches the selector",
-                        ));
-                    }
-                    let store = (!self.cache_ttl.is_zero()).then_some(store);
-                    (Box::new(source), store)
+                    (Box::new(source), keyed.then_some(store), keyed)
                 }
             };
-        let Some(store) = store else {
+        let available = source.available().await.map_err(PipelineError::Source)?;
+        if available == 0 {
+            return Err(PipelineError::invalid(
+                "selector",
+                "no stored feedback entry matches the selector",
+            ));
+        }
+        if !keyed {
             return self
                 .pipeline
                 .summarize_source(&*source, memo.as_deref(), options, deadline, on_chunk)
                 .await;
-        };
+        }
 
         let key = self.summary_key(&*source, options).await?;
-        if !options.bypass_cache
-            && let Some(summary) = self.cached(&*store, &key).await
+        if let Some(store) = &store
+            && !options.bypass_cache
+            && let Some(mut summary) = self.cached(&**store, &key).await
         {
+            // The key covers the summarized entries only; how many more match may have
+            // changed since (new imports beyond `max_entries`).
+            summary.entries_skipped =
+                available.saturating_sub(summary.entries_used as usize) as u32;
             replay(&summary, &mut on_chunk);
             return Ok(summary);
         }
         let memo = memo.or_else(|| {
+            let store = store.clone()?;
             (!self.pipeline.is_local()).then(|| {
                 Arc::new(CacheMemo {
-                    store: store.clone(),
+                    store,
                     ttl: self.cache_ttl,
                     read: !options.bypass_cache,
                 }) as Arc<dyn ChunkMemo>
@@ -254,10 +264,10 @@ impl Summaries {
                         .pipeline
                         .summarize_source(&*source, memo.as_deref(), options, deadline, on_chunk)
                         .await;
-                    if let Ok(summary) = &outcome
+                    if let (Ok(summary), Some(store)) = (&outcome, &store)
                         && !summary.degraded
                     {
-                        self.store_summary(&*store, &key, summary).await;
+                        self.store_summary(&**store, &key, summary).await;
                     }
                     flight.land(match &outcome {
                         Ok(summary) => Ok(Arc::new(summary.clone())),
@@ -270,8 +280,10 @@ impl Summaries {
     }
 
     /// The cache key of a request over `source`: its entries (ids, ratings, text hashes) up
-    /// to `max_entries`, how many there are in all, the options that shape the answer, the
-    /// backend, model, prompt version and the prompt budget (which sets chunk boundaries).
+    /// to `max_entries`, the options that shape the answer, the backend, model, prompt
+    /// version and the prompt budget (which sets chunk boundaries). Not `disable_fallback`
+    /// (only non-degraded answers are cached, and those are the same either way), nor how
+    /// many entries match beyond `max_entries` (recomputed on a hit).
     async fn summary_key(
         &self,
         source: &dyn EntrySource,
@@ -284,17 +296,16 @@ impl Summaries {
             hasher.update((part.len() as u64).to_le_bytes());
             hasher.update(part.as_bytes());
         }
+        // The configured prompt budget, not the one in force under memory pressure: a
+        // pressured answer (smaller chunks) is an equally good answer to the same request.
         for number in [
             options.chunk_size,
             options.max_entries,
             options.max_words,
-            usize::from(options.disable_fallback),
-            self.pipeline.cfg().prompt_budget_bytes,
+            self.pipeline.config().prompt_budget_bytes,
         ] {
             hasher.update((number as u64).to_le_bytes());
         }
-        let available = source.available().await.map_err(PipelineError::Source)?;
-        hasher.update((available as u64).to_le_bytes());
         let mut entries = source.entries(options.max_entries);
         while let Some(entry) = entries.next().await {
             hash_entry(&mut hasher, &entry.map_err(PipelineError::Source)?);
@@ -412,7 +423,8 @@ fn stored_query(filter: &FeedbackFilter, page_size: u32) -> Result<FeedbackQuery
     })
 }
 
-/// Stored feedback matching a filter, read page by page in (created_at, id) order.
+/// Stored feedback matching a filter, read page by page newest first (descending
+/// (created_at, id)), so `max_entries` takes the most recent entries.
 #[derive(Debug)]
 pub struct StoredEntries {
     /// The store to read.
@@ -427,7 +439,10 @@ impl EntrySource for StoredEntries {
             .unwrap_or(u32::MAX)
             .clamp(1, STORED_PAGE_ROWS.min(MAX_PAGE_SIZE));
         let first = match stored_query(&self.filter, page_size) {
-            Ok(query) => query,
+            Ok(query) => FeedbackQuery {
+                newest_first: true,
+                ..query
+            },
             Err(error) => {
                 return Box::pin(stream::once(
                     async move { Err(SourceError(error.to_string())) },

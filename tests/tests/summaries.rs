@@ -157,8 +157,10 @@ async fn a_selector_summary_equals_the_inline_summary_of_the_same_entries() {
         let alice = entries("alice", 37, 1_700_000_000);
         // Another user's entries interleaved in time, so the filter really filters.
         import(&mut client, entries("bob", 20, 1_700_000_030)).await;
-        // Imported in reverse: the selector reads in (created_at, id) order, not import order.
-        import(&mut client, alice.iter().rev().cloned().collect()).await;
+        // Imported oldest first; the selector reads newest first (so `max_entries` takes the
+        // most recent), not in import order.
+        import(&mut client, alice.clone()).await;
+        let newest_first: Vec<pb::FeedbackEntry> = alice.iter().rev().cloned().collect();
 
         for (max_entries, chunk_size) in [(0, 5), (12, 4), (37, 50)] {
             let options = pb::SummaryOptions {
@@ -172,7 +174,7 @@ async fn a_selector_summary_equals_the_inline_summary_of_the_same_entries() {
                 .unwrap()
                 .into_inner();
             let given = client
-                .summarize_feedback(inline(alice.clone(), options))
+                .summarize_feedback(inline(newest_first.clone(), options))
                 .await
                 .unwrap()
                 .into_inner();
@@ -187,6 +189,8 @@ async fn a_selector_summary_equals_the_inline_summary_of_the_same_entries() {
                 "{}",
                 db.url()
             );
+            // The most recent entries: the first chunk starts with the newest one.
+            assert_eq!(stored.chunks[0].entry_ids[0], "alice-0036");
         }
 
         // Filters narrow as ListFeedback's do: rating and source.
@@ -204,7 +208,7 @@ async fn a_selector_summary_equals_the_inline_summary_of_the_same_entries() {
             .await
             .unwrap()
             .into_inner();
-        let expected: Vec<pb::FeedbackEntry> = alice
+        let expected: Vec<pb::FeedbackEntry> = newest_first
             .iter()
             .filter(|e| e.rating >= 4 && e.source == "android")
             .cloned()

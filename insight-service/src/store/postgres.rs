@@ -61,6 +61,22 @@ const LIST_BY_USER: &str = "\
     ORDER BY created_at, id COLLATE \"C\" \
     LIMIT $8";
 
+// The same two, newest first (a summary of stored entries reads its most recent ones).
+const LIST_ALL_DESC: &str = "\
+    SELECT id, user_id, text, rating, created_at, source FROM feedback \
+    WHERE created_at >= $1 AND created_at < $2 AND rating BETWEEN $3 AND $4 \
+      AND ($5 = '' OR source = $5) AND (created_at, id COLLATE \"C\") < ($6, $7) \
+    ORDER BY created_at DESC, id COLLATE \"C\" DESC \
+    LIMIT $8";
+
+const LIST_BY_USER_DESC: &str = "\
+    SELECT id, user_id, text, rating, created_at, source FROM feedback \
+    WHERE user_id = $9 AND created_at >= $1 AND created_at < $2 \
+      AND rating BETWEEN $3 AND $4 \
+      AND ($5 = '' OR source = $5) AND (created_at, id COLLATE \"C\") < ($6, $7) \
+    ORDER BY created_at DESC, id COLLATE \"C\" DESC \
+    LIMIT $8";
+
 // ListFeedback's filters without the page position, for the `entries_skipped` of a selector
 // summary; the same two shapes so each uses its index.
 const COUNT_ALL: &str = "\
@@ -184,10 +200,11 @@ impl FeedbackStore for PostgresStore {
     ) -> BoxFuture<'a, Result<FeedbackPage, StoreError>> {
         Box::pin(async move {
             let bounds = query.bounds();
-            let sql = if bounds.user_id.is_some() {
-                LIST_BY_USER
-            } else {
-                LIST_ALL
+            let sql = match (bounds.user_id.is_some(), bounds.newest_first) {
+                (true, false) => LIST_BY_USER,
+                (false, false) => LIST_ALL,
+                (true, true) => LIST_BY_USER_DESC,
+                (false, true) => LIST_ALL_DESC,
             };
             let mut statement = sqlx::query(sql)
                 .bind(bounds.since_us)

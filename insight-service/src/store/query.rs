@@ -90,6 +90,9 @@ pub struct FeedbackQuery {
     pub after: Option<PageToken>,
     /// Which entries.
     pub filter: FeedbackFilter,
+    /// Newest first: descending (created_at, id). ListFeedback pages oldest first; a summary
+    /// of stored entries reads newest first, so its `max_entries` are the most recent ones.
+    pub newest_first: bool,
 }
 
 impl FeedbackQuery {
@@ -142,6 +145,7 @@ impl FeedbackQuery {
             page_size,
             after,
             filter,
+            newest_first: false,
         })
     }
 
@@ -150,6 +154,8 @@ impl FeedbackQuery {
     pub(super) fn bounds(&self) -> Bounds {
         let (after_us, after_id) = match &self.after {
             Some(token) => (token.created_at_us, token.id.clone()),
+            // No stored row is at the latest representable time, so everything precedes it.
+            None if self.newest_first => (i64::MAX, String::new()),
             // Every stored id is non-empty, so ("" at the earliest time) precedes every row.
             None => (i64::MIN, String::new()),
         };
@@ -167,6 +173,7 @@ impl FeedbackQuery {
             user_id: filter.user_id.clone(),
             after_us,
             after_id,
+            newest_first: self.newest_first,
             // One more than asked, to learn whether another page follows.
             limit: i64::from(self.page_size) + 1,
         }
@@ -186,6 +193,8 @@ pub(super) struct Bounds {
     pub user_id: Option<String>,
     pub after_us: i64,
     pub after_id: String,
+    /// Descending order (and a `<` keyset condition).
+    pub newest_first: bool,
     pub limit: i64,
 }
 

@@ -12,10 +12,12 @@ use std::future::Future;
 
 use spotifai_proto::{MONITOR_DESCRIPTOR_SET, MONITOR_SERVICE_NAME};
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tonic_health::ServingStatus;
 
 pub mod alerts;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod grpc;
 pub mod history;
@@ -107,9 +109,12 @@ pub async fn run(
         )
         // TCP_NODELAY: a sample is one small frame and the next is 100 ms away, so Nagle would
         // hold it until the client's delayed ACK (up to 40 ms) instead of coalescing anything;
-        // tonic sets it only on listeners it binds itself.
+        // tonic sets it only on listeners it binds itself. Coalescing is done in user space
+        // instead, for one scheduler pass rather than a round trip (see `coalesce`).
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(|accepted| accepted.map(coalesce::CoalescingIo::new)),
             async {
                 stop_rx.await.ok();
             },

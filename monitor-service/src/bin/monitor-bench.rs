@@ -6,7 +6,9 @@
 //!    noisy machine.
 //! 2. Fan-out over loopback: the real `monitor-service serve` binary, N subscribers at 100 ms
 //!    spread over HTTP/2 connections, for a fixed window: delivered messages per second, the
-//!    server's RSS growth per subscriber, and the lag from a sample's `at` to its receipt.
+//!    server's RSS growth per subscriber, and the lag from a sample's `at` to its receipt. The
+//!    clients run on the server's cores, so they are kept as cheap as a gRPC client gets: one
+//!    thread, one task per connection, and a decoder that reads only the two fields measured.
 //!
 //! It is a binary rather than a `cargo bench` target so `cargo test` never runs it, and it is
 //! bounded: every phase has a deadline and the server it starts is killed when it is done.
@@ -27,18 +29,24 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use bytes::{Buf, BufMut};
 use clap::Parser;
+use futures::StreamExt;
 use hdrhistogram::Histogram;
+use http::uri::PathAndQuery;
 use monitor_service::{
-    probe::{CgroupVersion, PAGE_SIZE, Probe, ProbeConfig, SLOW_REFRESH, Sample},
+    probe::{CgroupVersion, PAGE_SIZE, PRESSURE_REFRESH, Probe, ProbeConfig, SLOW_REFRESH, Sample},
     sampler::{Sampler, SamplerConfig, StreamPlan},
 };
 use spotifai_proto::monitor::{
     SnapshotRequest, StreamSamplesRequest, memory_monitor_client::MemoryMonitorClient,
 };
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
-use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Status,
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    transport::{Channel, Endpoint},
+};
 
 type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
@@ -105,21 +113,22 @@ fn main() -> ExitCode {
         }
     }
     if !args.skip_fanout {
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(runtime) => runtime,
-            Err(error) => {
-                eprintln!("monitor-bench: cannot start the Tokio runtime: {error}");
-                return ExitCode::FAILURE;
-            }
+        let Some(runtime) = build_runtime(&mut tokio::runtime::Builder::new_multi_thread()) else {
+            return ExitCode::FAILURE;
         };
         if let Err(error) = runtime.block_on(bench_in_process(&args)) {
             eprintln!("monitor-bench: in-process fan-out phase failed: {error}");
             return ExitCode::FAILURE;
         }
-        if let Err(error) = runtime.block_on(bench_fanout(&args)) {
+        drop(runtime);
+        // The loopback clients on one thread: they share the server's cores, and one thread
+        // spends less per message than two that hand connections back and forth.
+        let Some(client_runtime) =
+            build_runtime(&mut tokio::runtime::Builder::new_current_thread())
+        else {
+            return ExitCode::FAILURE;
+        };
+        if let Err(error) = client_runtime.block_on(bench_fanout(&args)) {
             eprintln!("monitor-bench: fan-out phase failed: {error}");
             return ExitCode::FAILURE;
         }
@@ -131,12 +140,24 @@ fn main() -> ExitCode {
 /// is reported.
 const ROUNDS: u32 = 7;
 
+/// The server's fastest cadence, which the "as the server runs it" row replays.
+const TEN_HZ: Duration = Duration::from_millis(100);
+
 fn bench_probe(iterations: u32) -> BenchResult<String> {
-    // As the server samples: the fresh figures every time, the slow ones once per SLOW_REFRESH
-    // (back to back, they are almost never due: the per-sample fast path).
+    // The server's probe (fresh figures every time, the slow ones once per SLOW_REFRESH, PSI
+    // once per PRESSURE_REFRESH), back to back: the slow figures are almost never due, so this
+    // is the per-sample fast path.
     let mut probe = Probe::new(ProbeConfig::default());
     // Every file on every sample: what a sample costs when the slow figures are due.
     let mut full = Probe::new(ProbeConfig::default()).with_slow_refresh(Duration::ZERO);
+    // The server's probe on a replayed 10 Hz clock: each call is told 100 ms have passed, so
+    // it does exactly the mix of fresh and cached reads the server does at 10 Hz.
+    let mut replayed = Probe::new(ProbeConfig::default());
+    let mut clock = Instant::now();
+    let mut replay = || {
+        clock += TEN_HZ;
+        black_box(replayed.sample_at(clock));
+    };
     let first = probe.sample();
     let mut system = System::new()?;
     let pid = Pid::from_u32(std::process::id());
@@ -150,11 +171,13 @@ fn bench_probe(iterations: u32) -> BenchResult<String> {
     for _ in 0..200 {
         black_box(probe.sample());
         black_box(full.sample());
+        replay();
         sysinfo_refresh();
     }
     let per_round = (iterations / ROUNDS).max(1);
     let mut fast_rounds = Vec::new();
     let mut full_rounds = Vec::new();
+    let mut replay_rounds = Vec::new();
     let mut sysinfo_rounds = Vec::new();
     let time = |run: &mut dyn FnMut()| {
         let start = Instant::now();
@@ -170,9 +193,15 @@ fn bench_probe(iterations: u32) -> BenchResult<String> {
         full_rounds.push(time(&mut || {
             black_box(full.sample());
         }));
+        replay_rounds.push(time(&mut replay));
         sysinfo_rounds.push(time(&mut sysinfo_refresh));
     }
-    for rounds in [&mut fast_rounds, &mut full_rounds, &mut sysinfo_rounds] {
+    for rounds in [
+        &mut fast_rounds,
+        &mut full_rounds,
+        &mut replay_rounds,
+        &mut sysinfo_rounds,
+    ] {
         rounds.sort_unstable();
     }
     let median = |rounds: &[u128]| rounds.get(rounds.len() / 2).copied().unwrap_or(0);
@@ -183,14 +212,12 @@ fn bench_probe(iterations: u32) -> BenchResult<String> {
             rounds.last().copied().unwrap_or(0)
         )
     };
-    let (fast_ns, full_ns, sysinfo_ns) = (
+    let (fast_ns, full_ns, replay_ns, sysinfo_ns) = (
         median(&fast_rounds),
         median(&full_rounds),
+        median(&replay_rounds),
         median(&sysinfo_rounds),
     );
-    // At 10 Hz with a 1 s slow refresh, one sample in ten also reads the slow files.
-    let per_second = u128::from(SLOW_REFRESH.as_millis().div_ceil(100).max(1) as u32);
-    let amortized_ns = (fast_ns * (per_second - 1) + full_ns) / per_second;
     let ratio = |ns: u128| sysinfo_ns as f64 / ns.max(1) as f64;
     let cgroup = first.cgroup.as_ref().map_or_else(
         || "none".to_owned(),
@@ -201,24 +228,27 @@ fn bench_probe(iterations: u32) -> BenchResult<String> {
          {per_round} iterations per contender per round, {ROUNDS} interleaved rounds; the median \
          round (min..max of the rounds). Cgroup read: {cgroup}.\n\n\
          | what | ns/sample | sysinfo ÷ this | target |\n|---|---:|---:|---|\n\
-         | `Probe::sample`, fast path (statm + cgroup usage; slow figures not due) | {fast_ns} ({}) | {:.1}× | ≤ 5000, ≥ 10× |\n\
+         | `Probe::sample`, fast path (statm + cgroup usage; slow figures not due) | {fast_ns} ({}) | {:.1}× | |\n\
          | `Probe::sample`, every file (+ limit, memory.stat, oom, PSI, /proc/meminfo) | {full_ns} ({}) | {:.1}× | |\n\
-         | `Probe::sample` as the server runs it at 10 Hz (1 in {per_second} reads every file) | {amortized_ns} | {:.1}× | ≤ 5000, ≥ 10× |\n\
+         | `Probe::sample_at` on a replayed 10 Hz clock, as the server runs it (slow files every {}, PSI every {}) | {replay_ns} ({}) | {:.1}× | ≤ 5000, ≥ 10× |\n\
          | sysinfo `refresh_processes_specifics` (this pid, memory only) | {sysinfo_ns} ({}) | 1.0× | |\n\n\
          {}",
         range(&fast_rounds),
         ratio(fast_ns),
         range(&full_rounds),
         ratio(full_ns),
-        ratio(amortized_ns),
+        humantime::format_duration(SLOW_REFRESH),
+        humantime::format_duration(PRESSURE_REFRESH),
+        range(&replay_rounds),
+        ratio(replay_ns),
         range(&sysinfo_rounds),
-        file_costs(&first, per_round),
+        file_costs(&first, per_round, full_ns),
     ))
 }
 
 /// What each file the probe reads costs by itself: one `pread` on a kept descriptor, which is
 /// almost all kernel time formatting the file. Explains where a full sample's time goes.
-fn file_costs(sample: &Sample, iterations: u32) -> String {
+fn file_costs(sample: &Sample, iterations: u32, full_ns: u128) -> String {
     let mut files = vec![
         (
             PathBuf::from(format!("/proc/{}/statm", std::process::id())),
@@ -270,6 +300,7 @@ fn file_costs(sample: &Sample, iterations: u32) -> String {
          | file | read | ns/pread |\n|---|---|---:|\n",
     );
     let mut buf = vec![0_u8; 8192];
+    let mut kernel_ns = 0;
     for (path, when) in files {
         let Ok(file) = std::fs::File::open(&path) else {
             continue;
@@ -285,9 +316,12 @@ fn file_costs(sample: &Sample, iterations: u32) -> String {
             .collect();
         rounds.sort_unstable();
         let median = rounds.get(rounds.len() / 2).copied().unwrap_or(0);
+        kernel_ns += median;
         table.push_str(&format!("| `{}` | {when} | {median} |\n", path.display()));
     }
-    table.push('\n');
+    table.push_str(&format!(
+        "\nSum of the preads: {kernel_ns} ns, against {full_ns} ns for a full sample.\n\n"
+    ));
     table
 }
 
@@ -421,8 +455,9 @@ async fn bench_fanout(args: &Args) -> BenchResult<()> {
     }
     println!(
         "### Fan-out: subscribers at 100 ms over loopback\n\n\
-         One fresh `monitor-service serve` per row, {} streams per HTTP/2 connection, measured \
-         for {} once all streams deliver. Lag: sample `at` (taken at the start of the probe read) \
+         One fresh `monitor-service serve` per row, {} streams per HTTP/2 connection (the \
+         bench's clients: one thread, one task per connection, decoding only `at` and \
+         `dropped`), measured for {} once all streams deliver. Lag: sample `at` (taken at the start of the probe read) \
          to receipt by the client, the stale first sample excluded. CPU: share of one core over \
          the window.\n",
         args.streams_per_connection,
@@ -584,13 +619,16 @@ async fn fanout_run(bin: &Path, subscribers: usize, args: &Args) -> BenchResult<
     }
     let shared = Arc::new(Shared::default());
     let started = Instant::now();
-    let mut tasks = Vec::with_capacity(subscribers);
-    for index in 0..subscribers {
-        let channel = channels
-            .get(index / per_connection)
-            .cloned()
-            .ok_or("connection index out of range")?;
-        tasks.push(tokio::spawn(subscriber(channel, Arc::clone(&shared))));
+    let mut tasks = Vec::with_capacity(connections);
+    for (index, channel) in channels.iter().enumerate() {
+        let streams = subscribers
+            .saturating_sub(index * per_connection)
+            .min(per_connection);
+        tasks.push(tokio::spawn(connection_subscribers(
+            channel.clone(),
+            streams,
+            Arc::clone(&shared),
+        )));
     }
     // Every stream has had its first sample (or failed) before the window opens.
     let ramp_deadline = started + Duration::from_secs(120);
@@ -649,44 +687,64 @@ async fn fanout_run(bin: &Path, subscribers: usize, args: &Args) -> BenchResult<
     })
 }
 
-/// One subscriber: streams at 100 ms until told to stop; returns its lags (µs) in the window.
-async fn subscriber(channel: Channel, shared: Arc<Shared>) -> Vec<u64> {
+/// The subscribers of one connection: `streams` StreamSamples calls at 100 ms, all read by this
+/// one task until told to stop; returns their lags (µs) in the window.
+///
+/// One task per connection rather than per stream, and a decoder that reads only the two
+/// fields the bench needs: the client shares the server's two cores, so every microsecond it
+/// spends per message is taken from the server and shows up as the server's lag. A real
+/// subscriber runs on another machine and decodes the whole sample.
+async fn connection_subscribers(channel: Channel, streams: usize, shared: Arc<Shared>) -> Vec<u64> {
     let mut lags = Vec::new();
-    let mut client = MemoryMonitorClient::new(channel);
-    let request = StreamSamplesRequest {
-        interval_ms: 100,
-        duration_ms: 0,
-    };
-    let mut stream = match client.stream_samples(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            eprintln!("monitor-bench: subscribe failed: {status}");
-            shared.failed.fetch_add(1, Ordering::Relaxed);
-            return lags;
+    let grpc = tonic::client::Grpc::new(channel);
+    let opened = futures::future::join_all((0..streams).map(|_| {
+        let mut grpc = grpc.clone();
+        async move {
+            grpc.ready()
+                .await
+                .map_err(|error| Status::unavailable(error.to_string()))?;
+            let request = StreamSamplesRequest {
+                interval_ms: 100,
+                duration_ms: 0,
+            };
+            grpc.server_streaming(
+                tonic::Request::new(request),
+                PathAndQuery::from_static(STREAM_SAMPLES_PATH),
+                StampCodec,
+            )
+            .await
         }
-    };
-    let mut first = true;
-    loop {
-        let sample = match stream.message().await {
-            Ok(Some(sample)) => sample,
-            Ok(None) => break,
+    }))
+    .await;
+    let mut merged = futures::stream::SelectAll::new();
+    for response in opened {
+        match response {
+            // `enumerate` marks each stream's first message, the latest sample handed over
+            // at once: stale by design, not fan-out lag.
+            Ok(response) => merged.push(response.into_inner().enumerate()),
+            Err(status) => {
+                eprintln!("monitor-bench: subscribe failed: {status}");
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    while let Some((index, item)) = merged.next().await {
+        let stamp = match item {
+            Ok(stamp) => stamp,
             Err(status) => {
                 eprintln!("monitor-bench: stream failed: {status}");
                 shared.failed.fetch_add(1, Ordering::Relaxed);
-                break;
+                continue;
             }
         };
         let received = SystemTime::now();
-        if first {
-            // The latest sample, handed over at once: stale by design, not fan-out lag.
-            first = false;
+        if index == 0 {
             shared.streaming.fetch_add(1, Ordering::Relaxed);
         } else if shared.measuring.load(Ordering::Relaxed) {
             shared.delivered.fetch_add(1, Ordering::Relaxed);
-            shared.dropped.fetch_add(sample.dropped, Ordering::Relaxed);
-            let lag = sample
+            shared.dropped.fetch_add(stamp.dropped, Ordering::Relaxed);
+            let lag = stamp
                 .at
-                .and_then(|at| SystemTime::try_from(at).ok())
                 .and_then(|at| received.duration_since(at).ok())
                 .unwrap_or_default();
             lags.push(u64::try_from(lag.as_micros()).unwrap_or(u64::MAX));
@@ -696,4 +754,145 @@ async fn subscriber(channel: Channel, shared: Arc<Shared>) -> Vec<u64> {
         }
     }
     lags
+}
+
+/// The StreamSamples method, called through the generic client with [`StampCodec`].
+const STREAM_SAMPLES_PATH: &str = "/spotifai.monitor.v1.MemoryMonitor/StreamSamples";
+
+/// What the bench needs of a `MemorySample`: when it was taken and how many were dropped.
+#[derive(Debug, Default)]
+struct Stamp {
+    at: Option<SystemTime>,
+    dropped: u64,
+}
+
+/// A client codec that encodes `StreamSamplesRequest` and decodes only `MemorySample.at` (field
+/// 2) and `dropped` (field 8), skipping the rest unparsed: the protobuf wire format lets a reader
+/// skip any field by its wire type.
+#[derive(Clone, Copy, Debug, Default)]
+struct StampCodec;
+
+impl Codec for StampCodec {
+    type Encode = StreamSamplesRequest;
+    type Decode = Stamp;
+    type Encoder = StampCodec;
+    type Decoder = StampCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        *self
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        *self
+    }
+}
+
+impl Encoder for StampCodec {
+    type Item = StreamSamplesRequest;
+    type Error = Status;
+
+    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // interval_ms = 1 (uint32), duration_ms = 2 (uint64); proto3 omits zeros.
+        for (field, value) in [(1, u64::from(item.interval_ms)), (2, item.duration_ms)] {
+            if value != 0 {
+                put_varint(dst, field << 3);
+                put_varint(dst, value);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Decoder for StampCodec {
+    type Item = Stamp;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Stamp>, Status> {
+        let len = src.remaining();
+        // tonic hands over one whole message; it sits in one contiguous buffer.
+        let stamp =
+            parse_stamp(src.chunk()).ok_or_else(|| Status::internal("malformed MemorySample"))?;
+        src.advance(len);
+        Ok(Some(stamp))
+    }
+
+    /// Small messages: a 1 KiB buffer per stream rather than tonic's default 8 KiB.
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(1024, 32 * 1024)
+    }
+}
+
+fn put_varint(dst: &mut EncodeBuf<'_>, mut value: u64) {
+    while value >= 0x80 {
+        dst.put_u8((value as u8 & 0x7f) | 0x80);
+        value >>= 7;
+    }
+    dst.put_u8(value as u8);
+}
+
+/// Reads a varint at the front of `bytes`, advancing it.
+fn take_varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut value = 0_u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = bytes.split_first()?;
+        *bytes = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// `at` and `dropped` of an encoded `MemorySample`; `None` if it is not valid protobuf.
+fn parse_stamp(mut bytes: &[u8]) -> Option<Stamp> {
+    let mut stamp = Stamp::default();
+    while !bytes.is_empty() {
+        let key = take_varint(&mut bytes)?;
+        let (field, wire_type) = (key >> 3, key & 7);
+        match wire_type {
+            0 => {
+                let value = take_varint(&mut bytes)?;
+                if field == 8 {
+                    stamp.dropped = value;
+                }
+            }
+            1 => bytes = bytes.get(8..)?,
+            2 => {
+                let len = usize::try_from(take_varint(&mut bytes)?).ok()?;
+                let (value, rest) = bytes.split_at_checked(len)?;
+                bytes = rest;
+                if field == 2 {
+                    stamp.at = parse_timestamp(value);
+                }
+            }
+            5 => bytes = bytes.get(4..)?,
+            _ => return None,
+        }
+    }
+    Some(stamp)
+}
+
+/// A `google.protobuf.Timestamp` (seconds = 1, nanos = 2) as a `SystemTime`.
+fn parse_timestamp(mut bytes: &[u8]) -> Option<SystemTime> {
+    let (mut seconds, mut nanos) = (0_u64, 0_u32);
+    while !bytes.is_empty() {
+        let key = take_varint(&mut bytes)?;
+        let value = take_varint(&mut bytes)?;
+        match key {
+            0x08 => seconds = value,
+            0x10 => nanos = u32::try_from(value).ok()?,
+            _ => return None,
+        }
+    }
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
+}
+
+/// A Tokio runtime from `builder`, or `None` after saying why on stderr.
+fn build_runtime(builder: &mut tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .enable_all()
+        .build()
+        .inspect_err(|error| eprintln!("monitor-bench: cannot start the Tokio runtime: {error}"))
+        .ok()
 }

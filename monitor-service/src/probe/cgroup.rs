@@ -161,7 +161,17 @@ pub(crate) struct CgroupReader {
     cgroup_root: PathBuf,
     group: Option<GroupFiles>,
     locate_failing: bool,
-    slow_refresh: Duration,
+    refresh: Refresh,
+}
+
+/// How often the files that are not read on every sample are re-read; zero re-reads them on
+/// every read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Refresh {
+    /// The limit, memory.stat and the OOM count ([`SlowFigures`]).
+    slow: Duration,
+    /// PSI (`memory.pressure`, or the system-wide `/proc/pressure/memory` on v1).
+    pressure: Duration,
 }
 
 impl CgroupReader {
@@ -172,32 +182,44 @@ impl CgroupReader {
             cgroup_root,
             group: None,
             locate_failing: false,
-            slow_refresh: Duration::ZERO,
+            refresh: Refresh::default(),
         }
     }
 
     /// Re-reads the slow-moving files (see [`SlowFigures`]) at most once per `period`; zero,
     /// the default, re-reads every file on every read.
     pub(crate) fn with_slow_refresh(mut self, period: Duration) -> Self {
-        self.slow_refresh = period;
+        self.refresh.slow = period;
+        self.apply_refresh()
+    }
+
+    /// Re-reads the PSI file at most once per `period`; zero, the default, on every read.
+    pub(crate) fn with_pressure_refresh(mut self, period: Duration) -> Self {
+        self.refresh.pressure = period;
+        self.apply_refresh()
+    }
+
+    fn apply_refresh(mut self) -> Self {
         if let Some(group) = &mut self.group {
-            group.slow_refresh = period;
+            group.refresh = self.refresh;
         }
         self
     }
 
-    /// The group's memory; `None` when no memory controller is found.
-    pub(crate) fn read(&mut self) -> Option<CgroupMem> {
+    /// The group's memory at `now` (which decides whether the slow files are due); `None`
+    /// when no memory controller is found.
+    pub(crate) fn read(&mut self, now: Instant) -> Option<CgroupMem> {
         if self.group.is_none() {
+            let refresh = self.refresh;
             self.group = self
                 .locate_logged()
                 .map(|location| GroupFiles::new(location, &self.proc_root))
                 .map(|mut files| {
-                    files.slow_refresh = self.slow_refresh;
+                    files.refresh = refresh;
                     files
                 });
         }
-        self.group.as_mut()?.read()
+        self.group.as_mut()?.read(now)
     }
 
     fn locate_logged(&mut self) -> Option<Location> {
@@ -239,23 +261,26 @@ struct GroupFiles {
     /// v1 `memory.oom_control`, v2 `memory.events`: both carry an `oom_kill` key.
     oom: RereadFile,
     pressure: RereadFile,
-    slow_refresh: Duration,
+    refresh: Refresh,
     /// The slow-moving figures and when they were read.
     slow: Option<(Instant, SlowFigures)>,
+    /// PSI's avg10 figures and when they were read.
+    psi: Option<(Instant, Pressure)>,
 }
 
-/// The figures that move slowly or that the kernel itself updates rarely: the limit (changed by
-/// an operator), the stat breakdown (page cache ages over seconds), the OOM count (an event
-/// after the fact) and PSI's avg10 (recomputed every 2 s). Re-reading them on every 100 ms
-/// sample would cost five times what the usage read does (memory.stat alone is ~10 µs of kernel
-/// formatting) for no newer information, so they are re-read at most once per `slow_refresh`.
-/// Usage, which a spike moves first, is read on every sample.
+/// The figures that move slowly: the limit (changed by an operator), the stat breakdown (page
+/// cache ages over seconds), the OOM count (an event after the fact). Re-reading them on every
+/// 100 ms sample would cost several times what the usage read does (memory.stat alone is ~9 µs
+/// of kernel formatting on cgroup v1) for little newer information, so they are re-read at most
+/// once per `Refresh::slow`. Usage, which a spike moves first, is read on every sample.
+///
+/// PSI is kept apart ([`GroupFiles::psi`]) because the kernel itself recomputes avg10 only
+/// every 2 s, so it has its own, longer period.
 #[derive(Debug, Default)]
 struct SlowFigures {
     max_bytes: u64,
     stat: MemoryStat,
     oom_kills: u64,
-    pressure: Pressure,
 }
 
 impl GroupFiles {
@@ -283,29 +308,32 @@ impl GroupFiles {
             oom: RereadFile::new(oom),
             pressure: RereadFile::new(pressure),
             location,
-            slow_refresh: Duration::ZERO,
+            refresh: Refresh::default(),
             slow: None,
+            psi: None,
         }
     }
 
     /// `None` when the usage file is missing: then this group has no memory controller.
-    fn read(&mut self) -> Option<CgroupMem> {
+    fn read(&mut self, now: Instant) -> Option<CgroupMem> {
         let version = self.location.version;
         let current_bytes = self.usage.read_or_log(parse_u64)?;
-        let now = Instant::now();
-        let due = self
-            .slow
-            .as_ref()
-            .is_none_or(|(at, _)| now.saturating_duration_since(*at) >= self.slow_refresh);
-        if due {
+        if is_due(self.slow.as_ref(), now, self.refresh.slow) {
             self.slow = Some((now, self.read_slow()));
+        }
+        if is_due(self.psi.as_ref(), now, self.refresh.pressure) {
+            let pressure = self
+                .pressure
+                .read_or_log(|text| Ok(Pressure::parse(text)))
+                .unwrap_or_default();
+            self.psi = Some((now, pressure));
         }
         let SlowFigures {
             max_bytes,
             stat,
             oom_kills,
-            pressure,
         } = self.slow.as_ref().map(|(_, slow)| slow)?;
+        let pressure = self.psi.as_ref().map(|(_, psi)| psi)?;
         Some(CgroupMem {
             version,
             path: self.location.path.clone(),
@@ -340,15 +368,10 @@ impl GroupFiles {
             .read_or_log(|text| Ok(flat_keyed(text, "oom_kill")))
             .flatten()
             .unwrap_or(0);
-        let pressure = self
-            .pressure
-            .read_or_log(|text| Ok(Pressure::parse(text)))
-            .unwrap_or_default();
         SlowFigures {
             max_bytes,
             stat,
             oom_kills,
-            pressure,
         }
     }
 
@@ -362,6 +385,12 @@ impl GroupFiles {
             self.pressure.path(),
         ]
     }
+}
+
+/// Whether figures read at `last` are due again at `now`: never read, or `period` has passed.
+/// A `now` before `last` (a caller-driven clock) counts as no time passed.
+fn is_due<T>(last: Option<&(Instant, T)>, now: Instant, period: Duration) -> bool {
+    last.is_none_or(|(at, _)| now.saturating_duration_since(*at) >= period)
 }
 
 fn invalid(message: String) -> io::Error {
@@ -390,12 +419,35 @@ fn parse_v1_limit(text: &str) -> io::Result<u64> {
     Ok(if limit >= V1_UNLIMITED_FROM { 0 } else { limit })
 }
 
+/// The `key value` lines of a flat-keyed file (memory.stat, memory.events, oom_control), as
+/// byte slices: the scan looks at each key once and parses only the values asked for, because
+/// v1's memory.stat has ~40 keys and we want three of them.
+fn keyed_lines(text: &str) -> impl Iterator<Item = (&[u8], &[u8])> {
+    text.as_bytes()
+        .split(|&byte| byte == b'\n')
+        .filter_map(|line| {
+            let space = line.iter().position(|&byte| byte == b' ')?;
+            Some((line.get(..space)?, line.get(space + 1..)?))
+        })
+}
+
+/// A decimal `u64` (surrounding ASCII whitespace allowed); `None` if malformed or too large.
+fn parse_decimal(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0_u64, |total, &byte| {
+        let digit = byte.checked_sub(b'0').filter(|digit| *digit <= 9)?;
+        total.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
 /// The value of `key` in a flat-keyed file (`key value` lines); `None` if absent or malformed.
 fn flat_keyed(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let (name, value) = line.split_once(' ')?;
-        (name == key).then(|| value.trim().parse().ok()).flatten()
-    })
+    keyed_lines(text)
+        .find(|(name, _)| *name == key.as_bytes())
+        .and_then(|(_, value)| parse_decimal(value))
 }
 
 /// The `memory.stat` keys we report; absent keys read as 0.
@@ -407,26 +459,40 @@ struct MemoryStat {
 }
 
 impl MemoryStat {
+    /// One pass over the file, whatever the version.
     fn parse(version: CgroupVersion, text: &str) -> Self {
-        let get = |key: &str| flat_keyed(text, key).unwrap_or(0);
-        match version {
-            CgroupVersion::V2 => Self {
-                anon: get("anon"),
-                file: get("file"),
-                inactive_file: get("inactive_file"),
-            },
-            // v1's `total_*` keys include the group's descendants (like every v2 value), the
-            // plain keys only the group itself; prefer the hierarchical ones when present.
-            CgroupVersion::V1 => {
-                let hierarchical = |key: &str| {
-                    flat_keyed(text, &format!("total_{key}")).unwrap_or_else(|| get(key))
-                };
-                Self {
-                    anon: hierarchical("rss"),
-                    file: hierarchical("cache"),
-                    inactive_file: hierarchical("inactive_file"),
-                }
-            }
+        // [anon, file, inactive_file]: v2's keys, or v1's group-only and hierarchical ones.
+        let mut own = [None; 3];
+        let mut total = [None; 3];
+        for (key, value) in keyed_lines(text) {
+            let slot = match (version, key) {
+                (CgroupVersion::V2, b"anon") => &mut own[0],
+                (CgroupVersion::V2, b"file") => &mut own[1],
+                (CgroupVersion::V2, b"inactive_file") => &mut own[2],
+                (CgroupVersion::V1, b"rss") => &mut own[0],
+                (CgroupVersion::V1, b"cache") => &mut own[1],
+                (CgroupVersion::V1, b"inactive_file") => &mut own[2],
+                (CgroupVersion::V1, b"total_rss") => &mut total[0],
+                (CgroupVersion::V1, b"total_cache") => &mut total[1],
+                (CgroupVersion::V1, b"total_inactive_file") => &mut total[2],
+                _ => continue,
+            };
+            *slot = parse_decimal(value);
+        }
+        // v1's `total_*` keys include the group's descendants (like every v2 value), the plain
+        // keys only the group itself; prefer the hierarchical ones when present.
+        let pick = |index: usize| {
+            total
+                .get(index)
+                .copied()
+                .flatten()
+                .or_else(|| own.get(index).copied().flatten())
+                .unwrap_or(0)
+        };
+        Self {
+            anon: pick(0),
+            file: pick(1),
+            inactive_file: pick(2),
         }
     }
 }
@@ -549,7 +615,7 @@ mod tests {
     #[test]
     fn v1_group_on_a_hybrid_host() {
         let f = v1_fixture();
-        let mem = f.reader().read().unwrap();
+        let mem = f.reader().read(Instant::now()).unwrap();
         assert_eq!(
             mem,
             CgroupMem {
@@ -576,7 +642,7 @@ mod tests {
             &format!("{group}/memory.limit_in_bytes"),
             "4611686018427387904\n",
         );
-        let mem = f.reader().read().unwrap();
+        let mem = f.reader().read(Instant::now()).unwrap();
         assert_eq!(mem.max_bytes, 0, "2^62 and above is v1's unlimited");
 
         // 1 TiB: likely more than this machine's RAM, but a configured limit all the same.
@@ -585,7 +651,7 @@ mod tests {
             &format!("{group}/memory.stat"),
             "cache 73728\nrss 1671168\ninactive_file 32768\n",
         );
-        let mem = f.reader().read().unwrap();
+        let mem = f.reader().read(Instant::now()).unwrap();
         assert_eq!(mem.max_bytes, 1_099_511_627_776);
         assert_eq!(mem.anon_bytes, 1_671_168);
         assert_eq!(mem.file_bytes, 73_728);
@@ -595,7 +661,7 @@ mod tests {
     #[test]
     fn v2_group_with_max_limit() {
         let f = v2_fixture("max\n");
-        let mem = f.reader().read().unwrap();
+        let mem = f.reader().read(Instant::now()).unwrap();
         assert_eq!(
             mem,
             CgroupMem {
@@ -618,16 +684,78 @@ mod tests {
     fn v2_group_with_numeric_limit_is_reread_through_kept_files() {
         let f = v2_fixture("268435456\n");
         let mut reader = f.reader();
-        let mem = reader.read().unwrap();
+        let mem = reader.read(Instant::now()).unwrap();
         assert_eq!(mem.max_bytes, 268_435_456);
 
         let group = "cgroup/kubepods/pod1/ctr";
         f.write(&format!("{group}/memory.current"), "200000000\n");
         f.write(&format!("{group}/memory.max"), "max\n");
-        let mem = reader.read().unwrap();
+        let mem = reader.read(Instant::now()).unwrap();
         assert_eq!(mem.current_bytes, 200_000_000);
         assert_eq!(mem.working_set_bytes, 200_000_000 - 20_971_520);
         assert_eq!(mem.max_bytes, 0);
+    }
+
+    #[test]
+    fn slow_files_and_psi_are_reread_on_their_own_periods() {
+        let f = v2_fixture("max\n");
+        let group = "cgroup/kubepods/pod1/ctr";
+        let mut reader = f
+            .reader()
+            .with_slow_refresh(Duration::from_secs(1))
+            .with_pressure_refresh(Duration::from_secs(2));
+        let start = Instant::now();
+        let first = reader.read(start).unwrap();
+        assert_eq!(first.inactive_file_bytes, 20_971_520);
+        assert_eq!(first.pressure_some_avg10, Some(12.34));
+
+        f.write(&format!("{group}/memory.current"), "200000000\n");
+        f.write(&format!("{group}/memory.stat"), "inactive_file 1000\n");
+        f.write(
+            &format!("{group}/memory.pressure"),
+            "some avg10=50.00 avg60=5.00 avg300=1.00 total=999\n",
+        );
+        let at = |ms| start + Duration::from_millis(ms);
+        // Usage is read on every sample; the rest is cached within its period.
+        let cached = reader.read(at(900)).unwrap();
+        assert_eq!(cached.current_bytes, 200_000_000);
+        assert_eq!(cached.working_set_bytes, 200_000_000 - 20_971_520);
+        assert_eq!(cached.pressure_some_avg10, Some(12.34));
+
+        let slow_due = reader.read(at(1000)).unwrap();
+        assert_eq!(slow_due.working_set_bytes, 200_000_000 - 1000);
+        assert_eq!(slow_due.pressure_some_avg10, Some(12.34), "PSI waits 2 s");
+
+        let psi_due = reader.read(at(2000)).unwrap();
+        assert_eq!(psi_due.pressure_some_avg10, Some(50.0));
+        assert_eq!(psi_due.pressure_full_avg10, None);
+    }
+
+    #[test]
+    fn v1_stat_parsing_prefers_hierarchical_keys_in_one_pass() {
+        let stat = "cache 1\nrss 2\ninactive_file 3\ntotal_rss 20\nbogus\n\
+            total_inactive_file 30\ntotal_cache x\n";
+        assert_eq!(
+            MemoryStat::parse(CgroupVersion::V1, stat),
+            MemoryStat {
+                anon: 20,
+                // A malformed total_cache falls back to the group's own figure.
+                file: 1,
+                inactive_file: 30,
+            }
+        );
+        assert_eq!(
+            MemoryStat::parse(CgroupVersion::V2, V2_STAT),
+            MemoryStat {
+                anon: 104_857_600,
+                file: 52_428_800,
+                inactive_file: 20_971_520,
+            }
+        );
+        assert_eq!(parse_decimal(b" 18446744073709551615\n"), Some(u64::MAX));
+        assert_eq!(parse_decimal(b"18446744073709551616"), None);
+        assert_eq!(parse_decimal(b"-1"), None);
+        assert_eq!(parse_decimal(b""), None);
     }
 
     #[test]
@@ -635,10 +763,13 @@ mod tests {
         let f = Fixture::new();
         f.write("proc/self/cgroup", "0::/\n");
         assert_eq!(locate(&f.proc_root(), &f.cgroup_root()).unwrap(), None);
-        assert_eq!(f.reader().read(), None);
+        assert_eq!(f.reader().read(Instant::now()), None);
 
         let nowhere = f.dir.path().join("does-not-exist");
-        assert_eq!(CgroupReader::new(nowhere.clone(), nowhere).read(), None);
+        assert_eq!(
+            CgroupReader::new(nowhere.clone(), nowhere).read(Instant::now()),
+            None
+        );
     }
 
     #[test]
@@ -647,7 +778,7 @@ mod tests {
         f.write("proc/self/cgroup", "0::/app\n");
         f.write("cgroup/cgroup.controllers", "memory\n");
         f.write("cgroup/app/memory.current", "1000\n");
-        let mem = f.reader().read().unwrap();
+        let mem = f.reader().read(Instant::now()).unwrap();
         assert_eq!(
             mem,
             CgroupMem {
@@ -673,9 +804,9 @@ mod tests {
         f.write("cgroup/cgroup.controllers", "cpu\n");
         fs::create_dir_all(f.cgroup_root().join("app")).unwrap();
         let mut reader = f.reader();
-        assert_eq!(reader.read(), None);
+        assert_eq!(reader.read(Instant::now()), None);
         f.write("cgroup/app/memory.current", "5\n");
-        assert_eq!(reader.read().unwrap().current_bytes, 5);
+        assert_eq!(reader.read(Instant::now()).unwrap().current_bytes, 5);
     }
 
     #[test]
@@ -687,7 +818,7 @@ mod tests {
             &format!("{group}/memory.pressure"),
             "some avg10=NaN\nfull\n",
         );
-        let mem = f.reader().read().unwrap();
+        let mem = f.reader().read(Instant::now()).unwrap();
         assert_eq!(mem.current_bytes, 167_772_160);
         assert_eq!(mem.max_bytes, 0);
         assert_eq!(mem.oom_kills, 0);
@@ -695,7 +826,7 @@ mod tests {
         assert_eq!(mem.pressure_full_avg10, None);
 
         f.write(&format!("{group}/memory.current"), "garbage\n");
-        assert_eq!(f.reader().read(), None);
+        assert_eq!(f.reader().read(Instant::now()), None);
     }
 
     #[test]
@@ -704,7 +835,7 @@ mod tests {
         f.write("proc/self/cgroup", "0::/kubepods/elsewhere\n");
         f.write("cgroup/cgroup.controllers", "memory\n");
         f.write("cgroup/memory.current", "77\n");
-        let mem = f.reader().read().unwrap();
+        let mem = f.reader().read(Instant::now()).unwrap();
         assert_eq!((mem.path.as_str(), mem.current_bytes), ("/", 77));
     }
 
@@ -782,7 +913,9 @@ mod tests {
     fn reads_the_real_machine() {
         // Whatever this machine mounts, reading must not fail; when a group is found its usage
         // includes at least this test process.
-        if let Some(mem) = CgroupReader::new("/proc".into(), "/sys/fs/cgroup".into()).read() {
+        if let Some(mem) =
+            CgroupReader::new("/proc".into(), "/sys/fs/cgroup".into()).read(Instant::now())
+        {
             assert!(mem.current_bytes > 0);
             assert!(mem.working_set_bytes <= mem.current_bytes);
             assert!(mem.path.starts_with('/'));

@@ -20,7 +20,10 @@ const READ_CHUNK: usize = 4096;
 pub(crate) struct RereadFile {
     path: PathBuf,
     file: Option<File>,
+    /// Read buffer; it only grows, so it is zeroed once rather than on every read.
     buf: Vec<u8>,
+    /// Bytes of `buf` the last read filled.
+    len: usize,
     /// Set while reads fail, so a broken file is logged once, not once per sample.
     failing: bool,
 }
@@ -32,6 +35,7 @@ impl RereadFile {
             path,
             file: None,
             buf: Vec::new(),
+            len: 0,
             failing: false,
         }
     }
@@ -51,7 +55,7 @@ impl RereadFile {
         if !self.refresh()? {
             return Ok(None);
         }
-        let text = std::str::from_utf8(&self.buf)
+        let text = std::str::from_utf8(self.buf.get(..self.len).unwrap_or_default())
             .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
         parse(text).map(Some)
     }
@@ -90,7 +94,10 @@ impl RereadFile {
     fn refresh(&mut self) -> io::Result<bool> {
         if let Some(file) = &self.file {
             match read_all_at(file, &mut self.buf) {
-                Ok(()) => return Ok(true),
+                Ok(len) => {
+                    self.len = len;
+                    return Ok(true);
+                }
                 // A stale descriptor (e.g. ESRCH once the process exited): reopen below, which
                 // reports a file that is really gone as NotFound.
                 Err(_) => self.file = None,
@@ -102,7 +109,8 @@ impl RereadFile {
             Err(error) => return Err(error),
         };
         match read_all_at(&file, &mut self.buf) {
-            Ok(()) => {
+            Ok(len) => {
+                self.len = len;
                 self.file = Some(file);
                 Ok(true)
             }
@@ -117,41 +125,42 @@ impl RereadFile {
 /// `libc` is not a dependency for one constant.
 const ESRCH: i32 = 3;
 
-/// Reads `file` from offset 0 to its end into `buf` with positioned reads.
+/// Reads `file` from offset 0 to its end into `buf` with positioned reads; returns the length.
 ///
-/// A read that returns less than it asked for is taken as the end, so a file smaller than
-/// [`READ_CHUNK`] costs one `pread`: procfs and cgroupfs fill the whole buffer unless the file
-/// ends (seq_file and sysfs attributes alike), and asking again to see 0 would make the kernel
+/// A read that returns less than it asked for is taken as the end, so a file smaller than the
+/// buffer costs one `pread`: procfs and cgroupfs fill the whole buffer unless the file ends
+/// (seq_file and sysfs attributes alike), and asking again to see 0 would make the kernel
 /// regenerate the file a second time just to skip it, doubling the cost of every sample.
-fn read_all_at(file: &File, buf: &mut Vec<u8>) -> io::Result<()> {
-    buf.clear();
+///
+/// `buf` keeps its length between calls and grows by [`READ_CHUNK`] only when a file fills it,
+/// so the steady state neither allocates nor zeroes memory.
+fn read_all_at(file: &File, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let mut len = 0;
     loop {
-        let start = buf.len();
-        if start >= MAX_FILE_BYTES {
+        if len >= MAX_FILE_BYTES {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("file is larger than {MAX_FILE_BYTES} bytes"),
             ));
         }
-        buf.resize(start + READ_CHUNK, 0);
+        if buf.len() < len + READ_CHUNK {
+            buf.resize(len + READ_CHUNK, 0);
+        }
+        let Some(free) = buf.get_mut(len..) else {
+            return Ok(len);
+        };
+        let asked = free.len();
         // Files and offsets here are < MAX_FILE_BYTES, so the cast cannot truncate.
-        let result = file.read_at(&mut buf[start..], start as u64);
-        match result {
-            Ok(0) => {
-                buf.truncate(start);
-                return Ok(());
-            }
+        match file.read_at(free, len as u64) {
+            Ok(0) => return Ok(len),
             Ok(read) => {
-                buf.truncate(start + read);
-                if read < READ_CHUNK {
-                    return Ok(());
+                len += read;
+                if read < asked {
+                    return Ok(len);
                 }
             }
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
-            Err(error) => {
-                buf.truncate(start);
-                return Err(error);
-            }
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
         }
     }
 }

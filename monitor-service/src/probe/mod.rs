@@ -6,9 +6,10 @@
 //! "not available" (0 or `None`) and logged once, and the next sample tries again.
 //!
 //! A sample re-reads what a memory spike moves first (each process's statm, the cgroup's usage)
-//! every time, and the slow-moving figures (cgroup limit, memory.stat breakdown, OOM count, PSI,
-//! the machine's meminfo) at most once per [`SLOW_REFRESH`], which keeps a 10 Hz sample stream
-//! a few microseconds per sample (see BENCHMARKS.md).
+//! every time, the slow-moving figures (cgroup limit, memory.stat breakdown, OOM count, the
+//! machine's meminfo) at most once per [`SLOW_REFRESH`], and PSI at most once per
+//! [`PRESSURE_REFRESH`], which keeps a 10 Hz sample stream a few microseconds per sample (see
+//! BENCHMARKS.md).
 
 mod cgroup;
 mod file;
@@ -17,7 +18,7 @@ mod system;
 
 use std::{
     path::PathBuf,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::{Serialize, Serializer};
@@ -26,11 +27,23 @@ pub use cgroup::{CgroupMem, CgroupVersion, V1_UNLIMITED_FROM};
 pub use procfs::{PAGE_SIZE, ProcessMem};
 pub use system::SystemMem;
 
-/// How stale the slow-moving figures of a [`Probe`] sample may be: one second, because PSI's
-/// avg10 changes only every 2 s, a limit or an OOM count changes on rare events, and the
-/// memory.stat breakdown (whose inactive_file turns usage into the working set) ages over
-/// seconds, while the usage a spike moves is read fresh on every sample.
+/// How stale the slow-moving figures of a [`Probe`] sample may be: one second.
+///
+/// A limit or an OOM count changes on rare events, and the machine's meminfo is context. The
+/// one figure whose age matters is memory.stat's inactive_file, which turns the usage (read
+/// fresh on every sample) into the working set: while it is stale, page cache the kernel
+/// reclaimed since is still subtracted, so near the limit, where the kernel is reclaiming, the
+/// working set reads low by what was reclaimed in the window. One second bounds that window at
+/// ten samples at 10 Hz and well inside the alert dwell (10 s by default). Two seconds would
+/// save ~0.3 µs per 10 Hz sample (memory.stat is ~6.5 µs of kernel formatting on cgroup v1,
+/// now read once in 10 samples, then once in 20) and double that window: not worth it
+/// (BENCHMARKS.md).
 pub const SLOW_REFRESH: Duration = Duration::from_secs(1);
+
+/// How stale PSI's avg10 figures may be: two seconds, because the kernel recomputes them only
+/// every 2 s (`PSI_FREQ`); reading more often returns the same numbers. The worst case is a new
+/// value seen up to 2 s after the kernel computed it, on an average that spans 10 s.
+pub const PRESSURE_REFRESH: Duration = Duration::from_secs(2);
 
 /// What to read and where, and the thresholds of [`Level`].
 #[derive(Clone, Debug, PartialEq)]
@@ -179,26 +192,38 @@ impl Probe {
                 .collect(),
             system: system::SystemReader::new(&proc_root).with_refresh(SLOW_REFRESH),
             cgroup: cgroup::CgroupReader::new(proc_root, cgroup_root)
-                .with_slow_refresh(SLOW_REFRESH),
+                .with_slow_refresh(SLOW_REFRESH)
+                .with_pressure_refresh(PRESSURE_REFRESH),
         }
     }
 
-    /// Re-reads the slow-moving figures at most once per `period` instead of [`SLOW_REFRESH`];
-    /// zero re-reads every file on every sample (a benchmark's worst case, or a caller that
-    /// samples rarely and wants every figure current).
+    /// Re-reads the slow-moving figures, PSI included, at most once per `period` instead of
+    /// [`SLOW_REFRESH`] and [`PRESSURE_REFRESH`]; zero re-reads every file on every sample (a
+    /// benchmark's worst case, or a caller that samples rarely and wants every figure current).
     pub fn with_slow_refresh(mut self, period: Duration) -> Self {
-        self.cgroup = self.cgroup.with_slow_refresh(period);
+        self.cgroup = self
+            .cgroup
+            .with_slow_refresh(period)
+            .with_pressure_refresh(period);
         self.system = self.system.with_refresh(period);
         self
     }
 
     /// Takes one reading. Never fails; `seq` is 0 (see [`Sample::seq`]).
     pub fn sample(&mut self) -> Sample {
+        self.sample_at(Instant::now())
+    }
+
+    /// Takes one reading as if the monotonic clock read `now`, which only decides which cached
+    /// slow figures are due; `at` is still the wall-clock time of the reading. For callers that
+    /// drive time themselves: the benchmark replays a 10 Hz cadence back to back with it, to
+    /// time the exact mix of fresh and cached reads the server does.
+    pub fn sample_at(&mut self, now: Instant) -> Sample {
         let at = SystemTime::now();
         let process = self.process.read();
         let targets = self.targets.iter_mut().map(|t| t.read()).collect();
-        let cgroup = self.cgroup.read();
-        let system = self.system.read();
+        let cgroup = self.cgroup.read(now);
+        let system = self.system.read(now);
         let usage_ratio = usage_ratio(cgroup.as_ref(), &system);
         Sample {
             seq: 0,

@@ -59,8 +59,8 @@ impl SystemReader {
         self
     }
 
-    pub(crate) fn read(&mut self) -> SystemMem {
-        let now = Instant::now();
+    /// The machine's memory at `now`, which decides whether the cached figures are due.
+    pub(crate) fn read(&mut self, now: Instant) -> SystemMem {
         if let Some((at, mem)) = self.last
             && now.saturating_duration_since(at) < self.refresh
         {
@@ -101,31 +101,50 @@ impl SystemReader {
 /// The figures of /proc/meminfo (`Key:   value kB` lines), without allocating; `None` when
 /// MemTotal is missing, i.e. this is not a meminfo file. Without MemAvailable (kernels before
 /// 3.14) available memory is estimated the way sysinfo and `free` do.
+///
+/// The key is matched before the value is parsed: meminfo has ~55 lines and we want nine.
 fn parse_meminfo(text: &str) -> Option<SystemMem> {
-    let (mut total, mut available, mut swap_total, mut swap_free) = (None, None, 0, 0);
-    let (mut free, mut buffers, mut cached, mut reclaimable, mut shmem) = (0, 0, 0, 0, 0);
+    let (mut total, mut available, mut swap_total, mut swap_free) = (None, None, None, None);
+    let (mut free, mut buffers, mut cached, mut reclaimable, mut shmem) =
+        (None, None, None, None, None);
     for line in text.lines() {
         let Some((key, value)) = line.split_once(':') else {
             continue;
         };
+        let slot = match key {
+            "MemTotal" => &mut total,
+            "MemAvailable" => &mut available,
+            "MemFree" => &mut free,
+            "Buffers" => &mut buffers,
+            "Cached" => &mut cached,
+            "SReclaimable" => &mut reclaimable,
+            "Shmem" => &mut shmem,
+            "SwapTotal" => &mut swap_total,
+            "SwapFree" => &mut swap_free,
+            _ => continue,
+        };
         let value = value.trim();
         let kib = value.strip_suffix("kB").unwrap_or(value).trim_end();
-        let Ok(bytes) = kib.parse::<u64>().map(|kib| kib.saturating_mul(1024)) else {
-            continue;
-        };
-        match key {
-            "MemTotal" => total = Some(bytes),
-            "MemAvailable" => available = Some(bytes),
-            "MemFree" => free = bytes,
-            "Buffers" => buffers = bytes,
-            "Cached" => cached = bytes,
-            "SReclaimable" => reclaimable = bytes,
-            "Shmem" => shmem = bytes,
-            "SwapTotal" => swap_total = bytes,
-            "SwapFree" => swap_free = bytes,
-            _ => {}
-        }
+        *slot = kib.parse::<u64>().ok().map(|kib| kib.saturating_mul(1024));
     }
+    let [
+        swap_total,
+        swap_free,
+        free,
+        buffers,
+        cached,
+        reclaimable,
+        shmem,
+    ] = [
+        swap_total,
+        swap_free,
+        free,
+        buffers,
+        cached,
+        reclaimable,
+        shmem,
+    ]
+    .map(|bytes| bytes.unwrap_or(0));
     let total_bytes = total?;
     let available_bytes = available.unwrap_or_else(|| {
         free.saturating_add(buffers)
@@ -177,10 +196,10 @@ mod tests {
     fn reads_a_fixture_and_falls_back_to_sysinfo_without_one() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("meminfo"), MEMINFO).unwrap();
-        let mem = SystemReader::new(dir.path()).read();
+        let mem = SystemReader::new(dir.path()).read(Instant::now());
         assert_eq!(mem.total_bytes, 16_000_000 * 1024);
 
-        let missing = SystemReader::new(&dir.path().join("nowhere")).read();
+        let missing = SystemReader::new(&dir.path().join("nowhere")).read(Instant::now());
         assert!(missing.total_bytes > 0, "sysinfo reads the real machine");
     }
 
@@ -191,16 +210,20 @@ mod tests {
         std::fs::write(&path, MEMINFO).unwrap();
         let mut cached = SystemReader::new(dir.path()).with_refresh(Duration::from_secs(3600));
         let mut fresh = SystemReader::new(dir.path());
-        let first = cached.read();
-        assert_eq!(fresh.read(), first);
+        let first = cached.read(Instant::now());
+        assert_eq!(fresh.read(Instant::now()), first);
         std::fs::write(&path, MEMINFO.replace("9000000", "8000000")).unwrap();
-        assert_eq!(cached.read(), first, "not re-read within the period");
-        assert_eq!(fresh.read().available_bytes, 8_000_000 * 1024);
+        assert_eq!(
+            cached.read(Instant::now()),
+            first,
+            "not re-read within the period"
+        );
+        assert_eq!(fresh.read(Instant::now()).available_bytes, 8_000_000 * 1024);
     }
 
     #[test]
     fn reads_the_real_machine() {
-        let mem = SystemReader::new(Path::new("/proc")).read();
+        let mem = SystemReader::new(Path::new("/proc")).read(Instant::now());
         assert!(mem.total_bytes > 0);
         assert!(mem.available_bytes <= mem.total_bytes);
         assert!(mem.swap_used_bytes <= mem.swap_total_bytes);

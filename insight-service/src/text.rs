@@ -1,16 +1,25 @@
 //! Text analytics behind the offline `local` backend: tokenization, stop words, theme keywords,
 //! extractive summaries, lexicon sentiment and word budgets.
 //!
-//! Everything here is a pure, synchronous function of its input. Output never depends on hash
-//! iteration order: hash maps are used for lookups only, and every ranking is sorted with a total
-//! tie-break (score, then text or input position), so the same input always gives the same bytes.
+//! Everything here is a pure, synchronous function of its input, and output never depends on
+//! memory layout or hashing: terms are interned by sorting, and every ranking is sorted with a
+//! total tie-break (score, then text or input position), so the same input always gives the same
+//! bytes.
 //!
 //! The methods are deliberately classic (document frequency, TF-IDF centroid + MMR, a word
-//! lexicon with negation) because they are fast enough for the request path, need no model
-//! files, and every sentence they return is either copied from the input or built from counts.
+//! lexicon with negation) because they need no model files and every sentence they return is
+//! either copied from the input or built from counts.
+//!
+//! They run on the request path of every `local` summary, so the implementation is built for
+//! that (issue 4 asks the service to stay within 80% of a bare gRPC echo): each text is scanned
+//! once, byte by byte with a Unicode path only for non-ASCII characters, into one lowercase
+//! buffer; each word is looked up once in one static table that holds all the word lists as
+//! flags; content terms are interned into dense ids by one sort (no map keyed by input words,
+//! so no hash flooding either), and the map step's themes, sentiment and sentence vectors all
+//! reuse that one scan ([`digest_chunk`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::cmp::Ordering;
+use std::ops::Range;
 use std::sync::LazyLock;
 
 use crate::domain::{Entry, Sentiment, SentimentLabel};
@@ -19,73 +28,281 @@ use crate::domain::{Entry, Sentiment, SentimentLabel};
 // Tokenization
 // ---------------------------------------------------------------------------------------------
 
-/// A lowercased word of the input, and whether punctuation separated it from the word before.
-///
-/// The flag scopes negation ("not bad. great" must not negate "great") and keeps bigrams from
-/// spanning a comma ("ads, shuffle" is not a phrase).
+/// Bytes of a word that its packed key holds (see [`pack`]); every word of the static lists is
+/// at most this long, so a longer word is in none of them.
+const KEY_BYTES: usize = 16;
+
+/// The first [`KEY_BYTES`] bytes of `bytes`, big-endian and zero-padded. Words never contain a
+/// NUL byte, so two words of at most 16 bytes are equal exactly when their keys are, and keys
+/// order like the words themselves: comparing and hashing a word costs one integer operation.
+fn pack(bytes: &[u8]) -> u128 {
+    pack_concat(bytes, &[])
+}
+
+/// [`pack`] of `stem` followed by `suffix`, without building the concatenation.
+fn pack_concat(stem: &[u8], suffix: &[u8]) -> u128 {
+    let mut buffer = [0u8; KEY_BYTES];
+    let n = stem.len().min(KEY_BYTES);
+    if let (Some(to), Some(from)) = (buffer.get_mut(..n), stem.get(..n)) {
+        to.copy_from_slice(from);
+    }
+    for (to, &from) in buffer.iter_mut().skip(n).zip(suffix) {
+        *to = from;
+    }
+    u128::from_be_bytes(buffer)
+}
+
+/// A byte offset into a text or a [`Scan`] buffer, stored as `u32` to keep [`Word`] at 16
+/// bytes. Texts are far below 4 GiB (the gRPC layer caps requests at megabytes); a larger
+/// offset saturates, which can only mislabel words, never panic (every slice is checked).
+fn offset(at: usize) -> u32 {
+    u32::try_from(at).unwrap_or(u32::MAX)
+}
+
+/// A lowercased word of the input.
 #[derive(Clone, Copy, Debug)]
-struct Word<'a> {
-    text: &'a str,
+struct Word {
+    /// Byte range of the word in [`Scan::lower`].
+    start: u32,
+    end: u32,
+    /// Byte offset of the word's first character in its source text: which sentence it is in.
+    source: u32,
+    /// Its lexicon flags ([`STOP`], [`GENERIC`], ...) and [`TOKEN`], [`EXPRESSIVE`], [`ASCII`].
+    flags: u16,
+    /// Whether punctuation separated it from the word before. The flag scopes negation ("not
+    /// bad. great" must not negate "great") and keeps bigrams from spanning a comma ("ads,
+    /// shuffle" is not a phrase).
     after_break: bool,
 }
 
-/// The words of a text, lowercased into one buffer: one allocation per text instead of one per
-/// word, which was the largest cost of the whole backend.
-struct Scanned {
-    buffer: String,
-    /// (start, end, after_break) of each word in `buffer`.
-    spans: Vec<(usize, usize, bool)>,
+impl Word {
+    fn is(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+
+    fn range(&self) -> Range<usize> {
+        self.start as usize..self.end as usize
+    }
 }
 
-impl Scanned {
-    /// Splits `text` into lowercased words, keeping every word (even one-letter ones: sentiment
-    /// needs "i like"). Apostrophes are kept only between two alphanumerics ("don't");
-    /// typographic apostrophes are folded to ASCII first so "don’t" and "don't" are one word.
-    fn new(text: &str) -> Self {
-        let mut buffer = String::with_capacity(text.len());
-        let mut spans = Vec::new();
-        let mut start = 0;
+/// Word flag: at least two characters and not a pure number ([`is_token`]).
+const TOKEN: u16 = 1 << 8;
+/// Word flag: a character repeated three times or more in a row ([`is_expressive`]).
+const EXPRESSIVE: u16 = 1 << 9;
+/// Word flag: the lowercased word is ASCII.
+const ASCII: u16 = 1 << 10;
+
+/// Zero bytes after each text's copy in [`Scan::lower`], so that the key of any word in it can
+/// be read as one 16-byte load.
+const PADDING: &str = "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+
+/// The words of one or more texts, lowercased into one buffer: one allocation for all of them
+/// instead of one per word.
+///
+/// The buffer holds each text whole, ASCII-lowercased (one pass the compiler vectorizes), so a
+/// word of ASCII letters, digits and apostrophes (nearly all of them) is a range of it at its
+/// source offset; only a word with other characters ("café", "don’t") gets its Unicode
+/// lowercase form appended after the text.
+#[derive(Default)]
+struct Scan {
+    lower: String,
+    words: Vec<Word>,
+}
+
+impl Scan {
+    /// A scan with room for `texts` texts of `bytes` bytes in all.
+    fn with_capacity(bytes: usize, texts: usize) -> Self {
+        Self {
+            lower: String::with_capacity(bytes + (texts + 4) * PADDING.len()),
+            words: Vec::with_capacity(bytes / 5),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.lower.clear();
+        self.words.clear();
+    }
+
+    fn text(&self, word: &Word) -> &str {
+        self.lower.get(word.range()).unwrap_or_default()
+    }
+
+    /// [`pack`] of a range of the buffer: one 16-byte load and a mask when the padding is
+    /// there, a copy otherwise.
+    fn key(&self, range: Range<usize>) -> u128 {
+        let bytes = self.lower.as_bytes();
+        let len = range.end - range.start;
+        match bytes
+            .get(range.start..range.start + KEY_BYTES)
+            .and_then(|window| <[u8; KEY_BYTES]>::try_from(window).ok())
+        {
+            Some(window) if len >= KEY_BYTES => u128::from_be_bytes(window),
+            Some(window) if len > 0 => {
+                u128::from_be_bytes(window) & !(u128::MAX >> (8 * len as u32))
+            }
+            _ => pack(bytes.get(range).unwrap_or_default()),
+        }
+    }
+
+    /// Appends the words of `text` and returns their index range in [`Scan::words`]: every word
+    /// is kept, even one-letter ones (sentiment needs "i like"). Apostrophes are kept only
+    /// between two alphanumerics ("don't"); typographic apostrophes are folded to ASCII first so
+    /// "don’t" and "don't" are one word. Whitespace, stray apostrophes and hyphens join words
+    /// ("ad-free" reads as "ad free"); anything else (punctuation, emoji, symbols) ends a clause.
+    fn push(&mut self, text: &str) -> Range<usize> {
+        let lexicon = &*LEXICON;
+        let first = self.words.len();
+        let base = self.lower.len();
+        self.lower.push_str(text);
+        if let Some(copy) = self.lower.get_mut(base..) {
+            copy.make_ascii_lowercase();
+        }
+        self.lower.push_str(PADDING);
+        let bytes = text.as_bytes();
         let mut pending_break = false;
-        let mut chars = text.chars().map(fold_apostrophe).peekable();
-        while let Some(c) = chars.next() {
-            if c.is_ascii_alphanumeric() {
-                buffer.push(c.to_ascii_lowercase());
-            } else if c.is_alphanumeric() {
-                buffer.extend(c.to_lowercase());
-            } else if c == '\''
-                && buffer.len() > start
-                && chars.peek().is_some_and(|next| next.is_alphanumeric())
-            {
-                buffer.push('\'');
+        let mut i = 0;
+        while let Some(&byte) = bytes.get(i) {
+            let (c, len) = if byte.is_ascii() {
+                (char::from(byte), 1)
             } else {
-                if buffer.len() > start {
-                    spans.push((start, buffer.len(), pending_break));
-                    start = buffer.len();
-                    pending_break = false;
+                match char_at(text, i) {
+                    Some(c) => (fold_apostrophe(c), c.len_utf8()),
+                    None => break, // unreachable: `i` is always a character boundary
                 }
-                // Whitespace, stray apostrophes and hyphens join words ("ad-free" reads as
-                // "ad free"); anything else (punctuation, emoji, symbols) ends a clause.
+            };
+            if !c.is_alphanumeric() {
+                // Not inside a word (a word's apostrophes are taken below, with the word).
                 if !(c.is_whitespace() || c == '\'' || c == '-') {
                     pending_break = true;
                 }
+                i += len;
+                continue;
             }
+            let start = i;
+            let mut simple = true;
+            loop {
+                while bytes.get(i).is_some_and(u8::is_ascii_alphanumeric) {
+                    i += 1;
+                }
+                let Some(&next) = bytes.get(i) else { break };
+                if next == b'\'' && is_alphanumeric_at(text, i + 1) {
+                    i += 1;
+                    continue;
+                }
+                if next.is_ascii() {
+                    break;
+                }
+                let Some(c) = char_at(text, i) else { break };
+                let continues = c.is_alphanumeric()
+                    || (fold_apostrophe(c) == '\'' && is_alphanumeric_at(text, i + c.len_utf8()));
+                if !continues {
+                    break;
+                }
+                simple = false;
+                i += c.len_utf8();
+            }
+            self.finish_word(lexicon, text, base, start..i, simple, pending_break);
+            pending_break = false;
         }
-        if buffer.len() > start {
-            spans.push((start, buffer.len(), pending_break));
-        }
-        Self { buffer, spans }
+        first..self.words.len()
     }
 
-    fn words(&self) -> Vec<Word<'_>> {
-        self.spans
-            .iter()
-            .filter_map(|&(start, end, after_break)| {
-                Some(Word {
-                    text: self.buffer.get(start..end)?,
-                    after_break,
-                })
-            })
-            .collect()
+    /// Records the word at `source` in `text`, whose ASCII-lowercased copy starts at `base` in
+    /// the buffer; a word that is not `simple` (ASCII alphanumerics and apostrophes) is
+    /// lowercased character by character after the copy.
+    fn finish_word(
+        &mut self,
+        lexicon: &Lexicon,
+        text: &str,
+        base: usize,
+        source: Range<usize>,
+        simple: bool,
+        after_break: bool,
+    ) {
+        let range = if simple {
+            base + source.start..base + source.end
+        } else {
+            let from = self.lower.len();
+            for c in text.get(source.clone()).unwrap_or_default().chars() {
+                match fold_apostrophe(c) {
+                    '\'' => self.lower.push('\''),
+                    c if c.is_ascii() => self.lower.push(c.to_ascii_lowercase()),
+                    c => self.lower.extend(c.to_lowercase()),
+                }
+            }
+            from..self.lower.len()
+        };
+        let word = self.lower.get(range.clone()).unwrap_or_default();
+        let ascii = simple || word.is_ascii();
+        let len = range.end - range.start;
+        let key = self.key(range.clone());
+        let mut flags = if len <= KEY_BYTES {
+            lexicon.flags(key)
+        } else {
+            0
+        };
+        if ascii {
+            flags |= ASCII;
+        }
+        if is_token(word, ascii) {
+            flags |= TOKEN;
+        }
+        // No listed word has a triple letter (a test checks), so only unknown words are checked.
+        let expressive = if flags & LISTED != 0 {
+            false
+        } else if ascii && len <= KEY_BYTES {
+            has_triple(key, len)
+        } else {
+            is_expressive(word, ascii)
+        };
+        if expressive {
+            flags |= EXPRESSIVE;
+        }
+        // Anything ending in "n't" negates, like the listed negators.
+        if word.ends_with("n't") {
+            flags |= NEGATOR;
+        }
+        self.words.push(Word {
+            start: offset(range.start),
+            end: offset(range.end),
+            source: offset(source.start),
+            flags,
+            after_break,
+        });
+    }
+}
+
+/// Whether the word packed in `key` (ASCII, `len` bytes, at most 16) has a byte three times in
+/// a row: [`is_expressive`] without a loop. Byte `i` of `k ^ (k << 8)` is zero where bytes `i`
+/// and `i + 1` are equal, of `k ^ (k << 16)` where `i` and `i + 2` are; positions past
+/// `len - 3` are forced non-zero, and the classic zero-byte test answers for all positions at
+/// once.
+fn has_triple(key: u128, len: usize) -> bool {
+    if len < 3 {
+        return false;
+    }
+    const ONES: u128 = u128::MAX / 0xFF;
+    let differs = (key ^ (key << 8)) | (key ^ (key << 16));
+    // The last 18 - len byte positions hold no triple start: mark them non-zero.
+    let tail = 8 * (KEY_BYTES + 2 - len) as u32;
+    let invalid = if tail >= 128 {
+        u128::MAX
+    } else {
+        ONES & !(u128::MAX << tail)
+    };
+    let v = differs | invalid;
+    (v.wrapping_sub(ONES) & !v & (ONES << 7)) != 0
+}
+
+fn char_at(text: &str, at: usize) -> Option<char> {
+    text.get(at..)?.chars().next()
+}
+
+fn is_alphanumeric_at(text: &str, at: usize) -> bool {
+    match text.as_bytes().get(at) {
+        Some(byte) if byte.is_ascii() => byte.is_ascii_alphanumeric(),
+        Some(_) => char_at(text, at).is_some_and(char::is_alphanumeric),
+        None => false,
     }
 }
 
@@ -98,8 +315,13 @@ fn fold_apostrophe(c: char) -> char {
 
 /// Whether a scanned word is a token at all: at least two characters and not a pure number
 /// (version numbers and prices carry no theme).
-fn is_token(word: &str) -> bool {
-    word.chars().nth(1).is_some() && !word.chars().all(char::is_numeric)
+#[inline]
+fn is_token(word: &str, ascii: bool) -> bool {
+    if ascii {
+        word.len() >= 2 && !word.bytes().all(|b| b.is_ascii_digit())
+    } else {
+        word.chars().nth(1).is_some() && !word.chars().all(char::is_numeric)
+    }
 }
 
 /// Lowercased tokens of `text`: split on anything that is not a Unicode letter or digit, inner
@@ -107,11 +329,12 @@ fn is_token(word: &str) -> bool {
 ///
 /// Stop words are kept; use [`content_terms`] for the words that carry a topic.
 pub fn tokenize(text: &str) -> Vec<String> {
-    Scanned::new(text)
-        .words()
-        .into_iter()
-        .filter(|word| is_token(word.text))
-        .map(|word| word.text.to_owned())
+    let mut scan = Scan::with_capacity(text.len(), 1);
+    scan.push(text);
+    scan.words
+        .iter()
+        .filter(|word| word.is(TOKEN))
+        .map(|word| scan.text(word).to_owned())
         .collect()
 }
 
@@ -181,66 +404,192 @@ const GENERIC_WORDS: &[&str] = &[
     "wonderful", "work", "worked", "working", "works", "worse", "worst", "wow", "year", "years",
 ];
 
-/// FNV-1a, for the fixed word tables only: every word of the input is looked up in several of
-/// them, SipHash was a tenth of the run time, and a fixed table cannot be flooded with chosen
-/// collisions (maps keyed by input words keep the default, DoS-resistant hasher).
-struct Fnv(u64);
+/// Lexicon flag: an English stop word ([`STOP_WORDS`]).
+const STOP: u16 = 1;
+/// Lexicon flag: a domain-generic word ([`GENERIC_WORDS`]).
+const GENERIC: u16 = 1 << 1;
+/// Lexicon flag: a positive opinion word ([`POSITIVE_WORDS`]).
+const POSITIVE: u16 = 1 << 2;
+/// Lexicon flag: a negative opinion word ([`NEGATIVE_WORDS`]).
+const NEGATIVE: u16 = 1 << 3;
+/// Lexicon flag: a negator ([`NEGATORS`]).
+const NEGATOR: u16 = 1 << 4;
+/// Lexicon flag: a word after which "like" is a verb ([`LIKE_OPENERS`]).
+const LIKE_OPENER: u16 = 1 << 5;
+/// Lexicon flag: a spelling that [`synonym`] folds.
+const SYNONYM: u16 = 1 << 6;
+/// Lexicon flag: the word "like", whose polarity depends on the word before it.
+const LIKE: u16 = 1 << 7;
+/// Every lexicon flag: the word is in some list.
+const LISTED: u16 = 0xFF;
 
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
+/// The spellings [`synonym`] folds onto "ads" (kept in step with it by a test).
+const AD_SYNONYMS: &[&str] = &[
+    "advert",
+    "adverts",
+    "advertisement",
+    "advertisements",
+    "advertising",
+    "commercial",
+    "commercials",
+];
+
+/// Slots of the lexicon table, a power of two about three times the number of words, so that a
+/// lookup, hit or miss, almost always reads one or two slots.
+const LEXICON_SLOTS: usize = 2048;
+
+/// Every static word list in one open-addressing table of packed keys, each with the flags of
+/// the lists it is in: one lookup per word of the input answers "stop word? generic? positive?
+/// negative? negator?" at once. The table is fixed, so input cannot lengthen its probe
+/// sequences: a miss stops at the first empty slot of a table built from these lists.
+struct Lexicon {
+    keys: Vec<u128>,
+    flags: Vec<u16>,
 }
 
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
+impl Lexicon {
+    fn new() -> Self {
+        let mut lexicon = Self {
+            keys: vec![0; LEXICON_SLOTS],
+            flags: vec![0; LEXICON_SLOTS],
+        };
+        let lists = [
+            (STOP_WORDS, STOP),
+            (GENERIC_WORDS, GENERIC),
+            (POSITIVE_WORDS, POSITIVE),
+            (NEGATIVE_WORDS, NEGATIVE),
+            (NEGATORS, NEGATOR),
+            (LIKE_OPENERS, LIKE_OPENER),
+            (AD_SYNONYMS, SYNONYM),
+            (&["like"], LIKE),
+        ];
+        for (list, flag) in lists {
+            for word in list {
+                lexicon.insert(pack(word.as_bytes()), flag);
+            }
+        }
+        lexicon
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    fn slot(key: u128) -> usize {
+        // Fibonacci hashing of the key folded to 64 bits: words up to 8 bytes (most of them)
+        // differ in the high half, which the multiplication spreads over the top bits.
+        let folded = ((key >> 64) as u64) ^ (key as u64).rotate_left(29);
+        (folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - LEXICON_SLOTS.trailing_zeros()))
+            as usize
+    }
+
+    fn insert(&mut self, key: u128, flag: u16) {
+        let mut slot = Self::slot(key);
+        loop {
+            match self.keys.get(slot) {
+                Some(&0) => {
+                    self.keys[slot] = key;
+                    self.flags[slot] = flag;
+                    return;
+                }
+                Some(&existing) if existing == key => {
+                    self.flags[slot] |= flag;
+                    return;
+                }
+                _ => slot = (slot + 1) % LEXICON_SLOTS,
+            }
         }
     }
+
+    /// The flags of the word whose key is `key` (0 when it is in no list). The word must be at
+    /// most [`KEY_BYTES`] long: a longer word's key is only its prefix.
+    fn flags(&self, key: u128) -> u16 {
+        let mut slot = Self::slot(key);
+        loop {
+            match self.keys.get(slot) {
+                Some(&existing) if existing == key => return self.flags[slot],
+                Some(&0) | None => return 0,
+                Some(_) => slot = (slot + 1) % LEXICON_SLOTS,
+            }
+        }
+    }
+
+    /// The flags of `word` (lowercase).
+    fn word_flags(&self, word: &str) -> u16 {
+        // A NUL byte would pack like the padding ("the\0" like "the"); scanned words have none.
+        if word.is_empty() || word.len() > KEY_BYTES || word.as_bytes().contains(&0) {
+            return 0;
+        }
+        self.flags(pack(word.as_bytes()))
+    }
 }
 
-/// A fixed table of words.
-type WordSet = HashSet<&'static str, BuildHasherDefault<Fnv>>;
-
-fn word_set(words: &[&'static str]) -> WordSet {
-    words.iter().copied().collect()
-}
-
-static STOP_SET: LazyLock<WordSet> = LazyLock::new(|| word_set(STOP_WORDS));
-static GENERIC_SET: LazyLock<WordSet> = LazyLock::new(|| word_set(GENERIC_WORDS));
+static LEXICON: LazyLock<Lexicon> = LazyLock::new(Lexicon::new);
 
 /// Whether `token` (lowercase) is an English stop word.
 pub fn is_stop_word(token: &str) -> bool {
-    STOP_SET.contains(token)
+    LEXICON.word_flags(token) & STOP != 0
 }
 
 /// Whether `token` (lowercase) is a domain-generic word of app feedback that names no theme
 /// (see the list's documentation for what is in it and why).
 pub fn is_generic_word(token: &str) -> bool {
-    GENERIC_SET.contains(token)
+    LEXICON.word_flags(token) & GENERIC != 0
+}
+
+/// A content term: the topic-bearing form of a word, and its [`pack`] key.
+#[derive(Clone, Copy, Debug)]
+struct TermText<'s> {
+    text: &'s str,
+    key: u128,
 }
 
 /// The topic-bearing form of a scanned word, or `None` if it carries no topic. A possessive
 /// "'s" is dropped ("spotify's" is "spotify", which is then generic).
-fn content_term(word: &str) -> Option<&str> {
-    if !is_token(word) || is_stop_word(word) || is_expressive(word) {
+#[inline]
+fn content_term<'s>(scan: &'s Scan, word: &Word) -> Option<TermText<'s>> {
+    let text = scan.text(word);
+    if word.is(STOP) || !word.is(TOKEN) || word.is(EXPRESSIVE) {
         return None;
     }
-    let base = word.strip_suffix("'s").unwrap_or(word);
-    if !is_token(base) || is_stop_word(base) || is_generic_word(base) {
+    let (base, flags) = match text.strip_suffix("'s") {
+        Some(base) => {
+            if !is_token(base, word.is(ASCII)) {
+                return None;
+            }
+            (base, LEXICON.word_flags(base))
+        }
+        None => (text, word.flags),
+    };
+    if flags & (STOP | GENERIC) != 0 {
         return None;
     }
-    Some(synonym(base).unwrap_or(base))
+    let folded = if flags & SYNONYM != 0 {
+        synonym(base)
+    } else {
+        None
+    };
+    Some(match folded {
+        Some(text) => TermText {
+            text,
+            key: pack(text.as_bytes()),
+        },
+        None if base.len() == text.len() => TermText {
+            text,
+            key: scan.key(word.range()),
+        },
+        None => TermText {
+            text: base,
+            key: pack(base.as_bytes()),
+        },
+    })
 }
 
 /// Spellings with a letter repeated three times or more ("yasss", "soooo", "awohoooo") are
 /// exclamations, not topics; no English word has such a run.
-fn is_expressive(word: &str) -> bool {
+fn is_expressive(word: &str, ascii: bool) -> bool {
+    if ascii {
+        return word
+            .as_bytes()
+            .windows(3)
+            .any(|w| w[0] == w[1] && w[1] == w[2]);
+    }
     let mut run = 0;
     let mut previous = None;
     for c in word.chars() {
@@ -264,185 +613,260 @@ fn synonym(term: &str) -> Option<&'static str> {
     }
 }
 
-/// A content term and whether it directly follows the previous content term (same clause, no
-/// stop word in between), which is what makes two terms a candidate phrase.
-struct Term<'a> {
-    text: &'a str,
-    joined: bool,
-}
-
-fn content_stream<'a>(words: &[Word<'a>]) -> Vec<Term<'a>> {
-    let mut terms = Vec::new();
-    let mut previous_was_content = false;
-    for word in words {
-        let joined = previous_was_content && !word.after_break;
-        match content_term(word.text) {
-            Some(text) => {
-                terms.push(Term { text, joined });
-                previous_was_content = true;
-            }
-            None => previous_was_content = false,
-        }
-    }
-    terms
-}
-
 /// The topic-bearing terms of `text`, in order: [`tokenize`] minus stop words and
 /// domain-generic words, possessive "'s" removed. No stemming is applied here; plural folding
 /// needs a corpus (see [`theme_keywords`]).
 pub fn content_terms(text: &str) -> Vec<String> {
-    let scanned = Scanned::new(text);
-    content_stream(&scanned.words())
-        .into_iter()
+    let mut scan = Scan::with_capacity(text.len(), 1);
+    scan.push(text);
+    scan.words
+        .iter()
+        .filter_map(|word| content_term(&scan, word))
         .map(|term| term.text.to_owned())
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Corpus: the content terms of a set of texts, interned
+// ---------------------------------------------------------------------------------------------
+
+/// One occurrence of a content term.
+#[derive(Clone, Copy, Debug)]
+struct Occurrence<'s> {
+    term: TermText<'s>,
+    /// Byte offset of its word in the source text.
+    source: usize,
+    /// Whether it directly follows the previous content term (same clause, no stop word in
+    /// between), which is what makes two terms a candidate phrase.
+    joined: bool,
+}
+
+/// One text of a [`Corpus`].
+struct Document {
+    /// Its words, in [`Scan::words`].
+    words: Range<usize>,
+    /// Its content terms, in [`Corpus::occurrences`] and [`Corpus::ids`].
+    terms: Range<usize>,
+}
+
+/// The content terms of some scanned texts, interned: `vocab` holds every distinct term once,
+/// in string order, and `ids[i]` is the index in `vocab` of occurrence `i`. Everything after
+/// this works on dense ids: vectors instead of maps keyed by words.
+struct Corpus<'s> {
+    scan: &'s Scan,
+    documents: Vec<Document>,
+    occurrences: Vec<Occurrence<'s>>,
+    ids: Vec<usize>,
+    vocab: Vec<TermText<'s>>,
+    /// [`variant_ids`] of the whole vocabulary.
+    canonical: Vec<usize>,
+}
+
+impl<'s> Corpus<'s> {
+    /// The corpus of `documents`, each a range of [`Scan::words`] returned by [`Scan::push`].
+    fn new(scan: &'s Scan, documents: &[Range<usize>]) -> Self {
+        let mut occurrences = Vec::with_capacity(scan.words.len() / 2);
+        let documents = documents
+            .iter()
+            .map(|words| {
+                let first = occurrences.len();
+                let mut previous_was_content = false;
+                for word in scan.words.get(words.clone()).unwrap_or_default() {
+                    match content_term(scan, word) {
+                        Some(term) => {
+                            occurrences.push(Occurrence {
+                                term,
+                                source: word.source as usize,
+                                joined: previous_was_content && !word.after_break,
+                            });
+                            previous_was_content = true;
+                        }
+                        None => previous_was_content = false,
+                    }
+                }
+                Document {
+                    words: words.clone(),
+                    terms: first..occurrences.len(),
+                }
+            })
+            .collect();
+        let (ids, vocab) = intern(occurrences.iter().map(|occurrence| occurrence.term));
+        let canonical = variant_ids(&vocab, None);
+        Self {
+            scan,
+            documents,
+            occurrences,
+            ids,
+            vocab,
+            canonical,
+        }
+    }
+
+    fn words(&self, document: &Document) -> &'s [Word] {
+        self.scan
+            .words
+            .get(document.words.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The total order of terms, which is the order of their text: keys order like the text
+/// whenever they differ ([`pack`]); equal keys of equal length up to [`KEY_BYTES`] are equal
+/// texts, and anything else (a long word, a NUL byte in a theme string) compares the text.
+fn term_order(a: &TermText<'_>, b: &TermText<'_>) -> Ordering {
+    a.key.cmp(&b.key).then_with(|| {
+        if a.text.len() == b.text.len() && a.text.len() <= KEY_BYTES {
+            Ordering::Equal
+        } else {
+            a.text.cmp(b.text)
+        }
+    })
+}
+
+/// Dense ids for `terms`: one per term, indexing the returned vocabulary of distinct terms in
+/// string order. Interning by sorting costs O(n log n) whatever the input, where a map keyed
+/// by input words with a cheap hash could be flooded with collisions.
+fn intern<'s>(terms: impl Iterator<Item = TermText<'s>>) -> (Vec<usize>, Vec<TermText<'s>>) {
+    let mut order: Vec<(TermText<'s>, usize)> = terms.zip(0..).collect();
+    order.sort_unstable_by(|a, b| term_order(&a.0, &b.0));
+    let mut ids = vec![0; order.len()];
+    let mut vocab: Vec<TermText<'s>> = Vec::with_capacity(order.len());
+    for (term, at) in order {
+        if vocab
+            .last()
+            .is_none_or(|last| term_order(last, &term) != Ordering::Equal)
+        {
+            vocab.push(term);
+        }
+        if let Some(id) = ids.get_mut(at) {
+            *id = vocab.len() - 1;
+        }
+    }
+    (ids, vocab)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Corpus-checked variant folding
 // ---------------------------------------------------------------------------------------------
 
-/// Candidate base forms of `term`, most specific first. Suffix rules alone mangle words ("this",
-/// "bus", "news"); they are safe here because a candidate only counts if it occurs in the same
-/// corpus (see [`variant_map`]).
-fn base_candidates(term: &str) -> Vec<String> {
-    let mut out = Vec::new();
+/// The id of `stem` + `suffix` in `vocab` if it is there and `present`, and has at least two
+/// characters (`suffix` is ASCII).
+fn find_candidate(
+    vocab: &[TermText<'_>],
+    present: Option<&[bool]>,
+    stem: &str,
+    suffix: &str,
+) -> Option<usize> {
+    if stem.chars().take(2).count() + suffix.len() < 2 {
+        return None;
+    }
+    let length = stem.len() + suffix.len();
+    let key = pack_concat(stem.as_bytes(), suffix.as_bytes());
+    let id = vocab
+        .binary_search_by(|term| {
+            term.key.cmp(&key).then_with(|| {
+                if term.text.len() == length && length <= KEY_BYTES {
+                    Ordering::Equal
+                } else {
+                    term.text.bytes().cmp(stem.bytes().chain(suffix.bytes()))
+                }
+            })
+        })
+        .ok()?;
+    present
+        .is_none_or(|present| present.get(id).copied().unwrap_or(false))
+        .then_some(id)
+}
+
+/// The first candidate base form of `term` found in `vocab`, trying the most specific first.
+/// Suffix rules alone mangle words ("this", "bus", "news"); they are safe here because a
+/// candidate only counts if it occurs in the same corpus.
+fn find_base(vocab: &[TermText<'_>], present: Option<&[bool]>, term: &str) -> Option<usize> {
+    // Every rule below strips a suffix ending in "s", "g" or "d": most terms have none.
+    if !matches!(term.as_bytes().last(), Some(b's' | b'g' | b'd')) {
+        return None;
+    }
+    let find = |stem: &str, suffix: &str| find_candidate(vocab, present, stem, suffix);
     let len = term.chars().count();
     if len > 4
         && let Some(stem) = term.strip_suffix("ies")
+        && let Some(id) = find(stem, "y")
     {
-        out.push(format!("{stem}y"));
+        return Some(id);
     }
-    if let Some(stem) = term.strip_suffix("es") {
-        out.push(stem.to_owned());
+    if let Some(stem) = term.strip_suffix("es")
+        && let Some(id) = find(stem, "")
+    {
+        return Some(id);
     }
     if !term.ends_with("ss")
         && let Some(stem) = term.strip_suffix('s')
+        && let Some(id) = find(stem, "")
     {
-        out.push(stem.to_owned());
+        return Some(id);
     }
     // Verb forms: "crashing"/"crashed" -> "crash", "updated" -> "update", "stopped" -> "stop".
     for suffix in ["ing", "ed"] {
         if len >= suffix.len() + 3
             && let Some(stem) = term.strip_suffix(suffix)
         {
-            out.push(stem.to_owned());
-            out.push(format!("{stem}e"));
+            if let Some(id) = find(stem, "").or_else(|| find(stem, "e")) {
+                return Some(id);
+            }
             let mut chars = stem.chars().rev();
             if let (Some(last), Some(before)) = (chars.next(), chars.next())
                 && last == before
                 && !"aeiou".contains(last)
+                && let Some(undoubled) = stem.get(..stem.len() - last.len_utf8())
+                && let Some(id) = find(undoubled, "")
             {
-                out.push(stem[..stem.len() - last.len_utf8()].to_owned());
+                return Some(id);
             }
         }
     }
     if len > 4
         && let Some(stem) = term.strip_suffix("ied")
+        && let Some(id) = find(stem, "y")
     {
-        out.push(format!("{stem}y"));
+        return Some(id);
     }
-    out.retain(|candidate| candidate.chars().count() >= 2 && candidate != term);
-    out
+    None
 }
 
-/// For each term of `vocab` that has a base form also in `vocab`, that base form ("ads" -> "ad"
-/// only when "ad" occurs too). Applied transitively, at most three steps, so "updates" and
-/// "updated" both reach "update".
-fn variant_map<'v>(vocab: &HashSet<&'v str>) -> HashMap<&'v str, &'v str> {
-    let mut map = HashMap::new();
-    for &term in vocab {
-        let mut current = term;
-        for _ in 0..3 {
-            let next = base_candidates(current)
-                .into_iter()
-                .find_map(|candidate| vocab.get(candidate.as_str()).copied());
-            match next {
-                Some(base) => current = base,
-                None => break,
+/// For each term of `vocab` (only those `present`, when given), the id of its base form if
+/// that base form is also in the corpus ("ads" -> "ad" only when "ad" occurs too), else its own
+/// id. Applied transitively, at most three steps, so "updates" and "updated" both reach
+/// "update".
+fn variant_ids(vocab: &[TermText<'_>], present: Option<&[bool]>) -> Vec<usize> {
+    (0..vocab.len())
+        .map(|id| {
+            if present.is_some_and(|present| !present.get(id).copied().unwrap_or(false)) {
+                id
+            } else {
+                base_of(vocab, present, id)
             }
-        }
-        if current != term {
-            map.insert(term, current);
-        }
-    }
-    map
+        })
+        .collect()
 }
 
-fn canonical<'v>(map: &HashMap<&'v str, &'v str>, term: &'v str) -> &'v str {
-    map.get(term).copied().unwrap_or(term)
+/// The end of the chain of base forms of term `id` (see [`variant_ids`]).
+fn base_of(vocab: &[TermText<'_>], present: Option<&[bool]>, id: usize) -> usize {
+    let mut current = id;
+    for _ in 0..3 {
+        match vocab
+            .get(current)
+            .and_then(|term| find_base(vocab, present, term.text))
+        {
+            Some(base) => current = base,
+            None => break,
+        }
+    }
+    current
 }
 
 // ---------------------------------------------------------------------------------------------
 // Theme keywords
 // ---------------------------------------------------------------------------------------------
-
-/// Document-level statistics of one canonical term (`K = &str`) or phrase (`K = (&str, &str)`).
-struct PhraseStats<K> {
-    /// Documents mentioning it.
-    df: u32,
-    /// Tie-break weight among equal `df`, summed over documents (see [`theme_keywords`]).
-    weight: f64,
-    /// Surface forms and in how many documents each occurred, for display. Usually one or two,
-    /// so a vector beats a map.
-    surfaces: Vec<(K, u32)>,
-}
-
-impl<K: Copy + Ord> PhraseStats<K> {
-    fn new() -> Self {
-        Self {
-            df: 0,
-            weight: 0.0,
-            surfaces: Vec::new(),
-        }
-    }
-
-    /// Adds one document's occurrences: `group` holds (key, surface, run length) triples of one
-    /// key, sorted.
-    fn add_document(&mut self, group: &[(K, K, u32)], prose: f64) {
-        self.df += 1;
-        let tf = u32::try_from(group.len()).unwrap_or(u32::MAX);
-        let degree = group.iter().map(|&(_, _, run)| run).max().unwrap_or(1);
-        let degree = f64::from(degree.min(MAX_DEGREE));
-        self.weight += (1.0 + f64::from(tf).ln()) * degree * prose;
-        let mut previous = None;
-        for &(_, surface, _) in group {
-            if previous == Some(surface) {
-                continue; // counted once per document
-            }
-            previous = Some(surface);
-            match self.surfaces.iter_mut().find(|(s, _)| *s == surface) {
-                Some((_, count)) => *count += 1,
-                None => self.surfaces.push((surface, 1)),
-            }
-        }
-    }
-
-    /// The surface form most documents used; the smallest among equals.
-    fn display(&self) -> Option<K> {
-        self.surfaces
-            .iter()
-            .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(&a.0)))
-            .map(|&(surface, _)| surface)
-    }
-}
-
-/// Sorts one document's (key, surface, run) triples and adds each key's group to `stats`.
-fn add_groups<K: Copy + Ord>(
-    mut items: Vec<(K, K, u32)>,
-    prose: f64,
-    stats: &mut BTreeMap<K, PhraseStats<K>>,
-) {
-    items.sort_unstable();
-    for group in items.chunk_by(|a, b| a.0 == b.0) {
-        if let Some(&(key, _, _)) = group.first() {
-            stats
-                .entry(key)
-                .or_insert_with(PhraseStats::new)
-                .add_document(group, prose);
-        }
-    }
-}
 
 /// Runs of content terms longer than this are not phrases but unfiltered text (typically a
 /// language the stop-word list does not know), so the degree is capped.
@@ -451,8 +875,8 @@ const MAX_DEGREE: u32 = 3;
 /// Share of a document's words that are English stop words (one-letter "i" and "a" included:
 /// they are the surest sign of English), at least 0.05: about half in English prose, near zero
 /// in a one-word review ("PP"), a run of exclamations or another language.
-fn prose_share(words: &[Word<'_>]) -> f64 {
-    let stops = words.iter().filter(|w| is_stop_word(w.text)).count();
+fn prose_share(words: &[Word]) -> f64 {
+    let stops = words.iter().filter(|word| word.is(STOP)).count();
     if words.is_empty() {
         return MIN_PROSE_SHARE;
     }
@@ -462,18 +886,197 @@ fn prose_share(words: &[Word<'_>]) -> f64 {
 /// Floor of [`prose_share`], so terms of non-prose documents still order among themselves.
 const MIN_PROSE_SHARE: f64 = 0.05;
 
-/// For each term of `stream`, the length of the run of adjacent content terms it belongs to.
-fn run_lengths(stream: &[Term<'_>]) -> Vec<u32> {
-    let mut lengths = vec![0u32; stream.len()];
-    let mut start = 0;
-    for end in 1..=stream.len() {
-        if stream.get(end).is_none_or(|term| !term.joined) {
-            let length = u32::try_from(end - start).unwrap_or(u32::MAX);
-            lengths[start..end].fill(length);
-            start = end;
+/// Document-level statistics of one canonical term or phrase.
+#[derive(Clone, Copy, Debug, Default)]
+struct PhraseStats {
+    /// Documents mentioning it.
+    df: u32,
+    /// Tie-break weight among equal `df`, summed over documents (see [`theme_keywords`]).
+    weight: f64,
+}
+
+impl PhraseStats {
+    /// Adds one document's occurrences, given as their run lengths.
+    fn add_document(&mut self, runs: impl Iterator<Item = u32>, prose: f64) {
+        let (mut tf, mut degree) = (0u32, 1u32);
+        for (i, run) in runs.enumerate() {
+            tf += 1;
+            degree = if i == 0 { run } else { degree.max(run) };
         }
+        self.df += 1;
+        let degree = f64::from(degree.min(MAX_DEGREE));
+        self.weight += (1.0 + f64::from(tf).ln()) * degree * prose;
     }
-    lengths
+}
+
+/// An adjacent pair of content terms with different keys: (key pair, document, surface pair,
+/// run length).
+type PhraseOccurrence = ((usize, usize), usize, (usize, usize), u32);
+
+/// A theme candidate's display text as vocabulary ids: a term, or the two terms of a phrase.
+/// Words contain no byte at or below the space, so comparing these ids in order compares the
+/// displayed texts ("a" < "a b" < "ab").
+type Label = (usize, Option<usize>);
+
+impl Corpus<'_> {
+    /// [`theme_keywords`] of the corpus's documents.
+    fn themes(&self, k: usize) -> Vec<String> {
+        if k == 0 || self.vocab.is_empty() {
+            return Vec::new();
+        }
+        let canonical = &self.canonical;
+
+        // (key, document, surface, run) of every occurrence, and (key pair, document, surface
+        // pair, run) of every adjacent pair of different keys in one run. Sorted, each key's
+        // occurrences are grouped by document, documents in input order.
+        let mut prose = Vec::with_capacity(self.documents.len());
+        let mut unigrams: Vec<(usize, usize, usize, u32)> = Vec::with_capacity(self.ids.len());
+        let mut bigrams: Vec<PhraseOccurrence> = Vec::with_capacity(self.ids.len());
+        for (document, doc) in self.documents.iter().enumerate() {
+            let terms = self.occurrences.get(doc.terms.clone()).unwrap_or_default();
+            let ids = self.ids.get(doc.terms.clone()).unwrap_or_default();
+            prose.push(if terms.is_empty() {
+                MIN_PROSE_SHARE
+            } else {
+                prose_share(self.words(doc))
+            });
+            let mut start = 0;
+            for end in 1..=terms.len() {
+                if terms.get(end).is_some_and(|term| term.joined) {
+                    continue;
+                }
+                let run = u32::try_from(end - start).unwrap_or(u32::MAX);
+                let mut previous: Option<(usize, usize)> = None;
+                for &id in ids.get(start..end).unwrap_or_default() {
+                    let key = canonical[id];
+                    unigrams.push((key, document, id, run));
+                    // ("ads ads" is emphasis, not a phrase.)
+                    if let Some((previous_key, previous_id)) = previous
+                        && previous_key != key
+                    {
+                        bigrams.push(((previous_key, key), document, (previous_id, id), run));
+                    }
+                    previous = Some((key, id));
+                }
+                start = end;
+            }
+        }
+        unigrams.sort_unstable();
+        bigrams.sort_unstable();
+
+        let mut single = vec![PhraseStats::default(); self.vocab.len()];
+        let mut surface_documents = vec![0u32; self.vocab.len()];
+        let mut candidates: Vec<(PhraseStats, Label)> =
+            Vec::with_capacity(self.vocab.len() + bigrams.len());
+        let mut single_at: Vec<Option<usize>> = vec![None; self.vocab.len()];
+        for group in unigrams.chunk_by(|a, b| a.0 == b.0) {
+            let Some(&(key, ..)) = group.first() else {
+                continue;
+            };
+            let mut stats = PhraseStats::default();
+            for in_document in group.chunk_by(|a, b| a.1 == b.1) {
+                let Some(&(_, document, ..)) = in_document.first() else {
+                    continue;
+                };
+                let share = prose.get(document).copied().unwrap_or(MIN_PROSE_SHARE);
+                stats.add_document(in_document.iter().map(|o| o.3), share);
+                // Each surface form counts once per document (the group is sorted by surface).
+                let mut previous = None;
+                for &(_, _, surface, _) in in_document {
+                    if previous != Some(surface) {
+                        surface_documents[surface] += 1;
+                        previous = Some(surface);
+                    }
+                }
+            }
+            // The surface form most documents used; the smallest among equals.
+            let display = group
+                .iter()
+                .map(|o| o.2)
+                .max_by(|&a, &b| {
+                    surface_documents[a]
+                        .cmp(&surface_documents[b])
+                        .then_with(|| b.cmp(&a))
+                })
+                .unwrap_or(key);
+            single[key] = stats;
+            single_at[key] = Some(candidates.len());
+            candidates.push((stats, (display, None)));
+        }
+
+        // Phrases in at least two documents; a single term the phrase covers in at least two
+        // thirds of its documents is absorbed by it.
+        let mut absorbed = vec![false; self.vocab.len()];
+        let mut surfaces: Vec<((usize, usize), u32)> = Vec::new();
+        for group in bigrams.chunk_by(|a, b| a.0 == b.0) {
+            let Some(&((first, second), ..)) = group.first() else {
+                continue;
+            };
+            let mut stats = PhraseStats::default();
+            surfaces.clear();
+            for in_document in group.chunk_by(|a, b| a.1 == b.1) {
+                let Some(&(_, document, ..)) = in_document.first() else {
+                    continue;
+                };
+                let share = prose.get(document).copied().unwrap_or(MIN_PROSE_SHARE);
+                stats.add_document(in_document.iter().map(|o| o.3), share);
+                let mut previous = None;
+                for &(_, _, surface, _) in in_document {
+                    if previous == Some(surface) {
+                        continue;
+                    }
+                    previous = Some(surface);
+                    match surfaces.iter_mut().find(|(s, _)| *s == surface) {
+                        Some((_, count)) => *count += 1,
+                        None => surfaces.push((surface, 1)),
+                    }
+                }
+            }
+            if stats.df < 2 {
+                continue;
+            }
+            for part in [first, second] {
+                if 3 * stats.df >= 2 * single[part].df {
+                    absorbed[part] = true;
+                }
+            }
+            if let Some(&((a, b), _)) = surfaces
+                .iter()
+                .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(&a.0)))
+            {
+                candidates.push((stats, (a, Some(b))));
+            }
+        }
+        for (key, at) in single_at.iter().enumerate() {
+            if absorbed[key]
+                && let Some(candidate) = at.and_then(|at| candidates.get_mut(at))
+            {
+                candidate.0.df = 0; // marks it for removal: a candidate has df >= 1
+            }
+        }
+        candidates.retain(|(stats, _)| stats.df > 0);
+
+        // Document frequency, then weight, then alphabetical: a total order.
+        let order = |a: &(PhraseStats, Label), b: &(PhraseStats, Label)| {
+            b.0.df
+                .cmp(&a.0.df)
+                .then_with(|| b.0.weight.total_cmp(&a.0.weight))
+                .then_with(|| a.1.cmp(&b.1))
+        };
+        if candidates.len() > k {
+            candidates.select_nth_unstable_by(k - 1, order);
+            candidates.truncate(k);
+        }
+        candidates.sort_unstable_by(order);
+        let text = |id: usize| self.vocab.get(id).map_or("", |term| term.text);
+        candidates
+            .iter()
+            .map(|&(_, (first, second))| match second {
+                None => text(first).to_owned(),
+                Some(second) => format!("{} {}", text(first), text(second)),
+            })
+            .collect()
+    }
 }
 
 /// The `k` most salient theme terms of `documents`, most salient first.
@@ -500,74 +1103,13 @@ pub fn theme_keywords<S: AsRef<str>>(documents: &[S], k: usize) -> Vec<String> {
     if k == 0 {
         return Vec::new();
     }
-    let scanned: Vec<Scanned> = documents
+    let bytes = documents.iter().map(|doc| doc.as_ref().len()).sum();
+    let mut scan = Scan::with_capacity(bytes, documents.len());
+    let ranges: Vec<Range<usize>> = documents
         .iter()
-        .map(|doc| Scanned::new(doc.as_ref()))
+        .map(|doc| scan.push(doc.as_ref()))
         .collect();
-    let words: Vec<Vec<Word<'_>>> = scanned.iter().map(Scanned::words).collect();
-    let streams: Vec<Vec<Term<'_>>> = words.iter().map(|words| content_stream(words)).collect();
-    let vocab: HashSet<&str> = streams.iter().flatten().map(|term| term.text).collect();
-    let variants = variant_map(&vocab);
-
-    // Keys and surfaces borrow from `scanned`: nothing is allocated per occurrence.
-    let mut unigrams: BTreeMap<&str, PhraseStats<&str>> = BTreeMap::new();
-    let mut bigrams: BTreeMap<(&str, &str), PhraseStats<(&str, &str)>> = BTreeMap::new();
-    for (words, stream) in words.iter().zip(&streams) {
-        if stream.is_empty() {
-            continue;
-        }
-        let prose = prose_share(words);
-        let runs = run_lengths(stream);
-        let mut doc_unigrams = Vec::with_capacity(stream.len());
-        let mut doc_bigrams = Vec::new();
-        for (i, (term, &run)) in stream.iter().zip(&runs).enumerate() {
-            let key = canonical(&variants, term.text);
-            doc_unigrams.push((key, term.text, run));
-            let previous = match i.checked_sub(1).and_then(|p| stream.get(p)) {
-                Some(previous) if term.joined => previous,
-                _ => continue,
-            };
-            let previous_key = canonical(&variants, previous.text);
-            if previous_key != key {
-                // ("ads ads" is emphasis, not a phrase.)
-                doc_bigrams.push(((previous_key, key), (previous.text, term.text), run));
-            }
-        }
-        add_groups(doc_unigrams, prose, &mut unigrams);
-        add_groups(doc_bigrams, prose, &mut bigrams);
-    }
-
-    bigrams.retain(|_, stats| stats.df >= 2);
-    let mut absorbed: BTreeSet<&str> = BTreeSet::new();
-    for (&(first, second), stats) in &bigrams {
-        for part in [first, second] {
-            if let Some(single) = unigrams.get(part)
-                && 3 * stats.df >= 2 * single.df
-            {
-                absorbed.insert(part);
-            }
-        }
-    }
-
-    let mut candidates: Vec<(u32, f64, String)> = unigrams
-        .iter()
-        .filter(|(key, _)| !absorbed.contains(*key))
-        .filter_map(|(_, stats)| Some((stats.df, stats.weight, stats.display()?.to_owned())))
-        .chain(bigrams.values().filter_map(|stats| {
-            let (first, second) = stats.display()?;
-            Some((stats.df, stats.weight, format!("{first} {second}")))
-        }))
-        .collect();
-    candidates.sort_by(|a, b| {
-        b.0.cmp(&a.0)
-            .then_with(|| b.1.total_cmp(&a.1))
-            .then_with(|| a.2.cmp(&b.2))
-    });
-    candidates
-        .into_iter()
-        .take(k)
-        .map(|(_, _, text)| text)
-        .collect()
+    Corpus::new(&scan, &ranges).themes(k)
 }
 
 /// Canonical keys for already-extracted theme strings (possibly phrases), folding case and
@@ -575,26 +1117,42 @@ pub fn theme_keywords<S: AsRef<str>>(documents: &[S], k: usize) -> Vec<String> {
 /// said "ads", another "ad" and a remote model "Ads". Returns one key per input theme, in input
 /// order.
 pub fn theme_keys<S: AsRef<str>>(themes: &[S]) -> Vec<String> {
-    let lowered: Vec<Vec<String>> = themes
-        .iter()
-        .map(|theme| {
-            theme
-                .as_ref()
-                .split_whitespace()
-                .map(str::to_lowercase)
-                .collect()
-        })
-        .collect();
-    let vocab: HashSet<&str> = lowered.iter().flatten().map(String::as_str).collect();
-    let variants = variant_map(&vocab);
-    lowered
-        .iter()
-        .map(|words| {
-            words
-                .iter()
-                .map(|word| canonical(&variants, word))
-                .collect::<Vec<_>>()
-                .join(" ")
+    let mut lower = String::new();
+    let mut words: Vec<Range<usize>> = Vec::new();
+    let mut per_theme: Vec<Range<usize>> = Vec::with_capacity(themes.len());
+    for theme in themes {
+        let first = words.len();
+        for word in theme.as_ref().split_whitespace() {
+            let start = lower.len();
+            if word.is_ascii() {
+                lower.extend(word.bytes().map(|b| char::from(b.to_ascii_lowercase())));
+            } else {
+                lower.push_str(&word.to_lowercase());
+            }
+            words.push(start..lower.len());
+        }
+        per_theme.push(first..words.len());
+    }
+    let terms = words.iter().map(|range| {
+        let text = lower.get(range.clone()).unwrap_or_default();
+        TermText {
+            text,
+            key: pack(text.as_bytes()),
+        }
+    });
+    let (ids, vocab) = intern(terms);
+    let canonical = variant_ids(&vocab, None);
+    per_theme
+        .into_iter()
+        .map(|range| {
+            let mut key = String::new();
+            for (n, &id) in ids.get(range).unwrap_or_default().iter().enumerate() {
+                if n > 0 {
+                    key.push(' ');
+                }
+                key.push_str(vocab.get(canonical[id]).map_or("", |term| term.text));
+            }
+            key
         })
         .collect()
 }
@@ -614,56 +1172,115 @@ fn is_closer(c: char) -> bool {
     matches!(c, '"' | '\'' | ')' | ']' | '”' | '’' | '»')
 }
 
+/// Calls `segment(start, end)` with the byte range of every raw sentence of `text`, in order,
+/// empty ones included (see [`split_sentences`] for the rules). A word never spans two
+/// segments: every boundary follows a terminator, a closer after one, or a line break.
+fn sentence_spans(text: &str, mut segment: impl FnMut(usize, usize)) {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    while let Some(&byte) = bytes.get(i) {
+        let len = match byte {
+            b'\n' | b'\r' => {
+                segment(start, i);
+                start = i + 1;
+                i += 1;
+                continue;
+            }
+            b'.' if i > 0
+                && bytes.get(i - 1).is_some_and(u8::is_ascii_digit)
+                && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) =>
+            {
+                i += 1; // a decimal point: "version 8.6.0"
+                continue;
+            }
+            b'.' | b'!' | b'?' => 1,
+            _ if byte.is_ascii() => {
+                i += 1;
+                continue;
+            }
+            _ => match char_at(text, i) {
+                Some(c) if is_terminator(c) => c.len_utf8(),
+                Some(c) => {
+                    i += c.len_utf8();
+                    continue;
+                }
+                None => break, // unreachable: `i` is always a character boundary
+            },
+        };
+        // Take the whole run "?!..." and any closing quote or bracket with the sentence.
+        let mut end = i + len;
+        while let Some(c) = char_at(text, end)
+            && (is_terminator(c) || is_closer(c))
+        {
+            end += c.len_utf8();
+        }
+        segment(start, end);
+        start = end;
+        i = end;
+    }
+    segment(start, bytes.len());
+}
+
 /// Splits `text` into sentences on `.`, `!`, `?` (and `…`, CJK full stops) and on line breaks.
 /// The terminator stays with its sentence ("Too many ads!!"); a `.` between two digits is not a
 /// boundary ("version 8.6.0"). Each sentence is trimmed, inner whitespace collapsed to single
 /// spaces, and only sentences of at least [`MIN_SENTENCE_WORDS`] words are kept.
 pub fn split_sentences(text: &str) -> Vec<String> {
     let mut sentences = Vec::new();
-    let mut push = |segment: &str| {
+    sentence_spans(text, |start, end| {
+        let segment = text.get(start..end).unwrap_or_default();
         if word_count(segment) >= MIN_SENTENCE_WORDS {
-            sentences.push(segment.split_whitespace().collect::<Vec<_>>().join(" "));
+            let mut sentence = String::with_capacity(segment.len());
+            push_normalized(&mut sentence, segment);
+            sentences.push(sentence);
         }
-    };
-    let chars: Vec<(usize, char)> = text.char_indices().collect();
-    let mut start = 0;
-    let mut i = 0;
-    while let Some(&(at, c)) = chars.get(i) {
-        if c == '\n' || c == '\r' {
-            push(&text[start..at]);
-            start = at + c.len_utf8();
-            i += 1;
-            continue;
-        }
-        let decimal_point = c == '.'
-            && i > 0
-            && chars.get(i - 1).is_some_and(|(_, p)| p.is_ascii_digit())
-            && chars.get(i + 1).is_some_and(|(_, n)| n.is_ascii_digit());
-        if !is_terminator(c) || decimal_point {
-            i += 1;
-            continue;
-        }
-        // Take the whole run "?!..." and any closing quote or bracket with the sentence.
-        let mut j = i + 1;
-        while chars
-            .get(j)
-            .is_some_and(|&(_, n)| is_terminator(n) || is_closer(n))
-        {
-            j += 1;
-        }
-        let end = chars.get(j).map_or(text.len(), |&(next, _)| next);
-        push(&text[start..end]);
-        start = end;
-        i = j;
-    }
-    push(&text[start..]);
+    });
     sentences
+}
+
+/// Appends `text` trimmed, with each run of whitespace inside it collapsed to one space.
+fn push_normalized(out: &mut String, text: &str) {
+    for (n, word) in text.split_whitespace().enumerate() {
+        if n > 0 {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+}
+
+/// Whether the ASCII byte `byte` is whitespace as [`char::is_whitespace`] (and so
+/// [`str::split_whitespace`]) defines it: tab, line feed, vertical tab, form feed, carriage
+/// return and space. Branch-free, for the byte loops below.
+fn is_ascii_space(byte: u8) -> bool {
+    const SPACES: u64 = (0b11111 << 9) | (1 << 32);
+    byte < 64 && (SPACES >> byte) & 1 == 1
+}
+
+/// Whether the character at byte `at` of `text` is whitespace, and its length in bytes: the
+/// byte itself when it is ASCII, a decoded character otherwise.
+fn space_at(text: &str, at: usize) -> (bool, usize) {
+    match text.as_bytes().get(at) {
+        Some(&byte) if byte.is_ascii() => (is_ascii_space(byte), 1),
+        _ => char_at(text, at).map_or((false, 1), |c| (c.is_whitespace(), c.len_utf8())),
+    }
 }
 
 /// Number of whitespace-separated words in `text`: what a reader counts, and what `max_words`
 /// limits.
 pub fn word_count(text: &str) -> usize {
-    text.split_whitespace().count()
+    if !text.is_ascii() {
+        return text.split_whitespace().count();
+    }
+    // A word starts at each non-space byte after a space (or at the start).
+    let mut count = 0;
+    let mut after_space = true;
+    for &byte in text.as_bytes() {
+        let space = is_ascii_space(byte);
+        count += usize::from(after_space & !space);
+        after_space = space;
+    }
+    count
 }
 
 /// `text` cut to at most `max_words` words. Unchanged (trimmed) when it fits; otherwise cut at a
@@ -677,19 +1294,22 @@ pub fn truncate_words(text: &str, max_words: usize) -> String {
     let mut words = 0;
     let mut in_word = false;
     let mut end_of_last_word = 0;
-    for (at, c) in text.char_indices() {
-        if c.is_whitespace() {
+    let mut i = 0;
+    while i < text.len() {
+        let (space, len) = space_at(text, i);
+        i += len;
+        if space {
             in_word = false;
             continue;
         }
         if !in_word {
             if words == max_words {
-                return with_ellipsis(text[..end_of_last_word].trim());
+                return with_ellipsis(text.get(..end_of_last_word).unwrap_or_default().trim());
             }
             words += 1;
             in_word = true;
         }
-        end_of_last_word = at + c.len_utf8();
+        end_of_last_word = i;
     }
     text.trim().to_owned()
 }
@@ -732,16 +1352,14 @@ const NEAR_DUPLICATE: f64 = 0.9;
 /// Below this, a cosine is treated as zero (no shared content term).
 const EPSILON: f64 = 1e-9;
 
-/// A sparse, L2-normalized TF-IDF vector: (term id, weight), sorted by term id.
-type SparseVector = Vec<(usize, f64)>;
-
-fn sparse_dot(a: &SparseVector, b: &SparseVector) -> f64 {
+/// Dot product of two sparse vectors, each sorted by term id.
+fn sparse_dot(a: &[(usize, f64)], b: &[(usize, f64)]) -> f64 {
     let (mut i, mut j, mut sum) = (0, 0, 0.0);
     while let (Some(&(ta, wa)), Some(&(tb, wb))) = (a.get(i), b.get(j)) {
         match ta.cmp(&tb) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
+            Ordering::Less => i += 1,
+            Ordering::Greater => j += 1,
+            Ordering::Equal => {
                 sum += wa * wb;
                 i += 1;
                 j += 1;
@@ -751,68 +1369,32 @@ fn sparse_dot(a: &SparseVector, b: &SparseVector) -> f64 {
     sum
 }
 
-/// TF-IDF vectors of `sentences` over their content terms (variants folded across them), with
-/// sublinear term frequency and smoothed IDF `ln((1 + n) / (1 + df)) + 1`.
-fn sentence_vectors<S: AsRef<str>>(sentences: &[S]) -> (Vec<SparseVector>, usize) {
-    let scanned: Vec<Scanned> = sentences
-        .iter()
-        .map(|sentence| Scanned::new(sentence.as_ref()))
-        .collect();
-    let terms: Vec<Vec<&str>> = scanned
-        .iter()
-        .map(|scan| {
-            let words = scan.words();
-            content_stream(&words)
-                .iter()
-                .map(|term| term.text)
-                .collect()
-        })
-        .collect();
-    let vocab: HashSet<&str> = terms.iter().flatten().copied().collect();
-    let variants = variant_map(&vocab);
+/// A candidate sentence of an extractive summary, within a [`Corpus`].
+struct Sentence {
+    /// Its content terms, in [`Corpus::ids`].
+    terms: Range<usize>,
+    /// Its [`word_count`].
+    words: usize,
+    /// The corpus document it is in, and its byte range in that document's text.
+    document: usize,
+    bytes: Range<usize>,
+}
 
-    // Ids in first-occurrence order, so nothing depends on hash order.
-    let mut ids: HashMap<&str, usize> = HashMap::new();
-    let mut counts: Vec<BTreeMap<usize, u32>> = Vec::with_capacity(terms.len());
-    for sentence_terms in &terms {
-        let mut tf = BTreeMap::new();
-        for term in sentence_terms {
-            let key = canonical(&variants, term);
-            let next_id = ids.len();
-            let id = *ids.entry(key).or_insert(next_id);
-            *tf.entry(id).or_insert(0u32) += 1;
-        }
-        counts.push(tf);
+/// L2-normalized TF-IDF vectors of sentences, stored flat: sentence `i` is
+/// `entries[bounds[i].clone()]`, (term id, weight) sorted by term id.
+struct SentenceVectors {
+    entries: Vec<(usize, f64)>,
+    bounds: Vec<Range<usize>>,
+    terms: usize,
+}
+
+impl SentenceVectors {
+    fn get(&self, sentence: usize) -> &[(usize, f64)] {
+        self.bounds
+            .get(sentence)
+            .and_then(|range| self.entries.get(range.clone()))
+            .unwrap_or_default()
     }
-    let mut df = vec![0u32; ids.len()];
-    for tf in &counts {
-        for &id in tf.keys() {
-            df[id] += 1;
-        }
-    }
-    let n = sentences.len() as f64;
-    let vectors = counts
-        .iter()
-        .map(|tf| {
-            let mut vector: SparseVector = tf
-                .iter()
-                .map(|(&id, &count)| {
-                    let idf = ((1.0 + n) / (1.0 + f64::from(df[id]))).ln() + 1.0;
-                    (id, (1.0 + f64::from(count).ln()) * idf)
-                })
-                .collect();
-            let norm = vector.iter().map(|(_, w)| w * w).sum::<f64>().sqrt();
-            if norm > EPSILON {
-                for (_, weight) in &mut vector {
-                    *weight /= norm;
-                }
-            } else {
-                vector.clear();
-            }
-            vector
-        })
-        .collect();
-    (vectors, ids.len())
 }
 
 /// What [`select_sentences`] chose.
@@ -824,71 +1406,231 @@ enum Selection {
     Truncated(usize),
 }
 
-/// Centroid + MMR selection under `limits`. Sentences sharing no content term with the centroid
-/// are never chosen (they would be noise in a summary), so the selection can be empty.
-fn select_sentences<S: AsRef<str>>(sentences: &[S], limits: SummaryLimits) -> Selection {
-    if sentences.is_empty() || limits.max_words == 0 || limits.max_sentences == 0 {
-        return Selection::Sentences(Vec::new());
+impl Corpus<'_> {
+    /// TF-IDF vectors of `sentences` over their content terms (variants folded across them,
+    /// not across the whole corpus), with sublinear term frequency and smoothed IDF
+    /// `ln((1 + n) / (1 + df)) + 1`. Term ids are given in first-occurrence order, so the
+    /// floating-point sums run in the same order for the same input.
+    fn sentence_vectors(&self, sentences: &[Sentence]) -> SentenceVectors {
+        let ids_of = |sentence: &Sentence| self.ids.get(sentence.terms.clone()).unwrap_or_default();
+        let mut present = vec![false; self.vocab.len()];
+        for sentence in sentences {
+            for &id in ids_of(sentence) {
+                present[id] = true;
+            }
+        }
+        // Folding only sees the sentences' own terms: a base form that occurs only outside
+        // them (in a sentence too short to keep) does not count.
+        // A term with no base form in the whole corpus has none among the sentences' terms
+        // either: only the (few) folded terms are searched again.
+        let partial;
+        let canonical = if present.iter().all(|&p| p) {
+            &self.canonical
+        } else {
+            partial = (self.canonical.iter().enumerate())
+                .map(|(id, &full)| {
+                    if full == id || !present[id] {
+                        id
+                    } else {
+                        base_of(&self.vocab, Some(&present), id)
+                    }
+                })
+                .collect::<Vec<_>>();
+            &partial
+        };
+
+        let mut dense = vec![usize::MAX; self.vocab.len()];
+        let mut terms = 0;
+        let mut counts: Vec<(usize, u32)> = Vec::with_capacity(self.ids.len());
+        let mut bounds = Vec::with_capacity(sentences.len());
+        let mut scratch = Vec::with_capacity(64);
+        for sentence in sentences {
+            scratch.clear();
+            for &id in ids_of(sentence) {
+                let key = canonical[id];
+                if dense[key] == usize::MAX {
+                    dense[key] = terms;
+                    terms += 1;
+                }
+                scratch.push(dense[key]);
+            }
+            scratch.sort_unstable();
+            let start = counts.len();
+            for group in scratch.chunk_by(|a, b| a == b) {
+                if let Some(&id) = group.first() {
+                    counts.push((id, u32::try_from(group.len()).unwrap_or(u32::MAX)));
+                }
+            }
+            bounds.push(start..counts.len());
+        }
+        let mut df = vec![0u32; terms];
+        for &(id, _) in &counts {
+            df[id] += 1;
+        }
+
+        let n = sentences.len() as f64;
+        let mut entries = Vec::with_capacity(counts.len());
+        for range in &mut bounds {
+            let start = entries.len();
+            for &(id, count) in counts.get(range.clone()).unwrap_or_default() {
+                let idf = ((1.0 + n) / (1.0 + f64::from(df[id]))).ln() + 1.0;
+                entries.push((id, (1.0 + f64::from(count).ln()) * idf));
+            }
+            let vector = entries.get_mut(start..).unwrap_or_default();
+            let norm = vector.iter().map(|(_, w)| w * w).sum::<f64>().sqrt();
+            if norm > EPSILON {
+                for (_, weight) in vector.iter_mut() {
+                    *weight /= norm;
+                }
+            } else {
+                entries.truncate(start);
+            }
+            *range = start..entries.len();
+        }
+        SentenceVectors {
+            entries,
+            bounds,
+            terms,
+        }
     }
-    let (vectors, vocab_len) = sentence_vectors(sentences);
-    let mut centroid = vec![0.0; vocab_len];
-    for vector in &vectors {
-        for &(id, weight) in vector {
+
+    /// Centroid + MMR selection under `limits`. Sentences sharing no content term with the
+    /// centroid are never chosen (they would be noise in a summary), so the selection can be
+    /// empty.
+    fn select(&self, sentences: &[Sentence], limits: SummaryLimits) -> Selection {
+        if sentences.is_empty() || limits.max_words == 0 || limits.max_sentences == 0 {
+            return Selection::Sentences(Vec::new());
+        }
+        let vectors = self.sentence_vectors(sentences);
+        let mut centroid = vec![0.0; vectors.terms];
+        for &(id, weight) in &vectors.entries {
             centroid[id] += weight;
         }
-    }
-    let centroid_norm = centroid.iter().map(|w| w * w).sum::<f64>().sqrt();
-    let relevance: Vec<f64> = vectors
-        .iter()
-        .map(|vector| {
-            if centroid_norm <= EPSILON {
-                return 0.0;
-            }
-            vector.iter().map(|&(id, w)| w * centroid[id]).sum::<f64>() / centroid_norm
-        })
-        .collect();
-
-    let mut open: Vec<bool> = relevance.iter().map(|&r| r > EPSILON).collect();
-    let mut redundancy = vec![0.0f64; sentences.len()];
-    let mut chosen: Vec<usize> = Vec::new();
-    let mut words_left = limits.max_words;
-    while chosen.len() < limits.max_sentences && words_left > 0 {
-        let best = (0..sentences.len())
-            .filter(|&i| open[i])
+        let centroid_norm = centroid.iter().map(|w| w * w).sum::<f64>().sqrt();
+        let relevance: Vec<f64> = (0..sentences.len())
             .map(|i| {
-                (
-                    i,
-                    MMR_LAMBDA * relevance[i] - (1.0 - MMR_LAMBDA) * redundancy[i],
-                )
+                if centroid_norm <= EPSILON {
+                    return 0.0;
+                }
+                vectors
+                    .get(i)
+                    .iter()
+                    .map(|&(id, w)| w * centroid[id])
+                    .sum::<f64>()
+                    / centroid_norm
             })
-            // Highest score; the earlier sentence among equals.
-            .max_by(|a, b| a.1.total_cmp(&b.1).then_with(|| b.0.cmp(&a.0)));
-        let Some((best, score)) = best else { break };
-        if !chosen.is_empty() && score <= 0.0 {
-            break; // everything left mostly repeats what is already chosen
-        }
-        open[best] = false;
-        let words = word_count(sentences[best].as_ref());
-        if words > words_left {
-            if chosen.is_empty() {
-                return Selection::Truncated(best);
+            .collect();
+
+        let mut open: Vec<bool> = relevance.iter().map(|&r| r > EPSILON).collect();
+        let mut redundancy = vec![0.0f64; sentences.len()];
+        let mut chosen: Vec<usize> = Vec::with_capacity(limits.max_sentences.min(sentences.len()));
+        let mut words_left = limits.max_words;
+        while chosen.len() < limits.max_sentences && words_left > 0 {
+            let best = (0..sentences.len())
+                .filter(|&i| open[i])
+                .map(|i| {
+                    (
+                        i,
+                        MMR_LAMBDA * relevance[i] - (1.0 - MMR_LAMBDA) * redundancy[i],
+                    )
+                })
+                // Highest score; the earlier sentence among equals.
+                .max_by(|a, b| a.1.total_cmp(&b.1).then_with(|| b.0.cmp(&a.0)));
+            let Some((best, score)) = best else { break };
+            if !chosen.is_empty() && score <= 0.0 {
+                break; // everything left mostly repeats what is already chosen
             }
-            continue; // skip it; a shorter, still representative sentence may fit
-        }
-        words_left -= words;
-        chosen.push(best);
-        for (i, vector) in vectors.iter().enumerate() {
-            if open[i] {
-                let similarity = sparse_dot(vector, &vectors[best]);
-                redundancy[i] = redundancy[i].max(similarity);
-                if similarity >= NEAR_DUPLICATE {
-                    open[i] = false;
+            open[best] = false;
+            let words = sentences.get(best).map_or(0, |sentence| sentence.words);
+            if words > words_left {
+                if chosen.is_empty() {
+                    return Selection::Truncated(best);
+                }
+                continue; // skip it; a shorter, still representative sentence may fit
+            }
+            words_left -= words;
+            chosen.push(best);
+            let picked = vectors.get(best);
+            for (i, is_open) in open.iter_mut().enumerate() {
+                if *is_open {
+                    let similarity = sparse_dot(vectors.get(i), picked);
+                    redundancy[i] = redundancy[i].max(similarity);
+                    if similarity >= NEAR_DUPLICATE {
+                        *is_open = false;
+                    }
                 }
             }
         }
+        chosen.sort_unstable();
+        Selection::Sentences(chosen)
     }
-    chosen.sort_unstable();
-    Selection::Sentences(chosen)
+}
+
+/// Writes a selection: chosen sentences whitespace-normalized, in input order, joined with
+/// spaces, a full stop after one that ends in a letter or digit; or the one truncated sentence,
+/// normalized first when `normalize_truncated` (as [`split_sentences`] would have). `text(i)` is
+/// sentence `i`'s text.
+fn render<'t>(
+    selection: Selection,
+    limits: SummaryLimits,
+    normalize_truncated: bool,
+    text: impl Fn(usize) -> &'t str,
+) -> String {
+    match selection {
+        Selection::Truncated(i) if normalize_truncated => {
+            let mut sentence = String::new();
+            push_normalized(&mut sentence, text(i));
+            truncate_words(&sentence, limits.max_words)
+        }
+        Selection::Truncated(i) => truncate_words(text(i), limits.max_words),
+        Selection::Sentences(chosen) => {
+            let mut out = String::with_capacity(chosen.iter().map(|&i| text(i).len() + 2).sum());
+            for (n, &i) in chosen.iter().enumerate() {
+                if n > 0 {
+                    out.push(' ');
+                }
+                let start = out.len();
+                push_normalized(&mut out, text(i));
+                if out
+                    .get(start..)
+                    .is_some_and(|s| s.ends_with(char::is_alphanumeric))
+                {
+                    out.push('.');
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Scans each of `sentences` as one document: the corpus and the candidate sentences for
+/// [`Corpus::select`].
+fn sentence_corpus<S: AsRef<str>>(sentences: &[S], scan: &mut Scan) -> Vec<Range<usize>> {
+    sentences
+        .iter()
+        .map(|sentence| scan.push(sentence.as_ref()))
+        .collect()
+}
+
+/// Centroid + MMR selection of whole `sentences` (see [`extractive_summary`]).
+fn select_sentences<S: AsRef<str>>(sentences: &[S], limits: SummaryLimits) -> Selection {
+    let bytes = sentences.iter().map(|s| s.as_ref().len()).sum();
+    let mut scan = Scan::with_capacity(bytes, sentences.len());
+    let ranges = sentence_corpus(sentences, &mut scan);
+    let corpus = Corpus::new(&scan, &ranges);
+    let candidates: Vec<Sentence> = corpus
+        .documents
+        .iter()
+        .zip(sentences)
+        .enumerate()
+        .map(|(document, (doc, sentence))| Sentence {
+            terms: doc.terms.clone(),
+            words: word_count(sentence.as_ref()),
+            document,
+            bytes: 0..sentence.as_ref().len(),
+        })
+        .collect();
+    corpus.select(&candidates, limits)
 }
 
 /// An extractive summary of `sentences` (typically from [`split_sentences`]): the sentences most
@@ -904,27 +1646,120 @@ fn select_sentences<S: AsRef<str>>(sentences: &[S], limits: SummaryLimits) -> Se
 /// Returns an empty string when no sentence carries a content term (only stop words, or no
 /// sentences): the caller decides on a fallback.
 pub fn extractive_summary<S: AsRef<str>>(sentences: &[S], limits: SummaryLimits) -> String {
-    match select_sentences(sentences, limits) {
-        Selection::Truncated(i) => sentences
-            .get(i)
-            .map(|sentence| truncate_words(sentence.as_ref(), limits.max_words))
-            .unwrap_or_default(),
-        Selection::Sentences(chosen) => chosen
-            .iter()
-            .filter_map(|&i| sentences.get(i))
-            .map(|sentence| {
-                let mut sentence = sentence
-                    .as_ref()
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                if sentence.ends_with(char::is_alphanumeric) {
-                    sentence.push('.');
+    let selection = select_sentences(sentences, limits);
+    render(selection, limits, false, |i| {
+        sentences.get(i).map_or("", AsRef::as_ref)
+    })
+}
+
+impl Corpus<'_> {
+    /// [`extractive_summary`] of the [`split_sentences`] of the corpus's documents, whose texts
+    /// `text(i)` gives, leaving out those for which `skip` (given the sentence as written) is
+    /// true. The sentences are never copied or scanned again: a sentence's terms are those of
+    /// its document whose words start inside it (a word never spans two sentences).
+    fn summarize<'t>(
+        &self,
+        text: impl Fn(usize) -> &'t str,
+        limits: SummaryLimits,
+        mut skip: impl FnMut(&str) -> bool,
+    ) -> String {
+        let mut sentences = Vec::with_capacity(2 * self.documents.len());
+        for (document, doc) in self.documents.iter().enumerate() {
+            let text = text(document);
+            let mut cursor = doc.terms.start;
+            let source_at = |at: usize| self.occurrences.get(at).map(|o| o.source);
+            sentence_spans(text, |start, end| {
+                let raw = text.get(start..end).unwrap_or_default();
+                let words = word_count(raw);
+                if words < MIN_SENTENCE_WORDS || skip(raw) {
+                    return;
                 }
-                sentence
-            })
-            .collect::<Vec<_>>()
-            .join(" "),
+                while cursor < doc.terms.end && source_at(cursor).is_some_and(|s| s < start) {
+                    cursor += 1;
+                }
+                let first = cursor;
+                while cursor < doc.terms.end && source_at(cursor).is_some_and(|s| s < end) {
+                    cursor += 1;
+                }
+                sentences.push(Sentence {
+                    terms: first..cursor,
+                    words,
+                    document,
+                    bytes: start..end,
+                });
+            });
+        }
+        let selection = self.select(&sentences, limits);
+        render(selection, limits, true, |i| {
+            sentences
+                .get(i)
+                .and_then(|s| text(s.document).get(s.bytes.clone()))
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// [`extractive_summary`] of the [`split_sentences`] of all `texts`, except the sentences for
+/// which `skip` is true; `skip` sees a sentence as it is written in its text, before its
+/// whitespace is collapsed. Gives exactly what those calls would, with one scan of each text
+/// and no copy of any sentence but the chosen ones.
+pub fn summarize_texts<S: AsRef<str>>(
+    texts: &[S],
+    limits: SummaryLimits,
+    skip: impl FnMut(&str) -> bool,
+) -> String {
+    let bytes = texts.iter().map(|text| text.as_ref().len()).sum();
+    let mut scan = Scan::with_capacity(bytes, texts.len());
+    let ranges: Vec<Range<usize>> = texts.iter().map(|text| scan.push(text.as_ref())).collect();
+    let corpus = Corpus::new(&scan, &ranges);
+    corpus.summarize(|i| texts.get(i).map_or("", AsRef::as_ref), limits, skip)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The map step in one pass
+// ---------------------------------------------------------------------------------------------
+
+/// What the `local` backend's map step reports about one chunk of entries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChunkDigest {
+    /// [`theme_keywords`] of the entries' texts.
+    pub themes: Vec<String>,
+    /// [`sentiment`] of the entries.
+    pub sentiment: Sentiment,
+    /// [`extractive_summary`] of the sentences of all the texts ([`split_sentences`]); empty
+    /// when none carries a content term.
+    pub summary: String,
+}
+
+/// Themes, sentiment and extractive summary of `entries`, exactly as [`theme_keywords`],
+/// [`sentiment`] and [`extractive_summary`] over [`split_sentences`] would give them, from one
+/// scan of the texts: the three share the words, the lexicon lookups and the interned terms
+/// (a sentence's terms are the terms of the text whose words start inside it), which is most of
+/// the cost of a summary on the request path.
+pub fn digest_chunk(entries: &[Entry], themes: usize, limits: SummaryLimits) -> ChunkDigest {
+    let bytes = entries.iter().map(|entry| entry.text.len()).sum();
+    let mut scan = Scan::with_capacity(bytes, entries.len());
+    let ranges: Vec<Range<usize>> = entries.iter().map(|entry| scan.push(&entry.text)).collect();
+    let corpus = Corpus::new(&scan, &ranges);
+
+    let sentiment = sentiment_with(entries, |i, _| {
+        let words = corpus
+            .documents
+            .get(i)
+            .map_or(&[][..], |doc| corpus.words(doc));
+        lexicon_counts_of(&scan, words)
+    });
+    let themes = corpus.themes(themes);
+
+    let summary = corpus.summarize(
+        |i| entries.get(i).map_or("", |e| e.text.as_str()),
+        limits,
+        |_| false,
+    );
+    ChunkDigest {
+        themes,
+        sentiment,
+        summary,
     }
 }
 
@@ -999,14 +1834,6 @@ const LIKE_OPENERS: &[&str] = &[
 /// How many preceding words a negator reaches: "don't really like", "not a good app".
 const NEGATION_WINDOW: usize = 3;
 
-static POSITIVE_SET: LazyLock<WordSet> = LazyLock::new(|| word_set(POSITIVE_WORDS));
-static NEGATIVE_SET: LazyLock<WordSet> = LazyLock::new(|| word_set(NEGATIVE_WORDS));
-static NEGATOR_SET: LazyLock<WordSet> = LazyLock::new(|| word_set(NEGATORS));
-
-fn is_negator(word: &str) -> bool {
-    NEGATOR_SET.contains(word) || word.ends_with("n't")
-}
-
 /// `word` with every run of three or more equal characters shortened to `run` characters:
 /// "suckssss" -> "sucks" (run 1), "goooood" -> "good" (run 2).
 fn squash_runs(word: &str, run: usize) -> Option<String> {
@@ -1028,31 +1855,36 @@ fn squash_runs(word: &str, run: usize) -> Option<String> {
     changed.then_some(out)
 }
 
-fn lexicon_polarity(word: &str) -> i8 {
-    if POSITIVE_SET.contains(word) {
+fn flag_polarity(flags: u16) -> i8 {
+    if flags & POSITIVE != 0 {
         1
-    } else if NEGATIVE_SET.contains(word) {
+    } else if flags & NEGATIVE != 0 {
         -1
     } else {
         0
     }
 }
 
+fn lexicon_polarity(word: &str) -> i8 {
+    flag_polarity(LEXICON.word_flags(word))
+}
+
 /// Polarity (+1, -1 or 0) of `words[i]`, before negation.
-fn polarity(words: &[Word<'_>], i: usize) -> i8 {
+#[inline]
+fn polarity(scan: &Scan, words: &[Word], i: usize) -> i8 {
     let Some(word) = words.get(i) else { return 0 };
-    if word.text == "like" {
+    if word.is(LIKE) {
         let opener = i
             .checked_sub(1)
             .and_then(|p| words.get(p))
             .filter(|_| !word.after_break)
-            .is_some_and(|previous| LIKE_OPENERS.contains(&previous.text));
+            .is_some_and(|previous| previous.is(LIKE_OPENER));
         return i8::from(opener);
     }
-    match lexicon_polarity(word.text) {
-        0 if is_expressive(word.text) => [2, 1]
+    match flag_polarity(word.flags) {
+        0 if word.is(EXPRESSIVE) => [2, 1]
             .into_iter()
-            .filter_map(|run| squash_runs(word.text, run))
+            .filter_map(|run| squash_runs(scan.text(word), run))
             .map(|squashed| lexicon_polarity(&squashed))
             .find(|&p| p != 0)
             .unwrap_or(0),
@@ -1060,24 +1892,20 @@ fn polarity(words: &[Word<'_>], i: usize) -> i8 {
     }
 }
 
-/// Positive and negative lexicon hits in `text`, after negation: an opinion word with a negator
-/// among the previous [`NEGATION_WINDOW`] words of the same clause counts for the other side
-/// ("not good" is negative, "no ads" and "never crashes" are positive).
-pub fn lexicon_counts(text: &str) -> (u32, u32) {
-    let scanned = Scanned::new(text);
-    let words = scanned.words();
+/// [`lexicon_counts`] of scanned words.
+fn lexicon_counts_of(scan: &Scan, words: &[Word]) -> (u32, u32) {
     let (mut positive, mut negative) = (0u32, 0u32);
     let mut last_negator: Option<usize> = None;
     for (i, word) in words.iter().enumerate() {
         if word.after_break {
             last_negator = None; // punctuation closes the negation's scope
         }
-        if is_negator(word.text) {
+        if word.is(NEGATOR) {
             last_negator = Some(i);
             continue;
         }
         let negated = last_negator.is_some_and(|n| i - n <= NEGATION_WINDOW);
-        match (polarity(&words, i), negated) {
+        match (polarity(scan, words, i), negated) {
             (1, false) | (-1, true) => positive += 1,
             (-1, false) | (1, true) => negative += 1,
             _ => {}
@@ -1086,14 +1914,27 @@ pub fn lexicon_counts(text: &str) -> (u32, u32) {
     (positive, negative)
 }
 
-/// Lexicon score of `text` in [-1, 1]: `(pos − neg) / (pos + neg)` over [`lexicon_counts`],
-/// 0 when no opinion word occurs.
-pub fn lexicon_score(text: &str) -> f64 {
-    let (positive, negative) = lexicon_counts(text);
+/// Positive and negative lexicon hits in `text`, after negation: an opinion word with a negator
+/// among the previous [`NEGATION_WINDOW`] words of the same clause counts for the other side
+/// ("not good" is negative, "no ads" and "never crashes" are positive).
+pub fn lexicon_counts(text: &str) -> (u32, u32) {
+    let mut scan = Scan::with_capacity(text.len(), 1);
+    let words = scan.push(text);
+    lexicon_counts_of(&scan, scan.words.get(words).unwrap_or_default())
+}
+
+/// [`lexicon_score`] of counts.
+fn score_of_counts((positive, negative): (u32, u32)) -> f64 {
     if positive + negative == 0 {
         return 0.0;
     }
     (f64::from(positive) - f64::from(negative)) / f64::from(positive + negative)
+}
+
+/// Lexicon score of `text` in [-1, 1]: `(pos − neg) / (pos + neg)` over [`lexicon_counts`],
+/// 0 when no opinion word occurs.
+pub fn lexicon_score(text: &str) -> f64 {
+    score_of_counts(lexicon_counts(text))
 }
 
 /// Weight of the star rating in an entry's score: the rating is the user's own verdict, so it
@@ -1106,15 +1947,19 @@ const POLARITY_THRESHOLD: f64 = 0.2;
 /// Share of positive and of negative entries from which a set is [`SentimentLabel::Mixed`].
 const MIXED_SHARE: f64 = 0.3;
 
-/// Score of one entry in [-1, 1]. With a rating `r` in 1..=5: `0.6 · (r − 3) / 2 + 0.4 ·`
-/// [`lexicon_score`]; without one (or with a rating outside 1..=5, treated as none) the lexicon
-/// score alone.
-pub fn entry_score(text: &str, rating: Option<u8>) -> f64 {
-    let lexicon = lexicon_score(text);
+/// [`entry_score`] from the lexicon score.
+fn blend(lexicon: f64, rating: Option<u8>) -> f64 {
     match rating.filter(|r| (1..=5).contains(r)) {
         Some(r) => RATING_WEIGHT * ((f64::from(r) - 3.0) / 2.0) + (1.0 - RATING_WEIGHT) * lexicon,
         None => lexicon,
     }
+}
+
+/// Score of one entry in [-1, 1]. With a rating `r` in 1..=5: `0.6 · (r − 3) / 2 + 0.4 ·`
+/// [`lexicon_score`]; without one (or with a rating outside 1..=5, treated as none) the lexicon
+/// score alone.
+pub fn entry_score(text: &str, rating: Option<u8>) -> f64 {
+    blend(lexicon_score(text), rating)
 }
 
 /// Label of one entry's score: positive above 0.2, negative below −0.2, else neutral (never
@@ -1146,10 +1991,23 @@ pub fn sentiment_label(score: f64, positive: u32, negative: u32, total: u32) -> 
 /// Sentiment of a set of entries: per-entry [`entry_score`] and [`entry_label`] counts, the mean
 /// score, the [`sentiment_label`], and the mean of the ratings in 1..=5 (0 when none).
 pub fn sentiment(entries: &[Entry]) -> Sentiment {
+    let mut scan = Scan::default();
+    sentiment_with(entries, |_, entry| {
+        scan.clear();
+        let words = scan.push(&entry.text);
+        lexicon_counts_of(&scan, scan.words.get(words).unwrap_or_default())
+    })
+}
+
+/// [`sentiment`], given each entry's [`lexicon_counts`].
+fn sentiment_with(
+    entries: &[Entry],
+    mut counts: impl FnMut(usize, &Entry) -> (u32, u32),
+) -> Sentiment {
     let mut result = Sentiment::default();
     let (mut score_sum, mut rating_sum) = (0.0, 0u64);
-    for entry in entries {
-        let score = entry_score(&entry.text, entry.rating);
+    for (i, entry) in entries.iter().enumerate() {
+        let score = blend(score_of_counts(counts(i, entry)), entry.rating);
         score_sum += score;
         match entry_label(score) {
             SentimentLabel::Positive => result.positive += 1,
@@ -1199,7 +2057,27 @@ pub fn merge_sentiments<'a>(parts: impl IntoIterator<Item = &'a Sentiment>) -> S
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{HashMap, HashSet};
+
     use super::*;
+
+    /// The variant folding of a vocabulary: each folded term and the base form it reaches.
+    fn variant_map<'v>(vocab: &HashSet<&'v str>) -> HashMap<&'v str, &'v str> {
+        let terms = vocab.iter().map(|&text| TermText {
+            text,
+            key: pack(text.as_bytes()),
+        });
+        let (_, interned) = intern(terms);
+        let canonical = variant_ids(&interned, None);
+        interned
+            .iter()
+            .zip(canonical)
+            .filter_map(|(term, base)| {
+                let base = interned[base].text;
+                (base != term.text).then_some((term.text, base))
+            })
+            .collect()
+    }
 
     fn entry(text: &str, rating: Option<u8>) -> Entry {
         Entry {
@@ -1216,6 +2094,154 @@ mod tests {
         SummaryLimits {
             max_words,
             max_sentences,
+        }
+    }
+
+    #[test]
+    fn ascii_space_is_char_whitespace_and_word_count_is_split_whitespace() {
+        for byte in 0..=127u8 {
+            assert_eq!(
+                is_ascii_space(byte),
+                char::from(byte).is_whitespace(),
+                "{byte:#x}"
+            );
+        }
+        for text in [
+            "",
+            " ",
+            "a",
+            " two  words ",
+            "tab\tvt\x0bff\x0cfs\x1cus\x1f end",
+            "line\r\nbreaks\n\n",
+            "no\u{a0}break\u{3000}ideographic",
+        ] {
+            assert_eq!(
+                word_count(text),
+                text.split_whitespace().count(),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_listed_word_is_found_with_its_flags_and_fits_a_key() {
+        let lists = [
+            (STOP_WORDS, STOP),
+            (GENERIC_WORDS, GENERIC),
+            (POSITIVE_WORDS, POSITIVE),
+            (NEGATIVE_WORDS, NEGATIVE),
+            (NEGATORS, NEGATOR),
+            (LIKE_OPENERS, LIKE_OPENER),
+            (AD_SYNONYMS, SYNONYM),
+        ];
+        for (list, flag) in lists {
+            for word in list {
+                // A longer word would need a longer key; a triple letter would be missed, since
+                // listed words skip the expressive check.
+                assert!(word.len() <= KEY_BYTES, "{word}");
+                assert!(!is_expressive(word, word.is_ascii()), "{word}");
+                assert_ne!(LEXICON.word_flags(word) & flag, 0, "{word}");
+            }
+        }
+        for word in AD_SYNONYMS {
+            assert_eq!(synonym(word), Some("ads"), "{word}");
+        }
+        for word in [
+            "",
+            "playlist",
+            "the\0",
+            "supercalifragilistic",
+            "advertiser",
+        ] {
+            assert_eq!(LEXICON.word_flags(word), 0, "{word:?}");
+        }
+    }
+
+    #[test]
+    fn packed_triple_check_agrees_with_the_character_loop() {
+        let words = [
+            "",
+            "a",
+            "aa",
+            "aaa",
+            "aab",
+            "baaa",
+            "abbba",
+            "yasss",
+            "soooo",
+            "goood",
+            "good",
+            "bookkeeper",
+            "abcdefghijklmnop",
+            "abcdefghijklmnpp",
+            "abcdefghijklmppp",
+            "aaabcdefghijklmn",
+            "zzz'",
+            "'''",
+            "ab'''",
+        ];
+        for word in words {
+            assert_eq!(
+                has_triple(pack(word.as_bytes()), word.len()),
+                is_expressive(word, true),
+                "{word}"
+            );
+        }
+    }
+
+    /// Entries for the one-pass functions: prose, repeats, line breaks, decimals, non-ASCII,
+    /// possessives, a too-short sentence holding the only "ad".
+    fn mixed_entries() -> Vec<Entry> {
+        [
+            (
+                "Too many ads. The ads play after every second song, even at night.",
+                Some(1),
+            ),
+            (
+                "Shuffle is broken:\nit repeats the same ten songs. Ad! Offline mode fails.",
+                Some(2),
+            ),
+            (
+                "Version 8.6.0 crashes; Café’s ÉLAN playlist don’t load… Premium's price?!",
+                None,
+            ),
+            (
+                "offline mode never syncs, offline mode is slow \"really\" (again)",
+                Some(3),
+            ),
+            ("", Some(5)),
+            ("Excellent", Some(5)),
+            ("日本語のレビューです。広告が多すぎる！", Some(4)),
+        ]
+        .iter()
+        .map(|(text, rating)| entry(text, *rating))
+        .collect()
+    }
+
+    #[test]
+    fn one_pass_digest_equals_the_separate_functions() {
+        let entries = mixed_entries();
+        for n in 1..=entries.len() {
+            let chunk = &entries[..n];
+            let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
+            let sentences: Vec<String> = texts.iter().flat_map(|t| split_sentences(t)).collect();
+            for limits in [limits(60, 3), limits(4, 2), limits(0, 1), limits(300, 1)] {
+                let digest = digest_chunk(chunk, 5, limits);
+                assert_eq!(digest.themes, theme_keywords(&texts, 5), "{n}");
+                assert_eq!(digest.sentiment, sentiment(chunk), "{n}");
+                assert_eq!(
+                    digest.summary,
+                    extractive_summary(&sentences, limits),
+                    "{n} {limits:?}"
+                );
+                let skip = |s: &str| s.contains("mode");
+                let kept: Vec<&String> = sentences.iter().filter(|s| !skip(s)).collect();
+                assert_eq!(
+                    summarize_texts(&texts, limits, skip),
+                    extractive_summary(&kept, limits),
+                    "{n} {limits:?}"
+                );
+            }
         }
     }
 

@@ -7,9 +7,11 @@
 //! extracted from the chunk insights. Themes are document-frequency keywords; sentiment is the
 //! star rating blended with a word lexicon with negation ([`crate::text::sentiment`]).
 //!
-//! It runs on the request path, so it is plain synchronous code inside the future, with no
-//! allocation per word: in a release build a 15-entry request (three chunks and the reduce) takes
-//! a few hundred microseconds, 10,000 entries in chunks of 5 about a tenth of a second.
+//! It runs on the request path, so it is plain synchronous code inside the future that scans each
+//! text once ([`crate::text::digest_chunk`], [`crate::text::summarize_texts`]): in a release build
+//! the benchmark's 15-entry request (three chunks and the reduce) takes about 45 µs on one core,
+//! about 580,000 instructions (BENCHMARKS.md, "throughput and latency", measures it with
+//! `local-bench`).
 
 use futures::future::BoxFuture;
 
@@ -76,19 +78,9 @@ impl LlmBackend for LocalBackend {
     }
 }
 
-/// Map step: themes, sentiment and an extractive insight of one chunk.
+/// Map step: themes, sentiment and an extractive insight of one chunk, from one scan of the
+/// entries ([`text::digest_chunk`]).
 fn chunk_draft(request: ChunkRequest<'_>) -> ChunkDraft {
-    let texts: Vec<&str> = request
-        .entries
-        .iter()
-        .map(|entry| entry.text.as_str())
-        .collect();
-    let themes = text::theme_keywords(&texts, CHUNK_THEMES);
-    let sentiment = text::sentiment(request.entries);
-    let sentences: Vec<String> = texts
-        .iter()
-        .flat_map(|text| text::split_sentences(text))
-        .collect();
     let limits = SummaryLimits {
         max_words: request.max_words,
         max_sentences: request
@@ -97,13 +89,18 @@ fn chunk_draft(request: ChunkRequest<'_>) -> ChunkDraft {
             .div_ceil(2)
             .clamp(1, CHUNK_MAX_SENTENCES),
     };
-    let mut insight = text::extractive_summary(&sentences, limits);
+    let text::ChunkDigest {
+        themes,
+        sentiment,
+        summary: mut insight,
+    } = text::digest_chunk(request.entries, CHUNK_THEMES, limits);
+    let texts = || request.entries.iter().map(|entry| entry.text.as_str());
     if insight.is_empty() {
         // Nothing extractable (only stop words, one-word reviews, no sentence of three words):
         // the entries themselves, cut to budget, still tell the reader more than an empty string.
-        insight = text::truncate_words(&texts.join(" "), request.max_words);
+        insight = text::truncate_words(&texts().collect::<Vec<_>>().join(" "), request.max_words);
     }
-    let prompt_bytes = texts.iter().map(|text| text.len()).sum();
+    let prompt_bytes = texts().map(str::len).sum();
     let usage = usage(prompt_bytes, response_bytes(&insight, &themes));
     ChunkDraft {
         insight,
@@ -126,18 +123,14 @@ fn summary_draft(request: ReduceRequest<'_>) -> SummaryDraft {
     let summary = if lead_words >= request.max_words {
         text::truncate_words(&lead, request.max_words)
     } else {
-        let sentences: Vec<String> = chunks
-            .iter()
-            .flat_map(|chunk| text::split_sentences(&chunk.insight))
-            // A hierarchical reduce feeds our own summaries back as insights; their lead is
-            // restated, freshly computed, above, so extracting the old one would repeat it.
-            .filter(|sentence| !is_data_lead(sentence))
-            .collect();
+        let insights: Vec<&str> = chunks.iter().map(|chunk| chunk.insight.as_str()).collect();
         let limits = SummaryLimits {
             max_words: request.max_words - lead_words,
             max_sentences: (chunks.len() + 1).clamp(SUMMARY_MIN_SENTENCES, SUMMARY_MAX_SENTENCES),
         };
-        let extracted = text::extractive_summary(&sentences, limits);
+        // A hierarchical reduce feeds our own summaries back as insights; their lead is
+        // restated, freshly computed, above, so extracting the old one would repeat it.
+        let extracted = text::summarize_texts(&insights, limits, is_written_data_lead);
         if extracted.is_empty() {
             lead
         } else {
@@ -271,6 +264,13 @@ fn data_lead(entries: usize, sentiment: &Sentiment, themes: &[String]) -> String
 
 fn is_data_lead(sentence: &str) -> bool {
     sentence.starts_with(LEAD_OPENING) && sentence.contains(LEAD_MARKER)
+}
+
+/// [`is_data_lead`] of a sentence as written in an insight, before its whitespace is collapsed:
+/// only a sentence that opens with "Across" is worth collapsing to check.
+fn is_written_data_lead(sentence: &str) -> bool {
+    sentence.trim_start().starts_with(LEAD_OPENING.trim_end())
+        && is_data_lead(&sentence.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
 /// Bytes of what an LLM would have had to write: the text and the theme keywords.

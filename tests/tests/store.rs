@@ -51,6 +51,7 @@ on_both_backends!(
     listening_import_is_idempotent,
     a_failed_batch_writes_nothing,
     nul_characters_and_oversized_labels_are_refused_by_field,
+    analyze_music_by_user_reads_the_stored_plays,
 );
 
 async fn server(url: &str) -> (InProcess, InsightServiceClient<Channel>) {
@@ -647,5 +648,66 @@ async fn nul_characters_and_oversized_labels_are_refused_by_field(url: &str) {
         status.message().starts_with("selector.user_id"),
         "{status:?}"
     );
+    server.shutdown().await.unwrap();
+}
+
+/// AnalyzeMusic with a `user_id` analyzes exactly that user's stored plays: the same answer
+/// as the same plays sent inline, and NOT_FOUND for a user without plays.
+async fn analyze_music_by_user_reads_the_stored_plays(url: &str) {
+    let (server, mut client) = server(url).await;
+    let artists = ["Daft Punk", "Justice", "Air", "Phoenix"];
+    let mut mine = Vec::new();
+    for i in 0..1_234 {
+        let mut play = listening("dj", &format!("t{}", i % 97), i * 90);
+        if let Some(track) = play.play.as_mut() {
+            track.artist = artists[i as usize % artists.len()].to_owned();
+            track.genres = vec![["house", "electronic", "pop"][i as usize % 3].to_owned()];
+            track.ms_played = 60_000 + (i as u64 % 7) * 20_000;
+        }
+        mine.push(play);
+    }
+    let others: Vec<pb::ListeningPlay> = (0..50)
+        .map(|i| listening("someone-else", "x", i * 60))
+        .collect();
+    let imported = client
+        .import_listening(tokio_stream::iter(
+            mine.clone().into_iter().chain(others).collect::<Vec<_>>(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(imported.inserted, 1_284, "{imported:?}");
+
+    let stored = client
+        .analyze_music(pb::AnalyzeMusicRequest {
+            input: Some(pb::analyze_music_request::Input::UserId("dj".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let inline = client
+        .analyze_music(pb::AnalyzeMusicRequest {
+            input: Some(pb::analyze_music_request::Input::History(
+                pb::ListeningHistory {
+                    plays: mine.into_iter().filter_map(|p| p.play).collect(),
+                },
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.stats.as_ref().map(|s| s.plays), Some(1_234));
+    assert_eq!(stored, inline);
+
+    let status = client
+        .analyze_music(pb::AnalyzeMusicRequest {
+            input: Some(pb::analyze_music_request::Input::UserId("nobody".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     server.shutdown().await.unwrap();
 }

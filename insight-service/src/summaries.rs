@@ -266,6 +266,7 @@ impl Summaries {
                         .await;
                     if let (Ok(summary), Some(store)) = (&outcome, &store)
                         && !summary.degraded
+                        && self.still_keyed(&*source, options, &key).await
                     {
                         self.store_summary(&**store, &key, summary).await;
                     }
@@ -311,6 +312,28 @@ impl Summaries {
             hash_entry(&mut hasher, &entry.map_err(PipelineError::Source)?);
         }
         Ok(hex(&hasher.finalize()))
+    }
+
+    /// Whether `source` still has the entries `key` was computed from. Stored entries may
+    /// change while they are summarized (an import, a re-import with new text): an answer is
+    /// cached only under the key of what it summarized. Inline entries cannot change.
+    async fn still_keyed(
+        &self,
+        source: &dyn EntrySource,
+        options: SummaryOptions,
+        key: &str,
+    ) -> bool {
+        if source.is_fixed() {
+            return true;
+        }
+        match self.summary_key(source, options).await {
+            Ok(now) if now == key => true,
+            Ok(_) => {
+                tracing::info!("stored entries changed during the summary; not caching it");
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// The cached summary under `key`, marked as such; `None` on a miss or a cache failure.

@@ -561,3 +561,53 @@ async fn a_reply_over_the_message_limit_says_to_raise_the_chunk_size() {
     assert_eq!(summary.chunks.len(), 10);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn entries_changed_during_a_selector_summary_do_not_get_its_answer_cached() {
+    let db = Db::sqlite();
+    let gemini = Gemini::start().await;
+    gemini
+        .fake
+        .set_default_fault(Fault::Delay(Duration::from_millis(300)));
+    let server = start_insight(gemini.config(&db)).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let original = entries("gina", 5, 1_700_000_000);
+    import(&mut client, original.clone()).await;
+    let request = selected(
+        by_user("gina"),
+        pb::SummaryOptions {
+            max_entries: Some(0),
+            ..Default::default()
+        },
+    );
+    let mut racing = client.clone();
+    let first = tokio::spawn({
+        let request = request.clone();
+        async move { racing.summarize_feedback(request).await }
+    });
+    // While its map call runs, one of its entries is re-imported with a new text.
+    assert!(
+        gemini
+            .fake
+            .wait_for_requests(1, Duration::from_secs(10))
+            .await
+    );
+    let mut edited = original[2].clone();
+    edited.text.push_str(" Update: fixed in the last release.");
+    import(&mut client, vec![edited]).await;
+    let first = first.await.unwrap().unwrap().into_inner();
+    assert!(!first.cached);
+    // Back to the original text: the selection is again the one the first request started
+    // from, but which texts its answer saw cannot be known, so it was not cached at all.
+    import(&mut client, original).await;
+    let second = client
+        .summarize_feedback(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!second.cached, "{second:?}");
+    // The chunk (original texts, keyed by its own content) was cached; the summary was not:
+    // the second request makes only the reduce call.
+    assert_eq!(gemini.fake.request_count(), 3, "map + reduce, then reduce");
+    server.shutdown().await.unwrap();
+}

@@ -30,6 +30,11 @@ pub trait EntrySource: Send + Sync {
 
     /// How many entries the source holds in all, beyond any limit (for `entries_skipped`).
     fn available(&self) -> BoxFuture<'_, Result<usize, SourceError>>;
+
+    /// Whether every read yields the same entries (inline ones); a store's may change.
+    fn is_fixed(&self) -> bool {
+        false
+    }
 }
 
 /// Entries given inline in the request.
@@ -43,6 +48,10 @@ impl EntrySource for InlineEntries {
 
     fn available(&self) -> BoxFuture<'_, Result<usize, SourceError>> {
         Box::pin(std::future::ready(Ok(self.0.len())))
+    }
+
+    fn is_fixed(&self) -> bool {
+        true
     }
 }
 

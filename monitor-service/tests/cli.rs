@@ -310,7 +310,10 @@ fn bad_configuration_is_a_usage_error_naming_the_flag() {
 fn serve_fails_cleanly_when_the_address_is_taken() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let output = run(&["serve", "--listen", &addr]);
+    // A scratch alert store: never a monitor-alerts.db in the crate directory.
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("alerts.db").display());
+    let output = run(&["serve", "--listen", &addr, "--database-url", &db]);
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("cannot listen"), "{stderr}");

@@ -22,6 +22,9 @@ async fn connect(url: String) -> Channel {
 #[tokio::test(flavor = "multi_thread")]
 async fn insight_sigterm_turns_not_serving_and_exits_zero() {
     let bin = bin_path("insight-service");
+    // A scratch store: never an insight.db in the working directory.
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("insight.db").display());
     let mut child = Spawned::start(
         &bin,
         &[
@@ -31,6 +34,8 @@ async fn insight_sigterm_turns_not_serving_and_exits_zero() {
             "json",
             "--shutdown-grace",
             "10s",
+            "--database-url",
+            &db,
         ],
     );
     let channel = connect(child.url()).await;

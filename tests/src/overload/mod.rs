@@ -478,6 +478,9 @@ impl ServerSpec<'_> {
             &self.prompt_budget_bytes.to_string(),
             "--overload-protection",
             if self.protection { "on" } else { "off" },
+            // The store is not used here: in memory, never an insight.db in the working dir.
+            "--database-url",
+            "sqlite::memory:",
         ]
         .into_iter()
         .map(str::to_owned)

@@ -262,6 +262,9 @@ async fn a_cancelled_stream_stops_the_remaining_llm_calls() {
         first.event,
         Some(pb::summary_event::Event::Chunk(_))
     ));
+    // Leave while the next chunk's call is in flight (it takes 300 ms; the pipeline may first
+    // look the chunk up in the cache, so wait until the call has really started).
+    assert!(s.fake.wait_for_requests(2, Duration::from_secs(5)).await);
     drop(stream);
     // The call in flight when the client left is dropped, and nothing new starts.
     assert!(s.fake.wait_for_cancelled(1, Duration::from_secs(5)).await);

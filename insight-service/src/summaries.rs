@@ -42,6 +42,40 @@ use crate::{
     },
 };
 
+/// Longest a summary waits for the cache (a connection, a lookup, a write) before going on
+/// without it: the cache only saves work, so it must not hold a request for the pool's 5 s
+/// acquire timeout while the database is slow or down. Generous for a healthy database.
+pub const CACHE_WAIT: Duration = Duration::from_secs(1);
+
+/// How long the cache is left alone after it failed or was too slow, so that an outage costs
+/// one [`CACHE_WAIT`] per this period instead of one per request.
+pub const CACHE_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Whether the cache is worth trying now: closed for [`CACHE_BACKOFF`] after a failure.
+#[derive(Debug, Default)]
+struct Breaker {
+    closed_until: Mutex<Option<Instant>>,
+}
+
+impl Breaker {
+    fn usable(&self) -> bool {
+        let closed = self
+            .closed_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        closed.is_none_or(|until| Instant::now() >= until)
+    }
+
+    fn trip(&self, what: &str, error: &dyn std::fmt::Display) {
+        tracing::warn!(%error, "insight cache {what} failed; not using it for {CACHE_BACKOFF:?}");
+        *self
+            .closed_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Instant::now() + CACHE_BACKOFF);
+    }
+}
+
 /// Rows read per page when a summary reads stored feedback: big enough that paging costs
 /// little, small enough that one page of 8 KiB texts stays around 4 MiB.
 pub const STORED_PAGE_ROWS: u32 = 500;
@@ -105,6 +139,7 @@ pub struct Summaries {
     pipeline: Pipeline,
     store: Store,
     cache_ttl: Duration,
+    breaker: Arc<Breaker>,
     flights: Arc<Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>>,
 }
 
@@ -126,6 +161,7 @@ impl Summaries {
             pipeline,
             store,
             cache_ttl,
+            breaker: Arc::new(Breaker::default()),
             flights: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -170,16 +206,20 @@ impl Summaries {
             match request.input {
                 SummaryInput::Inline(entries) => {
                     let keyed = keyed && !self.pipeline.is_local();
-                    let store = if keyed {
-                        // The cache is an optimisation: with the database down an inline
-                        // summary still runs (and identical ones still run once), uncached.
-                        self.store
-                            .get()
-                            .await
-                            .inspect_err(|error| {
-                                tracing::warn!(%error, "insight cache unavailable; not caching")
-                            })
-                            .ok()
+                    // The cache is an optimisation: with the database slow or down an inline
+                    // summary still runs (and identical ones still run once), uncached.
+                    let store = if keyed && self.breaker.usable() {
+                        match tokio::time::timeout(CACHE_WAIT, self.store.get()).await {
+                            Ok(Ok(store)) => Some(store),
+                            Ok(Err(error)) => {
+                                self.breaker.trip("connection", &error);
+                                None
+                            }
+                            Err(elapsed) => {
+                                self.breaker.trip("connection", &elapsed);
+                                None
+                            }
+                        }
                     } else {
                         None
                     };
@@ -225,6 +265,7 @@ impl Summaries {
             (!self.pipeline.is_local()).then(|| {
                 Arc::new(CacheMemo {
                     store,
+                    breaker: self.breaker.clone(),
                     ttl: self.cache_ttl,
                     read: !options.bypass_cache,
                 }) as Arc<dyn ChunkMemo>
@@ -338,11 +379,7 @@ impl Summaries {
 
     /// The cached summary under `key`, marked as such; `None` on a miss or a cache failure.
     async fn cached(&self, store: &dyn FeedbackStore, key: &str) -> Option<FeedbackSummary> {
-        let text = store
-            .cache_get(CacheTable::Summary, key, SystemTime::now())
-            .await
-            .inspect_err(|error| tracing::warn!(%error, "insight cache read failed"))
-            .ok()??;
+        let text = cache_read(&self.breaker, store, CacheTable::Summary, key).await?;
         let mut summary: FeedbackSummary = serde_json::from_str(&text)
             .inspect_err(|error| tracing::warn!(%error, "unreadable cached summary ignored"))
             .ok()?;
@@ -351,18 +388,21 @@ impl Summaries {
         Some(summary)
     }
 
+    /// Writes `summary` to the cache (see [`cache_write`]).
     async fn store_summary(&self, store: &dyn FeedbackStore, key: &str, summary: &FeedbackSummary) {
-        let now = SystemTime::now();
-        let result = match serde_json::to_string(summary) {
+        match serde_json::to_string(summary) {
             Ok(text) => {
-                store
-                    .cache_put(CacheTable::Summary, key, &text, now, now + self.cache_ttl)
-                    .await
+                cache_write(
+                    &self.breaker,
+                    store,
+                    CacheTable::Summary,
+                    key,
+                    &text,
+                    self.cache_ttl,
+                )
+                .await;
             }
-            Err(error) => Err(StoreError::Corrupt(error.to_string())),
-        };
-        if let Err(error) = result {
-            tracing::warn!(%error, "cannot write the insight cache");
+            Err(error) => tracing::warn!(%error, "cannot encode a summary for the cache"),
         }
     }
 
@@ -511,6 +551,7 @@ impl EntrySource for StoredEntries {
 /// The chunk cache as the pipeline's memo.
 struct CacheMemo {
     store: Arc<dyn FeedbackStore>,
+    breaker: Arc<Breaker>,
     ttl: Duration,
     /// `false` under `bypass_cache`: fresh insights are still written.
     read: bool,
@@ -522,30 +563,77 @@ impl ChunkMemo for CacheMemo {
             if !self.read {
                 return None;
             }
-            let text = self
-                .store
-                .cache_get(CacheTable::Chunk, key, SystemTime::now())
-                .await
-                .inspect_err(|error| tracing::warn!(%error, "chunk cache read failed"))
-                .ok()??;
+            let text = cache_read(&self.breaker, &*self.store, CacheTable::Chunk, key).await?;
             serde_json::from_str(&text).ok()
         })
     }
 
     fn remember<'a>(&'a self, key: &'a str, insight: &'a ChunkInsight) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let Ok(text) = serde_json::to_string(insight) else {
-                return;
-            };
-            let now = SystemTime::now();
-            if let Err(error) = self
-                .store
-                .cache_put(CacheTable::Chunk, key, &text, now, now + self.ttl)
-                .await
-            {
-                tracing::warn!(%error, "cannot write the chunk cache");
+            if let Ok(text) = serde_json::to_string(insight) {
+                cache_write(
+                    &self.breaker,
+                    &*self.store,
+                    CacheTable::Chunk,
+                    key,
+                    &text,
+                    self.ttl,
+                )
+                .await;
             }
         })
+    }
+}
+
+/// The cached value under `key`, or `None` on a miss, when the cache is closed, or when it
+/// failed or took longer than [`CACHE_WAIT`] (which closes it for [`CACHE_BACKOFF`]).
+async fn cache_read(
+    breaker: &Breaker,
+    store: &dyn FeedbackStore,
+    table: CacheTable,
+    key: &str,
+) -> Option<String> {
+    if !breaker.usable() {
+        return None;
+    }
+    match tokio::time::timeout(CACHE_WAIT, store.cache_get(table, key, SystemTime::now())).await {
+        Ok(Ok(value)) => value,
+        Ok(Err(error)) => {
+            breaker.trip("read", &error);
+            None
+        }
+        Err(elapsed) => {
+            breaker.trip("read", &elapsed);
+            None
+        }
+    }
+}
+
+/// Stores `value` under `key` for `ttl`, waiting at most [`CACHE_WAIT`]: a write stuck
+/// behind another writer's lock is abandoned (rolled back) rather than delay the reply, and
+/// closes the cache for [`CACHE_BACKOFF`]. Awaited, not spawned, so the next identical
+/// request finds what this one computed.
+async fn cache_write(
+    breaker: &Breaker,
+    store: &dyn FeedbackStore,
+    table: CacheTable,
+    key: &str,
+    value: &str,
+    ttl: Duration,
+) {
+    if !breaker.usable() {
+        return;
+    }
+    let now = SystemTime::now();
+    match tokio::time::timeout(
+        CACHE_WAIT,
+        store.cache_put(table, key, value, now, now + ttl),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => breaker.trip("write", &error),
+        Err(elapsed) => breaker.trip("write", &elapsed),
     }
 }
 
@@ -564,5 +652,22 @@ pub async fn prune_cache(store: Store, every: Duration) {
             Ok(pruned) => tracing::info!(pruned, "expired insight cache rows deleted"),
             Err(error) => tracing::warn!(%error, "cannot prune the insight cache"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_cache_is_left_alone_for_the_backoff_then_tried_again() {
+        let breaker = Breaker::default();
+        assert!(breaker.usable());
+        breaker.trip("read", &"connection refused");
+        assert!(!breaker.usable());
+        tokio::time::advance(CACHE_BACKOFF - Duration::from_millis(1)).await;
+        assert!(!breaker.usable());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(breaker.usable());
     }
 }

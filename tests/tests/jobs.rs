@@ -6,10 +6,9 @@
 
 use std::time::Duration;
 
-use insight_service::{config::BackendKind, store::DatabaseUrl};
 use spotifai_e2e::{
     db::Db,
-    fakes::{FakeLlm, Fault, RecordedRequest},
+    fakes::{Fault, RecordedRequest, SummaryGemini as Gemini},
     start_insight,
 };
 use spotifai_proto::insight::{
@@ -25,42 +24,13 @@ async fn databases() -> Vec<Db> {
     dbs
 }
 
-struct Gemini {
-    fake: FakeLlm,
-    key_file: tempfile::NamedTempFile,
-}
-
-impl Gemini {
-    async fn start() -> Self {
-        let fake = FakeLlm::gemini().await;
-        fake.require_api_key(KEY);
-        fake.set_answer_fn(|request: &RecordedRequest| {
-            if request
-                .system()
-                .unwrap_or_default()
-                .contains("combine summaries")
-            {
-                r#"{"summary": "Listeners want fewer ads.", "themes": ["ads"]}"#.to_owned()
-            } else {
-                r#"{"insight": "Ads interrupt songs.", "themes": ["ads"]}"#.to_owned()
-            }
-        });
-        let key_file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(key_file.path(), KEY).unwrap();
-        Self { fake, key_file }
-    }
-
-    fn config(&self, db: &Db) -> insight_service::Config {
-        insight_service::Config {
-            llm_backend: BackendKind::Gemini,
-            llm_base_url: Some(self.fake.base_url()),
-            llm_api_key_file: Some(self.key_file.path().to_path_buf()),
-            llm_max_retries: 0,
-            map_parallelism: 1,
-            job_poll: Duration::from_millis(100),
-            database_url: DatabaseUrl::parse(db.url()).unwrap(),
-            ..insight_service::Config::default()
-        }
+/// The fake's defaults for job tests: one map call at a time (progress in steps), and a
+/// short job poll so WatchJob sees changes quickly.
+fn job_config(gemini: &Gemini, db: &Db) -> insight_service::Config {
+    insight_service::Config {
+        map_parallelism: 1,
+        job_poll: Duration::from_millis(100),
+        ..gemini.config(db)
     }
 }
 
@@ -90,11 +60,11 @@ fn job_id(id: &str) -> pb::GetJobRequest {
 #[tokio::test]
 async fn a_job_runs_in_the_background_and_its_progress_can_be_watched() {
     for db in databases().await {
-        let gemini = Gemini::start().await;
+        let gemini = Gemini::start(KEY).await;
         gemini
             .fake
             .set_default_fault(Fault::Delay(Duration::from_millis(100)));
-        let server = start_insight(gemini.config(&db)).await;
+        let server = start_insight(job_config(&gemini, &db)).await;
         let mut client = InsightServiceClient::new(server.channel().await);
 
         let job = client
@@ -154,11 +124,11 @@ async fn a_job_runs_in_the_background_and_its_progress_can_be_watched() {
 #[tokio::test]
 async fn cancel_stops_the_llm_calls_of_a_running_job() {
     for db in databases().await {
-        let gemini = Gemini::start().await;
+        let gemini = Gemini::start(KEY).await;
         gemini
             .fake
             .set_default_fault(Fault::Delay(Duration::from_secs(2)));
-        let server = start_insight(gemini.config(&db)).await;
+        let server = start_insight(job_config(&gemini, &db)).await;
         let mut client = InsightServiceClient::new(server.channel().await);
         let job = client
             .submit_summary_job(request(20, "c"))
@@ -211,8 +181,8 @@ async fn cancel_stops_the_llm_calls_of_a_running_job() {
 #[tokio::test]
 async fn unknown_and_missing_job_ids_are_refused_by_name() {
     let db = Db::sqlite();
-    let gemini = Gemini::start().await;
-    let server = start_insight(gemini.config(&db)).await;
+    let gemini = Gemini::start(KEY).await;
+    let server = start_insight(job_config(&gemini, &db)).await;
     let mut client = InsightServiceClient::new(server.channel().await);
     let unknown = job_id("job-does-not-exist");
     let statuses = [
@@ -241,11 +211,11 @@ async fn unknown_and_missing_job_ids_are_refused_by_name() {
 #[tokio::test]
 async fn a_result_too_large_for_one_message_is_sent_without_its_chunk_insights() {
     let db = Db::sqlite();
-    let gemini = Gemini::start().await;
+    let gemini = Gemini::start(KEY).await;
     let config = insight_service::Config {
         max_message_size: 64 * 1024,
         map_parallelism: 8,
-        ..gemini.config(&db)
+        ..job_config(&gemini, &db)
     };
     // Long chunk insights (50 words each).
     gemini.fake.set_answer_fn(|request: &RecordedRequest| {

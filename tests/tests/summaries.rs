@@ -7,13 +7,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use insight_service::{
-    config::BackendKind,
-    store::{CacheTable, DatabaseUrl},
-};
+use insight_service::store::{CacheTable, DatabaseUrl};
 use spotifai_e2e::{
     db::Db,
-    fakes::{FakeLlm, Fault, RecordedRequest},
+    fakes::{Fault, SummaryGemini as Gemini},
     start_insight,
 };
 use spotifai_proto::insight::{
@@ -35,47 +32,6 @@ fn config(db: &Db) -> insight_service::Config {
     insight_service::Config {
         database_url: DatabaseUrl::parse(db.url()).unwrap(),
         ..insight_service::Config::default()
-    }
-}
-
-/// A Gemini fake answering map and reduce prompts, and a config using it (no retries, so a
-/// call count is exact).
-struct Gemini {
-    fake: FakeLlm,
-    _key_file: tempfile::NamedTempFile,
-}
-
-impl Gemini {
-    async fn start() -> Self {
-        let fake = FakeLlm::gemini().await;
-        fake.require_api_key(KEY);
-        fake.set_answer_fn(|request: &RecordedRequest| {
-            if request
-                .system()
-                .unwrap_or_default()
-                .contains("combine summaries")
-            {
-                r#"{"summary": "Listeners want fewer ads.", "themes": ["ads"]}"#.to_owned()
-            } else {
-                r#"{"insight": "Ads interrupt songs.", "themes": ["ads"]}"#.to_owned()
-            }
-        });
-        let key_file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(key_file.path(), KEY).unwrap();
-        Self {
-            fake,
-            _key_file: key_file,
-        }
-    }
-
-    fn config(&self, db: &Db) -> insight_service::Config {
-        insight_service::Config {
-            llm_backend: BackendKind::Gemini,
-            llm_base_url: Some(self.fake.base_url()),
-            llm_api_key_file: Some(self._key_file.path().to_path_buf()),
-            llm_max_retries: 0,
-            ..config(db)
-        }
     }
 }
 
@@ -278,7 +234,7 @@ async fn bad_selectors_name_the_field_and_a_missing_store_is_unavailable() {
     }
 
     // No database at all: stored input is UNAVAILABLE (retry-safe); inline input still works.
-    let gemini = Gemini::start().await;
+    let gemini = Gemini::start(KEY).await;
     let nowhere = insight_service::Config {
         database_url: DatabaseUrl::parse("postgres://postgres@127.0.0.1:1/none").unwrap(),
         ..gemini.config(&Db::sqlite())
@@ -302,7 +258,7 @@ async fn bad_selectors_name_the_field_and_a_missing_store_is_unavailable() {
 #[tokio::test]
 async fn a_cache_hit_makes_no_backend_call_and_bypass_cache_recomputes() {
     for db in databases().await {
-        let gemini = Gemini::start().await;
+        let gemini = Gemini::start(KEY).await;
         let server = start_insight(gemini.config(&db)).await;
         let mut client = InsightServiceClient::new(server.channel().await);
         let options = pb::SummaryOptions {
@@ -400,7 +356,7 @@ async fn a_cache_hit_makes_no_backend_call_and_bypass_cache_recomputes() {
 #[tokio::test]
 async fn identical_concurrent_requests_are_computed_once() {
     for db in databases().await {
-        let gemini = Gemini::start().await;
+        let gemini = Gemini::start(KEY).await;
         // Slow enough that every caller arrives while the first is still computing.
         gemini
             .fake
@@ -499,7 +455,7 @@ async fn cache_rows_expire_and_are_pruned() {
 #[tokio::test]
 async fn a_zero_ttl_turns_the_cache_off() {
     let db = Db::sqlite();
-    let gemini = Gemini::start().await;
+    let gemini = Gemini::start(KEY).await;
     let config = insight_service::Config {
         cache_ttl: Duration::ZERO,
         ..gemini.config(&db)
@@ -565,7 +521,7 @@ async fn a_reply_over_the_message_limit_says_to_raise_the_chunk_size() {
 #[tokio::test]
 async fn entries_changed_during_a_selector_summary_do_not_get_its_answer_cached() {
     let db = Db::sqlite();
-    let gemini = Gemini::start().await;
+    let gemini = Gemini::start(KEY).await;
     gemini
         .fake
         .set_default_fault(Fault::Delay(Duration::from_millis(300)));

@@ -10,6 +10,98 @@
 //! Times are stored as microseconds since the Unix epoch on both backends (one page-token
 //! encoding for both); a Timestamp's sub-microsecond nanos are dropped.
 
+/// `impl FeedbackStore` for a backend: the reads are the same code on both, only what the
+/// invoking module supplies differs: its SQL constants (`LIST_*`, `COUNT_*`, `LIST_PLAYS`, in
+/// its placeholder syntax), its `decode` / `decode_play` for its row type, and its pool.
+macro_rules! impl_feedback_reads {
+    ($store:ty) => {
+        impl FeedbackStore for $store {
+            fn list_feedback<'a>(
+                &'a self,
+                query: &'a FeedbackQuery,
+            ) -> BoxFuture<'a, Result<FeedbackPage, StoreError>> {
+                Box::pin(async move {
+                    let bounds = query.bounds();
+                    let sql = match (bounds.user_id.is_some(), bounds.newest_first) {
+                        (true, false) => LIST_BY_USER,
+                        (false, false) => LIST_ALL,
+                        (true, true) => LIST_BY_USER_DESC,
+                        (false, true) => LIST_ALL_DESC,
+                    };
+                    let mut statement = sqlx::query(sql)
+                        .bind(bounds.since_us)
+                        .bind(bounds.until_us)
+                        .bind(bounds.min_rating)
+                        .bind(bounds.max_rating)
+                        .bind(&bounds.source)
+                        .bind(bounds.after_us)
+                        .bind(&bounds.after_id)
+                        .bind(bounds.limit);
+                    if let Some(user_id) = &bounds.user_id {
+                        statement = statement.bind(user_id);
+                    }
+                    let rows = statement
+                        .fetch_all(self.pool())
+                        .await
+                        .map_err(StoreError::Unavailable)?;
+                    let entries = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+                    Ok(FeedbackPage::from_rows(entries, query.page_size))
+                })
+            }
+
+            fn count_feedback<'a>(
+                &'a self,
+                query: &'a FeedbackQuery,
+            ) -> BoxFuture<'a, Result<u64, StoreError>> {
+                Box::pin(async move {
+                    let bounds = query.bounds();
+                    let sql = if bounds.user_id.is_some() {
+                        COUNT_BY_USER
+                    } else {
+                        COUNT_ALL
+                    };
+                    let mut statement = sqlx::query_scalar::<_, i64>(sql)
+                        .bind(bounds.since_us)
+                        .bind(bounds.until_us)
+                        .bind(bounds.min_rating)
+                        .bind(bounds.max_rating)
+                        .bind(&bounds.source);
+                    if let Some(user_id) = &bounds.user_id {
+                        statement = statement.bind(user_id);
+                    }
+                    let count = statement
+                        .fetch_one(self.pool())
+                        .await
+                        .map_err(StoreError::Unavailable)?;
+                    Ok(u64::try_from(count).unwrap_or(0))
+                })
+            }
+
+            fn list_plays<'a>(
+                &'a self,
+                user_id: &'a str,
+                after: Option<&'a PlayCursor>,
+                limit: u32,
+            ) -> BoxFuture<'a, Result<Vec<ListeningRecord>, StoreError>> {
+                Box::pin(async move {
+                    let (after_us, after_track) = after.map_or((i64::MIN, ""), |cursor| {
+                        (cursor.played_at_us, cursor.track_id.as_str())
+                    });
+                    let rows = sqlx::query(LIST_PLAYS)
+                        .bind(user_id)
+                        .bind(after_us)
+                        .bind(after_track)
+                        .bind(i64::from(limit))
+                        .fetch_all(self.pool())
+                        .await
+                        .map_err(StoreError::Unavailable)?;
+                    rows.iter().map(decode_play).collect()
+                })
+            }
+        }
+    };
+}
+
 mod cache;
 mod import;
 mod jobs;

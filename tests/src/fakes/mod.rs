@@ -543,3 +543,48 @@ pub(crate) struct Route {
     pub(crate) stream: bool,
     pub(crate) model: String,
 }
+
+/// A fake Gemini for summary tests: map prompts get a short chunk insight, reduce prompts a
+/// fixed summary; it requires `key`, which is also written to a file for
+/// `--llm-api-key-file`.
+pub struct SummaryGemini {
+    /// The fake server (count its requests, inject faults).
+    pub fake: FakeLlm,
+    key_file: tempfile::NamedTempFile,
+}
+
+impl SummaryGemini {
+    /// The fake, started on loopback.
+    pub async fn start(key: &str) -> Self {
+        let fake = FakeLlm::gemini().await;
+        fake.require_api_key(key);
+        fake.set_answer_fn(|request: &RecordedRequest| {
+            if request
+                .system()
+                .unwrap_or_default()
+                .contains("combine summaries")
+            {
+                r#"{"summary": "Listeners want fewer ads.", "themes": ["ads"]}"#.to_owned()
+            } else {
+                r#"{"insight": "Ads interrupt songs.", "themes": ["ads"]}"#.to_owned()
+            }
+        });
+        let key_file = tempfile::NamedTempFile::new().expect("a temporary key file");
+        std::fs::write(key_file.path(), key).expect("the key written");
+        Self { fake, key_file }
+    }
+
+    /// insight-service defaults with this fake as the Gemini backend (no retries, so call
+    /// counts are exact) and `db` as the store.
+    pub fn config(&self, db: &crate::db::Db) -> insight_service::Config {
+        insight_service::Config {
+            llm_backend: insight_service::config::BackendKind::Gemini,
+            llm_base_url: Some(self.fake.base_url()),
+            llm_api_key_file: Some(self.key_file.path().to_path_buf()),
+            llm_max_retries: 0,
+            database_url: insight_service::store::DatabaseUrl::parse(db.url())
+                .expect("a valid database url"),
+            ..insight_service::Config::default()
+        }
+    }
+}

@@ -187,10 +187,13 @@ impl<'a> PlayRow<'a> {
     }
 }
 
-/// A stored play row as both backends read it (the columns of the `listening_plays` table).
+/// A stored play row as both backends read it (the columns of the `listening_plays` table);
+/// `FromRow` is derived for any database whose types fit, so one decoding serves both.
+#[derive(sqlx::FromRow)]
 pub(super) struct StoredPlay {
     pub user_id: String,
     pub track_id: String,
+    #[sqlx(rename = "played_at")]
     pub played_at_us: i64,
     pub track_name: String,
     pub artist: String,

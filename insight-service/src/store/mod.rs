@@ -12,7 +12,7 @@
 
 /// `impl FeedbackStore` for a backend: the reads are the same code on both, only what the
 /// invoking module supplies differs: its SQL constants (`LIST_*`, `COUNT_*`, `LIST_PLAYS`, in
-/// its placeholder syntax), its `decode` / `decode_play` for its row type, and its pool.
+/// its placeholder syntax), its `decode` for its row type, and its pool.
 macro_rules! impl_feedback_reads {
     ($store:ty) => {
         impl FeedbackStore for $store {
@@ -95,7 +95,13 @@ macro_rules! impl_feedback_reads {
                         .fetch_all(self.pool())
                         .await
                         .map_err(StoreError::Unavailable)?;
-                    rows.iter().map(decode_play).collect()
+                    rows.iter()
+                        .map(|row| {
+                            <StoredPlay as sqlx::FromRow<'_, _>>::from_row(row)
+                                .map_err(|error| StoreError::Corrupt(error.to_string()))?
+                                .decode()
+                        })
+                        .collect()
                 })
             }
         }

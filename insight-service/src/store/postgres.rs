@@ -223,23 +223,3 @@ fn decode(row: &PgRow) -> Result<(i64, Entry), StoreError> {
         read().map_err(|error| StoreError::Corrupt(error.to_string()))?;
     decode_entry(id, user_id, text, i64::from(rating), created_at, source)
 }
-
-fn decode_play(row: &PgRow) -> Result<ListeningRecord, StoreError> {
-    let read = || -> Result<StoredPlay, sqlx::Error> {
-        Ok(StoredPlay {
-            user_id: row.try_get("user_id")?,
-            track_id: row.try_get("track_id")?,
-            played_at_us: row.try_get("played_at")?,
-            track_name: row.try_get("track_name")?,
-            artist: row.try_get("artist")?,
-            genres: row.try_get("genres")?,
-            ms_played: row.try_get("ms_played")?,
-            skipped: row.try_get("skipped")?,
-            duration_ms: row.try_get("duration_ms")?,
-            features: row.try_get("features")?,
-        })
-    };
-    read()
-        .map_err(|error| StoreError::Corrupt(error.to_string()))?
-        .decode()
-}

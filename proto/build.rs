@@ -21,10 +21,16 @@ fn main() -> Result<(), Box<dyn Error>> {
         )?;
     }
 
-    let all = protox::compile([INSIGHT, MONITOR], ["."])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_fds(all)?;
+        .compile_fds(protox::compile([INSIGHT], ["."])?)?;
+    // The monitor's calls are small messages, most of them on long-lived streams: its codec
+    // keeps a small encode buffer per call instead of tonic's 8 KiB (see `codec.rs`).
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .codec_path("crate::codec::SmallMessageCodec")
+        .compile_fds(protox::compile([MONITOR], ["."])?)?;
     Ok(())
 }

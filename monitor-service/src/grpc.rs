@@ -75,6 +75,8 @@ impl MemoryMonitor for MonitorGrpc {
         &self,
         request: Request<StreamSamplesRequest>,
     ) -> Result<Response<Self::StreamSamplesStream>, Status> {
+        // The peer address tells the fan-out which streams share a connection.
+        let peer = request.remote_addr();
         let request = request.into_inner();
         let plan = StreamPlan::new(
             request.interval_ms,
@@ -84,7 +86,7 @@ impl MemoryMonitor for MonitorGrpc {
         .map_err(|error| to_status(&error))?;
         let subscription = self
             .sampler
-            .subscribe(plan)
+            .subscribe_from(plan, peer)
             .map_err(|error| to_status(&error))?;
         let samples = subscription.map(|item| {
             item.map(MemorySample::from)
@@ -336,7 +338,7 @@ impl From<CgroupMem> for pb::CgroupMemory {
             pressure_some_avg10: group.pressure_some_avg10.unwrap_or(0.0),
             pressure_full_avg10: group.pressure_full_avg10.unwrap_or(0.0),
             version: pb::CgroupVersion::from(group.version).into(),
-            path: group.path,
+            path: group.path.to_string(),
             inactive_file_bytes: group.inactive_file_bytes,
         }
     }
@@ -396,7 +398,7 @@ mod tests {
             }],
             cgroup: Some(CgroupMem {
                 version: CgroupVersion::V1,
-                path: "/g".to_owned(),
+                path: "/g".into(),
                 current_bytes: 10,
                 max_bytes: 11,
                 working_set_bytes: 12,
@@ -440,7 +442,7 @@ mod tests {
                     pressure_some_avg10: 1.5,
                     pressure_full_avg10: 0.0,
                     version: pb::CgroupVersion::V1.into(),
-                    path: "/g".to_owned(),
+                    path: "/g".into(),
                     inactive_file_bytes: 15,
                 }),
                 system: Some(pb::SystemMemory {

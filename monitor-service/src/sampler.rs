@@ -12,16 +12,34 @@
 //! Every interval is a whole number of [`BASE_TICK`]s (a requested interval is rounded up), and
 //! every sample is taken on the grid `start + n × BASE_TICK` of the loop's start. A subscriber
 //! with an interval of `k` ticks receives the samples taken at multiples of `k`, so all
-//! subscribers of one interval share the very same samples, and 10,000 subscribers at 10 Hz cost
-//! one probe read per 100 ms. The loop lives on the grid of the gcd of the active intervals and of
-//! the server interval (at which in-process consumers get samples even with no subscriber); grid
-//! points where no interval is due are slept through rather than sampled, so 300 ms and 1 s
-//! subscribers cost 13 reads per 3 s, not 30. A loop that falls behind (a stalled machine) takes
-//! one sample for every overdue interval and realigns, rather than bursting to catch up.
-
+//! subscribers of one interval share the very same samples, and a thousand subscribers at 10 Hz
+//! cost one probe read per 100 ms. The loop lives on the grid of the gcd of the active intervals
+//! and of the server interval (at which in-process consumers get samples even with no
+//! subscriber); grid points where no interval is due are slept through rather than sampled, so
+//! 300 ms and 1 s subscribers cost 13 reads per 3 s, not 30. A loop that falls behind (a stalled
+//! machine) takes one sample for every overdue interval and realigns, rather than bursting to
+//! catch up.
+//!
+//! # Phases: many subscribers are spread over the tick
+//!
+//! Handing one sample to N subscribers is a burst of N messages that all fall due at the same
+//! instant, and the last of them waits for the other N − 1 to be encoded and written: with
+//! 10,000 subscribers at 10 Hz that wait is tens of milliseconds of lag on every sample. So each
+//! tick is cut into [`PHASES`] slots of [`SLOT`], and the subscribers of one interval are spread
+//! over them once there are many: a phase takes up to [`PHASE_CAPACITY`] subscribers before the
+//! next one opens, and each phase has its own, fresh sample (taken at its slot, so freshness, the
+//! lag from reading to receipt, is what shrinks). Below [`PHASE_CAPACITY`] everything stays in
+//! phase 0 and nothing changes; at 10,000 subscribers the loop reads 20 samples per 100 ms
+//! (~2 µs each) instead of one, and sends 20 bursts of 500 instead of one of 10,000. Prometheus
+//! spreads its scrapes over the scrape interval for the same reason.
+//!
+//! The streams of one HTTP/2 connection are kept in one phase (the connection's first stream
+//! picks it, later ones follow while it has room): their messages then leave in one socket write
+//! (see [`crate::coalesce`]) instead of one write per phase.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     future::Future,
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
@@ -48,6 +66,24 @@ const BASE_TICK_MS: u64 = 100;
 
 /// Shortest sampling interval a client or the server default may ask for: one [`BASE_TICK`].
 pub const MIN_INTERVAL: Duration = BASE_TICK;
+
+/// Slots a [`BASE_TICK`] is cut into for spreading subscribers (see the module docs).
+pub const PHASES: usize = 20;
+
+/// [`PHASES`] as the grid arithmetic's integer type.
+const PHASES_U64: u64 = 20;
+
+/// One phase slot: [`BASE_TICK`] / [`PHASES`]. Well above the timer's 1 ms resolution.
+pub const SLOT: Duration = Duration::from_millis(SLOT_MS);
+
+/// [`SLOT`] in milliseconds.
+const SLOT_MS: u64 = BASE_TICK_MS / PHASES_U64;
+
+/// Subscribers of one interval a phase takes before new connections are given another phase.
+/// A burst of 500 messages is encoded and written in a few milliseconds, well inside a
+/// [`SLOT`], so bursts do not pile onto each other; and up to 500 subscribers there is
+/// one sample per tick, as before phases existed.
+pub const PHASE_CAPACITY: usize = 500;
 
 /// Samples an in-process consumer ([`Sampler::subscribe_internal`]) may fall behind before it
 /// is told it lagged: 64 is over 6 s at the fastest cadence, far more than an alert evaluation
@@ -195,10 +231,43 @@ fn grid_duration(ticks: u64) -> Duration {
     Duration::from_millis(ticks.saturating_mul(BASE_TICK_MS))
 }
 
-/// The first multiple of `every` after grid point `n`.
-fn next_multiple(n: u64, every: u64) -> u64 {
+/// The first slot after slot `n` that is `phase` slots past a multiple of `every`.
+fn next_at(n: u64, every: u64, phase: u64) -> u64 {
     let every = every.max(1);
-    (n / every).saturating_add(1).saturating_mul(every)
+    match n.checked_sub(phase) {
+        None => phase,
+        Some(past) => (past / every)
+            .saturating_add(1)
+            .saturating_mul(every)
+            .saturating_add(phase),
+    }
+}
+
+/// Slots in an interval of `ticks` [`BASE_TICK`]s.
+fn slots_of(ticks: u64) -> u64 {
+    ticks.saturating_mul(PHASES_U64)
+}
+
+/// The phase a new subscriber of one interval joins, given how many subscribers of that
+/// interval each phase holds and the phase its connection's streams are in (if any).
+///
+/// Its connection's phase while that has room, so a connection's messages leave together; for
+/// a connection not seen yet, the least-filled phase already in use that has room, so that up to
+/// [`PHASE_CAPACITY`] everything shares phase 0 (one sample per tick) and phases open one at a
+/// time; otherwise the least-filled phase of all (the lowest on a tie), which opens a new one,
+/// so that connections that outgrow their phase (all of them, when many open their streams
+/// side by side) are dealt over the phases evenly.
+fn choose_phase(counts: &[usize; PHASES], connection_phase: Option<usize>) -> usize {
+    let least = |open_only: bool| {
+        (0..PHASES)
+            .filter(|&phase| !open_only || (counts[phase] > 0 && counts[phase] < PHASE_CAPACITY))
+            .min_by_key(|&phase| counts[phase])
+    };
+    match connection_phase {
+        Some(phase) if counts.get(phase).is_some_and(|&n| n < PHASE_CAPACITY) => phase,
+        Some(_) => least(false).unwrap_or(0),
+        None => least(true).or_else(|| least(false)).unwrap_or(0),
+    }
 }
 
 /// One sample as a subscriber receives it.
@@ -340,6 +409,17 @@ impl Sampler {
     /// [`SampleError::ShuttingDown`] after [`Sampler::close`] unless the stream would end within
     /// the grace. Dropping the [`Subscription`] (the client cancelled) frees its slot at once.
     pub fn subscribe(&self, plan: StreamPlan) -> Result<Subscription, SampleError> {
+        self.subscribe_from(plan, None)
+    }
+
+    /// [`Sampler::subscribe`] for a stream of the HTTP/2 connection from `peer`: the streams of
+    /// one connection are kept in one phase (see the module docs) so their messages leave in
+    /// one write. `None` (unknown peer) is treated as a connection of its own.
+    pub fn subscribe_from(
+        &self,
+        plan: StreamPlan,
+        peer: Option<SocketAddr>,
+    ) -> Result<Subscription, SampleError> {
         let start = Instant::now();
         if let Some(finish_by) = *self.shared.closing.borrow()
             && !plan.ends_by(start, finish_by)
@@ -355,6 +435,7 @@ impl Sampler {
             tx,
             end: end_tx,
             ticks: ticks_of(plan.interval),
+            peer,
             remaining: plan.samples_due(),
             plan,
             start,
@@ -475,6 +556,8 @@ struct Subscriber {
     tx: mpsc::Sender<Delivery>,
     end: oneshot::Sender<End>,
     ticks: u64,
+    /// The client's address, which identifies its HTTP/2 connection.
+    peer: Option<SocketAddr>,
     plan: StreamPlan,
     start: Instant,
     /// Samples still due to a finite stream.
@@ -529,7 +612,7 @@ impl Subscriber {
     }
 }
 
-/// Subscribers of one interval: they share its grid points.
+/// Subscribers of one interval and phase: they share its grid points.
 #[derive(Debug)]
 struct Group {
     next_due: u64,
@@ -546,8 +629,11 @@ struct Producer {
     epoch: Instant,
     server_ticks: u64,
     server_next_due: u64,
-    /// Keyed by interval in ticks.
-    groups: BTreeMap<u64, Group>,
+    /// Keyed by interval in ticks, then phase.
+    groups: BTreeMap<(u64, usize), Group>,
+    /// The phase of each connection's streams, per interval in ticks. Rebuilt from the
+    /// members at every sweep, so entries of closed connections go within [`SWEEP_EVERY`].
+    phases: HashMap<(u64, SocketAddr), usize>,
     latest: Option<Arc<Sample>>,
     finish_by: Option<Instant>,
     last_sweep: Instant,
@@ -572,6 +658,7 @@ impl Producer {
             server_ticks: ticks_of(config.server_interval),
             server_next_due: 0,
             groups: BTreeMap::new(),
+            phases: HashMap::new(),
             latest: None,
             finish_by: None,
             last_sweep: epoch,
@@ -614,10 +701,9 @@ impl Producer {
         }
     }
 
-    /// The grid point `at` falls in.
+    /// The slot `at` falls in.
     fn grid_index(&self, at: Instant) -> u64 {
-        let elapsed =
-            at.saturating_duration_since(self.epoch).as_millis() / u128::from(BASE_TICK_MS);
+        let elapsed = at.saturating_duration_since(self.epoch).as_millis() / u128::from(SLOT_MS);
         u64::try_from(elapsed).unwrap_or(u64::MAX)
     }
 
@@ -626,12 +712,12 @@ impl Producer {
         // from the epoch is as good as never for a sleep that is reset on every event.
         let far = Duration::from_secs(365 * 24 * 3600);
         self.epoch
-            .checked_add(grid_duration(n))
+            .checked_add(Duration::from_millis(n.saturating_mul(SLOT_MS)))
             .or_else(|| self.epoch.checked_add(far))
             .unwrap_or(self.epoch)
     }
 
-    /// The next grid point at which the server interval or some group is due.
+    /// The next slot at which the server interval or some group is due.
     fn next_tick(&self) -> u64 {
         self.groups
             .values()
@@ -639,20 +725,20 @@ impl Producer {
             .fold(self.server_next_due, u64::min)
     }
 
-    /// Takes one sample at grid point `n` and hands it to whoever is due.
+    /// Takes one sample at slot `n` and hands it to whoever is due.
     fn tick(&mut self, n: u64, now: Instant) {
         let sample = Arc::new(self.core.read());
         // An error only means no in-process consumer is listening right now.
         let _ = self.internal.send(Arc::clone(&sample));
         if self.server_next_due <= n {
-            self.server_next_due = next_multiple(n, self.server_ticks);
+            self.server_next_due = next_at(n, slots_of(self.server_ticks), 0);
         }
         let timeout = self.timeout;
-        for (&ticks, group) in &mut self.groups {
+        for (&(ticks, phase), group) in &mut self.groups {
             if group.next_due > n {
                 continue;
             }
-            group.next_due = next_multiple(n, ticks);
+            group.next_due = next_at(n, slots_of(ticks), phase as u64);
             let mut i = 0;
             while let Some(subscriber) = group.members.get_mut(i) {
                 match subscriber.offer(&sample, now, timeout) {
@@ -663,10 +749,14 @@ impl Producer {
         }
         if now.saturating_duration_since(self.last_sweep) >= SWEEP_EVERY {
             self.last_sweep = now;
-            for group in self.groups.values_mut() {
+            self.phases.clear();
+            for (&(ticks, phase), group) in &mut self.groups {
                 group
                     .members
                     .retain(|subscriber| !subscriber.tx.is_closed());
+                for peer in group.members.iter().filter_map(|member| member.peer) {
+                    self.phases.insert((ticks, peer), phase);
+                }
             }
         }
         self.groups.retain(|_, group| !group.members.is_empty());
@@ -687,13 +777,27 @@ impl Producer {
             subscriber.finish(end);
             return;
         }
+        let ticks = subscriber.ticks;
+        let mut counts = [0; PHASES];
+        for (&(_, phase), group) in self.groups.range((ticks, 0)..=(ticks, PHASES)) {
+            if let Some(count) = counts.get_mut(phase) {
+                *count = group.members.len();
+            }
+        }
+        let connection_phase = subscriber
+            .peer
+            .and_then(|peer| self.phases.get(&(ticks, peer)).copied());
+        let phase = choose_phase(&counts, connection_phase);
+        if let Some(peer) = subscriber.peer {
+            self.phases.insert((ticks, peer), phase);
+        }
         // A new interval starts at its next grid point after now, not after the last tick, so
         // a loop that was idle does not fire an overdue sample just for it.
         let current = self.grid_index(now);
         self.groups
-            .entry(subscriber.ticks)
+            .entry((ticks, phase))
             .or_insert_with(|| Group {
-                next_due: next_multiple(current, subscriber.ticks),
+                next_due: next_at(current, slots_of(ticks), phase as u64),
                 members: Vec::new(),
             })
             .members
@@ -1086,6 +1190,141 @@ mod tests {
         // Reads at grid points 0, 3, 6, 9, 10 (server), 12, 15, 18, 20, 21, 24, 27, 30.
         assert_eq!(sampler.samples_taken(), 13);
         assert_eq!(mid.len(), 11);
+    }
+
+    #[test]
+    fn slots_of_a_phase() {
+        // Phase 0 of a 100 ms interval is the old grid: slots 0, 20, 40, ...
+        assert_eq!(next_at(0, 20, 0), 20);
+        assert_eq!(next_at(19, 20, 0), 20);
+        assert_eq!(next_at(20, 20, 0), 40);
+        // Phase 3: slots 3, 23, 43, ...
+        assert_eq!(next_at(0, 20, 3), 3);
+        assert_eq!(next_at(3, 20, 3), 23);
+        assert_eq!(next_at(22, 20, 3), 23);
+        assert_eq!(next_at(u64::MAX - 1, 20, 3), u64::MAX);
+    }
+
+    /// Where `arrivals` (each a connection number) end up: the phase of every stream, and the
+    /// subscribers per phase.
+    fn deal(arrivals: impl IntoIterator<Item = usize>) -> (Vec<usize>, [usize; PHASES]) {
+        let mut counts = [0; PHASES];
+        let mut of_connection = HashMap::new();
+        let mut phases = Vec::new();
+        for connection in arrivals {
+            let phase = choose_phase(&counts, of_connection.get(&connection).copied());
+            of_connection.insert(connection, phase);
+            counts[phase] += 1;
+            phases.push(phase);
+        }
+        (phases, counts)
+    }
+
+    #[test]
+    fn few_subscribers_share_phase_zero() {
+        // 500 streams of one interval, on 5 connections or on 500: one phase, one sample.
+        let (phases, _) = deal((0..5).flat_map(|c| std::iter::repeat_n(c, 100)));
+        assert!(phases.iter().all(|&phase| phase == 0));
+        let (phases, _) = deal(0..PHASE_CAPACITY);
+        assert!(phases.iter().all(|&phase| phase == 0));
+    }
+
+    #[test]
+    fn connections_opened_one_after_another_fill_phases_in_turn() {
+        // 100 connections of 100 streams each, one connection at a time.
+        let (phases, counts) = deal((0..100).flat_map(|c| std::iter::repeat_n(c, 100)));
+        assert_eq!(counts, [PHASE_CAPACITY; PHASES]);
+        // Every connection's streams in a single phase.
+        for streams in phases.chunks(100) {
+            assert!(streams.iter().all(|&phase| phase == streams[0]));
+        }
+    }
+
+    #[test]
+    fn connections_opened_side_by_side_are_dealt_evenly_and_kept_together() {
+        // 100 connections opening their 100 streams in turn, one stream each at a time.
+        let (phases, counts) = deal((0..100).flat_map(|_| 0..100));
+        let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert!(
+            *max <= PHASE_CAPACITY + 100 && *min >= PHASE_CAPACITY - 100,
+            "{counts:?}"
+        );
+        // Each connection in few phases (not 20): phase 0, which the first streams of every
+        // connection filled, the one it moved to, and another whenever that one filled up, which
+        // happens more often as every phase nears its capacity at the end.
+        let mut spread = Vec::new();
+        for connection in 0..100 {
+            let mut used: Vec<usize> = phases
+                .iter()
+                .skip(connection)
+                .step_by(100)
+                .copied()
+                .collect();
+            used.sort_unstable();
+            used.dedup();
+            spread.push(used.len());
+        }
+        assert!(spread.iter().sum::<usize>() <= 300, "{spread:?}");
+        assert!(spread.iter().all(|&n| n <= 5), "{spread:?}");
+    }
+
+    #[test]
+    fn past_capacity_every_phase_takes_more() {
+        let (_, counts) = deal(0..PHASES * PHASE_CAPACITY + 40);
+        assert_eq!(counts.iter().sum::<usize>(), PHASES * PHASE_CAPACITY + 40);
+        assert!(
+            counts.iter().all(|&n| n == PHASE_CAPACITY + 2),
+            "{counts:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_subscribers_get_fresh_samples_at_their_own_slot() {
+        let sampler = sampler_with(SamplerConfig {
+            max_subscribers: 2000,
+            ..SamplerConfig::default()
+        });
+        tokio::time::sleep(ms(1)).await;
+        let start = Instant::now();
+        let until = start + ms(1000);
+        // 1,200 subscribers at 100 ms: phases 0, 1, 2 with 500, 500 and 200 of them.
+        let mut readers = Vec::new();
+        for _ in 0..1200 {
+            let subscription = sampler.subscribe(plan(100, 0)).unwrap();
+            readers.push(tokio::spawn(async move {
+                let mut subscription = subscription;
+                let mut seen = Vec::new();
+                while let Ok(Some(item)) = tokio::time::timeout_at(until, subscription.next()).await
+                {
+                    seen.push((Instant::now(), item.unwrap().sample.seq));
+                }
+                seen
+            }));
+        }
+        let mut slots = HashMap::new();
+        for (i, reader) in readers.into_iter().enumerate() {
+            let seen = reader.await.unwrap();
+            // The latest sample at once, then one every 100 ms exactly.
+            assert_eq!(seen.len(), 11, "subscriber {i}");
+            let times: Vec<Duration> = seen.iter().skip(1).map(|(at, _)| *at - start).collect();
+            for pair in times.windows(2) {
+                assert_eq!(pair[1] - pair[0], ms(100));
+            }
+            let phase = match i {
+                0..500 => 0,
+                500..1000 => 1,
+                _ => 2,
+            };
+            // Its slot in the tick, phase × 5 ms past the loop's start (1 ms before `start`):
+            // phase 0 waits for the next tick, the others come within the first one.
+            let first = [ms(99), ms(4), ms(9)][phase];
+            assert_eq!(times[0], first, "subscriber {i}");
+            *slots.entry(phase).or_insert(0) += 1;
+        }
+        assert_eq!(slots, HashMap::from([(0, 500), (1, 500), (2, 200)]));
+        // Three fresh readings per tick (one per phase) over ten ticks, plus the first one and
+        // the server interval's (which falls on phase 0's).
+        assert_eq!(sampler.samples_taken(), 31);
     }
 
     #[tokio::test(start_paused = true)]

@@ -170,7 +170,7 @@ fn sample(seq: u64, at: SystemTime) -> Sample {
         }],
         cgroup: Some(CgroupMem {
             version: CgroupVersion::V2,
-            path: "/kubepods/pod1/app".to_owned(),
+            path: "/kubepods/pod1/app".into(),
             current_bytes: 250 << 20,
             max_bytes: 256 << 20,
             working_set_bytes: 240 << 20,

@@ -1,6 +1,8 @@
 //! The protobuf contract of the insight and monitor services: generated messages, clients and
 //! servers, plus the encoded file descriptor sets that feed server reflection.
 
+pub mod codec;
+
 /// Generated code, one module per protobuf package.
 pub mod pb {
     /// `spotifai.*` packages.

@@ -351,7 +351,7 @@ mod tests {
             targets: Vec::new(),
             cgroup: Some(CgroupMem {
                 version: CgroupVersion::V2,
-                path: "/app".to_owned(),
+                path: "/app".into(),
                 current_bytes: current,
                 max_bytes: max,
                 working_set_bytes: working_set,

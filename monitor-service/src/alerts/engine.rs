@@ -391,7 +391,7 @@ mod tests {
             targets: Vec::new(),
             cgroup: Some(CgroupMem {
                 version: CgroupVersion::V2,
-                path: "/app".to_owned(),
+                path: "/app".into(),
                 current_bytes: working_set,
                 max_bytes: LIMIT,
                 working_set_bytes: working_set,

@@ -179,7 +179,7 @@ mod tests {
             }],
             cgroup: Some(CgroupMem {
                 version: CgroupVersion::V1,
-                path: "/g".to_owned(),
+                path: "/g".into(),
                 current_bytes: 10,
                 max_bytes: 11,
                 working_set_bytes: 12,

@@ -50,7 +50,7 @@ pub fn render_table(sample: &Sample) -> String {
         None => row("cgroup", "no memory controller found".to_owned()),
         Some(group) => {
             row("cgroup version", group.version.as_str().to_owned());
-            row("cgroup path", group.path.clone());
+            row("cgroup path", group.path.to_string());
             row("cgroup current", mib(group.current_bytes));
             row(
                 "cgroup limit",
@@ -257,7 +257,7 @@ mod tests {
     fn group(max_bytes: u64, pressure: Option<f64>) -> CgroupMem {
         CgroupMem {
             version: CgroupVersion::V2,
-            path: "/app".to_owned(),
+            path: "/app".into(),
             current_bytes: 300 * 1024 * 1024,
             max_bytes,
             working_set_bytes: 256 * 1024 * 1024,

@@ -176,7 +176,7 @@ impl From<&Sample> for SampleRecord {
             targets: sample.targets.iter().map(ProcessRecord::from).collect(),
             cgroup: sample.cgroup.as_ref().map(|group| CgroupRecord {
                 version: group.version.as_str().to_owned(),
-                path: group.path.clone(),
+                path: group.path.to_string(),
                 current_bytes: group.current_bytes,
                 max_bytes: group.max_bytes,
                 working_set_bytes: group.working_set_bytes,
@@ -235,7 +235,7 @@ impl SampleRecord {
                     "v2" => CgroupVersion::V2,
                     other => return Err(format!("sample: unknown cgroup version {other:?}")),
                 },
-                path: group.path,
+                path: group.path.into(),
                 current_bytes: group.current_bytes,
                 max_bytes: group.max_bytes,
                 working_set_bytes: group.working_set_bytes,
@@ -300,7 +300,7 @@ mod tests {
                 }],
                 cgroup: Some(CgroupMem {
                     version: CgroupVersion::V1,
-                    path: "/kubepods/pod/ctr".to_owned(),
+                    path: "/kubepods/pod/ctr".into(),
                     current_bytes: 10,
                     max_bytes: 11,
                     working_set_bytes: 12,

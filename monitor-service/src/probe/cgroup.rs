@@ -7,6 +7,7 @@
 use std::{
     fs, io,
     path::{Component, Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -45,7 +46,9 @@ pub struct CgroupMem {
     /// Which hierarchy was read.
     pub version: CgroupVersion,
     /// The group's path inside the hierarchy ("/" when only the hierarchy root is visible).
-    pub path: String,
+    /// Shared: every sample carries it, and cloning a string per sample was a measurable part
+    /// of a 10 Hz sample's cost.
+    pub path: Arc<str>,
     /// Bytes charged to the group (v2 `memory.current`, v1 `memory.usage_in_bytes`).
     pub current_bytes: u64,
     /// Hard limit in bytes; 0 = unlimited (or the limit file is missing).
@@ -73,7 +76,7 @@ pub struct CgroupMem {
 pub(crate) struct Location {
     pub(crate) version: CgroupVersion,
     /// Path inside the hierarchy, as reported in `CgroupMem::path`.
-    pub(crate) path: String,
+    pub(crate) path: Arc<str>,
     /// Directory holding the group's `memory.*` files.
     pub(crate) dir: PathBuf,
 }
@@ -107,10 +110,14 @@ pub(crate) fn locate(proc_root: &Path, cgroup_root: &Path) -> io::Result<Option<
         .and_then(|path| group_dir(&base, &path).map(|dir| (path, dir)))
         .filter(|(_, dir)| dir.is_dir());
     Ok(Some(match location {
-        Some((path, dir)) => Location { version, path, dir },
+        Some((path, dir)) => Location {
+            version,
+            path: path.into(),
+            dir,
+        },
         None => Location {
             version,
-            path: "/".to_owned(),
+            path: "/".into(),
             dir: base,
         },
     }))
@@ -168,8 +175,11 @@ pub(crate) struct CgroupReader {
 /// every read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Refresh {
-    /// The limit, memory.stat and the OOM count ([`SlowFigures`]).
+    /// The limit and the OOM count ([`SlowFigures`]), and memory.stat while a limit is set.
     slow: Duration,
+    /// memory.stat while no limit is set: the working set it yields is then only context, as
+    /// the usage ratio comes from the machine's memory.
+    context: Duration,
     /// PSI (`memory.pressure`, or the system-wide `/proc/pressure/memory` on v1).
     pressure: Duration,
 }
@@ -190,6 +200,13 @@ impl CgroupReader {
     /// the default, re-reads every file on every read.
     pub(crate) fn with_slow_refresh(mut self, period: Duration) -> Self {
         self.refresh.slow = period;
+        self.apply_refresh()
+    }
+
+    /// Re-reads memory.stat at most once per `period` while the group has no limit (see
+    /// [`Refresh::context`]); zero, the default, on every read.
+    pub(crate) fn with_context_refresh(mut self, period: Duration) -> Self {
+        self.refresh.context = period;
         self.apply_refresh()
     }
 
@@ -264,12 +281,16 @@ struct GroupFiles {
     refresh: Refresh,
     /// The slow-moving figures and when they were read.
     slow: Option<(Instant, SlowFigures)>,
+    /// memory.stat's figures and when they were read: on the slow period while a limit is set
+    /// (they make the working set, which then decides the usage ratio), else on the context one.
+    stat_figures: Option<(Instant, MemoryStat)>,
     /// PSI's avg10 figures and when they were read.
     psi: Option<(Instant, Pressure)>,
 }
 
-/// The figures that move slowly: the limit (changed by an operator), the stat breakdown (page
-/// cache ages over seconds), the OOM count (an event after the fact). Re-reading them on every
+/// The figures that move slowly: the limit (changed by an operator), the OOM count (an event
+/// after the fact), and the stat breakdown (page cache ages over seconds; kept apart in
+/// [`GroupFiles::stat_figures`] because its period depends on the limit). Re-reading them on every
 /// 100 ms sample would cost several times what the usage read does (memory.stat alone is ~9 µs
 /// of kernel formatting on cgroup v1) for little newer information, so they are re-read at most
 /// once per `Refresh::slow`. Usage, which a spike moves first, is read on every sample.
@@ -279,7 +300,6 @@ struct GroupFiles {
 #[derive(Debug, Default)]
 struct SlowFigures {
     max_bytes: u64,
-    stat: MemoryStat,
     oom_kills: u64,
 }
 
@@ -310,6 +330,7 @@ impl GroupFiles {
             location,
             refresh: Refresh::default(),
             slow: None,
+            stat_figures: None,
             psi: None,
         }
     }
@@ -321,6 +342,22 @@ impl GroupFiles {
         if is_due(self.slow.as_ref(), now, self.refresh.slow) {
             self.slow = Some((now, self.read_slow()));
         }
+        let limited = self
+            .slow
+            .as_ref()
+            .is_some_and(|(_, slow)| slow.max_bytes > 0);
+        let stat_period = if limited {
+            self.refresh.slow
+        } else {
+            self.refresh.context
+        };
+        if is_due(self.stat_figures.as_ref(), now, stat_period) {
+            let stat = self
+                .stat
+                .read_or_log(|text| Ok(MemoryStat::parse(version, text)))
+                .unwrap_or_default();
+            self.stat_figures = Some((now, stat));
+        }
         if is_due(self.psi.as_ref(), now, self.refresh.pressure) {
             let pressure = self
                 .pressure
@@ -330,9 +367,9 @@ impl GroupFiles {
         }
         let SlowFigures {
             max_bytes,
-            stat,
             oom_kills,
         } = self.slow.as_ref().map(|(_, slow)| slow)?;
+        let stat = self.stat_figures.as_ref().map(|(_, stat)| stat)?;
         let pressure = self.psi.as_ref().map(|(_, psi)| psi)?;
         Some(CgroupMem {
             version,
@@ -359,10 +396,6 @@ impl GroupFiles {
                 CgroupVersion::V2 => parse_v2_limit(text),
             })
             .unwrap_or(0);
-        let stat = self
-            .stat
-            .read_or_log(|text| Ok(MemoryStat::parse(version, text)))
-            .unwrap_or_default();
         let oom_kills = self
             .oom
             .read_or_log(|text| Ok(flat_keyed(text, "oom_kill")))
@@ -370,7 +403,6 @@ impl GroupFiles {
             .unwrap_or(0);
         SlowFigures {
             max_bytes,
-            stat,
             oom_kills,
         }
     }
@@ -620,7 +652,7 @@ mod tests {
             mem,
             CgroupMem {
                 version: CgroupVersion::V1,
-                path: "/process_api/job1".to_owned(),
+                path: "/process_api/job1".into(),
                 current_bytes: 3_031_040,
                 max_bytes: 0,
                 working_set_bytes: 3_031_040 - 40_960,
@@ -666,7 +698,7 @@ mod tests {
             mem,
             CgroupMem {
                 version: CgroupVersion::V2,
-                path: "/kubepods/pod1/ctr".to_owned(),
+                path: "/kubepods/pod1/ctr".into(),
                 current_bytes: 167_772_160,
                 max_bytes: 0,
                 working_set_bytes: 167_772_160 - 20_971_520,
@@ -703,6 +735,7 @@ mod tests {
         let mut reader = f
             .reader()
             .with_slow_refresh(Duration::from_secs(1))
+            .with_context_refresh(Duration::from_secs(5))
             .with_pressure_refresh(Duration::from_secs(2));
         let start = Instant::now();
         let first = reader.read(start).unwrap();
@@ -723,12 +756,36 @@ mod tests {
         assert_eq!(cached.pressure_some_avg10, Some(12.34));
 
         let slow_due = reader.read(at(1000)).unwrap();
-        assert_eq!(slow_due.working_set_bytes, 200_000_000 - 1000);
+        // No limit ("max"): the working set is context, memory.stat waits for its own period.
+        assert_eq!(slow_due.working_set_bytes, 200_000_000 - 20_971_520);
+        let context_due = reader.read(at(5000)).unwrap();
+        assert_eq!(context_due.working_set_bytes, 200_000_000 - 1000);
         assert_eq!(slow_due.pressure_some_avg10, Some(12.34), "PSI waits 2 s");
 
         let psi_due = reader.read(at(2000)).unwrap();
         assert_eq!(psi_due.pressure_some_avg10, Some(50.0));
         assert_eq!(psi_due.pressure_full_avg10, None);
+    }
+
+    #[test]
+    fn with_a_limit_memory_stat_is_reread_on_the_slow_period() {
+        let f = v2_fixture("1073741824\n");
+        let group = "cgroup/kubepods/pod1/ctr";
+        let mut reader = f
+            .reader()
+            .with_slow_refresh(Duration::from_secs(1))
+            .with_context_refresh(Duration::from_secs(5));
+        let start = Instant::now();
+        let first = reader.read(start).unwrap();
+        assert_eq!(first.max_bytes, 1_073_741_824);
+        f.write(&format!("{group}/memory.stat"), "inactive_file 1000\n");
+        let at = |ms| start + Duration::from_millis(ms);
+        assert_eq!(
+            reader.read(at(900)).unwrap().inactive_file_bytes,
+            20_971_520
+        );
+        // The working set decides the usage ratio now: memory.stat is as fresh as the limit.
+        assert_eq!(reader.read(at(1000)).unwrap().inactive_file_bytes, 1000);
     }
 
     #[test]
@@ -783,7 +840,7 @@ mod tests {
             mem,
             CgroupMem {
                 version: CgroupVersion::V2,
-                path: "/app".to_owned(),
+                path: "/app".into(),
                 current_bytes: 1000,
                 max_bytes: 0,
                 working_set_bytes: 1000,
@@ -836,7 +893,7 @@ mod tests {
         f.write("cgroup/cgroup.controllers", "memory\n");
         f.write("cgroup/memory.current", "77\n");
         let mem = f.reader().read(Instant::now()).unwrap();
-        assert_eq!((mem.path.as_str(), mem.current_bytes), ("/", 77));
+        assert_eq!((&*mem.path, mem.current_bytes), ("/", 77));
     }
 
     #[test]
@@ -845,7 +902,7 @@ mod tests {
         f.write("proc/self/cgroup", "0::/../../etc\n");
         f.write("cgroup/cgroup.controllers", "memory\n");
         let location = locate(&f.proc_root(), &f.cgroup_root()).unwrap().unwrap();
-        assert_eq!(location.path, "/");
+        assert_eq!(&*location.path, "/");
         assert_eq!(location.dir, f.cgroup_root());
     }
 
@@ -858,7 +915,7 @@ mod tests {
             location,
             Location {
                 version: CgroupVersion::V1,
-                path: "/".to_owned(),
+                path: "/".into(),
                 dir: f.cgroup_root().join("memory"),
             }
         );

@@ -9,7 +9,9 @@
 //! every time, the slow-moving figures (cgroup limit, memory.stat breakdown, OOM count, the
 //! machine's meminfo) at most once per [`SLOW_REFRESH`], and PSI at most once per
 //! [`PRESSURE_REFRESH`], which keeps a 10 Hz sample stream a few microseconds per sample (see
-//! BENCHMARKS.md).
+//! BENCHMARKS.md). Of memory.stat and meminfo, only one decides the usage ratio (memory.stat,
+//! through the working set, when the cgroup has a limit; meminfo when it has none); the other
+//! is context and is re-read once per [`CONTEXT_REFRESH`].
 
 mod cgroup;
 mod file;
@@ -39,6 +41,13 @@ pub use system::SystemMem;
 /// now read once in 10 samples, then once in 20) and double that window: not worth it
 /// (BENCHMARKS.md).
 pub const SLOW_REFRESH: Duration = Duration::from_secs(1);
+
+/// How stale the figures that do not decide the usage ratio may be: five seconds. With a
+/// cgroup limit that is the machine's meminfo; without one, memory.stat (the working set is
+/// then reported but the ratio comes from the machine). They are the two costliest files
+/// (memory.stat ~2–8 µs, meminfo ~1.5–5 µs of kernel formatting, depending on the machine's
+/// load), and context does not need to be as fresh as the figure an alert fires on.
+pub const CONTEXT_REFRESH: Duration = Duration::from_secs(5);
 
 /// How stale PSI's avg10 figures may be: two seconds, because the kernel recomputes them only
 /// every 2 s (`PSI_FREQ`); reading more often returns the same numbers. The worst case is a new
@@ -190,22 +199,30 @@ impl Probe {
                 .iter()
                 .map(|pid| procfs::StatmReader::new(&proc_root, *pid))
                 .collect(),
-            system: system::SystemReader::new(&proc_root).with_refresh(SLOW_REFRESH),
+            system: system::SystemReader::new(&proc_root)
+                .with_refresh(SLOW_REFRESH)
+                .with_context_refresh(CONTEXT_REFRESH),
             cgroup: cgroup::CgroupReader::new(proc_root, cgroup_root)
                 .with_slow_refresh(SLOW_REFRESH)
+                .with_context_refresh(CONTEXT_REFRESH)
                 .with_pressure_refresh(PRESSURE_REFRESH),
         }
     }
 
-    /// Re-reads the slow-moving figures, PSI included, at most once per `period` instead of
-    /// [`SLOW_REFRESH`] and [`PRESSURE_REFRESH`]; zero re-reads every file on every sample (a
-    /// benchmark's worst case, or a caller that samples rarely and wants every figure current).
+    /// Re-reads the slow-moving figures, PSI and context included, at most once per `period`
+    /// instead of [`SLOW_REFRESH`], [`PRESSURE_REFRESH`] and [`CONTEXT_REFRESH`]; zero re-reads
+    /// every file on every sample (a benchmark's worst case, or a caller that samples rarely and
+    /// wants every figure current).
     pub fn with_slow_refresh(mut self, period: Duration) -> Self {
         self.cgroup = self
             .cgroup
             .with_slow_refresh(period)
+            .with_context_refresh(period)
             .with_pressure_refresh(period);
-        self.system = self.system.with_refresh(period);
+        self.system = self
+            .system
+            .with_refresh(period)
+            .with_context_refresh(period);
         self
     }
 
@@ -223,7 +240,9 @@ impl Probe {
         let process = self.process.read();
         let targets = self.targets.iter_mut().map(|t| t.read()).collect();
         let cgroup = self.cgroup.read(now);
-        let system = self.system.read(now);
+        // meminfo decides the ratio unless a cgroup limit does (see `usage_ratio`).
+        let system_decides = cgroup.as_ref().is_none_or(|group| group.max_bytes == 0);
+        let system = self.system.read(now, system_decides);
         let usage_ratio = usage_ratio(cgroup.as_ref(), &system);
         Sample {
             seq: 0,
@@ -269,7 +288,7 @@ mod tests {
     fn group(working_set: u64, max: u64) -> CgroupMem {
         CgroupMem {
             version: CgroupVersion::V2,
-            path: "/".to_owned(),
+            path: "/".into(),
             current_bytes: working_set,
             max_bytes: max,
             working_set_bytes: working_set,

@@ -38,6 +38,8 @@ pub(crate) struct SystemReader {
     fallback: Option<System>,
     fallback_tried: bool,
     refresh: Duration,
+    /// The period while the figures are only context (a cgroup limit decides the usage ratio).
+    context_refresh: Duration,
     last: Option<(Instant, SystemMem)>,
 }
 
@@ -49,6 +51,7 @@ impl SystemReader {
             fallback: None,
             fallback_tried: false,
             refresh: Duration::ZERO,
+            context_refresh: Duration::ZERO,
             last: None,
         }
     }
@@ -59,10 +62,23 @@ impl SystemReader {
         self
     }
 
-    /// The machine's memory at `now`, which decides whether the cached figures are due.
-    pub(crate) fn read(&mut self, now: Instant) -> SystemMem {
+    /// Re-reads at most once per `period` when the caller says the figures are only context;
+    /// zero, the default, re-reads on every read.
+    pub(crate) fn with_context_refresh(mut self, period: Duration) -> Self {
+        self.context_refresh = period;
+        self
+    }
+
+    /// The machine's memory at `now`, which decides whether the cached figures are due:
+    /// after the refresh period when they `decide` the usage ratio, else after the context one.
+    pub(crate) fn read(&mut self, now: Instant, decide: bool) -> SystemMem {
+        let period = if decide {
+            self.refresh
+        } else {
+            self.context_refresh
+        };
         if let Some((at, mem)) = self.last
-            && now.saturating_duration_since(at) < self.refresh
+            && now.saturating_duration_since(at) < period
         {
             return mem;
         }
@@ -196,10 +212,10 @@ mod tests {
     fn reads_a_fixture_and_falls_back_to_sysinfo_without_one() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("meminfo"), MEMINFO).unwrap();
-        let mem = SystemReader::new(dir.path()).read(Instant::now());
+        let mem = SystemReader::new(dir.path()).read(Instant::now(), true);
         assert_eq!(mem.total_bytes, 16_000_000 * 1024);
 
-        let missing = SystemReader::new(&dir.path().join("nowhere")).read(Instant::now());
+        let missing = SystemReader::new(&dir.path().join("nowhere")).read(Instant::now(), true);
         assert!(missing.total_bytes > 0, "sysinfo reads the real machine");
     }
 
@@ -210,20 +226,23 @@ mod tests {
         std::fs::write(&path, MEMINFO).unwrap();
         let mut cached = SystemReader::new(dir.path()).with_refresh(Duration::from_secs(3600));
         let mut fresh = SystemReader::new(dir.path());
-        let first = cached.read(Instant::now());
-        assert_eq!(fresh.read(Instant::now()), first);
+        let first = cached.read(Instant::now(), true);
+        assert_eq!(fresh.read(Instant::now(), true), first);
         std::fs::write(&path, MEMINFO.replace("9000000", "8000000")).unwrap();
         assert_eq!(
-            cached.read(Instant::now()),
+            cached.read(Instant::now(), true),
             first,
             "not re-read within the period"
         );
-        assert_eq!(fresh.read(Instant::now()).available_bytes, 8_000_000 * 1024);
+        assert_eq!(
+            fresh.read(Instant::now(), true).available_bytes,
+            8_000_000 * 1024
+        );
     }
 
     #[test]
     fn reads_the_real_machine() {
-        let mem = SystemReader::new(Path::new("/proc")).read(Instant::now());
+        let mem = SystemReader::new(Path::new("/proc")).read(Instant::now(), true);
         assert!(mem.total_bytes > 0);
         assert!(mem.available_bytes <= mem.total_bytes);
         assert!(mem.swap_used_bytes <= mem.swap_total_bytes);

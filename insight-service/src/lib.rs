@@ -23,6 +23,7 @@ use tower::ServiceBuilder;
 pub mod admission;
 pub mod backend;
 pub mod config;
+pub mod cpu;
 pub mod domain;
 pub mod grpc;
 pub mod jobs;

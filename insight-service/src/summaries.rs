@@ -31,6 +31,7 @@ use tokio::{sync::watch, time::Instant};
 
 use crate::{
     admission::estimator::{self, EstimatorConfig},
+    cpu::Pacer,
     domain::{ChunkInsight, Entry, FeedbackSummary, SummaryOptions, Usage},
     pipeline::{
         ChunkMemo, EntrySource, InlineEntries, Pipeline, PipelineError, SourceError,
@@ -349,8 +350,12 @@ impl Summaries {
             hasher.update((number as u64).to_le_bytes());
         }
         let mut entries = source.entries(options.max_entries);
+        // Inline entries are all ready at once: hashing 10,000 of them (megabytes) in one poll
+        // would hold the worker for milliseconds, and health checks and refusals with it.
+        let mut pacer = Pacer::new();
         while let Some(entry) = entries.next().await {
             hash_entry(&mut hasher, &entry.map_err(PipelineError::Source)?);
+            pacer.step().await;
         }
         Ok(hex(&hasher.finalize()))
     }

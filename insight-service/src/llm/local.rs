@@ -17,7 +17,10 @@ use futures::future::BoxFuture;
 
 use super::{ChunkDraft, ChunkRequest, LlmBackend, LlmError, ReduceRequest, SummaryDraft};
 use crate::domain::{ChunkInsight, Sentiment, SentimentLabel, Usage};
-use crate::text::{self, SummaryLimits};
+use crate::{
+    cpu,
+    text::{self, SummaryLimits},
+};
 
 /// Name reported in answers.
 const NAME: &str = "local";
@@ -63,18 +66,60 @@ impl LlmBackend for LocalBackend {
         MODEL
     }
 
+    // Large chunks are summarized on the blocking pool (see `crate::cpu`), which needs owned
+    // input: it is copied only then.
     fn summarize_chunk<'a>(
         &'a self,
         request: ChunkRequest<'a>,
     ) -> BoxFuture<'a, Result<ChunkDraft, LlmError>> {
-        Box::pin(async move { Ok(chunk_draft(request)) })
+        Box::pin(async move {
+            let bytes = request.entries.iter().map(|entry| entry.text.len()).sum();
+            if !cpu::offloads(bytes) {
+                return Ok(chunk_draft(request));
+            }
+            let ChunkRequest {
+                index,
+                max_words,
+                deadline,
+                ..
+            } = request;
+            let entries = request.entries.to_vec();
+            Ok(cpu::run(bytes, move || {
+                chunk_draft(ChunkRequest {
+                    index,
+                    entries: &entries,
+                    max_words,
+                    deadline,
+                })
+            })
+            .await)
+        })
     }
 
     fn reduce<'a>(
         &'a self,
         request: ReduceRequest<'a>,
     ) -> BoxFuture<'a, Result<SummaryDraft, LlmError>> {
-        Box::pin(async move { Ok(summary_draft(request)) })
+        Box::pin(async move {
+            let bytes = request.chunks.iter().map(|chunk| chunk.insight.len()).sum();
+            if !cpu::offloads(bytes) {
+                return Ok(summary_draft(request));
+            }
+            let ReduceRequest {
+                max_words,
+                deadline,
+                ..
+            } = request;
+            let chunks = request.chunks.to_vec();
+            Ok(cpu::run(bytes, move || {
+                summary_draft(ReduceRequest {
+                    chunks: &chunks,
+                    max_words,
+                    deadline,
+                })
+            })
+            .await)
+        })
     }
 }
 

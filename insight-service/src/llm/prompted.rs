@@ -9,7 +9,12 @@ use super::{
     ChunkDraft, ChunkRequest, FinishReason, GenerateRequest, Generator, LlmBackend, LlmError,
     ReduceRequest, SummaryDraft,
 };
-use crate::{pipeline::prompts, text};
+use crate::{
+    cpu,
+    domain::{Entry, Sentiment},
+    pipeline::prompts,
+    text,
+};
 
 /// An [`LlmBackend`] over a [`Generator`].
 #[derive(Debug)]
@@ -53,22 +58,23 @@ impl<G: Generator> LlmBackend for PromptedBackend<G> {
         Box::pin(async move {
             let prompt = prompts::map_prompt(request.entries, request.max_words);
             let schema = prompts::map_schema();
-            let generation = self
-                .generator
-                .generate(GenerateRequest {
-                    system: &prompt.system,
-                    prompt: &prompt.user,
-                    max_output_tokens: prompt.max_output_tokens,
-                    response_schema: Some(&schema),
-                    deadline: request.deadline,
-                })
-                .await?;
+            let generation = self.generator.generate(GenerateRequest {
+                system: &prompt.system,
+                prompt: &prompt.user,
+                max_output_tokens: prompt.max_output_tokens,
+                response_schema: Some(&schema),
+                deadline: request.deadline,
+            });
+            // The sentiment is ours to compute (a scan of the chunk's text): done while the
+            // model works, and for a large chunk on the blocking pool (see `crate::cpu`).
+            let (generation, sentiment) = tokio::join!(generation, sentiment(request.entries));
+            let generation = generation?;
             let (insight, themes) = prompts::parse_map_answer(&generation.text)
                 .map_err(|reason| self.malformed(&generation.finish, reason))?;
             Ok(ChunkDraft {
                 insight: text::truncate_words(&insight, request.max_words),
                 themes,
-                sentiment: text::sentiment(request.entries),
+                sentiment,
                 usage: generation.usage,
             })
         })
@@ -100,4 +106,14 @@ impl<G: Generator> LlmBackend for PromptedBackend<G> {
             })
         })
     }
+}
+
+/// [`text::sentiment`] of `entries`, on the blocking pool when they are large.
+async fn sentiment(entries: &[Entry]) -> Sentiment {
+    let bytes = entries.iter().map(|entry| entry.text.len()).sum();
+    if !cpu::offloads(bytes) {
+        return text::sentiment(entries);
+    }
+    let entries = entries.to_vec();
+    cpu::run(bytes, move || text::sentiment(&entries)).await
 }

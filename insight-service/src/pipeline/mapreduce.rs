@@ -16,6 +16,7 @@ use super::{
 };
 use crate::{
     admission::Pressure,
+    cpu::Pacer,
     domain::{ChunkInsight, ChunkStatus, Entry, FeedbackSummary, Sentiment, SummaryOptions, Usage},
     llm::{ChunkRequest, LlmBackend, LlmError, ReduceRequest, SummaryDraft, local::LocalBackend},
     text,
@@ -353,7 +354,11 @@ impl Pipeline {
             })
             .buffer_unordered(self.cfg().map_parallelism.max(1));
         let mut results = std::pin::pin!(results);
+        // Local chunks complete without ever waiting: thousands of them would otherwise be
+        // summarized in one poll of the worker (see `crate::cpu`).
+        let mut pacer = Pacer::new();
         while let Some(mapped) = results.next().await {
+            pacer.step().await;
             let mapped = mapped?;
             *usage += mapped.usage;
             on_chunk(&mapped.insight);
@@ -996,6 +1001,42 @@ mod tests {
             "{err:?}"
         );
         assert!(backend.calls.lock().unwrap().is_empty(), "no call made");
+    }
+
+    /// A large local summary (2,000 chunks that complete without ever waiting) leaves the
+    /// worker to its other tasks between slices: on a single-threaded runtime, a task that only
+    /// counts its turns gets many of them while the summary runs (none without the pacing).
+    #[tokio::test]
+    async fn a_large_local_summary_lets_other_tasks_run() {
+        let pipeline = Pipeline::new(Arc::new(LocalBackend::new()), PipelineConfig::default());
+        let turns = Arc::new(AtomicUsize::new(0));
+        let counter = {
+            let turns = Arc::clone(&turns);
+            tokio::spawn(async move {
+                loop {
+                    turns.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        tokio::task::yield_now().await;
+        let before = turns.load(Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let summary = pipeline
+            .summarize(entries(10_000), options(5, 10_000), far())
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        let during = turns.load(Ordering::Relaxed) - before;
+        counter.abort();
+        assert_eq!(summary.entries_used, 10_000);
+        // One turn per 0.5 ms slice at least; a quarter of that leaves room for a slow machine
+        // (a slice ends only at the next step, and a step may itself take a while).
+        let slices = (took.as_micros() / crate::cpu::SLICE.as_micros()) as usize;
+        assert!(
+            during >= (slices / 4).max(2),
+            "{during} turns of the other task in {took:?} ({slices} slices)"
+        );
     }
 
     #[tokio::test]

@@ -10,8 +10,10 @@
 //!                                        strings (prost copies each string once)
 //! + min(L / MIN_ENTRY_BYTES, cap) × E    per-entry struct overhead (proto + domain), for many
 //!                                        tiny entries where 2 × L alone would undercount
-//! + P × (2 × B + R)                      P map calls in flight, each with a prompt of at most
-//!                                        B bytes (built once, serialized once) and a response
+//! + P × (3 × B + R)                      P map calls in flight, each with a prompt of at most
+//!                                        B bytes (built once, serialized once), the copy of a
+//!                                        large chunk's entries its sentiment is computed from
+//!                                        off the async workers (`crate::cpu`), and a response
 //!                                        read up to R bytes
 //! ```
 //!
@@ -44,7 +46,7 @@ pub struct EstimatorConfig {
 pub fn estimate(encoded_len: u64, config: &EstimatorConfig) -> u64 {
     let entries = (encoded_len / MIN_ENTRY_BYTES).min(config.max_entries_cap);
     let in_flight = config.map_parallelism.max(1)
-        * (2 * config.prompt_budget_bytes + config.max_response_bytes);
+        * (3 * config.prompt_budget_bytes + config.max_response_bytes);
     FIXED_BYTES
         .saturating_add(encoded_len.saturating_mul(2))
         .saturating_add(entries.saturating_mul(ENTRY_OVERHEAD_BYTES))

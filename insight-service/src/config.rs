@@ -143,6 +143,12 @@ pub struct Config {
     #[arg(long, env = "INSIGHT_PRESSURE_HYSTERESIS", default_value_t = 0.05)]
     pub pressure_hysteresis: f64,
 
+    /// A monitor-service to follow (e.g. `http://monitor:50052`): its firing WARNING and
+    /// CRITICAL alerts count as memory pressure too, next to the in-process probe. Optional;
+    /// while it is unreachable only that extra signal is missing.
+    #[arg(long, env = "INSIGHT_MONITOR_URL", value_parser = parse_monitor_url)]
+    pub monitor_url: Option<String>,
+
     /// Where procfs is mounted, for the pressure probe (tests point it at fixture trees).
     #[arg(long, env = "INSIGHT_PROBE_PROC_ROOT", default_value = "/proc")]
     pub probe_proc_root: std::path::PathBuf,
@@ -310,6 +316,7 @@ impl Default for Config {
             warn_psi: 10.0,
             critical_psi: 25.0,
             pressure_hysteresis: 0.05,
+            monitor_url: None,
             probe_proc_root: "/proc".into(),
             probe_cgroup_root: "/sys/fs/cgroup".into(),
             max_concurrent_streams: 128,
@@ -323,6 +330,19 @@ impl Default for Config {
             job_poll: Duration::from_millis(500),
             job_timeout: Duration::from_secs(60 * 60),
             job_retention: Duration::from_secs(7 * 24 * 60 * 60),
+        }
+    }
+}
+
+/// `--monitor-url`: an absolute `http://` or `https://` URI with a host.
+pub fn parse_monitor_url(value: &str) -> Result<String, String> {
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|error| format!("not a URL ({error}); expected e.g. http://monitor:50052"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(value.to_owned()),
+        _ => {
+            Err("expected an http:// or https:// URL with a host, e.g. http://monitor:50052".into())
         }
     }
 }
@@ -373,5 +393,18 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("--max-entries-cap"), "{err}");
+    }
+
+    #[test]
+    fn monitor_url_must_be_an_http_url_with_a_host() {
+        assert_eq!(
+            parse_monitor_url("http://monitor:50052").as_deref(),
+            Ok("http://monitor:50052")
+        );
+        assert!(parse_monitor_url("https://10.0.0.7:443").is_ok());
+        for bad in ["monitor:50052", "ftp://monitor", "http://", "not a url", ""] {
+            let error = parse_monitor_url(bad).unwrap_err();
+            assert!(error.contains("http://monitor:50052"), "{bad}: {error}");
+        }
     }
 }

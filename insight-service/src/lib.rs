@@ -103,14 +103,23 @@ pub async fn run(
             critical_psi: config.critical_psi,
             hysteresis: config.pressure_hysteresis,
         });
+        let remote = config.monitor_url.clone().map(|url| {
+            let (tx, rx) = watch::channel(Pressure::Normal);
+            tracing::info!(%url, "following the monitor's alerts as a pressure signal");
+            tokio::spawn(grpc::monitor_alerts::follow(url, tx));
+            rx
+        });
         tokio::spawn(admission::pressure::run_monitor(
             probe,
             tracker,
             config.pressure_interval,
             pressure_tx,
+            remote,
             health.clone(),
             drain.clone(),
         ));
+    } else if config.monitor_url.is_some() {
+        tracing::warn!("--monitor-url is ignored: --overload-protection is off, nothing sheds");
     }
 
     let mut pipeline =

@@ -40,7 +40,7 @@ use prost::Message;
 use spotifai_e2e::{
     fake_cgroup::{FakeCgroup, calm_probe_root},
     fakes::{FakeLlm, Fault, Outcome, RecordedRequest},
-    start_insight,
+    start_insight, start_monitor,
 };
 use spotifai_proto::{
     INSIGHT_SERVICE_NAME,
@@ -713,6 +713,73 @@ async fn readiness_flips_under_injected_memory_pressure_and_back() {
     cgroup.set_usage(0.50);
     watch_until(&mut readiness, ServingStatus::Serving).await;
     assert_eq!(health_of(&channel, "").await, ServingStatus::Serving);
+    let summary = client
+        .summarize_feedback(summarize(3, 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.entries_used, 3);
+
+    drop(readiness);
+    server.shutdown().await.unwrap();
+}
+
+/// `--monitor-url`: a monitor-service's firing CRITICAL alert sheds like local pressure and
+/// turns readiness NOT_SERVING; its RESOLVED restores both; and a monitor that goes away
+/// leaves the service as its own probe sees it (calm here), serving.
+#[tokio::test]
+async fn a_monitors_critical_alert_sheds_too_and_losing_the_monitor_changes_nothing_else() {
+    // The monitor watches a group of its own (a fixture tree), alerts without dwell.
+    let watched = FakeCgroup::new(1 << 30, 0.50);
+    let (proc_root, cgroup_root) = (watched.proc_root(), watched.cgroup_root());
+    let monitor = start_monitor(&[
+        "--proc-root",
+        proc_root.to_str().unwrap(),
+        "--cgroup-root",
+        cgroup_root.to_str().unwrap(),
+        "--dwell",
+        "0s",
+        "--default-interval",
+        "100ms",
+    ])
+    .await;
+    // The service's own probe reads a calm tree: only the monitor can raise its level.
+    let probe = calm_probe_root();
+    let server = start_insight(Config {
+        monitor_url: Some(monitor.url()),
+        pressure_interval: Duration::from_millis(50),
+        ..calm(Config::default(), probe.path())
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut client = InsightServiceClient::new(channel.clone());
+    let mut readiness = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: INSIGHT_SERVICE_NAME.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch_until(&mut readiness, ServingStatus::Serving).await;
+
+    watched.set_usage(0.95);
+    watch_until(&mut readiness, ServingStatus::NotServing).await;
+    assert_eq!(health_of(&channel, "").await, ServingStatus::Serving);
+    let status = client
+        .summarize_feedback(summarize(3, 100))
+        .await
+        .unwrap_err();
+    assert_refused(&status, "MEMORY_PRESSURE");
+
+    watched.set_usage(0.50);
+    watch_until(&mut readiness, ServingStatus::Serving).await;
+    client.summarize_feedback(summarize(3, 100)).await.unwrap();
+
+    // Critical again, then the monitor goes away: its alerts no longer count.
+    watched.set_usage(0.95);
+    watch_until(&mut readiness, ServingStatus::NotServing).await;
+    monitor.shutdown().await.unwrap();
+    watch_until(&mut readiness, ServingStatus::Serving).await;
     let summary = client
         .summarize_feedback(summarize(3, 100))
         .await

@@ -114,33 +114,73 @@ impl PressureTracker {
 
 /// Samples `probe` every `interval`, publishes the level on `tx`, and keeps the readiness
 /// status of the insight service in step (never back to SERVING once draining began).
+///
+/// `remote` is the optional second opinion (`--monitor-url`, see
+/// `grpc::monitor_alerts`): the level published is the higher of the two. A remote signal that
+/// goes away counts as Normal.
 pub async fn run_monitor(
     mut probe: Probe,
     mut tracker: PressureTracker,
     interval: Duration,
     tx: watch::Sender<Pressure>,
+    mut remote: Option<watch::Receiver<Pressure>>,
     health: HealthReporter,
     drain: Drain,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut published = Pressure::Normal;
+    let following = remote.is_some();
     loop {
-        ticker.tick().await;
-        // A handful of small reads of kernel files: cheaper inline than a blocking-pool hop.
-        let sample = probe.sample();
-        let before = tracker.level();
-        let level = tracker.observe_sample(&sample);
-        if level == before {
+        let remote_changed = async {
+            match remote.as_mut() {
+                Some(receiver) => receiver.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ticker.tick() => {
+                // A handful of small reads of kernel files: cheaper inline than a blocking-pool
+                // hop.
+                let sample = probe.sample();
+                let before = tracker.level();
+                let level = tracker.observe_sample(&sample);
+                if level != before {
+                    let psi = sample.cgroup.as_ref().and_then(|c| c.pressure_some_avg10);
+                    tracing::warn!(
+                        from = ?before,
+                        to = ?level,
+                        usage_ratio = sample.usage_ratio,
+                        psi_some_avg10 = psi,
+                        "memory pressure changed"
+                    );
+                }
+            }
+            alive = remote_changed => {
+                if !alive {
+                    remote = None;
+                }
+            }
+        }
+        let from_monitor = remote
+            .as_ref()
+            .map_or(Pressure::Normal, |receiver| *receiver.borrow());
+        let level = tracker.level().max(from_monitor);
+        if level == published {
             continue;
         }
-        let psi = sample.cgroup.as_ref().and_then(|c| c.pressure_some_avg10);
-        tracing::warn!(
-            from = ?before,
-            to = ?level,
-            usage_ratio = sample.usage_ratio,
-            psi_some_avg10 = psi,
-            "memory pressure changed"
-        );
+        // The local change was logged above with its readings; with a monitor, also say which
+        // side set the level now in force.
+        if following {
+            tracing::warn!(
+                from = ?published,
+                to = ?level,
+                local = ?tracker.level(),
+                monitor = ?from_monitor,
+                "memory pressure level in force changed"
+            );
+        }
+        published = level;
         tx.send_replace(level);
         let status = if level == Pressure::Critical {
             ServingStatus::NotServing

@@ -5,6 +5,7 @@ pub mod convert;
 pub mod deadline;
 pub mod error;
 pub mod jobs;
+pub mod monitor_alerts;
 pub mod music;
 pub mod service;
 pub mod store;

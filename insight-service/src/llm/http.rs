@@ -515,7 +515,7 @@ fn backoff(limits: &HttpLimits, retry: u32) -> Duration {
 
 /// A uniform value in `[0, 1)`. Each `RandomState` gets fresh random SipHash keys from std, so
 /// hashing nothing yields an unpredictable value without a PRNG dependency; jitter needs no more.
-fn jitter() -> f64 {
+pub(crate) fn jitter() -> f64 {
     let bits = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();

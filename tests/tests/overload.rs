@@ -205,6 +205,29 @@ async fn health_of(channel: &Channel, service: &str) -> ServingStatus {
     response.unwrap().into_inner().status()
 }
 
+/// A health Watch of the insight service's readiness status.
+async fn readiness_of(
+    channel: &Channel,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: INSIGHT_SERVICE_NAME.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A small summary goes through whole.
+async fn assert_summarizes(client: &mut InsightServiceClient<Channel>) {
+    let summary = client
+        .summarize_feedback(summarize(3, 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.entries_used, 3);
+}
+
 /// Reads a health Watch stream until it reports `expected`.
 async fn watch_until(
     stream: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
@@ -686,14 +709,7 @@ async fn readiness_flips_under_injected_memory_pressure_and_back() {
     .await;
     let channel = server.channel().await;
     let mut client = InsightServiceClient::new(channel.clone());
-    let mut health = HealthClient::new(channel.clone());
-    let mut readiness = health
-        .watch(HealthCheckRequest {
-            service: INSIGHT_SERVICE_NAME.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut readiness = readiness_of(&channel).await;
     watch_until(&mut readiness, ServingStatus::Serving).await;
     client.summarize_feedback(summarize(3, 100)).await.unwrap();
 
@@ -713,12 +729,7 @@ async fn readiness_flips_under_injected_memory_pressure_and_back() {
     cgroup.set_usage(0.50);
     watch_until(&mut readiness, ServingStatus::Serving).await;
     assert_eq!(health_of(&channel, "").await, ServingStatus::Serving);
-    let summary = client
-        .summarize_feedback(summarize(3, 100))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(summary.entries_used, 3);
+    assert_summarizes(&mut client).await;
 
     drop(readiness);
     server.shutdown().await.unwrap();
@@ -753,13 +764,7 @@ async fn a_monitors_critical_alert_sheds_too_and_losing_the_monitor_changes_noth
     .await;
     let channel = server.channel().await;
     let mut client = InsightServiceClient::new(channel.clone());
-    let mut readiness = HealthClient::new(channel.clone())
-        .watch(HealthCheckRequest {
-            service: INSIGHT_SERVICE_NAME.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut readiness = readiness_of(&channel).await;
     watch_until(&mut readiness, ServingStatus::Serving).await;
 
     watched.set_usage(0.95);
@@ -780,12 +785,7 @@ async fn a_monitors_critical_alert_sheds_too_and_losing_the_monitor_changes_noth
     watch_until(&mut readiness, ServingStatus::NotServing).await;
     monitor.shutdown().await.unwrap();
     watch_until(&mut readiness, ServingStatus::Serving).await;
-    let summary = client
-        .summarize_feedback(summarize(3, 100))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(summary.entries_used, 3);
+    assert_summarizes(&mut client).await;
 
     drop(readiness);
     server.shutdown().await.unwrap();

@@ -7,13 +7,31 @@
 //! or more, so above [`OFFLOAD_BYTES`] of input such work is handed to the blocking pool; below
 //! it the hand-off (two thread wake-ups) would cost more than the work, which runs inline.
 
-use std::{panic, time::Duration};
+use std::{
+    panic,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
-use tokio::time::Instant;
+use tokio::{sync::Semaphore, time::Instant};
 
 /// Input size from which [`run`] offloads: 16 KiB of text scans in ~0.1 ms, about where a
 /// computation starts to delay the other calls of its worker noticeably.
 pub const OFFLOAD_BYTES: usize = 16 * 1024;
+
+/// How many offloaded computations run at once: every core but one (at least one), so that
+/// however many large chunks are in flight, a core is left for the async workers. Tokio's
+/// blocking pool itself would start up to 512 threads, which the OS schedules as equals of
+/// the workers.
+pub fn offload_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| cores.get().saturating_sub(1).max(1))
+}
+
+/// The permits of [`offload_threads`], shared by every runtime of the process.
+fn permits() -> &'static Arc<Semaphore> {
+    static PERMITS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    PERMITS.get_or_init(|| Arc::new(Semaphore::new(offload_threads())))
+}
 
 /// Whether [`run`] hands work over `input_bytes` of input to the blocking pool: callers that
 /// must copy borrowed input for it (the pool needs `'static` work) copy only then.
@@ -22,7 +40,8 @@ pub fn offloads(input_bytes: usize) -> bool {
 }
 
 /// Runs `work`, whose input is `input_bytes` long, inline when that is small (or when there is
-/// no Tokio runtime) and on the blocking pool otherwise, and returns its result.
+/// no Tokio runtime) and on the blocking pool otherwise, at most [`offload_threads`] at once,
+/// and returns its result.
 ///
 /// A panic in `work` is resumed here, as if it had run inline. Dropping the future does not
 /// stop work already handed over; it runs to its end (bounded by its input) and is discarded.
@@ -36,7 +55,19 @@ where
         Ok(handle) if offloads(input_bytes) => handle,
         _ => return work(),
     };
-    match runtime.spawn_blocking(work).await {
+    // Held by the work itself, so it is released when the work ends, not when a caller that
+    // stopped waiting drops this future.
+    let Ok(permit) = Arc::clone(permits()).acquire_owned().await else {
+        // Never closed; were it, running inline is still correct.
+        return work();
+    };
+    match runtime
+        .spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+    {
         Ok(value) => value,
         Err(error) if error.is_panic() => panic::resume_unwind(error.into_panic()),
         // Blocking tasks are cancelled only when the runtime shuts down, which drops this
@@ -92,6 +123,28 @@ mod tests {
         assert_eq!(inline, caller);
         let offloaded = run(OFFLOAD_BYTES, move || std::thread::current().id()).await;
         assert_ne!(offloaded, caller);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn offloaded_work_runs_at_most_offload_threads_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let calls = (0..8).map(|_| {
+            let (running, most) = (Arc::clone(&running), Arc::clone(&most));
+            tokio::spawn(run(OFFLOAD_BYTES, move || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+                running.fetch_sub(1, Ordering::SeqCst);
+            }))
+        });
+        for call in calls.collect::<Vec<_>>() {
+            call.await.unwrap();
+        }
+        // Other tests of this binary may hold permits too, so the cap bounds ours from above.
+        let most = most.load(Ordering::SeqCst);
+        assert!(most >= 1 && most <= offload_threads(), "{most}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -454,11 +454,15 @@ impl Sampler {
         })
     }
 
-    /// Every sample the loop takes, for in-process consumers such as the alert engine.
+    /// The samples the loop takes on the [`BASE_TICK`] grid, for in-process consumers such as
+    /// the alert engine.
     ///
-    /// Guarantee: each sample the loop takes from now on, in `seq` order, at least once per
-    /// server interval and more often while subscribers ask for faster cadences (readings for
-    /// [`Sampler::snapshot`] are not included, so `seq` may skip). The loop never waits for a
+    /// Guarantee: each sample the loop takes from now on at a whole tick (phase 0), in `seq`
+    /// order: at least once per server interval and more often while subscribers ask for faster
+    /// cadences, at most once per tick. The samples of the other phases (many subscribers, see
+    /// the module docs) are not included, nor are readings for [`Sampler::snapshot`], so `seq`
+    /// may skip: an alert engine judging 200 samples a second would do 20 times the work for
+    /// the same decisions, and would lag behind its buffer under exactly that load. The loop never waits for a
     /// receiver: one that falls more than [`INTERNAL_BUFFER`] samples behind gets
     /// `RecvError::Lagged(missed)` and then continues with the oldest sample still held.
     pub fn subscribe_internal(&self) -> broadcast::Receiver<Arc<Sample>> {
@@ -728,8 +732,17 @@ impl Producer {
     /// Takes one sample at slot `n` and hands it to whoever is due.
     fn tick(&mut self, n: u64, now: Instant) {
         let sample = Arc::new(self.core.read());
-        // An error only means no in-process consumer is listening right now.
-        let _ = self.internal.send(Arc::clone(&sample));
+        // In-process consumers get the whole ticks' samples: those due to the server interval
+        // or to a phase-0 group (a late loop may take them at a later slot).
+        let whole_tick = self.server_next_due <= n
+            || self
+                .groups
+                .iter()
+                .any(|(&(_, phase), group)| phase == 0 && group.next_due <= n);
+        if whole_tick {
+            // An error only means no in-process consumer is listening right now.
+            let _ = self.internal.send(Arc::clone(&sample));
+        }
         if self.server_next_due <= n {
             self.server_next_due = next_at(n, slots_of(self.server_ticks), 0);
         }
@@ -1285,6 +1298,7 @@ mod tests {
             ..SamplerConfig::default()
         });
         tokio::time::sleep(ms(1)).await;
+        let mut internal = sampler.subscribe_internal();
         let start = Instant::now();
         let until = start + ms(1000);
         // 1,200 subscribers at 100 ms: phases 0, 1, 2 with 500, 500 and 200 of them.
@@ -1325,6 +1339,12 @@ mod tests {
         // Three fresh readings per tick (one per phase) over ten ticks, plus the first one and
         // the server interval's (which falls on phase 0's).
         assert_eq!(sampler.samples_taken(), 31);
+        // In-process consumers get phase 0's, one per tick.
+        let mut whole_ticks = 0;
+        while internal.try_recv().is_ok() {
+            whole_ticks += 1;
+        }
+        assert_eq!(whole_ticks, 10);
     }
 
     #[tokio::test(start_paused = true)]

@@ -29,6 +29,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// closing the connection is noticed within interval + timeout.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A stream that stayed open this long counts as a success: the next loss is a new outage
+/// (logged, backoff from the start). Shorter-lived streams (a monitor that accepts and closes
+/// at once) keep the backoff growing.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// The alerts currently firing, by id, and the pressure level they amount to.
 #[derive(Debug, Default)]
@@ -80,12 +84,16 @@ pub async fn follow(url: String, tx: watch::Sender<Pressure>) {
     };
     let mut failures = 0u32;
     loop {
+        let opened = tokio::time::Instant::now();
         let outcome = tokio::select! {
-            outcome = stream_once(&endpoint, &tx, &mut failures) => outcome,
+            outcome = stream_once(&endpoint, &tx, failures) => outcome,
             () = tx.closed() => return,
         };
         // Whatever the monitor said is void once we stop hearing from it.
         tx.send_replace(Pressure::Normal);
+        if opened.elapsed() >= STABLE_AFTER {
+            failures = 0;
+        }
         if failures == 0 {
             tracing::warn!(%url, reason = %outcome, "lost the monitor's alert stream; reconnecting");
         } else {
@@ -103,13 +111,9 @@ pub async fn follow(url: String, tx: watch::Sender<Pressure>) {
     }
 }
 
-/// One connection's worth of alerts; returns why it ended. Resets `failures` once the stream
-/// is open.
-async fn stream_once(
-    endpoint: &Endpoint,
-    tx: &watch::Sender<Pressure>,
-    failures: &mut u32,
-) -> String {
+/// One connection's worth of alerts; returns why it ended. `failures` is how many attempts
+/// in a row failed before this one (for the log).
+async fn stream_once(endpoint: &Endpoint, tx: &watch::Sender<Pressure>, failures: u32) -> String {
     let channel = match endpoint.connect().await {
         Ok(channel) => channel,
         Err(error) => return format!("connect: {error}"),
@@ -117,17 +121,18 @@ async fn stream_once(
     let request = StreamAlertsRequest {
         min_severity: Severity::Warning as i32,
     };
-    let mut alerts = match MemoryMonitorClient::new(channel)
-        .stream_alerts(request)
-        .await
-    {
-        Ok(response) => response.into_inner(),
-        Err(status) => return format!("StreamAlerts: {status}"),
+    // Bounded: a monitor that accepts the connection but never answers the call (HTTP/2 pings
+    // still answered) would otherwise hold the follower here for good.
+    let mut client = MemoryMonitorClient::new(channel);
+    let call = client.stream_alerts(request);
+    let mut alerts = match tokio::time::timeout(CONNECT_TIMEOUT, call).await {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => return format!("StreamAlerts: {status}"),
+        Err(_) => return "StreamAlerts: no answer in time".to_owned(),
     };
-    if *failures > 0 {
+    if failures > 0 {
         tracing::info!(uri = %endpoint.uri(), "following the monitor's alerts again");
     }
-    *failures = 0;
     // The monitor sends the alerts firing now first, so this state is complete from here on.
     let mut firing = FiringAlerts::default();
     loop {

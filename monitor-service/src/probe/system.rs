@@ -142,6 +142,12 @@ fn parse_meminfo(text: &str) -> Option<SystemMem> {
         let value = value.trim();
         let kib = value.strip_suffix("kB").unwrap_or(value).trim_end();
         *slot = kib.parse::<u64>().ok().map(|kib| kib.saturating_mul(1024));
+        // With MemAvailable (every kernel since 3.14) the four figures we report are all in
+        // the first ~16 of ~55 lines: the rest is not scanned. Without it, read on for the
+        // estimate's inputs.
+        if total.is_some() && available.is_some() && swap_total.is_some() && swap_free.is_some() {
+            break;
+        }
     }
     let [
         swap_total,

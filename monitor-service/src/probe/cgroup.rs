@@ -510,6 +510,11 @@ impl MemoryStat {
                 _ => continue,
             };
             *slot = parse_decimal(value);
+            // v2's three keys are in the first ~20 of ~50 lines; v1's hierarchical `total_*`
+            // keys come last, so v1 reads to the end.
+            if version == CgroupVersion::V2 && own.iter().all(Option::is_some) {
+                break;
+            }
         }
         // v1's `total_*` keys include the group's descendants (like every v2 value), the plain
         // keys only the group itself; prefer the hierarchical ones when present.

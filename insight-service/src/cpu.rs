@@ -76,6 +76,22 @@ where
     }
 }
 
+/// [`run`] over borrowed `items` (`input_bytes` of them): `work` sees them in place when they
+/// are small, or a copy on the blocking pool (which needs owned input) when they are large, so
+/// they are copied only then.
+pub async fn run_on<I, T, F>(items: &[I], input_bytes: usize, work: F) -> T
+where
+    I: Clone + Send + 'static,
+    T: Send + 'static,
+    F: FnOnce(&[I]) -> T + Send + 'static,
+{
+    if !offloads(input_bytes) {
+        return work(items);
+    }
+    let owned = items.to_vec();
+    run(input_bytes, move || work(&owned)).await
+}
+
 /// Longest stretch a [`Pacer`] lets a loop run before it yields to the worker's other tasks.
 pub const SLICE: Duration = Duration::from_micros(500);
 

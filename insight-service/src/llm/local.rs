@@ -66,28 +66,23 @@ impl LlmBackend for LocalBackend {
         MODEL
     }
 
-    // Large chunks are summarized on the blocking pool (see `crate::cpu`), which needs owned
-    // input: it is copied only then.
+    // Large chunks (and large reduces) are summarized on the blocking pool (`crate::cpu`).
     fn summarize_chunk<'a>(
         &'a self,
         request: ChunkRequest<'a>,
     ) -> BoxFuture<'a, Result<ChunkDraft, LlmError>> {
+        let ChunkRequest {
+            index,
+            entries,
+            max_words,
+            deadline,
+        } = request;
+        let bytes = entries.iter().map(|entry| entry.text.len()).sum();
         Box::pin(async move {
-            let bytes = request.entries.iter().map(|entry| entry.text.len()).sum();
-            if !cpu::offloads(bytes) {
-                return Ok(chunk_draft(request));
-            }
-            let ChunkRequest {
-                index,
-                max_words,
-                deadline,
-                ..
-            } = request;
-            let entries = request.entries.to_vec();
-            Ok(cpu::run(bytes, move || {
+            Ok(cpu::run_on(entries, bytes, move |entries| {
                 chunk_draft(ChunkRequest {
                     index,
-                    entries: &entries,
+                    entries,
                     max_words,
                     deadline,
                 })
@@ -100,20 +95,16 @@ impl LlmBackend for LocalBackend {
         &'a self,
         request: ReduceRequest<'a>,
     ) -> BoxFuture<'a, Result<SummaryDraft, LlmError>> {
+        let ReduceRequest {
+            chunks,
+            max_words,
+            deadline,
+        } = request;
+        let bytes = chunks.iter().map(|chunk| chunk.insight.len()).sum();
         Box::pin(async move {
-            let bytes = request.chunks.iter().map(|chunk| chunk.insight.len()).sum();
-            if !cpu::offloads(bytes) {
-                return Ok(summary_draft(request));
-            }
-            let ReduceRequest {
-                max_words,
-                deadline,
-                ..
-            } = request;
-            let chunks = request.chunks.to_vec();
-            Ok(cpu::run(bytes, move || {
+            Ok(cpu::run_on(chunks, bytes, move |chunks| {
                 summary_draft(ReduceRequest {
-                    chunks: &chunks,
+                    chunks,
                     max_words,
                     deadline,
                 })

@@ -111,9 +111,5 @@ impl<G: Generator> LlmBackend for PromptedBackend<G> {
 /// [`text::sentiment`] of `entries`, on the blocking pool when they are large.
 async fn sentiment(entries: &[Entry]) -> Sentiment {
     let bytes = entries.iter().map(|entry| entry.text.len()).sum();
-    if !cpu::offloads(bytes) {
-        return text::sentiment(entries);
-    }
-    let entries = entries.to_vec();
-    cpu::run(bytes, move || text::sentiment(&entries)).await
+    cpu::run_on(entries, bytes, text::sentiment).await
 }

@@ -33,9 +33,9 @@ fn permits() -> &'static Arc<Semaphore> {
     PERMITS.get_or_init(|| Arc::new(Semaphore::new(offload_threads())))
 }
 
-/// Whether [`run`] hands work over `input_bytes` of input to the blocking pool: callers that
-/// must copy borrowed input for it (the pool needs `'static` work) copy only then.
-pub fn offloads(input_bytes: usize) -> bool {
+/// Whether [`run`] hands work over `input_bytes` of input to the blocking pool ([`run_on`]
+/// copies borrowed input only then).
+fn offloads(input_bytes: usize) -> bool {
     input_bytes >= OFFLOAD_BYTES
 }
 

@@ -71,7 +71,7 @@ pub const MIN_INTERVAL: Duration = BASE_TICK;
 pub const PHASES: usize = 20;
 
 /// [`PHASES`] as the grid arithmetic's integer type.
-const PHASES_U64: u64 = 20;
+const PHASES_U64: u64 = PHASES as u64;
 
 /// One phase slot: [`BASE_TICK`] / [`PHASES`]. Well above the timer's 1 ms resolution.
 pub const SLOT: Duration = Duration::from_millis(SLOT_MS);

@@ -46,8 +46,7 @@ pub struct CgroupMem {
     /// Which hierarchy was read.
     pub version: CgroupVersion,
     /// The group's path inside the hierarchy ("/" when only the hierarchy root is visible).
-    /// Shared: every sample carries it, and cloning a string per sample was a measurable part
-    /// of a 10 Hz sample's cost.
+    /// Shared: every sample carries it, so a sample clones a pointer rather than the string.
     pub path: Arc<str>,
     /// Bytes charged to the group (v2 `memory.current`, v1 `memory.usage_in_bytes`).
     pub current_bytes: u64,

@@ -216,3 +216,32 @@ fn stat_cpu_time(path: &str, pid: u32) -> Result<Duration, ProcessError> {
     let total = ticks(11)? + ticks(12)?;
     Ok(Duration::from_secs_f64(total as f64 / USER_HZ))
 }
+
+/// While held, asks the kernel to keep every CPU out of idle states with an exit latency above
+/// zero (a PM QoS request through `/dev/cpu_dma_latency`, what `cyclictest` and other latency
+/// benchmarks do), so idle vCPUs poll instead of halting.
+///
+/// Why a benchmark would: on this machine (a Firecracker VM whose `haltpoll` idle driver runs
+/// with `guest_halt_poll_ns=0`), a halted vCPU that receives a wake-up costs a few hundred
+/// microseconds per hop, so a single loopback round trip between otherwise idle threads has a
+/// median of ~0.5 ms whatever the server does, which hides sub-millisecond latencies. Busy
+/// callers never see it (their threads do not halt). The request ends when this is dropped
+/// (the file is closed). Needs root.
+#[derive(Debug)]
+pub struct IdlePoll {
+    _file: std::fs::File,
+}
+
+impl IdlePoll {
+    /// Where the kernel takes PM QoS CPU latency requests.
+    pub const PATH: &'static str = "/dev/cpu_dma_latency";
+
+    /// Requests a zero exit latency until the returned value is dropped.
+    pub fn hold() -> std::io::Result<Self> {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new().write(true).open(Self::PATH)?;
+        // The kernel reads a binary 32-bit integer (microseconds).
+        file.write_all(&0i32.to_ne_bytes())?;
+        Ok(Self { _file: file })
+    }
+}

@@ -14,6 +14,7 @@
 
 pub mod cgroup;
 pub mod llm;
+pub mod probe;
 
 use std::{
     collections::BTreeMap,
@@ -46,7 +47,7 @@ pub use cgroup::{CgroupError, CgroupMemory, MemoryCgroup, V1_MEMORY_ROOT, v1_mem
 pub use llm::{FAKE_GEMINI_KEY, LlmCounts, LoadGemini};
 
 use crate::loadgen::{
-    self, ChildServer, HealthCheck, LoadConfig, LoadError, Percentiles, ProcessError, Report, Rpc,
+    self, ChildServer, LoadConfig, LoadError, Percentiles, ProcessError, Report, Rpc,
     request_with_timeout,
 };
 
@@ -275,6 +276,30 @@ fn share_in_window(start: Instant, done: Instant, window: (Instant, Instant)) ->
 }
 
 impl Tally {
+    /// Counts an OK answer to a call that started at `start` and ended at `done`: its share
+    /// of the window as goodput when it is complete (every entry, not degraded), and, for a
+    /// call started inside the window, whether it was degraded or partial.
+    fn answered(
+        &self,
+        expected: u32,
+        window: (Instant, Instant),
+        start: Instant,
+        done: Instant,
+        summary: &FeedbackSummary,
+    ) {
+        let complete = !summary.degraded && summary.entries_used == expected;
+        if complete {
+            let share = share_in_window(start, done, window);
+            self.completed_in_window.fetch_add(share, Ordering::Relaxed);
+        }
+        let measured = start >= window.0;
+        if measured && summary.degraded {
+            self.degraded.fetch_add(1, Ordering::Relaxed);
+        } else if measured && !complete {
+            self.incomplete.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn refused(
         &self,
         reason: String,
@@ -320,6 +345,13 @@ impl SummarizeRaw {
                 completed_in_window: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Counts the answer of a call of this request made by someone else (the latency probe):
+    /// it is the same work, so a complete answer is goodput like any other.
+    pub(crate) fn record_answer(&self, start: Instant, done: Instant, summary: &FeedbackSummary) {
+        self.tally
+            .answered(self.expected_entries, self.window, start, done, summary);
     }
 
     /// What it saw so far.
@@ -372,18 +404,7 @@ impl Rpc for SummarizeRaw {
             match grpc.unary(request, path, RawCodec).await {
                 Ok(response) => {
                     let summary = response.into_inner();
-                    let complete = !summary.degraded && summary.entries_used == expected;
-                    if complete {
-                        let share = share_in_window(start, Instant::now(), window);
-                        tally
-                            .completed_in_window
-                            .fetch_add(share, Ordering::Relaxed);
-                    }
-                    if measured && summary.degraded {
-                        tally.degraded.fetch_add(1, Ordering::Relaxed);
-                    } else if measured && !complete {
-                        tally.incomplete.fetch_add(1, Ordering::Relaxed);
-                    }
+                    tally.answered(expected, window, start, Instant::now(), &summary);
                     Ok(())
                 }
                 Err(status) if !measured => Err(status),
@@ -625,10 +646,11 @@ pub struct Measured {
     pub report: Report,
     /// What the RPC saw beyond status codes.
     pub tally: TallySnapshot,
-    /// Latency of `grpc.health.v1.Health/Check` calls sent alongside the load (on their own
-    /// connection, at a low fixed rate): what any answer from this server costs at this load
-    /// on this machine, the baseline a refusal's latency is compared with.
-    pub health: Percentiles,
+    /// What the latency [`probe`] measured alongside the load, from its own thread and
+    /// connection: its health checks (what any answer from this server costs at this load on
+    /// this machine, the baseline a refusal's latency is compared with) and, when asked, the
+    /// refusals of its own calls.
+    pub probe: probe::ProbeReport,
     /// The server's memory at the end (peaks since the phase began).
     pub memory: MemoryReading,
     /// Whether the server process was alive at the end.
@@ -695,15 +717,18 @@ impl Measured {
 /// Warm-up of the open-loop runs: longer than an admitted call takes (~2 s), so the slots are
 /// full and answers flow when the window opens.
 const OPEN_WARMUP: Duration = Duration::from_secs(5);
-/// Health checks per second sent alongside every load phase.
+/// Health checks per second the latency probe sends during every load phase.
 const HEALTH_PROBE_RATE: f64 = 20.0;
+/// The probe's deadline when the load has none.
+const PROBE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How often the watcher samples the server's liveness and its group's usage during a run.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Applies `config`'s load with a fresh [`SummarizeRaw`] of `body` to `server`, and reads its
 /// memory and liveness at the end. Peaks are reset first, so they cover this phase only. While
-/// the load runs, a watcher notes when the process died, if it did.
+/// the load runs, a watcher notes when the process died, if it did, and the latency
+/// [`probe`] sends health checks from its own thread.
 pub async fn measure(
     server: &OverloadServer,
     llm: &LoadGemini,
@@ -711,10 +736,23 @@ pub async fn measure(
     expected_entries: u32,
     config: &LoadConfig,
 ) -> Result<Measured, OverloadError> {
+    measure_probed(server, llm, body, expected_entries, config, 0.0).await
+}
+
+/// [`measure`], with the latency probe also sending the load's own request
+/// `refusal_probe_rate` times a second (see [`probe`]: at a load the server refuses most of,
+/// this times refusals from a caller that is not itself busy).
+pub async fn measure_probed(
+    server: &OverloadServer,
+    llm: &LoadGemini,
+    body: &Bytes,
+    expected_entries: u32,
+    config: &LoadConfig,
+    refusal_probe_rate: f64,
+) -> Result<Measured, OverloadError> {
     server.reset_peaks()?;
     let before = llm.counts();
     let channels = loadgen::connect(&server.url(), CONNECTIONS).await?;
-    let probe_channels = loadgen::connect(&server.url(), 1).await?;
     let pid = server.pid();
     let started = Instant::now();
     let watcher = tokio::spawn(async move {
@@ -726,36 +764,40 @@ pub async fn measure(
             }
         }
     });
-    let probe_config = LoadConfig {
-        mode: loadgen::Mode::Open {
-            rate: HEALTH_PROBE_RATE,
-            max_outstanding: 64,
-        },
-        timeout: Some(Duration::from_secs(5)),
-        drain: Duration::from_secs(6),
-        ..config.clone()
-    };
     // The load generator measures calls from the end of its warm-up, counted from when `run`
-    // starts (right below); so does the tally.
+    // starts (right below); so do the tally and the probe.
     let window_start = Instant::now() + config.warmup;
     let window = (window_start, window_start + config.duration);
     let rpc = SummarizeRaw::new(body.clone(), expected_entries, window);
-    let (report, health) = tokio::join!(
-        loadgen::run(channels, Arc::new(rpc.clone()), config),
-        loadgen::run(probe_channels, Arc::new(HealthCheck), &probe_config),
-    );
+    let probe = probe::spawn(
+        server.url(),
+        rpc.clone(),
+        probe::ProbeConfig {
+            health_rate: HEALTH_PROBE_RATE,
+            refusal_rate: refusal_probe_rate,
+            window,
+            deadline: config.timeout.unwrap_or(PROBE_DEADLINE),
+        },
+    )
+    .map_err(|e| LoadError::Task(format!("cannot start the latency probe: {e}")))?;
+    let report = loadgen::run(channels, Arc::new(rpc.clone()), config).await;
+    // The probe stops at the window's end; the load's drain may already be past it.
+    let probe = tokio::task::spawn_blocking(move || probe.join())
+        .await
+        .map_err(|e| LoadError::Task(format!("the latency probe: {e}")))?
+        .map_err(|_| LoadError::Task("the latency probe panicked".to_owned()))??;
     let died_after = if watcher.is_finished() {
         watcher.await.ok()
     } else {
         watcher.abort();
         None
     };
-    let (report, health) = (report?, health?);
+    let report = report?;
     let after = llm.counts();
     Ok(Measured {
         report,
         tally: rpc.snapshot().map_err(LoadError::from)?,
-        health: health.all_latency(),
+        probe,
         memory: server.memory()?,
         alive: server.alive(),
         died_after,
@@ -901,11 +943,29 @@ pub fn summary_table(columns: &[(&str, &Measured)], sustainable: f64) -> String 
             format!("{} / {}", loadgen::ms(p.p50), loadgen::ms(p.p99))
         }
     });
+    row("probe: refusal p50 / p99 / max ms", &|m| {
+        let p = m.probe.refusals;
+        if p.count == 0 {
+            "-".to_owned()
+        } else {
+            format!(
+                "{} / {} / {} ({})",
+                loadgen::ms(p.p50),
+                loadgen::ms(p.p99),
+                loadgen::ms(p.max),
+                p.count
+            )
+        }
+    });
+    row("probe: admitted / skipped / other", &|m| {
+        let other: u64 = m.probe.other.values().sum();
+        format!("{} / {} / {other}", m.probe.admitted, m.probe.skipped)
+    });
     row("health check p50 / p99 ms", &|m| {
         format!(
             "{} / {}",
-            loadgen::ms(m.health.p50),
-            loadgen::ms(m.health.p99)
+            loadgen::ms(m.probe.health.p50),
+            loadgen::ms(m.probe.health.p99)
         )
     });
     row("queue-timeout refusal p50 ms", &|m| {

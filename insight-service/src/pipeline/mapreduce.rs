@@ -1,7 +1,7 @@
 //! Map then (hierarchical) reduce, with bounded parallelism, per-call deadlines, one retry per
 //! chunk, and the offline fallback.
 
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use futures::{
     Stream, StreamExt,
@@ -11,6 +11,7 @@ use tokio::{sync::watch, time::Instant};
 
 use super::{
     CHUNK_INSIGHT_WORDS, PipelineError,
+    chunk::chunk_ranges,
     source::{ChunkMemo, Chunker, EntrySource, InlineEntries, SourceError, chunk_key},
     validate_entries,
 };
@@ -258,11 +259,18 @@ impl Pipeline {
             degraded = true;
         }
 
-        let ok: Vec<ChunkInsight> = chunks
-            .iter()
-            .filter(|c| c.status == ChunkStatus::Ok)
-            .cloned()
-            .collect();
+        // The successful chunks, borrowed when that is all of them (the usual case).
+        let ok: Cow<'_, [ChunkInsight]> = if chunks.iter().all(|c| c.status == ChunkStatus::Ok) {
+            Cow::Borrowed(&chunks)
+        } else {
+            Cow::Owned(
+                chunks
+                    .iter()
+                    .filter(|c| c.status == ChunkStatus::Ok)
+                    .cloned()
+                    .collect(),
+            )
+        };
         let entries_used: usize = ok.iter().map(|c| c.entry_ids.len()).sum();
         let sentiment = text::merge_sentiments(ok.iter().map(|c| &c.sentiment));
 
@@ -338,17 +346,32 @@ impl Pipeline {
         on_chunk: &mut impl FnMut(&ChunkInsight),
     ) -> Result<Vec<ChunkInsight>, PipelineError> {
         let max_words = CHUNK_INSIGHT_WORDS.min(options.max_words);
-        let chunks = chunked(
-            source.entries(options.max_entries),
-            Chunker::new(options.chunk_size, budget),
-        );
+        let chunks: BoxStream<'_, Result<ChunkEntries, SourceError>> = match source.shared() {
+            // Entries already in memory are cut in place (the same cuts as the `Chunker`).
+            Some(all) => {
+                let limit = all.len().min(options.max_entries);
+                let ranges = chunk_ranges(&all[..limit], options.chunk_size, budget);
+                Box::pin(stream::iter(
+                    ranges
+                        .into_iter()
+                        .map(move |range| Ok(ChunkEntries::Shared(all.clone(), range))),
+                ))
+            }
+            None => Box::pin(
+                chunked(
+                    source.entries(options.max_entries),
+                    Chunker::new(options.chunk_size, budget),
+                )
+                .map(|chunk| chunk.map(ChunkEntries::Owned)),
+            ),
+        };
         let mut done: Vec<Option<ChunkInsight>> = Vec::new();
         let results = chunks
             .enumerate()
             .map(|(index, chunk)| async move {
                 let chunk = chunk.map_err(PipelineError::Source)?;
                 Ok::<_, PipelineError>(
-                    self.map_chunk(backend, memo, index as u32, chunk, max_words, deadline)
+                    self.map_chunk(backend, memo, index as u32, &chunk, max_words, deadline)
                         .await,
                 )
             })
@@ -378,11 +401,11 @@ impl Pipeline {
         backend: &dyn LlmBackend,
         memo: Option<&dyn ChunkMemo>,
         index: u32,
-        chunk: Vec<Entry>,
+        chunk: &[Entry],
         max_words: usize,
         deadline: Instant,
     ) -> Mapped {
-        let key = memo.map(|_| chunk_key(backend.name(), backend.model(), max_words, &chunk));
+        let key = memo.map(|_| chunk_key(backend.name(), backend.model(), max_words, chunk));
         if let (Some(memo), Some(key)) = (memo, &key)
             && let Some(mut insight) = memo.recall(key).await
         {
@@ -393,7 +416,7 @@ impl Pipeline {
             };
         }
         let mapped = self
-            .call_chunk(backend, index, &chunk, max_words, deadline)
+            .call_chunk(backend, index, chunk, max_words, deadline)
             .await;
         if let (Some(memo), Some(key)) = (memo, &key)
             && mapped.insight.status == ChunkStatus::Ok
@@ -479,7 +502,7 @@ impl Pipeline {
     async fn reduce_levels(
         &self,
         backend: &dyn LlmBackend,
-        mut level: Vec<ChunkInsight>,
+        mut level: Cow<'_, [ChunkInsight]>,
         max_words: usize,
         deadline: Instant,
         usage: &mut Usage,
@@ -489,12 +512,12 @@ impl Pipeline {
         while level.len() > 1 && level_bytes(&level) > budget {
             if depth >= self.cfg().max_reduce_depth {
                 let share = budget / level.len();
-                for partial in &mut level {
+                for partial in level.to_mut() {
                     truncate_at_char(&mut partial.insight, share);
                 }
                 break;
             }
-            let groups = group_by_budget(level, budget);
+            let groups = group_by_budget(level.into_owned(), budget);
             let drafts: Vec<Result<(SummaryDraft, Sentiment, usize), LlmError>> =
                 stream::iter(groups)
                     .map(|group| async move {
@@ -522,7 +545,7 @@ impl Pipeline {
                     error: None,
                 });
             }
-            level = next;
+            level = Cow::Owned(next);
             depth += 1;
         }
         let draft = self
@@ -577,6 +600,24 @@ fn chunked<'a>(
             }
         },
     )
+}
+
+/// One chunk's entries: read from a stream into a chunk of their own, or a range of entries
+/// the source already holds in memory (inline ones), shared rather than copied.
+enum ChunkEntries {
+    Owned(Vec<Entry>),
+    Shared(Arc<Vec<Entry>>, std::ops::Range<usize>),
+}
+
+impl std::ops::Deref for ChunkEntries {
+    type Target = [Entry];
+
+    fn deref(&self) -> &[Entry] {
+        match self {
+            Self::Owned(entries) => entries,
+            Self::Shared(all, range) => &all[range.clone()],
+        }
+    }
 }
 
 /// Most time kept back from remote calls for the fallback and the reply.

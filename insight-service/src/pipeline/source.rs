@@ -35,6 +35,12 @@ pub trait EntrySource: Send + Sync {
     fn is_fixed(&self) -> bool {
         false
     }
+
+    /// Every entry, when the source already holds them in memory (inline ones): the map step
+    /// then hands out ranges of them instead of copying each entry into a chunk.
+    fn shared(&self) -> Option<Arc<Vec<Entry>>> {
+        None
+    }
 }
 
 /// Entries given inline in the request.
@@ -52,6 +58,10 @@ impl EntrySource for InlineEntries {
 
     fn is_fixed(&self) -> bool {
         true
+    }
+
+    fn shared(&self) -> Option<Arc<Vec<Entry>>> {
+        Some(self.0.clone())
     }
 }
 

@@ -159,8 +159,9 @@ impl Pipeline {
     /// Reads the first `options.max_entries` entries of `source` as a stream, cuts them into
     /// chunks as they arrive (by count and prompt bytes), maps each chunk through the backend
     /// with at most `map_parallelism` calls in flight, and reduces the chunk insights, in
-    /// levels when they exceed the prompt budget. Only the chunks in flight hold entries, so
-    /// memory follows the chunk insights, not the input. `memo` (if any) answers chunks it
+    /// levels when they exceed the prompt budget. Only the chunks in flight hold entries read
+    /// from a store, so memory follows the chunk insights, not the input; inline entries,
+    /// already in memory, are cut into ranges of the request instead of being copied. `memo` (if any) answers chunks it
     /// remembers from an earlier run of the primary backend and remembers the new ones.
     /// `on_chunk` sees each chunk insight as soon as it is done (completion order). Dropping
     /// the returned future stops every call in flight.
@@ -281,7 +282,7 @@ impl Pipeline {
         let draft = match self
             .reduce_levels(
                 &*backend,
-                ok.clone(),
+                Cow::Borrowed(&*ok),
                 options.max_words,
                 reduce_deadline,
                 &mut usage,

@@ -125,8 +125,8 @@ struct Args {
     poll_idle: bool,
 
     /// Lowest load level at which the probe sends requests: where the server refuses most
-    /// calls, so the probe's are refused too and add little work (an admitted probe call is
-    /// counted as goodput like any other).
+    /// calls, so most of the probe's are refused too (one that is not ends DEADLINE_EXCEEDED
+    /// at the probe's deadline, `overload::PROBE_REQUEST_DEADLINE`).
     #[arg(long, env = "OVERLOAD_BENCH_PROBE_FROM", default_value_t = 5.0)]
     probe_from: f64,
 }
@@ -235,19 +235,23 @@ fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "missed" }
 }
 
-/// The probe's refusal latency and how many of its calls were refused and admitted.
+/// The probe's refusal latency, how many of its calls were refused and how many were not
+/// (queued or admitted: they end at the probe's deadline, or OK).
 fn probe_refusals(m: &Measured) -> String {
     let p = m.probe.refusals;
-    if p.count == 0 && m.probe.admitted == 0 {
+    let not_refused = m.probe.admitted + m.probe.other.values().sum::<u64>();
+    if p.count == 0 && not_refused == 0 {
         return "-".to_owned();
     }
+    if p.count == 0 {
+        return format!("- (0, {not_refused})");
+    }
     format!(
-        "{} / {} / {} ({}, {})",
+        "{} / {} / {} ({}, {not_refused})",
         ms(p.p50),
         ms(p.p99),
         ms(p.max),
         p.count,
-        m.probe.admitted
     )
 }
 
@@ -403,8 +407,8 @@ fn markdown(
          map calls + 1 reduce, map parallelism 4. Client: {} HTTP/2 connections, open loop \
          with at most {MAX_OUTSTANDING} calls in flight, deadline {:.1} s, 5 s warm-up + {} s \
          per level (control: {} s). Latency probe: its own thread and connection, health \
-         checks at 20/s, the same request at {}/s from {}× up (at most {} of its calls \
-         running; an admitted one counts as goodput); idle CPUs {}. Goodput counts complete OK answers per second of window, \
+         checks at 20/s, the same request at {}/s from {}× up with a {} ms deadline (at most {} \
+         of its calls running; one not refused ends DEADLINE_EXCEEDED); idle CPUs {}. Goodput counts complete OK answers per second of window, \
          each call weighted by the share of its duration inside the window.\n",
         args.max_concurrency,
         workload.prompt_budget_bytes(),
@@ -428,6 +432,7 @@ fn markdown(
         args.control_window.as_secs(),
         args.probe_rate,
         args.probe_from,
+        overload::PROBE_REQUEST_DEADLINE.as_millis(),
         overload::probe::MAX_PROBES_IN_FLIGHT,
         if args.poll_idle {
             "polling (`--poll-idle`)"
@@ -454,7 +459,7 @@ fn markdown(
         md,
         "| offered | calls/s | calls | goodput /s | vs sustainable | admitted p50 ms | admitted \
          p99 ms | refused (ErrorInfo reason) | other outcomes | immediate refusal p50 / p99 / \
-         max ms | probe: refusal p50 / p99 / max ms (refused, admitted) | probe: health check p50 / \
+         max ms | probe: refusal p50 / p99 / max ms (refused, not refused) | probe: health check p50 / \
          p99 ms | queue-timeout refusal p50 ms | cgroup peak MiB | VmHWM MiB | oom_kill | \
          alive |\n|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
     );
@@ -477,7 +482,7 @@ fn markdown(
         let cgroup = m.memory.cgroup;
         let _ = writeln!(
             md,
-            "| {label} | {:.2} | {} | {:.2} | {:.0}% | {} | {} | {} | {} | {} | {} | {} / {} | \
+            "| {label} | {:.2} | {} | {:.2} | {:.0}% | {} | {} | {} | {} | {} | {} | {} | \
              {queue_timeout} | {} | {} | {} | {} |",
             m.report.target_rate.unwrap_or(0.0),
             m.report.requests(),
@@ -501,8 +506,7 @@ fn markdown(
                 format!("{} / {} / {}", ms(fast.p50), ms(fast.p99), ms(fast.max))
             },
             probe_refusals(m),
-            ms(m.probe.health.p50),
-            ms(m.probe.health.p99),
+            m.probe.health_latency(),
             mib(cgroup.map(|c| c.max_usage)),
             mib(m.memory.vm_hwm),
             cgroup

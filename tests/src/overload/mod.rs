@@ -686,7 +686,9 @@ impl Measured {
     /// Calls that ended in a way the issue does not allow under overload: any status but OK,
     /// RESOURCE_EXHAUSTED and UNAVAILABLE (DEADLINE_EXCEEDED included: with deadlines far
     /// above the server's queue timeout plus a call's duration, it means a hang), failures
-    /// below gRPC, and calls still running at the hard stop.
+    /// below gRPC, and calls still running at the hard stop. The load's calls only: what the
+    /// latency probe saw is in [`Measured::probe`] (its own requests end DEADLINE_EXCEEDED by
+    /// design when they are not refused; failed health checks are shown with its latency).
     pub fn disallowed(&self) -> Vec<(String, u64)> {
         let mut out: Vec<(String, u64)> = self
             .report
@@ -721,6 +723,10 @@ const OPEN_WARMUP: Duration = Duration::from_secs(5);
 const HEALTH_PROBE_RATE: f64 = 20.0;
 /// The probe's deadline when the load has none.
 const PROBE_DEADLINE: Duration = Duration::from_secs(30);
+/// The deadline of the probe's own SummarizeFeedback calls: half of one LLM call
+/// ([`LLM_DELAY`]), so one the server does not refuse ends DEADLINE_EXCEEDED before it could
+/// finish a map call, holding a slot for at most this long.
+pub const PROBE_REQUEST_DEADLINE: Duration = Duration::from_millis(100);
 
 /// How often the watcher samples the server's liveness and its group's usage during a run.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
@@ -777,6 +783,7 @@ pub async fn measure_probed(
             refusal_rate: refusal_probe_rate,
             window,
             deadline: config.timeout.unwrap_or(PROBE_DEADLINE),
+            request_deadline: PROBE_REQUEST_DEADLINE,
         },
     )
     .map_err(|e| LoadError::Task(format!("cannot start the latency probe: {e}")))?;
@@ -957,17 +964,25 @@ pub fn summary_table(columns: &[(&str, &Measured)], sustainable: f64) -> String 
             )
         }
     });
-    row("probe: admitted / skipped / other", &|m| {
-        let other: u64 = m.probe.other.values().sum();
-        format!("{} / {} / {other}", m.probe.admitted, m.probe.skipped)
-    });
-    row("health check p50 / p99 ms", &|m| {
+    row("probe: OK / skipped / other", &|m| {
+        let other: Vec<String> = m
+            .probe
+            .other
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
         format!(
-            "{} / {}",
-            loadgen::ms(m.probe.health.p50),
-            loadgen::ms(m.probe.health.p99)
+            "{} / {} / {}",
+            m.probe.admitted,
+            m.probe.skipped,
+            if other.is_empty() {
+                "0".to_owned()
+            } else {
+                other.join(", ")
+            }
         )
     });
+    row("health check p50 / p99 ms", &|m| m.probe.health_latency());
     row("queue-timeout refusal p50 ms", &|m| {
         m.tally
             .refusals

@@ -6,21 +6,24 @@
 //! start therefore includes however long its own workers took to get round to the answer,
 //! which on two shared cores is often more than the server took to send it. The probe asks the
 //! same server the same questions from a thread of its own (a current-thread runtime, its own
-//! HTTP/2 connection, one call at a time on a fixed schedule), so what it times is the server
-//! and the network path, as a caller that is not itself overloaded would see them:
+//! HTTP/2 connection, calls on a fixed schedule), so what it times is the server and the
+//! network path, as a caller that is not itself overloaded would see them:
 //!
 //! - a `grpc.health.v1.Health/Check` at a fixed rate (what the cheapest answer costs now);
 //! - optionally, at its own fixed rate, the load's own SummarizeFeedback request (the same
 //!   encoded bytes, sent without tonic's encode copy: the 5-byte frame header and the message
 //!   are one prebuilt buffer that h2 slices into DATA frames), timed from the call's start to
 //!   the response headers. A refusal is trailers-only, so that is the moment the caller knows.
-//!   When the server admits a probe call instead, the probe waits for its answer (goodput
-//!   counts it like any load call: it is the same request) and skips the slots that passed.
+//!   These calls carry a short deadline of their own ([`ProbeConfig::request_deadline`]): one
+//!   the server queues or admits instead of refusing ends DEADLINE_EXCEEDED within it, so the
+//!   probe takes no lasting share of the slots it measures (an admitted call with the load's
+//!   deadline holds one for seconds) and is counted apart. Should one be answered OK all the
+//!   same, its answer counts as goodput like any load call's: it is the same request.
 
 use std::{
     collections::BTreeMap,
     convert::Infallible,
-    future::poll_fn,
+    future::{Future, poll_fn},
     pin::Pin,
     task::{Context, Poll},
     thread::JoinHandle,
@@ -52,18 +55,23 @@ pub struct ProbeConfig {
     pub health_rate: f64,
     /// Load requests per second (0: none).
     pub refusal_rate: f64,
-    /// When the probe starts timing: calls before it are not recorded (the load's warm-up).
+    /// The measurement window: calls are made from the probe's start until its end, and the
+    /// ones started inside it are recorded (the load's warm-up comes before it).
     pub window: (Instant, Instant),
-    /// Every probe call's deadline.
+    /// The health checks' deadline.
     pub deadline: Duration,
+    /// The deadline of the probe's own load requests: short, so that one the server does not
+    /// refuse ends soon (see the module documentation).
+    pub request_deadline: Duration,
 }
 
 /// What the probe measured inside the window.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProbeReport {
-    /// Health checks answered SERVING, latency in µs from the call's start.
+    /// Health checks answered (whatever serving status), latency in µs from the call's start.
     pub health: Percentiles,
-    /// Health checks that failed (any status but OK, or a transport error).
+    /// Health checks that failed (any status but OK, a transport error, or no answer within
+    /// the deadline).
     pub health_failed: u64,
     /// Load requests refused with RESOURCE_EXHAUSTED, latency in µs from the call's start to
     /// the response headers. Refusals that waited out `--queue-timeout` are not in it (they
@@ -73,13 +81,29 @@ pub struct ProbeReport {
     pub refusal_reasons: BTreeMap<String, u64>,
     /// Load requests the server admitted and answered OK.
     pub admitted: u64,
-    /// Load requests that ended any other way, by status (or "transport").
+    /// Load requests that ended any other way, by status (or "transport"): DEADLINE_EXCEEDED
+    /// for the ones the server queued or admitted instead of refusing.
     pub other: BTreeMap<String, u64>,
     /// Scheduled load requests not sent because the probe already had
-    /// [`MAX_PROBES_IN_FLIGHT`] admitted ones running.
+    /// [`MAX_PROBES_IN_FLIGHT`] of them running.
     pub skipped: u64,
     /// Whether the probe's thread ran in the real-time class (see `raise_priority`).
     pub realtime: bool,
+}
+
+impl ProbeReport {
+    /// "p50 / p99" of the health checks in milliseconds, with the failed ones when there are.
+    pub fn health_latency(&self) -> String {
+        let latency = format!(
+            "{} / {}",
+            loadgen::ms(self.health.p50),
+            loadgen::ms(self.health.p99)
+        );
+        match self.health_failed {
+            0 => latency,
+            failed => format!("{latency} ({failed} failed)"),
+        }
+    }
 }
 
 /// Starts the probe on its own thread; join the handle for its report once the window is over.
@@ -107,7 +131,9 @@ pub fn spawn(
 /// Puts this thread in the `SCHED_FIFO` class (priority 1), so that when an answer arrives it
 /// runs at once instead of waiting for a time slice behind the load generator's and the
 /// server's threads on the same two cores: a caller on another machine would not wait for
-/// those. Done with util-linux's `chrt` on this thread's id (no unsafe code here); needs root
+/// those. The other side of it: while it sends, it runs ahead of the server's threads too,
+/// which a remote caller would not (its own request body, 64 KiB per stream window, is the
+/// most it writes at once). Threads its runtime starts later inherit the class. Done with util-linux's `chrt` on this thread's id (no unsafe code here); needs root
 /// (CAP_SYS_NICE). False when it could not be done; the probe still runs.
 fn raise_priority() -> bool {
     let Ok(link) = std::fs::read_link("/proc/thread-self") else {
@@ -147,42 +173,105 @@ async fn run(
     Ok(report)
 }
 
-/// Health checks on schedule until the window ends: (latency of the SERVING ones, failures).
+/// Runs `call` `rate` times a second from `offset` on, each call its own task (a slow answer
+/// never delays the next call, so a stall shows as every call it held up, not as one slow
+/// sample), at most `max_in_flight` at once (a slot that finds that many is skipped). Returns
+/// the start and outcome of every call started inside `window`, and the slots skipped in it.
+/// Calls still running when the window ends are waited for (each is bounded by its deadline).
+async fn on_schedule<T, F, Fut>(
+    rate: f64,
+    window: (Instant, Instant),
+    offset: Duration,
+    max_in_flight: usize,
+    call: F,
+) -> (Vec<(Instant, T)>, u64)
+where
+    T: Send + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let mut outcomes = Vec::new();
+    let mut skipped = 0;
+    if rate <= 0.0 {
+        return (outcomes, skipped);
+    }
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let inside = |start: Instant| start >= window.0 && start < window.1;
+    let mut running = JoinSet::new();
+    let mut next = tokio::time::Instant::now() + offset;
+    while next.into_std() < window.1 {
+        tokio::select! {
+            biased;
+            Some(Ok((start, outcome))) = running.join_next() => {
+                if inside(start) {
+                    outcomes.push((start, outcome));
+                }
+            }
+            () = tokio::time::sleep_until(next) => {
+                next += interval;
+                if running.len() >= max_in_flight {
+                    skipped += u64::from(inside(Instant::now()));
+                    continue;
+                }
+                let call = call();
+                running.spawn(async move { (Instant::now(), call.await) });
+            }
+        }
+    }
+    while let Some(done) = running.join_next().await {
+        if let Ok((start, outcome)) = done
+            && inside(start)
+        {
+            outcomes.push((start, outcome));
+        }
+    }
+    (outcomes, skipped)
+}
+
+/// Health checks on schedule until the window ends: (latency of the answered ones, failures).
 async fn health_loop(
     channel: Channel,
     config: &ProbeConfig,
 ) -> Result<(Percentiles, u64), LoadError> {
     let mut histogram = new_histogram()?;
+    let deadline = config.deadline;
+    let (outcomes, _) = on_schedule(
+        config.health_rate,
+        config.window,
+        Duration::ZERO,
+        HEALTH_CHECKS_IN_FLIGHT,
+        || {
+            let mut client = HealthClient::new(channel.clone());
+            async move {
+                let start = Instant::now();
+                let request = request_with_timeout(HealthCheckRequest::default(), Some(deadline));
+                match tokio::time::timeout(deadline, client.check(request)).await {
+                    Ok(Ok(_)) => Some(start.elapsed()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
     let mut failed = 0;
-    if config.health_rate <= 0.0 {
-        return Ok((Percentiles::of(&histogram), 0));
-    }
-    let interval = Duration::from_secs_f64(1.0 / config.health_rate);
-    let mut client = HealthClient::new(channel);
-    let mut next = tokio::time::Instant::now();
-    while Instant::now() < config.window.1 {
-        tokio::time::sleep_until(next).await;
-        next += interval;
-        let start = Instant::now();
-        let request = request_with_timeout(HealthCheckRequest::default(), Some(config.deadline));
-        let answer = tokio::time::timeout(config.deadline, client.check(request)).await;
-        if start < config.window.0 {
-            continue;
-        }
-        match answer {
-            Ok(Ok(_)) => histogram.saturating_record(micros(start.elapsed())),
-            _ => failed += 1,
+    for (_, latency) in outcomes {
+        match latency {
+            Some(latency) => histogram.saturating_record(micros(latency)),
+            None => failed += 1,
         }
     }
     Ok((Percentiles::of(&histogram), failed))
 }
 
-/// Most of the probe's own requests admitted and running at once; a slot that finds this many
-/// is skipped (and counted), so the probe never adds more than this to the server's work.
+/// Most health checks in flight at once (a server that stops answering is counted as many
+/// failures, not waited on).
+const HEALTH_CHECKS_IN_FLIGHT: usize = 64;
+
+/// Most of the probe's own requests running at once; a slot that finds this many is skipped
+/// (and counted), so the probe never adds more than this to the server's work.
 pub const MAX_PROBES_IN_FLIGHT: usize = 2;
 
-/// The load's request on schedule until the window ends, each call its own task (an admitted
-/// one runs for seconds; the schedule goes on meanwhile).
+/// The load's request on schedule until the window ends, each call its own task.
 async fn refusal_loop(
     channel: Channel,
     frame: Bytes,
@@ -191,15 +280,39 @@ async fn refusal_loop(
 ) -> Result<ProbeReport, LoadError> {
     let mut report = ProbeReport::default();
     let mut fast = new_histogram()?;
-    if config.refusal_rate <= 0.0 {
-        return Ok(report);
-    }
-    let interval = Duration::from_secs_f64(1.0 / config.refusal_rate);
-    let window_start = config.window.0;
-    let mut tally = |start: Instant, outcome: Outcome| {
-        if start < window_start {
-            return;
-        }
+    let deadline = config.request_deadline;
+    // Half a slot after the health checks, so the two rarely start together.
+    let offset = if config.refusal_rate > 0.0 {
+        Duration::from_secs_f64(0.5 / config.refusal_rate)
+    } else {
+        Duration::ZERO
+    };
+    let (outcomes, skipped) = on_schedule(
+        config.refusal_rate,
+        config.window,
+        offset,
+        MAX_PROBES_IN_FLIGHT,
+        || {
+            let (mut channel, frame, load) = (channel.clone(), frame.clone(), load.clone());
+            async move {
+                let start = Instant::now();
+                // The server enforces `deadline`; the local bound only catches a server that
+                // does not.
+                let outcome = tokio::time::timeout(
+                    deadline + LOCAL_DEADLINE_MARGIN,
+                    call(&mut channel, &frame, deadline),
+                )
+                .await
+                .unwrap_or_else(|_| Outcome::Failed("no answer (local timeout)".to_owned()));
+                if let Outcome::Answered(summary, done) = &outcome {
+                    load.record_answer(start, *done, summary);
+                }
+                outcome
+            }
+        },
+    )
+    .await;
+    for (_, outcome) in outcomes {
         match outcome {
             Outcome::Refused { reason, after } => {
                 if reason != super::QUEUE_TIMEOUT_REASON {
@@ -210,46 +323,14 @@ async fn refusal_loop(
             Outcome::Answered(..) => report.admitted += 1,
             Outcome::Failed(what) => *report.other.entry(what).or_default() += 1,
         }
-    };
-    let mut running = JoinSet::new();
-    // Offset by half a slot from the health checks, so the two rarely start together.
-    let mut next = tokio::time::Instant::now() + interval / 2;
-    let mut skipped = 0;
-    while Instant::now() < config.window.1 {
-        tokio::select! {
-            biased;
-            Some(Ok((start, outcome))) = running.join_next() => tally(start, outcome),
-            () = tokio::time::sleep_until(next) => {
-                next += interval;
-                if running.len() >= MAX_PROBES_IN_FLIGHT {
-                    skipped += u64::from(Instant::now() >= window_start);
-                    continue;
-                }
-                let (mut channel, frame, load) = (channel.clone(), frame.clone(), load.clone());
-                let deadline = config.deadline;
-                running.spawn(async move {
-                    let start = Instant::now();
-                    let outcome = tokio::time::timeout(deadline, call(&mut channel, &frame, deadline))
-                        .await
-                        .unwrap_or_else(|_| Outcome::Failed("DEADLINE_EXCEEDED (local)".to_owned()));
-                    if let Outcome::Answered(summary, done) = &outcome {
-                        load.record_answer(start, *done, summary);
-                    }
-                    (start, outcome)
-                });
-            }
-        }
-    }
-    // Admitted calls still running finish (within their deadline), so their work is counted.
-    while let Some(done) = running.join_next().await {
-        if let Ok((start, outcome)) = done {
-            tally(start, outcome);
-        }
     }
     report.refusals = Percentiles::of(&fast);
     report.skipped = skipped;
     Ok(report)
 }
+
+/// How long past its deadline a probe request may go unanswered before the probe gives up on it.
+const LOCAL_DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 
 /// How one probe call of the load's request ended.
 enum Outcome {
@@ -414,13 +495,14 @@ mod tests {
         );
 
         let now = Instant::now();
-        let window = (now, now + Duration::from_millis(600));
+        let window = (now, now + Duration::from_secs(1));
         let load = SummarizeRaw::new(workload.encoded(), 3, window);
         let config = ProbeConfig {
             health_rate: 20.0,
             refusal_rate: 40.0,
             window,
             deadline: Duration::from_secs(5),
+            request_deadline: Duration::from_secs(5),
         };
         let probe = spawn(server.url(), load.clone(), config).unwrap();
         let report = tokio::task::spawn_blocking(move || probe.join())

@@ -352,11 +352,16 @@ impl Limiter {
             Ok(permit) => permit,
             Err(_) => {
                 let position = self.queued.fetch_add(1, Ordering::AcqRel) + 1;
+                // Leaves the queue however the wait ends, including when this future is
+                // dropped while waiting (the caller's deadline passed, its client went away):
+                // a count only decremented after the await would keep such callers' places
+                // taken for good, and once `queue_depth` of them had gone, nobody could queue.
+                let in_queue = InQueue(&self.queued);
                 let hopeless = self
                     .expected_wait(position)
                     .is_some_and(|wait| wait > self.queue_timeout);
                 if position > self.queue_depth || hopeless {
-                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                    drop(in_queue);
                     return Err(AdmissionError::QueueFull {
                         limit: self.max,
                         retry_after: self.retry_after(),
@@ -365,7 +370,7 @@ impl Limiter {
                 let waited =
                     tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned())
                         .await;
-                self.queued.fetch_sub(1, Ordering::AcqRel);
+                drop(in_queue);
                 let waited_for = start.elapsed();
                 self.metrics.record_queue_wait(waited_for);
                 match waited {
@@ -391,6 +396,15 @@ impl Limiter {
     /// Calls holding a permit now.
     pub fn in_use(&self) -> usize {
         self.max - self.permits.available_permits()
+    }
+}
+
+/// One caller's place in the [`Limiter`]'s queue count, given back on drop.
+struct InQueue<'a>(&'a AtomicUsize);
+
+impl Drop for InQueue<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -813,6 +827,29 @@ mod tests {
         for call in waiting {
             call.abort();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_gives_up_while_queued_leaves_the_queue() {
+        let limiter = Limiter::new(1, 1, Duration::from_secs(30), metrics());
+        let running = limiter.acquire().await.unwrap();
+        // Queued callers whose deadline passes while they wait (the deadline layer drops
+        // their future), more of them than the queue is deep.
+        for _ in 0..3 {
+            let gave_up = tokio::time::timeout(Duration::from_millis(100), limiter.acquire()).await;
+            assert!(gave_up.is_err(), "still queued when its deadline passed");
+        }
+        assert_eq!(limiter.queued.load(Ordering::Acquire), 0);
+        // The queue's one place is free again: the next caller waits for the slot and gets it.
+        let next = tokio::spawn({
+            let limiter = limiter.clone();
+            async move { limiter.acquire().await.map(drop) }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(limiter.queued.load(Ordering::Acquire), 1);
+        drop(running);
+        assert!(matches!(next.await, Ok(Ok(()))));
+        assert_eq!(limiter.queued.load(Ordering::Acquire), 0);
     }
 
     fn memory_layer(

@@ -349,6 +349,61 @@ async fn the_concurrency_limit_refuses_exactly_the_excess_and_cheap_calls_still_
 }
 
 #[tokio::test]
+async fn callers_whose_deadline_passes_in_the_queue_give_their_place_back() {
+    // One slot and one queue place. Before the fix, a queued caller dropped by its deadline
+    // kept its place: after one such caller, every later one was refused at once.
+    let setup = gemini().await;
+    let fake = setup.fake();
+    fake.push_faults([Fault::Delay(HOLD)]);
+    fake.set_default_fault(Fault::Delay(QUICK));
+    let server = start_insight(Config {
+        max_concurrency: 1,
+        queue_depth: 1,
+        queue_timeout: Duration::from_secs(30),
+        ..setup.config.clone()
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut calls = burst(&channel, 1);
+    assert!(fake.wait_for_requests(1, EVENT_TIMEOUT).await);
+
+    // Three callers in turn take the queue place and give up at their 100 ms deadline.
+    for call in 0..3 {
+        let mut client = InsightServiceClient::new(channel.clone());
+        let mut request = tonic::Request::new(summarize(1, 80 + call));
+        request.set_timeout(Duration::from_millis(100));
+        let status = within(
+            "a queued call with a short deadline",
+            client.summarize_feedback(request),
+        )
+        .await
+        .expect_err("no slot is free before its deadline");
+        assert_eq!(
+            status.code(),
+            Code::DeadlineExceeded,
+            "call {call}: {status:?}"
+        );
+    }
+
+    // The place is free: the next caller waits in it and gets the slot when the first call ends.
+    let mut client = InsightServiceClient::new(channel.clone());
+    let queued = within(
+        "a queued call",
+        client.summarize_feedback(summarize(1, 200)),
+    )
+    .await
+    .expect("queued, then admitted, not refused");
+    assert_eq!(queued.into_inner().entries_used, 1);
+    let first = within("the first call", calls.join_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.is_ok(), "{first:?}");
+    drop(client);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn with_overload_protection_off_the_same_burst_is_admitted_whole() {
     const N: usize = 2;
     const Q: usize = 2;

@@ -161,8 +161,9 @@ impl Pipeline {
     /// with at most `map_parallelism` calls in flight, and reduces the chunk insights, in
     /// levels when they exceed the prompt budget. Only the chunks in flight hold entries read
     /// from a store, so memory follows the chunk insights, not the input; inline entries,
-    /// already in memory, are cut into ranges of the request instead of being copied. `memo` (if any) answers chunks it
-    /// remembers from an earlier run of the primary backend and remembers the new ones.
+    /// already in memory, are cut into ranges of the request instead of being copied. `memo`
+    /// (if any) answers chunks it remembers from an earlier run of the primary backend and
+    /// remembers the new ones.
     /// `on_chunk` sees each chunk insight as soon as it is done (completion order). Dropping
     /// the returned future stops every call in flight.
     pub async fn summarize_source(

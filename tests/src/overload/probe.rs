@@ -107,8 +107,8 @@ impl ProbeReport {
 }
 
 /// Starts the probe on its own thread; join the handle for its report once the window is over.
-/// `load` is the load's RPC: the probe sends its request and counts admitted answers into its
-/// goodput tally.
+/// `load` is the load's RPC: the probe sends its request and counts any answer it gets into
+/// its goodput tally.
 pub fn spawn(
     url: String,
     load: SummarizeRaw,
@@ -133,8 +133,9 @@ pub fn spawn(
 /// server's threads on the same two cores: a caller on another machine would not wait for
 /// those. The other side of it: while it sends, it runs ahead of the server's threads too,
 /// which a remote caller would not (its own request body, 64 KiB per stream window, is the
-/// most it writes at once). Threads its runtime starts later inherit the class. Done with util-linux's `chrt` on this thread's id (no unsafe code here); needs root
-/// (CAP_SYS_NICE). False when it could not be done; the probe still runs.
+/// most it writes at once). Threads its runtime starts later inherit the class. Done with
+/// util-linux's `chrt` on this thread's id (no unsafe code here); needs root (CAP_SYS_NICE).
+/// False when it could not be done; the probe still runs.
 fn raise_priority() -> bool {
     let Ok(link) = std::fs::read_link("/proc/thread-self") else {
         return false;

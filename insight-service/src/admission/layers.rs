@@ -356,7 +356,10 @@ impl Limiter {
                 // dropped while waiting (the caller's deadline passed, its client went away):
                 // a count only decremented after the await would keep such callers' places
                 // taken for good, and once `queue_depth` of them had gone, nobody could queue.
-                let in_queue = InQueue(&self.queued);
+                let mut in_queue = InQueue {
+                    limiter: self,
+                    waiting_since: None,
+                };
                 let hopeless = self
                     .expected_wait(position)
                     .is_some_and(|wait| wait > self.queue_timeout);
@@ -367,12 +370,12 @@ impl Limiter {
                         retry_after: self.retry_after(),
                     });
                 }
+                in_queue.waiting_since = Some(start);
                 let waited =
                     tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned())
                         .await;
                 drop(in_queue);
                 let waited_for = start.elapsed();
-                self.metrics.record_queue_wait(waited_for);
                 match waited {
                     Ok(Ok(permit)) => permit,
                     // A closed semaphore cannot happen (it is never closed); treat it as a
@@ -399,12 +402,20 @@ impl Limiter {
     }
 }
 
-/// One caller's place in the [`Limiter`]'s queue count, given back on drop.
-struct InQueue<'a>(&'a AtomicUsize);
+/// One caller's place in the [`Limiter`]'s queue count, given back on drop; once the caller
+/// waits, the drop also records the wait, so the queue-wait metrics count callers that gave
+/// up while queued too.
+struct InQueue<'a> {
+    limiter: &'a Limiter,
+    waiting_since: Option<Instant>,
+}
 
 impl Drop for InQueue<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.limiter.queued.fetch_sub(1, Ordering::AcqRel);
+        if let Some(since) = self.waiting_since {
+            self.limiter.metrics.record_queue_wait(since.elapsed());
+        }
     }
 }
 
@@ -840,6 +851,12 @@ mod tests {
             assert!(gave_up.is_err(), "still queued when its deadline passed");
         }
         assert_eq!(limiter.queued.load(Ordering::Acquire), 0);
+        // Their waits are in the queue-wait metrics.
+        assert_eq!(limiter.metrics.queue_waits.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            limiter.metrics.queue_wait_us_max.load(Ordering::Relaxed),
+            100_000
+        );
         // The queue's one place is free again: the next caller waits for the slot and gets it.
         let next = tokio::spawn({
             let limiter = limiter.clone();

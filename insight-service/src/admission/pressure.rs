@@ -191,6 +191,15 @@ pub async fn run_monitor(
             health
                 .set_service_status(INSIGHT_SERVICE_NAME, status)
                 .await;
+            // A drain that began between the check and the update has already announced
+            // NOT_SERVING, and SERVING may have landed after it: announce it again. (The drain
+            // starts refusing before it announces, so if it had announced before this update,
+            // it is visible here.)
+            if status == ServingStatus::Serving && drain.is_draining() {
+                health
+                    .set_service_status(INSIGHT_SERVICE_NAME, ServingStatus::NotServing)
+                    .await;
+            }
         }
         if tx.is_closed() {
             return;

@@ -462,9 +462,9 @@ impl Sampler {
     /// cadences, at most once per tick. The samples of the other phases (many subscribers, see
     /// the module docs) are not included, nor are readings for [`Sampler::snapshot`], so `seq`
     /// may skip: an alert engine judging 200 samples a second would do 20 times the work for
-    /// the same decisions, and would lag behind its buffer under exactly that load. The loop never waits for a
-    /// receiver: one that falls more than [`INTERNAL_BUFFER`] samples behind gets
-    /// `RecvError::Lagged(missed)` and then continues with the oldest sample still held.
+    /// the same decisions, and would lag behind its buffer under exactly that load. The loop
+    /// never waits for a receiver: one that falls more than [`INTERNAL_BUFFER`] samples behind
+    /// gets `RecvError::Lagged(missed)` and then continues with the oldest sample still held.
     pub fn subscribe_internal(&self) -> broadcast::Receiver<Arc<Sample>> {
         self.shared.internal.subscribe()
     }

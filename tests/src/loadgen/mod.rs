@@ -44,7 +44,9 @@ use tonic::{
 
 pub use echo::{EchoInsight, serve_echo};
 pub use process::{ChildServer, IdlePoll, ProcessError, cpu_time};
-pub use report::{CODE_COUNT, Outcome, Percentiles, Recorder, Report, code_name, ms};
+pub use report::{
+    CODE_COUNT, Outcome, Percentiles, Recorder, Report, code_name, micros, ms, new_histogram,
+};
 pub use request::{
     RequestSpec, ReviewError, feedback_entries, load_review_sample, summarize_request,
     synthetic_text,

@@ -79,11 +79,14 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-fn new_histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
+/// An empty latency histogram: 1 µs to 1 h at 3 significant figures, the bounds of every
+/// latency this crate records.
+pub fn new_histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGFIG)
 }
 
-fn micros(duration: Duration) -> u64 {
+/// `duration` in whole microseconds, the unit the histograms record (saturating).
+pub fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 

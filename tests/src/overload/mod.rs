@@ -48,7 +48,7 @@ pub use llm::{FAKE_GEMINI_KEY, LlmCounts, LoadGemini};
 
 use crate::loadgen::{
     self, ChildServer, LoadConfig, LoadError, Percentiles, ProcessError, Report, Rpc,
-    request_with_timeout,
+    new_histogram, request_with_timeout,
 };
 
 /// The cgroup limit of the issue: 256 MiB.
@@ -236,9 +236,12 @@ impl Decoder for RawCodec {
 /// design, so it is timed apart from the refusals that must be answered at once.
 pub const QUEUE_TIMEOUT_REASON: &str = "QUEUE_TIMEOUT";
 
-fn new_histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
-    // 1 µs to 1 h at 3 significant figures, like the load generator's histograms.
-    Histogram::new_with_bounds(1, 3_600_000_000, 3)
+/// The ErrorInfo reason of a refusal, or "(no ErrorInfo)".
+fn refusal_reason(status: &Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .map_or_else(|| "(no ErrorInfo)".to_owned(), |info| info.reason.clone())
 }
 
 /// What [`SummarizeRaw`] saw beyond the status codes the load generator counts.
@@ -305,7 +308,7 @@ impl Tally {
         reason: String,
         latency: Duration,
     ) -> Result<(), hdrhistogram::CreationError> {
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let us = loadgen::micros(latency);
         let mut refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
         let histogram = match refusals.entry(reason) {
             std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
@@ -414,11 +417,10 @@ impl Rpc for SummarizeRaw {
                         && std::error::Error::source(&status).is_none()
                     {
                         let latency = start.elapsed();
-                        let details = status.get_error_details();
-                        let reason = details
-                            .error_info()
-                            .map_or_else(|| "(no ErrorInfo)".to_owned(), |i| i.reason.clone());
-                        if details.retry_info().is_none() && reason != "MESSAGE_TOO_LARGE" {
+                        let reason = refusal_reason(&status);
+                        if status.get_error_details().retry_info().is_none()
+                            && reason != "MESSAGE_TOO_LARGE"
+                        {
                             tally.no_retry_info.fetch_add(1, Ordering::Relaxed);
                         }
                         // Fails only if HdrHistogram rejects constant bounds, which it does

@@ -42,11 +42,10 @@ use tonic::{
     transport::Channel,
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-use tonic_types::StatusExt;
 use tower::{Service, ServiceExt};
 
-use super::{SUMMARIZE_PATH, SummarizeRaw, new_histogram};
-use crate::loadgen::{self, LoadError, Percentiles, request_with_timeout};
+use super::{SUMMARIZE_PATH, SummarizeRaw, refusal_reason};
+use crate::loadgen::{self, LoadError, Percentiles, micros, new_histogram, request_with_timeout};
 
 /// What the probe sends, and for how long.
 #[derive(Clone, Debug)]
@@ -399,11 +398,10 @@ async fn call(channel: &mut Channel, frame: &Bytes, deadline: Duration) -> Outco
 
 fn refused_or_failed(status: &Status, after: Duration) -> Outcome {
     if status.code() == Code::ResourceExhausted {
-        let reason = status
-            .get_error_details()
-            .error_info()
-            .map_or_else(|| "(no ErrorInfo)".to_owned(), |info| info.reason.clone());
-        Outcome::Refused { reason, after }
+        Outcome::Refused {
+            reason: refusal_reason(status),
+            after,
+        }
     } else {
         Outcome::Failed(format!("{:?}", status.code()))
     }
@@ -416,10 +414,6 @@ fn grpc_frame(message: &Bytes) -> Bytes {
     frame.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
     frame.put_slice(message);
     frame.freeze()
-}
-
-fn micros(latency: Duration) -> u64 {
-    u64::try_from(latency.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// A request body that is one prebuilt buffer: h2 sends it in window-sized slices of the same

@@ -723,8 +723,9 @@ impl Measured {
 const OPEN_WARMUP: Duration = Duration::from_secs(5);
 /// Health checks per second the latency probe sends during every load phase.
 const HEALTH_PROBE_RATE: f64 = 20.0;
-/// The probe's deadline when the load has none.
-const PROBE_DEADLINE: Duration = Duration::from_secs(30);
+/// The deadline of the probe's health checks (a check is a map lookup: one that takes this
+/// long means the server is not answering).
+const HEALTH_CHECK_DEADLINE: Duration = Duration::from_secs(5);
 /// The deadline of the probe's own SummarizeFeedback calls: half of one LLM call
 /// ([`LLM_DELAY`]), so one the server does not refuse ends DEADLINE_EXCEEDED before it could
 /// finish a map call, holding a slot for at most this long.
@@ -784,7 +785,7 @@ pub async fn measure_probed(
             health_rate: HEALTH_PROBE_RATE,
             refusal_rate: refusal_probe_rate,
             window,
-            deadline: config.timeout.unwrap_or(PROBE_DEADLINE),
+            deadline: HEALTH_CHECK_DEADLINE,
             request_deadline: PROBE_REQUEST_DEADLINE,
         },
     )

@@ -70,7 +70,7 @@ pub struct ProbeReport {
     /// Health checks answered (whatever serving status), latency in µs from the call's start.
     pub health: Percentiles,
     /// Health checks that failed (any status but OK, a transport error, or no answer within
-    /// the deadline).
+    /// the deadline), and scheduled ones not sent because too many were still unanswered.
     pub health_failed: u64,
     /// Load requests refused with RESOURCE_EXHAUSTED, latency in µs from the call's start to
     /// the response headers. Refusals that waited out `--queue-timeout` are not in it (they
@@ -235,7 +235,7 @@ async fn health_loop(
 ) -> Result<(Percentiles, u64), LoadError> {
     let mut histogram = new_histogram()?;
     let deadline = config.deadline;
-    let (outcomes, _) = on_schedule(
+    let (outcomes, skipped) = on_schedule(
         config.health_rate,
         config.window,
         Duration::ZERO,
@@ -253,7 +253,9 @@ async fn health_loop(
         },
     )
     .await;
-    let mut failed = 0;
+    // A slot skipped because [`HEALTH_CHECKS_IN_FLIGHT`] checks were still unanswered is a
+    // check the server failed too.
+    let mut failed = skipped;
     for (_, latency) in outcomes {
         match latency {
             Some(latency) => histogram.saturating_record(micros(latency)),

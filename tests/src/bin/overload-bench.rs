@@ -407,9 +407,10 @@ fn markdown(
          map calls + 1 reduce, map parallelism 4. Client: {} HTTP/2 connections, open loop \
          with at most {MAX_OUTSTANDING} calls in flight, deadline {:.1} s, 5 s warm-up + {} s \
          per level (control: {} s). Latency probe: its own thread and connection, health \
-         checks at 20/s, the same request at {}/s from {}× up with a {} ms deadline (at most {} \
-         of its calls running; one not refused ends DEADLINE_EXCEEDED); idle CPUs {}. Goodput counts complete OK answers per second of window, \
-         each call weighted by the share of its duration inside the window.\n",
+         checks at {}/s, the same request at {}/s from {}× up with a {} ms deadline (at most {} \
+         of its calls running; one not refused ends DEADLINE_EXCEEDED); idle CPUs {}. Goodput \
+         counts complete OK answers per second of window, each call weighted by the share of \
+         its duration inside the window.\n",
         args.max_concurrency,
         workload.prompt_budget_bytes(),
         if in_cgroup {
@@ -430,6 +431,7 @@ fn markdown(
         deadline.as_secs_f64(),
         args.window.as_secs(),
         args.control_window.as_secs(),
+        overload::HEALTH_PROBE_RATE,
         args.probe_rate,
         args.probe_from,
         overload::PROBE_REQUEST_DEADLINE.as_millis(),
@@ -578,7 +580,7 @@ fn markdown(
             "Goodput under overload: lowest {:.0}% of the sustainable rate (at {level}×) — \
              target ≥ 90%: **{}**.",
             ratio * 100.0,
-            if ratio >= 0.9 { "met" } else { "missed" }
+            verdict(ratio >= 0.9)
         );
     }
     for (level, control) in controls {

@@ -722,7 +722,7 @@ impl Measured {
 /// full and answers flow when the window opens.
 const OPEN_WARMUP: Duration = Duration::from_secs(5);
 /// Health checks per second the latency probe sends during every load phase.
-const HEALTH_PROBE_RATE: f64 = 20.0;
+pub const HEALTH_PROBE_RATE: f64 = 20.0;
 /// The deadline of the probe's health checks (a check is a map lookup: one that takes this
 /// long means the server is not answering).
 const HEALTH_CHECK_DEADLINE: Duration = Duration::from_secs(5);

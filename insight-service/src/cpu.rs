@@ -1,15 +1,25 @@
-//! CPU-heavy work over large inputs runs on Tokio's blocking pool, not on the async workers.
+//! CPU-heavy work over large inputs runs on a few low-priority threads, not on the async workers.
 //!
 //! The async workers also answer health checks and admission refusals, which must take
 //! microseconds; a worker inside a long synchronous computation answers nothing until it
 //! returns, and on a two-core node both workers can be inside one. Scanning a 100 KB chunk
 //! for sentiment (the map step of every remote call) or summarizing it locally is a millisecond
-//! or more, so above [`OFFLOAD_BYTES`] of input such work is handed to the blocking pool; below
-//! it the hand-off (two thread wake-ups) would cost more than the work, which runs inline.
+//! or more, so above [`OFFLOAD_BYTES`] of input such work is handed to the offload threads;
+//! below it the hand-off (two thread wake-ups) would cost more than the work, which runs inline.
+//!
+//! The offload threads are this module's own, not Tokio's blocking pool, for two reasons:
+//! there are only [`offload_threads`] of them (the blocking pool would start up to 512, which
+//! the OS schedules as equals of the workers), and on Linux each runs [`OFFLOAD_NICE_STEP`]
+//! nice levels below the process. Off the workers is not enough by itself: on a busy node the
+//! kernel still lets an offloaded scan finish its time slice (up to a few milliseconds) before
+//! a worker woken by a health check or a new call gets the core. A nicer thread is preempted at
+//! once and still gets the cores whenever the workers are idle, which is most of the time. A
+//! thread's nice value can only be raised without privileges, so the threads keep theirs for
+//! good and run nothing else.
 
 use std::{
-    panic,
-    sync::{Arc, OnceLock},
+    panic::{self, AssertUnwindSafe},
+    sync::{Arc, Mutex, OnceLock, mpsc},
     time::Duration,
 };
 
@@ -19,29 +29,96 @@ use tokio::{sync::Semaphore, time::Instant};
 /// computation starts to delay the other calls of its worker noticeably.
 pub const OFFLOAD_BYTES: usize = 16 * 1024;
 
-/// How many offloaded computations run at once: every core but one (at least one), so that
-/// however many large chunks are in flight, a core is left for the async workers. Tokio's
-/// blocking pool itself would start up to 512 threads, which the OS schedules as equals of
-/// the workers.
+/// How many nice levels the offload threads run below the process (Linux; capped at 19, the
+/// lowest priority). 10 levels weigh ~9× less than the process's own threads under CFS/EEVDF:
+/// enough for a woken worker to preempt them at once, while they still get about a tenth of a
+/// contended core.
+pub const OFFLOAD_NICE_STEP: i32 = 10;
+
+/// How many offloaded computations run at once (and offload threads there are): every core
+/// but one (at least one), so that however many large chunks are in flight, a core is left
+/// for the async workers.
 pub fn offload_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |cores| cores.get().saturating_sub(1).max(1))
 }
 
-/// The permits of [`offload_threads`], shared by every runtime of the process.
+/// The permits of [`offload_threads`], shared by every runtime of the process: a computation
+/// is handed over only when a thread is free for it, so a caller that gives up while waiting
+/// for a permit never leaves work behind in the queue.
 fn permits() -> &'static Arc<Semaphore> {
     static PERMITS: OnceLock<Arc<Semaphore>> = OnceLock::new();
     PERMITS.get_or_init(|| Arc::new(Semaphore::new(offload_threads())))
 }
 
-/// Whether [`run`] hands work over `input_bytes` of input to the blocking pool ([`run_on`]
+/// A computation handed to the offload threads.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The offload threads' queue, started on first use; `None` if no thread could be started
+/// (then work runs inline, which is slower to answer around but correct).
+fn offload_queue() -> Option<&'static mpsc::Sender<Job>> {
+    static QUEUE: OnceLock<Option<mpsc::Sender<Job>>> = OnceLock::new();
+    QUEUE
+        .get_or_init(|| {
+            let (sender, receiver) = mpsc::channel::<Job>();
+            let receiver = Arc::new(Mutex::new(receiver));
+            let started = (0..offload_threads())
+                .filter(|n| {
+                    let receiver = Arc::clone(&receiver);
+                    std::thread::Builder::new()
+                        .name(format!("insight-cpu-{n}"))
+                        .spawn(move || offload_thread(&receiver))
+                        .map_err(|error| {
+                            tracing::warn!(%error, "cannot start a CPU offload thread");
+                        })
+                        .is_ok()
+                })
+                .count();
+            (started > 0).then_some(sender)
+        })
+        .as_ref()
+}
+
+/// The body of an offload thread: lower its priority, then run jobs until the process ends.
+fn offload_thread(jobs: &Mutex<mpsc::Receiver<Job>>) {
+    lower_priority();
+    loop {
+        // The lock is held only while waiting; a poisoned lock (impossible: jobs catch their
+        // panics and run outside it) is still usable.
+        let job = jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .recv();
+        match job {
+            Ok(job) => job(),
+            Err(mpsc::RecvError) => return,
+        }
+    }
+}
+
+/// Moves the calling thread [`OFFLOAD_NICE_STEP`] nice levels below where it is. On Linux
+/// `setpriority(PRIO_PROCESS, 0, ..)` applies to the calling thread only (see setpriority(2),
+/// BUGS); elsewhere it would renice the whole process, so it is not done.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpriority_process, setpriority_process};
+        let lowered = getpriority_process(None)
+            .and_then(|nice| setpriority_process(None, (nice + OFFLOAD_NICE_STEP).min(19)));
+        if let Err(error) = lowered {
+            tracing::debug!(%error, "the CPU offload thread keeps the process's priority");
+        }
+    }
+}
+
+/// Whether [`run`] hands work over `input_bytes` of input to the offload threads ([`run_on`]
 /// copies borrowed input only then).
 fn offloads(input_bytes: usize) -> bool {
     input_bytes >= OFFLOAD_BYTES
 }
 
 /// Runs `work`, whose input is `input_bytes` long, inline when that is small (or when there is
-/// no Tokio runtime) and on the blocking pool otherwise, at most [`offload_threads`] at once,
-/// and returns its result.
+/// no Tokio runtime) and on the offload threads otherwise, at most [`offload_threads`] at
+/// once, and returns its result.
 ///
 /// A panic in `work` is resumed here, as if it had run inline. Dropping the future does not
 /// stop work already handed over; it runs to its end (bounded by its input) and is discarded.
@@ -50,10 +127,13 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    // Outside a Tokio runtime (a plain executor, a synchronous test) there is no pool.
-    let runtime = match tokio::runtime::Handle::try_current() {
-        Ok(handle) if offloads(input_bytes) => handle,
-        _ => return work(),
+    // Outside a Tokio runtime (a plain executor, a synchronous test) nothing may be awaited
+    // on another thread's behalf.
+    if !offloads(input_bytes) || tokio::runtime::Handle::try_current().is_err() {
+        return work();
+    }
+    let Some(queue) = offload_queue() else {
+        return work();
     };
     // Held by the work itself, so it is released when the work ends, not when a caller that
     // stopped waiting drops this future.
@@ -61,23 +141,25 @@ where
         // Never closed; were it, running inline is still correct.
         return work();
     };
-    match runtime
-        .spawn_blocking(move || {
-            let _permit = permit;
-            work()
-        })
-        .await
-    {
-        Ok(value) => value,
-        Err(error) if error.is_panic() => panic::resume_unwind(error.into_panic()),
-        // Blocking tasks are cancelled only when the runtime shuts down, which drops this
-        // future too: nothing is waiting for an answer.
+    let (answer, result) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _permit = permit;
+        let _ = answer.send(panic::catch_unwind(AssertUnwindSafe(work)));
+    });
+    if let Err(mpsc::SendError(job)) = queue.send(job) {
+        // Every offload thread is gone (they never return while the queue is open): run here.
+        job();
+    }
+    match result.await {
+        Ok(Ok(value)) => value,
+        Ok(Err(panicked)) => panic::resume_unwind(panicked),
+        // A job always answers (its panics are caught), so its answer cannot be dropped.
         Err(_) => std::future::pending().await,
     }
 }
 
 /// [`run`] over borrowed `items` (`input_bytes` of them): `work` sees them in place when they
-/// are small, or a copy on the blocking pool (which needs owned input) when they are large, so
+/// are small, or a copy on an offload thread (which needs owned input) when they are large, so
 /// they are copied only then.
 pub async fn run_on<I, T, F>(items: &[I], input_bytes: usize, work: F) -> T
 where
@@ -133,12 +215,33 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn small_work_runs_inline_and_large_work_on_the_blocking_pool() {
+    async fn small_work_runs_inline_and_large_work_on_an_offload_thread() {
         let caller = std::thread::current().id();
         let inline = run(OFFLOAD_BYTES - 1, move || std::thread::current().id()).await;
         assert_eq!(inline, caller);
-        let offloaded = run(OFFLOAD_BYTES, move || std::thread::current().id()).await;
-        assert_ne!(offloaded, caller);
+        let offloaded = run(OFFLOAD_BYTES, move || {
+            let thread = std::thread::current();
+            (thread.id(), thread.name().map(str::to_owned))
+        })
+        .await;
+        assert_ne!(offloaded.0, caller);
+        let name = offloaded.1.unwrap_or_default();
+        assert!(name.starts_with("insight-cpu-"), "{name}");
+    }
+
+    /// The point of the offload threads: they run below the workers' priority, so a worker
+    /// woken by a health check or a refusal preempts them.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn offload_threads_run_nicer_than_the_caller() {
+        use rustix::process::getpriority_process;
+        let caller = getpriority_process(None).unwrap();
+        let offloaded = run(OFFLOAD_BYTES, || getpriority_process(None).unwrap()).await;
+        // The threads took the nice value of whichever thread started them (a test thread,
+        // like this one, at the process's nice value) and went OFFLOAD_NICE_STEP below it.
+        assert_eq!(offloaded, (caller + OFFLOAD_NICE_STEP).min(19));
+        // Inline work keeps the caller's.
+        assert_eq!(run(1, || getpriority_process(None).unwrap()).await, caller);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,6 +78,7 @@ fn spec<'a>(
         protection,
         prompt_budget_bytes: workload.prompt_budget_bytes(),
         extra: Vec::new(),
+        normal_class: false,
     }
 }
 

@@ -66,7 +66,7 @@ impl LlmBackend for LocalBackend {
         MODEL
     }
 
-    // Large chunks (and large reduces) are summarized on the blocking pool (`crate::cpu`).
+    // Large chunks (and large reduces) are summarized on the offload threads (`crate::cpu`).
     fn summarize_chunk<'a>(
         &'a self,
         request: ChunkRequest<'a>,

@@ -66,7 +66,7 @@ impl<G: Generator> LlmBackend for PromptedBackend<G> {
                 deadline: request.deadline,
             });
             // The sentiment is ours to compute (a scan of the chunk's text): done while the
-            // model works, and for a large chunk on the blocking pool (see `crate::cpu`).
+            // model works, and for a large chunk on an offload thread (see `crate::cpu`).
             let (generation, sentiment) = tokio::join!(generation, sentiment(request.entries));
             let generation = generation?;
             let (insight, themes) = prompts::parse_map_answer(&generation.text)
@@ -108,7 +108,7 @@ impl<G: Generator> LlmBackend for PromptedBackend<G> {
     }
 }
 
-/// [`text::sentiment`] of `entries`, on the blocking pool when they are large.
+/// [`text::sentiment`] of `entries`, on an offload thread when they are large.
 async fn sentiment(entries: &[Entry]) -> Sentiment {
     let bytes = entries.iter().map(|entry| entry.text.len()).sum();
     cpu::run_on(entries, bytes, text::sentiment).await

@@ -24,7 +24,9 @@
 //!    is LLM-latency bound, so an unlimited server carries far more than 4 calls at once until
 //!    its memory runs out).
 //!
-//! `--poll-idle` keeps idle CPUs polling while it runs (see `loadgen::IdlePoll`).
+//! `--poll-idle` keeps idle CPUs polling while it runs (see `loadgen::IdlePoll`); `--idle-load`
+//! runs this process (load generator, fake Gemini) in the `SCHED_IDLE` class and the server in
+//! the normal one, as if the load came from another machine.
 //!
 //! It prints a Markdown section to paste into BENCHMARKS.md. Loopback only; every phase is
 //! bounded in time; children are killed and groups removed when their phase ends (also on
@@ -41,7 +43,7 @@ use std::{
 
 use clap::Parser;
 use spotifai_e2e::{
-    loadgen::{IdlePoll, ms},
+    loadgen::{IdlePoll, idle_class_for_this_process, ms},
     overload::{
         self, CGROUP_LIMIT, LoadGemini, MAX_CONCURRENCY, MAX_OUTSTANDING, Measured, MemoryCgroup,
         OverloadServer, QUEUE_TIMEOUT_REASON, ServerSpec, Workload,
@@ -123,6 +125,14 @@ struct Args {
     /// vCPU's wake-up adds a few hundred microseconds to every round trip between idle threads.
     #[arg(long, env = "OVERLOAD_BENCH_POLL_IDLE")]
     poll_idle: bool,
+
+    /// Run the load generator and the fake Gemini (this process) in the `SCHED_IDLE` class and
+    /// the server in the normal one, as if the load came from another machine: the server's
+    /// threads then never wait behind the load generator's time slice for a core (see
+    /// `spotifai_e2e::loadgen::idle_class_for_this_process`). The latency probe still runs
+    /// `SCHED_FIFO`. Needs root.
+    #[arg(long, env = "OVERLOAD_BENCH_IDLE_LOAD")]
+    idle_load: bool,
 
     /// Lowest load level at which the probe sends requests: where the server refuses most
     /// calls, so most of the probe's are refused too (one that is not ends DEADLINE_EXCEEDED
@@ -255,6 +265,16 @@ fn probe_refusals(m: &Measured) -> String {
     )
 }
 
+/// How the load generator and the server share the cores, for the report.
+fn load_class(args: &Args) -> &'static str {
+    if args.idle_load {
+        "the load generator and the fake Gemini in the SCHED_IDLE class, the server in the \
+         normal one, as if the load came from another machine (`--idle-load`)"
+    } else {
+        "the load generator, the fake Gemini and the server all in the normal scheduling class"
+    }
+}
+
 fn print_phase(title: &str, m: &Measured, sustainable: f64) {
     println!(
         "\n== {title} ==\n{}",
@@ -272,6 +292,13 @@ async fn bench(args: &Args) -> BenchResult<String> {
     } else {
         None
     };
+    if args.idle_load {
+        let moved = idle_class_for_this_process().map_err(|e| format!("--idle-load: {e}"))?;
+        println!(
+            "the load generator and the fake Gemini run SCHED_IDLE ({moved} threads), the server \
+             SCHED_OTHER (--idle-load)"
+        );
+    }
     let workload = Workload {
         entries: args.entries,
         entry_bytes: args.entry_bytes,
@@ -304,6 +331,7 @@ async fn bench(args: &Args) -> BenchResult<String> {
             "--max-concurrency".to_owned(),
             args.max_concurrency.to_string(),
         ],
+        normal_class: args.idle_load,
     };
     println!(
         "{machine}\nserver {}; requests of {} entries x {} B = {} bytes, {} map calls each",
@@ -408,7 +436,7 @@ fn markdown(
          with at most {MAX_OUTSTANDING} calls in flight, deadline {:.1} s, 5 s warm-up + {} s \
          per level (control: {} s). Latency probe: its own thread and connection, health \
          checks at {}/s, the same request at {}/s from {}× up with a {} ms deadline (at most {} \
-         of its calls running; one not refused ends DEADLINE_EXCEEDED); idle CPUs {}. Goodput \
+         of its calls running; one not refused ends DEADLINE_EXCEEDED); idle CPUs {}; {}. Goodput \
          counts complete OK answers per second of window, each call weighted by the share of \
          its duration inside the window.\n",
         args.max_concurrency,
@@ -440,7 +468,8 @@ fn markdown(
             "polling (`--poll-idle`)"
         } else {
             "halting (this VM's default)"
-        }
+        },
+        load_class(args),
     );
     let p = sustained.report.ok_latency();
     let _ = writeln!(
@@ -553,7 +582,7 @@ fn markdown(
         let _ = writeln!(
             md,
             "Shed latency seen by the probe (the load's own request from a caller that is not \
-             itself busy: own thread{}, own connection; {}): worst p99 {} ms at {level}× ({count} \
+             itself busy: own thread{}, own connection; {}; {}): worst p99 {} ms at {level}× ({count} \
              refusals) — target ≤ 1 ms: **{}**.",
             if realtime {
                 " in the real-time class"
@@ -565,6 +594,7 @@ fn markdown(
             } else {
                 "idle CPUs halting, this VM's default"
             },
+            load_class(args),
             ms(p99),
             verdict(p99 <= SHED_P99_TARGET_US)
         );

@@ -43,7 +43,7 @@ use tonic::{
 };
 
 pub use echo::{EchoInsight, serve_echo};
-pub use process::{ChildServer, IdlePoll, ProcessError, cpu_time};
+pub use process::{ChildServer, IdlePoll, ProcessError, cpu_time, idle_class_for_this_process};
 pub use report::{
     CODE_COUNT, Outcome, Percentiles, Recorder, Report, code_name, micros, ms, new_histogram,
 };

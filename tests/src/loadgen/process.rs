@@ -245,3 +245,34 @@ impl IdlePoll {
         Ok(Self { _file: file })
     }
 }
+
+/// Moves every thread of this process into the `SCHED_IDLE` scheduling class (threads started
+/// later inherit it from the thread that starts them), and returns how many were moved.
+///
+/// Why a benchmark would: when the load generator shares the server's cores, each wake-up of
+/// the server (an incoming call, a refusal to send) may wait behind the load generator's time
+/// slice, up to a few milliseconds, a delay the same load sent from another machine would not
+/// cause. A `SCHED_IDLE` thread is preempted at once by any normal thread that wakes up, and
+/// still gets every cycle the server leaves idle, which is nearly all of them here. The
+/// server must then be started back in the normal class (children inherit the class, see
+/// `overload::ServerSpec::normal_class`); a thread that sets itself `SCHED_FIFO` (the latency
+/// probe) leaves it. Done with util-linux's `chrt` on each thread id (no unsafe code here).
+pub fn idle_class_for_this_process() -> std::io::Result<usize> {
+    let mut moved = 0;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let tid = task?.file_name().to_string_lossy().into_owned();
+        let status = std::process::Command::new("chrt")
+            .args(["--idle", "--pid", "0", &tid])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()?;
+        if !status.status.success() {
+            return Err(std::io::Error::other(format!(
+                "chrt --idle on thread {tid}: {}",
+                String::from_utf8_lossy(&status.stderr).trim()
+            )));
+        }
+        moved += 1;
+    }
+    Ok(moved)
+}

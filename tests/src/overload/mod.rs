@@ -480,6 +480,10 @@ pub struct ServerSpec<'a> {
     pub prompt_budget_bytes: u32,
     /// Further flags.
     pub extra: Vec<String>,
+    /// Start the server in the normal scheduling class (`chrt --other 0`): needed when this
+    /// process's threads run `SCHED_IDLE` (`loadgen::idle_class_for_this_process`), whose
+    /// class a child would otherwise inherit. Needs root.
+    pub normal_class: bool,
 }
 
 impl ServerSpec<'_> {
@@ -538,16 +542,28 @@ impl OverloadServer {
         spec: &ServerSpec<'_>,
         cgroup: Option<MemoryCgroup>,
     ) -> Result<Self, OverloadError> {
-        let mut command = match &cgroup {
-            Some(group) => {
+        // `chrt --other 0 insight-service ...` sets the class, then execs the server.
+        let normal_class: &[&str] = if spec.normal_class {
+            &["chrt", "--other", "0"]
+        } else {
+            &[]
+        };
+        let mut command = match (&cgroup, normal_class) {
+            (Some(group), _) => {
                 let mut sh = Command::new("sh");
                 sh.arg("-c")
                     .arg(r#"echo $$ > "$0" && exec "$@""#)
                     .arg(group.procs_file())
+                    .args(normal_class)
                     .arg(spec.bin);
                 sh
             }
-            None => Command::new(spec.bin),
+            (None, [chrt, class_args @ ..]) => {
+                let mut chrt = Command::new(chrt);
+                chrt.args(class_args).arg(spec.bin);
+                chrt
+            }
+            (None, []) => Command::new(spec.bin),
         };
         command
             .args(spec.args())

@@ -15,7 +15,9 @@
 //! a worker woken by a health check or a new call gets the core. A nicer thread is preempted at
 //! once and still gets the cores whenever the workers are idle, which is most of the time. A
 //! thread's nice value can only be raised without privileges, so the threads keep theirs for
-//! good and run nothing else.
+//! good and run nothing else. (On the two-core benchmark machine, where the load generator
+//! shares the cores, the refusal and health-check latencies of `overload-bench` did not move
+//! measurably either way: BENCHMARKS.md, "insight-service: overload".)
 
 use std::{
     panic::{self, AssertUnwindSafe},

@@ -10,10 +10,11 @@
 //! The offload threads are this module's own, not Tokio's blocking pool, for two reasons:
 //! there are only [`offload_threads`] of them (the blocking pool would start up to 512, which
 //! the OS schedules as equals of the workers), and on Linux each runs [`OFFLOAD_NICE_STEP`]
-//! nice levels below the process. Off the workers is not enough by itself: on a busy node the
-//! kernel still lets an offloaded scan finish its time slice (up to a few milliseconds) before
-//! a worker woken by a health check or a new call gets the core. A nicer thread is preempted at
-//! once and still gets the cores whenever the workers are idle, which is most of the time. A
+//! nice levels below the workers. Off the workers is not enough by itself: on a busy node the
+//! kernel may let an offloaded scan run on for its time slice (up to a few milliseconds) before
+//! a worker woken by a health check or a new call gets the core. A much nicer thread is
+//! preempted almost at once, and still gets the cores whenever the workers are idle, which is
+//! most of the time. A
 //! thread's nice value can only be raised without privileges, so the threads keep theirs for
 //! good and run nothing else. (On the two-core benchmark machine, where the load generator
 //! shares the cores, the refusal and health-check latencies of `overload-bench` did not move
@@ -31,37 +32,39 @@ use tokio::{sync::Semaphore, time::Instant};
 /// computation starts to delay the other calls of its worker noticeably.
 pub const OFFLOAD_BYTES: usize = 16 * 1024;
 
-/// How many nice levels the offload threads run below the process (Linux; capped at 19, the
+/// How many nice levels the offload threads run below the workers (Linux; capped at 19, the
 /// lowest priority). 10 levels weigh ~9× less than the process's own threads under CFS/EEVDF:
 /// enough for a woken worker to preempt them at once, while they still get about a tenth of a
 /// contended core.
 pub const OFFLOAD_NICE_STEP: i32 = 10;
 
-/// How many offloaded computations run at once (and offload threads there are): every core
-/// but one (at least one), so that however many large chunks are in flight, a core is left
-/// for the async workers.
+/// How many offload threads are started, and so how many offloaded computations run at once:
+/// every core but one (at least one), so that however many large chunks are in flight, a core
+/// is left for the async workers.
 pub fn offload_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |cores| cores.get().saturating_sub(1).max(1))
-}
-
-/// The permits of [`offload_threads`], shared by every runtime of the process: a computation
-/// is handed over only when a thread is free for it, so a caller that gives up while waiting
-/// for a permit never leaves work behind in the queue.
-fn permits() -> &'static Arc<Semaphore> {
-    static PERMITS: OnceLock<Arc<Semaphore>> = OnceLock::new();
-    PERMITS.get_or_init(|| Arc::new(Semaphore::new(offload_threads())))
 }
 
 /// A computation handed to the offload threads.
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The offload threads' queue, started on first use; `None` if no thread could be started
-/// (then work runs inline, which is slower to answer around but correct).
-fn offload_queue() -> Option<&'static mpsc::Sender<Job>> {
-    static QUEUE: OnceLock<Option<mpsc::Sender<Job>>> = OnceLock::new();
-    QUEUE
+/// The offload threads, started on first use, shared by every runtime of the process.
+struct Offload {
+    /// Their queue.
+    jobs: mpsc::Sender<Job>,
+    /// One permit per thread that started: a computation is handed over only when a thread is
+    /// free for it, so a caller that gives up while waiting for a permit leaves no work behind
+    /// in the queue.
+    permits: Arc<Semaphore>,
+}
+
+/// The offload threads; `None` if none could be started (then work runs inline, which is
+/// slower to answer around but correct).
+fn offload() -> Option<&'static Offload> {
+    static OFFLOAD: OnceLock<Option<Offload>> = OnceLock::new();
+    OFFLOAD
         .get_or_init(|| {
-            let (sender, receiver) = mpsc::channel::<Job>();
+            let (jobs, receiver) = mpsc::channel::<Job>();
             let receiver = Arc::new(Mutex::new(receiver));
             let started = (0..offload_threads())
                 .filter(|n| {
@@ -75,31 +78,42 @@ fn offload_queue() -> Option<&'static mpsc::Sender<Job>> {
                         .is_ok()
                 })
                 .count();
-            (started > 0).then_some(sender)
+            (started > 0).then(|| Offload {
+                jobs,
+                permits: Arc::new(Semaphore::new(started)),
+            })
         })
         .as_ref()
 }
 
-/// The body of an offload thread: lower its priority, then run jobs until the process ends.
+/// The body of an offload thread: lower its priority, then run jobs for as long as the process
+/// lives. Nothing a job does can end the thread: a job catches the panics of its work, and a
+/// panic while the job drops an answer nobody waits for any more is caught here.
 fn offload_thread(jobs: &Mutex<mpsc::Receiver<Job>>) {
     lower_priority();
     loop {
-        // The lock is held only while waiting; a poisoned lock (impossible: jobs catch their
-        // panics and run outside it) is still usable.
+        // The lock is held only while waiting (the guard is dropped at the end of the
+        // statement); it cannot be poisoned, as no job runs under it.
         let job = jobs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .recv();
         match job {
-            Ok(job) => job(),
+            Ok(job) => {
+                let _ = panic::catch_unwind(AssertUnwindSafe(job));
+            }
+            // The queue's sender lives in a static: never reached.
             Err(mpsc::RecvError) => return,
         }
     }
 }
 
-/// Moves the calling thread [`OFFLOAD_NICE_STEP`] nice levels below where it is. On Linux
-/// `setpriority(PRIO_PROCESS, 0, ..)` applies to the calling thread only (see setpriority(2),
-/// BUGS); elsewhere it would renice the whole process, so it is not done.
+/// Moves the calling thread [`OFFLOAD_NICE_STEP`] nice levels below where it is (an offload
+/// thread starts at the nice value of the thread that first offloaded, normally a worker at the
+/// process's value; capped at 19). On Linux `setpriority(PRIO_PROCESS, 0, ..)` applies to the
+/// calling thread only (see setpriority(2), BUGS); elsewhere it would renice the whole
+/// process, so it is not done. Should the kernel refuse, the thread keeps its priority and
+/// only a debug line says so: nothing else depends on it.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
@@ -107,7 +121,7 @@ fn lower_priority() {
         let lowered = getpriority_process(None)
             .and_then(|nice| setpriority_process(None, (nice + OFFLOAD_NICE_STEP).min(19)));
         if let Err(error) = lowered {
-            tracing::debug!(%error, "the CPU offload thread keeps the process's priority");
+            tracing::debug!(%error, "the CPU offload thread keeps its priority");
         }
     }
 }
@@ -129,17 +143,17 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    // Outside a Tokio runtime (a plain executor, a synchronous test) nothing may be awaited
-    // on another thread's behalf.
+    // Outside a Tokio runtime (a plain executor, a synchronous test) the calling thread has
+    // nothing else to do while it waits, so the work runs there.
     if !offloads(input_bytes) || tokio::runtime::Handle::try_current().is_err() {
         return work();
     }
-    let Some(queue) = offload_queue() else {
+    let Some(offload) = offload() else {
         return work();
     };
     // Held by the work itself, so it is released when the work ends, not when a caller that
     // stopped waiting drops this future.
-    let Ok(permit) = Arc::clone(permits()).acquire_owned().await else {
+    let Ok(permit) = Arc::clone(&offload.permits).acquire_owned().await else {
         // Never closed; were it, running inline is still correct.
         return work();
     };
@@ -148,15 +162,16 @@ where
         let _permit = permit;
         let _ = answer.send(panic::catch_unwind(AssertUnwindSafe(work)));
     });
-    if let Err(mpsc::SendError(job)) = queue.send(job) {
-        // Every offload thread is gone (they never return while the queue is open): run here.
+    if let Err(mpsc::SendError(job)) = offload.jobs.send(job) {
+        // The receiving end is gone (the threads never let it go): run here.
         job();
     }
     match result.await {
         Ok(Ok(value)) => value,
         Ok(Err(panicked)) => panic::resume_unwind(panicked),
-        // A job always answers (its panics are caught), so its answer cannot be dropped.
-        Err(_) => std::future::pending().await,
+        // A job always answers before it is dropped (its work's panics are caught), and the
+        // threads outlive every job; were that ever broken, fail loudly rather than hang.
+        Err(_) => panic::resume_unwind(Box::new("an offloaded computation ended unanswered")),
     }
 }
 
@@ -231,21 +246,6 @@ mod tests {
         assert!(name.starts_with("insight-cpu-"), "{name}");
     }
 
-    /// The point of the offload threads: they run below the workers' priority, so a worker
-    /// woken by a health check or a refusal preempts them.
-    #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn offload_threads_run_nicer_than_the_caller() {
-        use rustix::process::getpriority_process;
-        let caller = getpriority_process(None).unwrap();
-        let offloaded = run(OFFLOAD_BYTES, || getpriority_process(None).unwrap()).await;
-        // The threads took the nice value of whichever thread started them (a test thread,
-        // like this one, at the process's nice value) and went OFFLOAD_NICE_STEP below it.
-        assert_eq!(offloaded, (caller + OFFLOAD_NICE_STEP).min(19));
-        // Inline work keeps the caller's.
-        assert_eq!(run(1, || getpriority_process(None).unwrap()).await, caller);
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn offloaded_work_runs_at_most_offload_threads_at_once() {
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -265,7 +265,69 @@ mod tests {
         }
         // Other tests of this binary may hold permits too, so the cap bounds ours from above.
         let most = most.load(Ordering::SeqCst);
-        assert!(most >= 1 && most <= offload_threads(), "{most}");
+        assert!((1..=offload_threads()).contains(&most), "{most}");
+    }
+
+    /// The point of the offload threads: they run below the workers' priority, so a worker
+    /// woken by a health check or a refusal preempts them.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn offload_threads_run_nicer_than_the_caller() {
+        use rustix::process::getpriority_process;
+        let caller = getpriority_process(None).unwrap();
+        if caller >= 19 {
+            eprintln!("skipped: the tests run at nice {caller}, there is no lower priority");
+            return;
+        }
+        let offloaded = run(OFFLOAD_BYTES, || getpriority_process(None).unwrap()).await;
+        // The threads took the nice value of whichever thread started them (a test thread,
+        // like this one, at the process's nice value) and went OFFLOAD_NICE_STEP below it.
+        assert_eq!(offloaded, (caller + OFFLOAD_NICE_STEP).min(19));
+        // Inline work keeps the caller's.
+        assert_eq!(run(1, || getpriority_process(None).unwrap()).await, caller);
+    }
+
+    /// Work is handed over only once a thread is free for it: a caller that gives up while
+    /// every thread is busy leaves nothing in the queue to run later for nobody.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_that_gives_up_before_a_thread_is_free_leaves_no_work_behind() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let open = Arc::new(AtomicBool::new(false));
+        let offload = offload().unwrap();
+        // Occupy every offload thread (other tests of this binary may hold some already).
+        let blockers: Vec<_> = (0..offload_threads())
+            .map(|_| {
+                let open = Arc::clone(&open);
+                tokio::spawn(run(OFFLOAD_BYTES, move || {
+                    while !open.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }))
+            })
+            .collect();
+        while offload.permits.available_permits() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let ran = Arc::new(AtomicBool::new(false));
+        let gave_up = {
+            let ran = Arc::clone(&ran);
+            tokio::spawn(run(OFFLOAD_BYTES, move || {
+                ran.store(true, Ordering::SeqCst)
+            }))
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gave_up.abort();
+        assert!(gave_up.await.unwrap_err().is_cancelled());
+        open.store(true, Ordering::SeqCst);
+        for blocker in blockers {
+            blocker.await.unwrap();
+        }
+        // The queue is first in, first out: once a later job has run, an earlier one would have.
+        run(OFFLOAD_BYTES, || ()).await;
+        assert!(
+            !ran.load(Ordering::SeqCst),
+            "work of a caller that gave up ran"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -258,21 +258,33 @@ impl IdlePoll {
 /// `overload::ServerSpec::normal_class`); a thread that sets itself `SCHED_FIFO` (the latency
 /// probe) leaves it. Done with util-linux's `chrt` on each thread id (no unsafe code here).
 pub fn idle_class_for_this_process() -> std::io::Result<usize> {
-    let mut moved = 0;
-    for task in std::fs::read_dir("/proc/self/task")? {
-        let tid = task?.file_name().to_string_lossy().into_owned();
-        let status = std::process::Command::new("chrt")
-            .args(["--idle", "--pid", "0", &tid])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .output()?;
-        if !status.status.success() {
-            return Err(std::io::Error::other(format!(
-                "chrt --idle on thread {tid}: {}",
-                String::from_utf8_lossy(&status.stderr).trim()
-            )));
+    let mut moved = std::collections::HashSet::new();
+    // A thread not yet moved may start another meanwhile: scan until a pass finds none new.
+    loop {
+        let mut new = 0;
+        for task in std::fs::read_dir("/proc/self/task")? {
+            let tid = task?.file_name().to_string_lossy().into_owned();
+            if moved.contains(&tid) {
+                continue;
+            }
+            let chrt = std::process::Command::new("chrt")
+                .args(["--idle", "--pid", "0", &tid])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .output()?;
+            let gone = || !std::path::Path::new("/proc/self/task").join(&tid).exists();
+            if !chrt.status.success() && !gone() {
+                return Err(std::io::Error::other(format!(
+                    "chrt --idle on thread {tid}: {}",
+                    String::from_utf8_lossy(&chrt.stderr).trim()
+                )));
+            }
+            // A thread that ended meanwhile (an idle blocking-pool thread) needs nothing.
+            moved.insert(tid);
+            new += 1;
         }
-        moved += 1;
+        if new == 0 {
+            return Ok(moved.len());
+        }
     }
-    Ok(moved)
 }

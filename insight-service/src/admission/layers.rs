@@ -644,6 +644,23 @@ mod tests {
             tonic::Status::from_header_map(response.headers()).unwrap()
         }
 
+        /// The ErrorInfo reason of a refusal, after checking what every refusal carries:
+        /// RESOURCE_EXHAUSTED and a RetryInfo with a delay.
+        pub fn refusal_reason(response: Response<Body>) -> String {
+            use tonic_types::StatusExt;
+            let status = status(response);
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+            let details = status.get_error_details();
+            assert!(
+                details.retry_info().and_then(|r| r.retry_delay).is_some(),
+                "no RetryInfo delay: {status:?}"
+            );
+            details
+                .error_info()
+                .map(|info| info.reason.clone())
+                .unwrap_or_default()
+        }
+
         pub fn ok() -> Response<Body> {
             Response::new(Body::default())
         }
@@ -716,15 +733,7 @@ mod tests {
             .call(request("SummarizeFeedback", 1))
             .await
             .unwrap();
-        let status = status(refused);
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        use tonic_types::StatusExt;
-        let details = status.get_error_details();
-        assert_eq!(
-            details.error_info().map(|i| i.reason.as_str()),
-            Some("MEMORY_PRESSURE")
-        );
-        assert!(details.retry_info().is_some());
+        assert_eq!(refusal_reason(refused), "MEMORY_PRESSURE");
         assert_eq!(metrics.shed_pressure.load(Ordering::Relaxed), 1);
 
         // Cheap reads still pass while critical.
@@ -764,15 +773,7 @@ mod tests {
             .call(request("SummarizeFeedback", 1))
             .await
             .unwrap();
-        let status = status(refused);
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        use tonic_types::StatusExt;
-        let details = status.get_error_details();
-        assert_eq!(
-            details.error_info().map(|i| i.reason.as_str()),
-            Some("CONCURRENCY_LIMIT")
-        );
-        assert!(details.retry_info().and_then(|r| r.retry_delay).is_some());
+        assert_eq!(refusal_reason(refused), "CONCURRENCY_LIMIT");
 
         // Finishing one call (and dropping its response body) lets the queued one in.
         first.1.send_response(ok());
@@ -949,15 +950,7 @@ mod tests {
             .oneshot(request("SummarizeFeedback", 600_000))
             .await
             .unwrap();
-        let status = status(refused);
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        use tonic_types::StatusExt;
-        let details = status.get_error_details();
-        assert_eq!(
-            details.error_info().map(|i| i.reason.as_str()),
-            Some("MEMORY_BUDGET")
-        );
-        assert!(details.retry_info().and_then(|r| r.retry_delay).is_some());
+        assert_eq!(refusal_reason(refused), "MEMORY_BUDGET");
         assert_eq!(budget.in_use(), 0);
         assert_eq!(metrics.shed_memory.load(Ordering::Relaxed), 1);
     }

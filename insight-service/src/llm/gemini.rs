@@ -29,7 +29,7 @@ use super::{
     FinishReason, GenerateRequest, Generation, Generator, LlmError,
     http::{
         Flow, HttpLimits, HttpTransport, ProviderError, SetupError, SseHandler,
-        error_for_provider_error, join_url, truncate,
+        error_for_provider_error, join_url, stream_end, truncate,
     },
 };
 use crate::domain::Usage;
@@ -487,17 +487,7 @@ impl SseHandler for StreamHandler {
     }
 
     fn on_end(&mut self, trailing: &[u8]) -> Result<(), LlmError> {
-        if trailing.iter().all(u8::is_ascii_whitespace) {
-            return Ok(());
-        }
-        // A stream that fails midway ends with a bare JSON error object (no `data:` prefix).
-        match ProviderError::from_body(trailing) {
-            Some(error) => Err(error_for_provider_error(NAME, &error)),
-            None => Err(malformed(format!(
-                "unexpected non-SSE content in the stream: {}",
-                String::from_utf8_lossy(&trailing[..trailing.len().min(120)])
-            ))),
-        }
+        stream_end(NAME, trailing)
     }
 }
 

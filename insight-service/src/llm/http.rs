@@ -710,6 +710,26 @@ pub fn error_for_status(
     }
 }
 
+/// What a stream's end says once its events are read ([`SseHandler::on_end`]): nothing but
+/// whitespace after the last event is a clean end; a bare JSON error object is that error
+/// (Gemini appends one to a stream that fails midway, and some OpenAI-compatible servers answer
+/// a failing streamed request with a plain error body); anything else is a malformed stream.
+pub(crate) fn stream_end(backend: &str, trailing: &[u8]) -> Result<(), LlmError> {
+    if trailing.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    match ProviderError::from_body(trailing) {
+        Some(error) => Err(error_for_provider_error(backend, &error)),
+        None => Err(LlmError::Malformed {
+            backend: backend.to_owned(),
+            message: truncate(format!(
+                "unexpected non-SSE content in the stream: {}",
+                String::from_utf8_lossy(&trailing[..trailing.len().min(120)])
+            )),
+        }),
+    }
+}
+
 /// The error a provider reported inside a 2xx body or stream, mapped like an HTTP status.
 pub(crate) fn error_for_provider_error(backend: &str, error: &ProviderError) -> LlmError {
     let status = error.status();
@@ -1066,6 +1086,24 @@ mod tests {
             error_for_status("gemini", 400, key, None),
             LlmError::Auth { .. }
         ));
+    }
+
+    #[test]
+    fn a_stream_ends_cleanly_on_whitespace_with_its_error_on_json_and_malformed_otherwise() {
+        assert!(stream_end("gemini", b"").is_ok());
+        assert!(stream_end("gemini", b"\r\n \n").is_ok());
+        let json = br#"{"error":{"code":503,"message":"overloaded","status":"UNAVAILABLE"}}"#;
+        assert!(matches!(
+            stream_end("gemini", json),
+            Err(LlmError::Server { status: 503, .. })
+        ));
+        match stream_end("openai", b"<html>bad gateway</html>") {
+            Err(LlmError::Malformed { backend, message }) => {
+                assert_eq!(backend, "openai");
+                assert!(message.contains("<html>bad gateway"), "{message}");
+            }
+            other => panic!("expected a malformed stream, got {other:?}"),
+        }
     }
 
     #[test]

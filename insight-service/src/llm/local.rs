@@ -336,7 +336,11 @@ mod tests {
     use super::*;
     use crate::domain::{ChunkStatus, Entry};
 
-    const REVIEWS: &str = "/work/shared/data/reviews/spotify_googleplay_reviews_sample1000.csv";
+    /// The real reviews of the shared data set (`../shared` next to the repository).
+    const REVIEWS: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/reviews/spotify_googleplay_reviews_sample1000.csv"
+    );
 
     fn entry(id: usize, text: &str, rating: Option<u8>) -> Entry {
         Entry {

@@ -858,8 +858,11 @@ mod tests {
     // The measurement of issue 4: compact prompt vs a prompt that embeds the full history.
     // -----------------------------------------------------------------------------------------
 
-    /// The real tracks file of the shared data set.
-    const TRACKS_CSV: &str = "/work/shared/data/tracks/top_hits_2000_2019_songs_normalize.csv";
+    /// The real tracks file of the shared data set (`../shared` next to the repository).
+    const TRACKS_CSV: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/tracks/top_hits_2000_2019_songs_normalize.csv"
+    );
     /// Plays in the measured history.
     const MEASURED_PLAYS: usize = 500;
 

@@ -29,7 +29,7 @@ use super::{
     FinishReason, GenerateRequest, Generation, Generator, LlmError,
     http::{
         Flow, HttpLimits, HttpTransport, ProviderError, SetupError, SseHandler,
-        error_for_provider_error, join_url, stream_end, truncate,
+        error_for_provider_error, join_url, malformed, stream_end,
     },
 };
 use crate::domain::Usage;
@@ -151,7 +151,7 @@ impl GeminiGenerator {
                 .await;
             let body = result?;
             let response: GenerateContentResponse = serde_json::from_slice(&body)
-                .map_err(|e| malformed(format!("not a generateContent response: {e}")))?;
+                .map_err(|e| malformed(NAME, format!("not a generateContent response: {e}")))?;
             let mut answer = Answer::default();
             answer.absorb(response)?;
             answer.into_generation(usage, false)
@@ -189,13 +189,6 @@ fn check_model(model: &str) -> Result<(), SetupError> {
             model: model.to_owned(),
             reason: "use letters, digits, '-', '.', '_' (e.g. gemini-2.5-flash)".to_owned(),
         })
-    }
-}
-
-fn malformed(message: String) -> LlmError {
-    LlmError::Malformed {
-        backend: NAME.to_owned(),
-        message: truncate(message),
     }
 }
 
@@ -252,7 +245,7 @@ fn request_body(request: &GenerateRequest<'_>) -> Result<Bytes, LlmError> {
     };
     serde_json::to_vec(&body)
         .map(Bytes::from)
-        .map_err(|e| malformed(format!("cannot encode the request: {e}")))
+        .map_err(|e| malformed(NAME, format!("cannot encode the request: {e}")))
 }
 
 /// Converts a JSON Schema into the OpenAPI-3.0 subset Gemini's `responseSchema` accepts.
@@ -431,13 +424,14 @@ impl Answer {
         if let Some(reason) = self.blocked
             && self.text.is_empty()
         {
-            return Err(malformed(format!("prompt blocked ({reason})")));
+            return Err(malformed(NAME, format!("prompt blocked ({reason})")));
         }
         let finish = match self.finish.as_deref() {
             Some(reason) => finish_reason(reason),
             // A finished stream always ends with a finishReason; without one it was cut.
             None if streamed => {
                 return Err(malformed(
+                    NAME,
                     "stream ended before a finishReason (answer cut off)".to_owned(),
                 ));
             }
@@ -445,7 +439,10 @@ impl Answer {
         };
         if self.text.is_empty() {
             let reason = self.finish.as_deref().unwrap_or("no candidates");
-            return Err(malformed(format!("no answer text (finishReason {reason})")));
+            return Err(malformed(
+                NAME,
+                format!("no answer text (finishReason {reason})"),
+            ));
         }
         Ok(Generation {
             text: self.text,
@@ -481,7 +478,7 @@ impl SseHandler for StreamHandler {
 
     fn on_event(&mut self, data: &str) -> Result<Flow, LlmError> {
         let event: GenerateContentResponse = serde_json::from_str(data)
-            .map_err(|e| malformed(format!("stream event is not a response: {e}")))?;
+            .map_err(|e| malformed(NAME, format!("stream event is not a response: {e}")))?;
         self.answer.absorb(event)?;
         Ok(Flow::Continue)
     }
@@ -610,7 +607,7 @@ mod tests {
             r#"{"error": 5}"#,
         ] {
             let result = serde_json::from_str::<GenerateContentResponse>(body)
-                .map_err(|e| malformed(e.to_string()))
+                .map_err(|e| malformed(NAME, e.to_string()))
                 .and_then(|response| {
                     let mut answer = Answer::default();
                     answer.absorb(response)?;

@@ -720,13 +720,21 @@ pub(crate) fn stream_end(backend: &str, trailing: &[u8]) -> Result<(), LlmError>
     }
     match ProviderError::from_body(trailing) {
         Some(error) => Err(error_for_provider_error(backend, &error)),
-        None => Err(LlmError::Malformed {
-            backend: backend.to_owned(),
-            message: truncate(format!(
+        None => Err(malformed(
+            backend,
+            format!(
                 "unexpected non-SSE content in the stream: {}",
                 String::from_utf8_lossy(&trailing[..trailing.len().min(120)])
-            )),
-        }),
+            ),
+        )),
+    }
+}
+
+/// `backend`'s answer did not have the shape its API promises; `message` (truncated) says how.
+pub(crate) fn malformed(backend: &str, message: String) -> LlmError {
+    LlmError::Malformed {
+        backend: backend.to_owned(),
+        message: truncate(message),
     }
 }
 

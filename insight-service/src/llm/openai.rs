@@ -30,7 +30,7 @@ use super::{
     FinishReason, GenerateRequest, Generation, Generator, LlmError,
     http::{
         Flow, HttpLimits, HttpTransport, ProviderError, SetupError, SseHandler,
-        error_for_provider_error, join_url, stream_end, truncate,
+        error_for_provider_error, join_url, malformed, stream_end,
     },
 };
 use crate::domain::Usage;
@@ -271,7 +271,7 @@ impl OpenAiGenerator {
         };
         serde_json::to_vec(&body)
             .map(Bytes::from)
-            .map_err(|e| malformed(format!("cannot encode the request: {e}")))
+            .map_err(|e| malformed(NAME, format!("cannot encode the request: {e}")))
     }
 }
 
@@ -364,13 +364,6 @@ fn close_objects(schema: &mut Value) -> bool {
     strict
 }
 
-fn malformed(message: String) -> LlmError {
-    LlmError::Malformed {
-        backend: NAME.to_owned(),
-        message: truncate(message),
-    }
-}
-
 #[derive(Serialize)]
 struct ChatRequest<'a> {
     model: &'a str,
@@ -458,16 +451,18 @@ impl Answer {
         }
         let Some(reason) = self.finish else {
             return Err(malformed(
+                NAME,
                 "answer ended without a finish_reason (cut off)".to_owned(),
             ));
         };
         if self.text.is_empty() {
             if !self.refusal.is_empty() {
-                return Err(malformed(format!("model refused: {}", self.refusal)));
+                return Err(malformed(NAME, format!("model refused: {}", self.refusal)));
             }
-            return Err(malformed(format!(
-                "no answer text (finish_reason {reason})"
-            )));
+            return Err(malformed(
+                NAME,
+                format!("no answer text (finish_reason {reason})"),
+            ));
         }
         Ok(Generation {
             text: self.text,
@@ -493,7 +488,7 @@ fn provider_error(error: &Value) -> LlmError {
 
 fn parse_completion(body: &[u8]) -> Result<Answer, LlmError> {
     let completion: ChatCompletion = serde_json::from_slice(body)
-        .map_err(|e| malformed(format!("not a chat.completion: {e}")))?;
+        .map_err(|e| malformed(NAME, format!("not a chat.completion: {e}")))?;
     if let Some(error) = &completion.error {
         return Err(provider_error(error));
     }
@@ -508,7 +503,7 @@ fn parse_completion(body: &[u8]) -> Result<Answer, LlmError> {
         }
         answer.finish = choice.finish_reason;
     } else {
-        return Err(malformed("no choices in the completion".to_owned()));
+        return Err(malformed(NAME, "no choices in the completion".to_owned()));
     }
     Ok(answer)
 }
@@ -529,7 +524,7 @@ impl SseHandler for StreamHandler {
             return Ok(Flow::Done);
         }
         let chunk: ChatChunk = serde_json::from_str(data)
-            .map_err(|e| malformed(format!("stream event is not a chunk: {e}")))?;
+            .map_err(|e| malformed(NAME, format!("stream event is not a chunk: {e}")))?;
         if let Some(error) = &chunk.error {
             return Err(provider_error(error));
         }

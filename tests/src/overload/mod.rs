@@ -41,7 +41,7 @@ use tonic::{
     codegen::http::uri::PathAndQuery,
     transport::Channel,
 };
-use tonic_types::StatusExt;
+use tonic_types::{ErrorDetails, StatusExt};
 
 pub use cgroup::{CgroupError, CgroupMemory, MemoryCgroup, V1_MEMORY_ROOT, v1_memory_support};
 pub use llm::{FAKE_GEMINI_KEY, LlmCounts, LoadGemini};
@@ -236,10 +236,9 @@ impl Decoder for RawCodec {
 /// design, so it is timed apart from the refusals that must be answered at once.
 pub const QUEUE_TIMEOUT_REASON: &str = "QUEUE_TIMEOUT";
 
-/// The ErrorInfo reason of a refusal, or "(no ErrorInfo)".
-fn refusal_reason(status: &Status) -> String {
-    status
-        .get_error_details()
+/// The ErrorInfo reason of a refusal (its `status.get_error_details()`), or "(no ErrorInfo)".
+fn refusal_reason(details: &ErrorDetails) -> String {
+    details
         .error_info()
         .map_or_else(|| "(no ErrorInfo)".to_owned(), |info| info.reason.clone())
 }
@@ -417,10 +416,9 @@ impl Rpc for SummarizeRaw {
                         && std::error::Error::source(&status).is_none()
                     {
                         let latency = start.elapsed();
-                        let reason = refusal_reason(&status);
-                        if status.get_error_details().retry_info().is_none()
-                            && reason != "MESSAGE_TOO_LARGE"
-                        {
+                        let details = status.get_error_details();
+                        let reason = refusal_reason(&details);
+                        if details.retry_info().is_none() && reason != "MESSAGE_TOO_LARGE" {
                             tally.no_retry_info.fetch_add(1, Ordering::Relaxed);
                         }
                         // Fails only if HdrHistogram rejects constant bounds, which it does

@@ -42,6 +42,7 @@ use tonic::{
     transport::Channel,
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_types::StatusExt;
 use tower::{Service, ServiceExt};
 
 use super::{SUMMARIZE_PATH, SummarizeRaw, refusal_reason};
@@ -401,7 +402,7 @@ async fn call(channel: &mut Channel, frame: &Bytes, deadline: Duration) -> Outco
 fn refused_or_failed(status: &Status, after: Duration) -> Outcome {
     if status.code() == Code::ResourceExhausted {
         Outcome::Refused {
-            reason: refusal_reason(status),
+            reason: refusal_reason(&status.get_error_details()),
             after,
         }
     } else {

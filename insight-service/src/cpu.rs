@@ -14,11 +14,11 @@
 //! kernel may let an offloaded scan run on for its time slice (up to a few milliseconds) before
 //! a worker woken by a health check or a new call gets the core. A much nicer thread is
 //! preempted almost at once, and still gets the cores whenever the workers are idle, which is
-//! most of the time. A
-//! thread's nice value can only be raised without privileges, so the threads keep theirs for
-//! good and run nothing else. (On the two-core benchmark machine, where the load generator
-//! shares the cores, the refusal and health-check latencies of `overload-bench` did not move
-//! measurably either way: BENCHMARKS.md, "insight-service: overload".)
+//! most of the time. A thread's nice value can only be raised without privileges, so the
+//! threads keep theirs for good and run nothing else. (On the two-core benchmark machine,
+//! where the load generator shares the cores, the refusal and health-check latencies of
+//! `overload-bench` did not move measurably either way: BENCHMARKS.md, "insight-service:
+//! overload".)
 
 use std::{
     panic::{self, AssertUnwindSafe},
@@ -34,8 +34,8 @@ pub const OFFLOAD_BYTES: usize = 16 * 1024;
 
 /// How many nice levels the offload threads run below the workers (Linux; capped at 19, the
 /// lowest priority). 10 levels weigh ~9× less than the process's own threads under CFS/EEVDF:
-/// enough for a woken worker to preempt them at once, while they still get about a tenth of a
-/// contended core.
+/// enough for a woken worker to preempt them almost at once, while they still get about a
+/// tenth of a contended core.
 pub const OFFLOAD_NICE_STEP: i32 = 10;
 
 /// How many offload threads are started, and so how many offloaded computations run at once:

@@ -247,7 +247,8 @@ impl IdlePoll {
 }
 
 /// Moves every thread of this process into the `SCHED_IDLE` scheduling class (threads started
-/// later inherit it from the thread that starts them), and returns how many were moved.
+/// later inherit it from the thread that starts them), and returns how many threads it found
+/// (any that ended before `chrt` reached them included).
 ///
 /// Why a benchmark would: when the load generator shares the server's cores, each wake-up of
 /// the server (an incoming call, a refusal to send) may wait behind the load generator's time

@@ -19,6 +19,10 @@
 //!    (`spotifai_e2e::overload::probe`: its own thread in the real-time class, its own
 //!    connection) that sends the load's request `--probe-rate` times a second from 5× up,
 //!    and health checks at 20/s throughout, timed from each call's start.
+//! 0. **Idle floor** (before everything else): the probe's health checks alone, 20/s for
+//!    `--floor-window`, against a bare tonic server (tonic-health only, its own runtime in this
+//!    process) and then against the service before any load: what the cheapest answer costs on
+//!    this machine and gRPC stack, in the same run as the refusal latency held to 1 ms.
 //! 3. **Control**: 10× and 30× again with `--overload-protection off`, each on a fresh server
 //!    in a fresh group, 30 s (expected: the kernel's OOM killer, at least at 30×: the workload
 //!    is LLM-latency bound, so an unlimited server carries far more than 4 calls at once until
@@ -43,10 +47,10 @@ use std::{
 
 use clap::Parser;
 use spotifai_e2e::{
-    loadgen::{IdlePoll, idle_class_for_this_process, ms},
+    loadgen::{BareHealthServer, IdlePoll, idle_class_for_this_process, ms},
     overload::{
         self, CGROUP_LIMIT, LoadGemini, MAX_CONCURRENCY, MAX_OUTSTANDING, Measured, MemoryCgroup,
-        OverloadServer, QUEUE_TIMEOUT_REASON, ServerSpec, Workload,
+        OverloadServer, QUEUE_TIMEOUT_REASON, ServerSpec, Workload, probe::ProbeReport,
     },
 };
 
@@ -133,6 +137,11 @@ struct Args {
     /// `SCHED_FIFO`. Needs root.
     #[arg(long, env = "OVERLOAD_BENCH_IDLE_LOAD")]
     idle_load: bool,
+
+    /// How long the probe times health checks against an idle bare tonic server and the idle
+    /// service before the load starts (the floor under every latency it reports); 0 skips it.
+    #[arg(long, env = "OVERLOAD_BENCH_FLOOR_WINDOW", default_value = "15s", value_parser = humantime::parse_duration)]
+    floor_window: Duration,
 
     /// Lowest load level at which the probe sends requests: where the server refuses most
     /// calls, so most of the probe's are refused too (one that is not ends DEADLINE_EXCEEDED
@@ -241,6 +250,22 @@ fn other_outcomes(m: &Measured) -> String {
     }
 }
 
+/// "p50 / p99 / max ms (n checks)" of a probe's health checks, with failures when there were.
+fn floor(report: &ProbeReport) -> String {
+    let h = report.health;
+    let failed = match report.health_failed {
+        0 => String::new(),
+        n => format!(", {n} failed"),
+    };
+    format!(
+        "p50 {} / p99 {} / max {} ms ({} checks{failed})",
+        ms(h.p50),
+        ms(h.p99),
+        ms(h.max),
+        h.count
+    )
+}
+
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "missed" }
 }
@@ -291,6 +316,18 @@ async fn bench(args: &Args) -> BenchResult<String> {
         Some(hold)
     } else {
         None
+    };
+    // Before `--idle-load` moves this process's threads, so the bare server runs in the normal
+    // class like the service.
+    let bare_floor = if args.floor_window.is_zero() {
+        None
+    } else {
+        let bare = BareHealthServer::start()
+            .map_err(|e| format!("cannot start the bare tonic server: {e}"))?;
+        let report = overload::idle_health(bare.url().to_owned(), args.floor_window).await?;
+        drop(bare);
+        println!("idle floor, bare tonic server: {}", floor(&report));
+        Some(report)
     };
     if args.idle_load {
         let moved = idle_class_for_this_process().map_err(|e| format!("--idle-load: {e}"))?;
@@ -344,6 +381,14 @@ async fn bench(args: &Args) -> BenchResult<String> {
 
     // Sustainable rate and the sweep, on one protected server.
     let server = OverloadServer::start(&spec(true), group(root.as_deref())?)?;
+    let service_floor = match bare_floor {
+        Some(bare) => {
+            let service = overload::idle_health(server.url(), args.floor_window).await?;
+            println!("idle floor, insight-service: {}", floor(&service));
+            Some((bare, service))
+        }
+        None => None,
+    };
     let sustained = overload::measure(
         &server,
         &llm,
@@ -405,6 +450,7 @@ async fn bench(args: &Args) -> BenchResult<String> {
         root.is_some(),
         &sustained,
         deadline,
+        service_floor.as_ref(),
         &levels,
         &controls,
     ))
@@ -419,6 +465,7 @@ fn markdown(
     in_cgroup: bool,
     sustained: &Measured,
     deadline: Duration,
+    floors: Option<&(ProbeReport, ProbeReport)>,
     levels: &[(f64, Measured)],
     controls: &[(f64, Measured)],
 ) -> String {
@@ -471,6 +518,18 @@ fn markdown(
         },
         load_class(args),
     );
+    if let Some((bare, service)) = floors {
+        let _ = writeln!(
+            md,
+            "Idle floor (the probe's health checks alone, {}/s for {} s, nothing else running): \
+             bare tonic server (tonic-health only, its own runtime) {}; insight-service before \
+             any load {}.\n",
+            overload::HEALTH_PROBE_RATE,
+            args.floor_window.as_secs(),
+            floor(bare),
+            floor(service),
+        );
+    }
     let p = sustained.report.ok_latency();
     let _ = writeln!(
         md,
@@ -598,6 +657,14 @@ fn markdown(
             ms(p99),
             verdict(p99 <= SHED_P99_TARGET_US)
         );
+        if let Some((bare, _)) = floors {
+            let _ = writeln!(
+                md,
+                "For scale, from the same probe in this run: an idle bare tonic server's health \
+                 check p99 {} ms.",
+                ms(bare.health.p99)
+            );
+        }
     }
     let min_goodput = levels
         .iter()

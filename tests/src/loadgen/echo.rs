@@ -193,3 +193,83 @@ pub async fn serve_echo(
         )
         .await
 }
+
+/// Serves only tonic-health's standard `grpc.health.v1.Health` (the overall "" status, SERVING
+/// from the start) on `listener` until `shutdown` resolves: a bare tonic server's cheapest
+/// answer, with TCP_NODELAY like [`serve_echo`]. The overload benchmark times its health
+/// checks beside the service's, so the latency a refusal is held to has the floor of any tonic
+/// server on the same machine next to it.
+pub async fn serve_health(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await
+}
+
+/// A [`serve_health`] server on its own multi-thread runtime (as many workers as cores, like
+/// `#[tokio::main]`, which the services use) in its own threads of this process, so that the
+/// runtime of whoever starts it takes no part in answering. Stops, and joins its threads, on
+/// drop.
+pub struct BareHealthServer {
+    url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BareHealthServer {
+    /// Binds 127.0.0.1:0 and starts serving; returns once the port is known.
+    pub fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("bare-tonic")
+            .build()?;
+        // Bound here with std (this may run inside another runtime, where `block_on` is not
+        // allowed), handed to the server's runtime on its own thread.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bare-tonic-main".to_owned())
+            .spawn(move || {
+                let served = runtime.block_on(async move {
+                    serve_health(TcpListener::from_std(listener)?, async {
+                        let _ = stop.await;
+                    })
+                    .await
+                    .map_err(std::io::Error::other)
+                });
+                if let Err(error) = served {
+                    eprintln!("bare tonic health server: {error}");
+                }
+            })?;
+        Ok(Self {
+            url,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for BareHealthServer {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -261,3 +261,29 @@ fn synthetic_requests_are_deterministic_and_review_sized() {
     let ids: Vec<_> = cycled.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, ["r1", "r1#1", "r1#2"]);
 }
+
+/// The overload benchmark's bare tonic server answers the standard health check SERVING, and
+/// stopping it (on drop) ends its threads once its callers are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_health_server_answers_serving_and_stops_on_drop() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let server = BareHealthServer::start().expect("start the bare server");
+    let url = server.url().to_owned();
+    let channel = connect(&url, 1).await.expect("connect").remove(0);
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("health check")
+        .into_inner();
+    assert_eq!(answer.status(), ServingStatus::Serving);
+    // The client is gone; the drop must return (it joins the server's thread).
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .expect("stop the bare server");
+    assert!(
+        connect(&url, 1).await.is_err(),
+        "the port still accepts connections after the server stopped"
+    );
+}

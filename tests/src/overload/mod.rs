@@ -748,6 +748,37 @@ pub const PROBE_REQUEST_DEADLINE: Duration = Duration::from_millis(100);
 /// How often the watcher samples the server's liveness and its group's usage during a run.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The latency probe's health checks alone ([`HEALTH_PROBE_RATE`] a second for `duration`,
+/// after a second for its connection to settle) against a server doing nothing else: the
+/// floor under every latency the probe reports under load. Measured on a bare tonic server
+/// ([`loadgen::BareHealthServer`]) and on the idle service in the same run, it separates what
+/// the machine and the gRPC stack cost from what the service adds.
+pub async fn idle_health(
+    url: String,
+    duration: Duration,
+) -> Result<probe::ProbeReport, OverloadError> {
+    let start = Instant::now() + Duration::from_secs(1);
+    let window = (start, start + duration);
+    let probe = probe::spawn(
+        url,
+        // Never sent: the probe sends the load's request only at a positive refusal rate.
+        SummarizeRaw::new(Bytes::new(), 0, window),
+        probe::ProbeConfig {
+            health_rate: HEALTH_PROBE_RATE,
+            refusal_rate: 0.0,
+            window,
+            deadline: HEALTH_CHECK_DEADLINE,
+            request_deadline: PROBE_REQUEST_DEADLINE,
+        },
+    )
+    .map_err(|e| LoadError::Task(format!("cannot start the latency probe: {e}")))?;
+    let report = tokio::task::spawn_blocking(move || probe.join())
+        .await
+        .map_err(|e| LoadError::Task(format!("the latency probe: {e}")))?
+        .map_err(|_| LoadError::Task("the latency probe panicked".to_owned()))??;
+    Ok(report)
+}
+
 /// Applies `config`'s load with a fresh [`SummarizeRaw`] of `body` to `server`, and reads its
 /// memory and liveness at the end. Peaks are reset first, so they cover this phase only. While
 /// the load runs, a watcher notes when the process died, if it did, and the latency

@@ -7,6 +7,10 @@
 //! 200 ms with ~2 KB. Every call is the OOM test's request: 1,500 entries of 2 KB (~3 MB),
 //! 30 map calls.
 //!
+//! 0. **Idle floor** (before everything else): the probe's health checks alone, 20/s for
+//!    `--floor-window`, against a bare tonic server (tonic-health only, its own runtime in this
+//!    process) and then against the service before any load: what the cheapest answer costs on
+//!    this machine and gRPC stack, in the same run as the refusal latency held to 1 ms.
 //! 1. **Sustainable rate**: closed loop with `--max-concurrency` (4) callers for 15 s.
 //! 2. **Offered load sweep**: open loop at 1×, 2×, 5×, 10× and 30× that rate (at most 200
 //!    calls in flight), 5 s warm-up + 20 s each, on the same server process: goodput
@@ -19,10 +23,6 @@
 //!    (`spotifai_e2e::overload::probe`: its own thread in the real-time class, its own
 //!    connection) that sends the load's request `--probe-rate` times a second from 5× up,
 //!    and health checks at 20/s throughout, timed from each call's start.
-//! 0. **Idle floor** (before everything else): the probe's health checks alone, 20/s for
-//!    `--floor-window`, against a bare tonic server (tonic-health only, its own runtime in this
-//!    process) and then against the service before any load: what the cheapest answer costs on
-//!    this machine and gRPC stack, in the same run as the refusal latency held to 1 ms.
 //! 3. **Control**: 10× and 30× again with `--overload-protection off`, each on a fresh server
 //!    in a fresh group, 30 s (expected: the kernel's OOM killer, at least at 30×: the workload
 //!    is LLM-latency bound, so an unlimited server carries far more than 4 calls at once until

@@ -18,7 +18,13 @@ use spotifai_proto::insight::{
 };
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
-use tonic::{Code, Request, Response, Status, Streaming, transport::server::TcpIncoming};
+use tonic::{
+    Code, Request, Response, Status, Streaming,
+    transport::{
+        Server,
+        server::{Router, TcpIncoming},
+    },
+};
 
 /// A boxed server stream, as tonic's associated stream types want.
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -176,36 +182,31 @@ impl InsightService for EchoInsight {
 /// Serves `service` on `listener` (bound by the caller, e.g. to `127.0.0.1:0`, so the port is
 /// known before the first call) until `shutdown` resolves. No middleware, health or reflection:
 /// this is the floor a real server is measured against.
-///
-/// Accepted connections get TCP_NODELAY, as tonic's own `Server::serve` sets by default.
-/// `serve_with_incoming` ignores the builder's `tcp_nodelay`, and without it a response written
-/// in more than one piece waits for the client's delayed ACK (about 40 ms on Linux).
 pub async fn serve_echo(
     listener: TcpListener,
     service: EchoInsight,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(InsightServiceServer::new(service))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await
+    serve_bare(
+        Server::builder().add_service(InsightServiceServer::new(service)),
+        listener,
+        shutdown,
+    )
+    .await
 }
 
-/// Serves only tonic-health's standard `grpc.health.v1.Health` (the overall "" status, SERVING
-/// from the start) on `listener` until `shutdown` resolves: a bare tonic server's cheapest
-/// answer, with TCP_NODELAY like [`serve_echo`]. The overload benchmark times its health
-/// checks beside the service's, so the latency a refusal is held to has the floor of any tonic
-/// server on the same machine next to it.
-pub async fn serve_health(
+/// Serves `router` on `listener` until `shutdown` resolves, the one way every baseline server
+/// here is served.
+///
+/// Accepted connections get TCP_NODELAY, as tonic's own `Server::serve` sets by default.
+/// `serve_with_incoming` ignores the builder's `tcp_nodelay`, and without it a response written
+/// in more than one piece waits for the client's delayed ACK (about 40 ms on Linux).
+async fn serve_bare(
+    router: Router,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let (_reporter, health) = tonic_health::server::health_reporter();
-    tonic::transport::Server::builder()
-        .add_service(health)
+    router
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
@@ -213,7 +214,12 @@ pub async fn serve_health(
         .await
 }
 
-/// A [`serve_health`] server on its own multi-thread runtime (as many workers as cores, like
+/// A bare tonic server serving only tonic-health's standard `grpc.health.v1.Health` (the
+/// overall "" status, SERVING from the start): the cheapest answer any tonic server gives. The
+/// overload benchmark times its health checks beside the service's, so the latency a refusal
+/// is held to has the floor of any tonic server on the same machine next to it.
+///
+/// It runs on its own multi-thread runtime (as many workers as cores, like
 /// `#[tokio::main]`, which the services use) in its own threads of this process, so that the
 /// runtime of whoever starts it takes no part in answering. Stops, and joins its threads, on
 /// drop.
@@ -240,7 +246,9 @@ impl BareHealthServer {
             .name("bare-tonic-main".to_owned())
             .spawn(move || {
                 let served = runtime.block_on(async move {
-                    serve_health(TcpListener::from_std(listener)?, async {
+                    let (_reporter, health) = tonic_health::server::health_reporter();
+                    let listener = TcpListener::from_std(listener)?;
+                    serve_bare(Server::builder().add_service(health), listener, async {
                         let _ = stop.await;
                     })
                     .await

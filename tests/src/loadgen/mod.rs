@@ -42,7 +42,7 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-pub use echo::{BareHealthServer, EchoInsight, serve_echo, serve_health};
+pub use echo::{BareHealthServer, EchoInsight, serve_echo};
 pub use process::{ChildServer, IdlePoll, ProcessError, cpu_time, idle_class_for_this_process};
 pub use report::{
     CODE_COUNT, Outcome, Percentiles, Recorder, Report, code_name, micros, ms, new_histogram,

@@ -759,24 +759,42 @@ pub async fn idle_health(
 ) -> Result<probe::ProbeReport, OverloadError> {
     let start = Instant::now() + Duration::from_secs(1);
     let window = (start, start + duration);
-    let probe = probe::spawn(
+    // The request is never sent: the probe sends it only at a positive refusal rate.
+    let probe = start_probe(url, SummarizeRaw::new(Bytes::new(), 0, window), 0.0, window)?;
+    Ok(probe_report(probe).await?)
+}
+
+/// Starts the latency [`probe`] on its own thread: health checks at [`HEALTH_PROBE_RATE`], and
+/// `load`'s request `refusal_rate` times a second, inside `window`.
+fn start_probe(
+    url: String,
+    load: SummarizeRaw,
+    refusal_rate: f64,
+    window: (Instant, Instant),
+) -> Result<std::thread::JoinHandle<Result<probe::ProbeReport, LoadError>>, LoadError> {
+    probe::spawn(
         url,
-        // Never sent: the probe sends the load's request only at a positive refusal rate.
-        SummarizeRaw::new(Bytes::new(), 0, window),
+        load,
         probe::ProbeConfig {
             health_rate: HEALTH_PROBE_RATE,
-            refusal_rate: 0.0,
+            refusal_rate,
             window,
             deadline: HEALTH_CHECK_DEADLINE,
             request_deadline: PROBE_REQUEST_DEADLINE,
         },
     )
-    .map_err(|e| LoadError::Task(format!("cannot start the latency probe: {e}")))?;
-    let report = tokio::task::spawn_blocking(move || probe.join())
+    .map_err(|e| LoadError::Task(format!("cannot start the latency probe: {e}")))
+}
+
+/// The report of a probe from [`start_probe`], once its window is over, waited for off the
+/// caller's runtime.
+async fn probe_report(
+    probe: std::thread::JoinHandle<Result<probe::ProbeReport, LoadError>>,
+) -> Result<probe::ProbeReport, LoadError> {
+    tokio::task::spawn_blocking(move || probe.join())
         .await
         .map_err(|e| LoadError::Task(format!("the latency probe: {e}")))?
-        .map_err(|_| LoadError::Task("the latency probe panicked".to_owned()))??;
-    Ok(report)
+        .map_err(|_| LoadError::Task("the latency probe panicked".to_owned()))?
 }
 
 /// Applies `config`'s load with a fresh [`SummarizeRaw`] of `body` to `server`, and reads its
@@ -823,24 +841,10 @@ pub async fn measure_probed(
     let window_start = Instant::now() + config.warmup;
     let window = (window_start, window_start + config.duration);
     let rpc = SummarizeRaw::new(body.clone(), expected_entries, window);
-    let probe = probe::spawn(
-        server.url(),
-        rpc.clone(),
-        probe::ProbeConfig {
-            health_rate: HEALTH_PROBE_RATE,
-            refusal_rate: refusal_probe_rate,
-            window,
-            deadline: HEALTH_CHECK_DEADLINE,
-            request_deadline: PROBE_REQUEST_DEADLINE,
-        },
-    )
-    .map_err(|e| LoadError::Task(format!("cannot start the latency probe: {e}")))?;
+    let probe = start_probe(server.url(), rpc.clone(), refusal_probe_rate, window)?;
     let report = loadgen::run(channels, Arc::new(rpc.clone()), config).await;
     // The probe stops at the window's end; the load's drain may already be past it.
-    let probe = tokio::task::spawn_blocking(move || probe.join())
-        .await
-        .map_err(|e| LoadError::Task(format!("the latency probe: {e}")))?
-        .map_err(|_| LoadError::Task("the latency probe panicked".to_owned()))??;
+    let probe = probe_report(probe).await?;
     let died_after = if watcher.is_finished() {
         watcher.await.ok()
     } else {

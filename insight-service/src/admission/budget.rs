@@ -97,9 +97,14 @@ impl MemoryBudget {
 
     fn release(&self, bytes: u64) {
         self.in_use.fetch_sub(bytes, Ordering::AcqRel);
+        self.record_release(bytes, Instant::now());
+    }
+
+    /// Folds `bytes` released at `now` into the release rate (apart from [`Self::release`] so
+    /// tests can drive the rate with a clock of their own).
+    fn record_release(&self, bytes: u64, now: Instant) {
         let mut release = self.release.lock().unwrap_or_else(PoisonError::into_inner);
         let (rate, last) = *release;
-        let now = Instant::now();
         let dt = now.duration_since(last).as_secs_f64().max(1e-3);
         // EWMA with a ~2 s horizon: recent releases matter, one burst does not dominate.
         let alpha = (dt / 2.0).min(1.0);
@@ -151,6 +156,36 @@ mod tests {
     fn a_request_larger_than_the_budget_gets_the_longest_delay() {
         let budget = MemoryBudget::new(100);
         assert_eq!(budget.try_reserve(101).unwrap_err().retry_after, MAX_RETRY);
+    }
+
+    #[test]
+    fn the_retry_delay_is_the_deficit_at_the_recent_release_rate() {
+        let budget = MemoryBudget::new(100 << 20);
+        let _held = budget.try_reserve(90 << 20).unwrap();
+        // Nothing released yet: no rate to go by, a fixed guess.
+        let before = budget.try_reserve(20 << 20).unwrap_err();
+        assert_eq!(before.retry_after, Duration::from_secs(1));
+        // 1 MiB released every 100 ms for 20 s (ten horizons of the average): a steady 10 MiB/s.
+        let start = Instant::now();
+        for tick in 1..=200 {
+            budget.record_release(1 << 20, start + Duration::from_millis(100 * tick));
+        }
+        let (rate, _) = *budget.release.lock().unwrap();
+        assert!(
+            (rate / f64::from(10u32 << 20) - 1.0).abs() < 0.01,
+            "rate {rate} bytes/s"
+        );
+        // 10 MiB free: asking 15 MiB is 5 MiB short (~0.5 s), 40 MiB is 30 MiB short (~3 s).
+        let near = budget.try_reserve(15 << 20).unwrap_err().retry_after;
+        let far = budget.try_reserve(40 << 20).unwrap_err().retry_after;
+        let close = |got: Duration, want: f64| (got.as_secs_f64() / want - 1.0).abs() < 0.02;
+        assert!(close(near, 0.5), "{near:?}");
+        assert!(close(far, 3.0), "{far:?}");
+        // The suggestion stays within its bounds whatever the deficit.
+        assert_eq!(
+            budget.try_reserve(10 << 20 | 1).unwrap_err().retry_after,
+            MIN_RETRY
+        );
     }
 
     #[test]

@@ -82,7 +82,6 @@ impl<G> http_body::Body for Holding<G> {
 }
 
 /// Takes the inner service out for a call, leaving a clone (the service was made ready).
-/// Takes the inner service out for a call, leaving a clone (the service was made ready).
 fn take<S: Clone>(slot: &mut S) -> S {
     let clone = slot.clone();
     std::mem::replace(slot, clone)
@@ -603,7 +602,9 @@ mod tests {
     mod tokio_test_support {
         use super::*;
 
-        pub struct Frames(pub VecDeque<Bytes>);
+        /// A body of the given frames; with `then_pending`, one that never ends after them
+        /// (a gate that read a request to its end before deciding would wait forever on it).
+        pub struct Frames(pub VecDeque<Bytes>, pub bool);
 
         impl http_body::Body for Frames {
             type Data = Bytes;
@@ -612,7 +613,11 @@ mod tests {
                 mut self: Pin<&mut Self>,
                 _cx: &mut Context<'_>,
             ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-                Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+                match (self.0.pop_front(), self.1) {
+                    (Some(data), _) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    (None, false) => Poll::Ready(None),
+                    (None, true) => Poll::Pending,
+                }
             }
         }
 
@@ -626,7 +631,7 @@ mod tests {
             let frames = VecDeque::from([bytes.slice(..2), bytes.slice(2..)]);
             Request::builder()
                 .uri(format!("/spotifai.insight.v1.InsightService/{method}"))
-                .body(Body::new(Frames(frames)))
+                .body(Body::new(Frames(frames, false)))
                 .unwrap()
         }
 
@@ -663,6 +668,32 @@ mod tests {
 
         pub fn ok() -> Response<Body> {
             Response::new(Body::default())
+        }
+
+        /// A SummarizeFeedback request that declares a `len`-byte message and sends only
+        /// its 5-byte prefix (split 2 + 3) and the message's first bytes.
+        pub fn prefix_only(len: u32) -> Request<Body> {
+            let mut prefix = vec![0u8];
+            prefix.extend_from_slice(&len.to_be_bytes());
+            let frames = VecDeque::from([
+                Bytes::copy_from_slice(&prefix[..2]),
+                Bytes::copy_from_slice(&prefix[2..]),
+                Bytes::from_static(b"\x0a\x03abc"),
+            ]);
+            Request::builder()
+                .uri("/spotifai.insight.v1.InsightService/SummarizeFeedback")
+                .body(Body::new(Frames(frames, true)))
+                .unwrap()
+        }
+
+        /// The ErrorInfo reason of an error response, whatever its code.
+        pub fn reason(status: &tonic::Status) -> String {
+            use tonic_types::StatusExt;
+            status
+                .get_error_details()
+                .error_info()
+                .map(|info| info.reason.clone())
+                .unwrap_or_default()
         }
     }
 
@@ -808,8 +839,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(300));
-        let status = status(queued);
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(refusal_reason(queued), "QUEUE_TIMEOUT");
         running.abort();
     }
 
@@ -870,6 +900,14 @@ mod tests {
         assert_eq!(limiter.queued.load(Ordering::Acquire), 0);
     }
 
+    /// The estimate's inputs in the memory-layer tests.
+    const ESTIMATOR: EstimatorConfig = EstimatorConfig {
+        max_entries_cap: 10_000,
+        map_parallelism: 1,
+        prompt_budget_bytes: 1024,
+        max_response_bytes: 1024,
+    };
+
     fn memory_layer(
         budget: u64,
         metrics: Arc<AdmissionMetrics>,
@@ -877,12 +915,7 @@ mod tests {
         let budget = MemoryBudget::new(budget);
         let layer = MemoryLayer::new(MemoryGate {
             budget: budget.clone(),
-            estimator: EstimatorConfig {
-                max_entries_cap: 10_000,
-                map_parallelism: 1,
-                prompt_budget_bytes: 1024,
-                max_response_bytes: 1024,
-            },
+            estimator: ESTIMATOR,
             max_message_size: 4 << 20,
             metrics,
         });
@@ -898,15 +931,7 @@ mod tests {
         handle.allow(10);
         let call = tokio::spawn(service.clone().oneshot(request("SummarizeFeedback", 1000)));
         let (req, respond) = handle.next_request().await.unwrap();
-        let expected = estimate(
-            1000,
-            &EstimatorConfig {
-                max_entries_cap: 10_000,
-                map_parallelism: 1,
-                prompt_budget_bytes: 1024,
-                max_response_bytes: 1024,
-            },
-        );
+        let expected = estimate(1000, &ESTIMATOR);
         assert_eq!(
             budget.in_use(),
             expected,
@@ -923,9 +948,10 @@ mod tests {
         assert_eq!(&seen[..5], &[0, 0, 0, 3, 232]);
         // A response that still has a message to stream (tonic drops bodies that are
         // already at their end, and with them the guard: that call is over anyway).
-        let streaming = Response::new(Body::new(Frames(VecDeque::from([Bytes::from_static(
-            b"x",
-        )]))));
+        let streaming = Response::new(Body::new(Frames(
+            VecDeque::from([Bytes::from_static(b"x")]),
+            false,
+        )));
         respond.send_response(streaming);
         let response = call.await.unwrap().unwrap();
         assert_eq!(
@@ -945,11 +971,15 @@ mod tests {
         let (layer, budget) = memory_layer(1 << 20, metrics.clone());
         let service = layer.layer(service);
         handle.allow(10);
-        let refused = service
-            .clone()
-            .oneshot(request("SummarizeFeedback", 600_000))
-            .await
-            .unwrap();
+        // Only the prefix and a few bytes of the 600 kB message ever arrive: the refusal
+        // cannot have waited for the rest.
+        let refused = tokio::time::timeout(
+            Duration::from_secs(5),
+            service.clone().oneshot(prefix_only(600_000)),
+        )
+        .await
+        .expect("refused from the prefix, without reading the body")
+        .unwrap();
         assert_eq!(refusal_reason(refused), "MEMORY_BUDGET");
         assert_eq!(budget.in_use(), 0);
         assert_eq!(metrics.shed_memory.load(Ordering::Relaxed), 1);
@@ -958,22 +988,104 @@ mod tests {
     #[tokio::test]
     async fn oversized_messages_are_refused_from_their_prefix() {
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let (layer, _budget) = memory_layer(1 << 40, metrics());
+        let metrics = metrics();
+        let (layer, budget) = memory_layer(1 << 40, metrics.clone());
         let service = layer.layer(service);
         handle.allow(10);
-        // Declares 5 MiB but sends only the prefix: refused without waiting for the rest.
-        let mut message = vec![0u8];
-        message.extend_from_slice(&(5u32 << 20).to_be_bytes());
-        let req = Request::builder()
-            .uri("/spotifai.insight.v1.InsightService/SummarizeFeedback")
-            .body(Body::new(Frames(VecDeque::from([Bytes::from(message)]))))
-            .unwrap();
-        let status = status(service.oneshot(req).await.unwrap());
+        // Declares 5 MiB, sends the prefix and a few bytes, then nothing: refused without
+        // waiting for the rest.
+        let response = tokio::time::timeout(
+            Duration::from_secs(5),
+            service.oneshot(prefix_only(5 << 20)),
+        )
+        .await
+        .expect("refused from the prefix, without reading the body")
+        .unwrap();
+        let status = status(response);
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(reason(&status), "MESSAGE_TOO_LARGE");
         assert!(
             status.message().contains("--max-message-size"),
             "{}",
             status.message()
         );
+        assert_eq!(metrics.shed_too_large.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.admitted.load(Ordering::Relaxed), 0);
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_cut_off_by_its_deadline_gives_its_memory_back() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = metrics();
+        let (memory, budget) = memory_layer(64 << 20, metrics.clone());
+        let service = DeadlineLayer::new(Duration::from_secs(2), metrics.clone())
+            .layer(memory.layer(service));
+        handle.allow(1);
+        let call = tokio::spawn(service.oneshot(request("SummarizeFeedback", 1000)));
+        // Admitted: the handler has the request and the budget is charged.
+        let (_req, _never_answered) = handle.next_request().await.unwrap();
+        assert!(budget.in_use() > 0);
+        let response = call.await.unwrap().unwrap();
+        assert_eq!(grpc_status(&response), tonic::Code::DeadlineExceeded as i32);
+        assert_eq!(
+            budget.in_use(),
+            0,
+            "released when the deadline dropped the call"
+        );
+        assert_eq!(metrics.deadline_exceeded.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_counters_snapshot_admissions_refusals_queue_waits_and_budget() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = metrics();
+        let limiter = Limiter::new(1, 1, Duration::from_secs(30), metrics.clone());
+        let (memory, budget) = memory_layer(64 << 20, metrics.clone());
+        let service = ConcurrencyLayer::new(limiter).layer(memory.layer(service));
+        handle.allow(10);
+        let one_call = estimate(1000, &ESTIMATOR);
+
+        // One call running, one queued, one refused (the queue is one deep).
+        let running = tokio::spawn(service.clone().oneshot(request("SummarizeFeedback", 1000)));
+        let (_, respond_running) = handle.next_request().await.unwrap();
+        let queued = tokio::spawn(service.clone().oneshot(request("SummarizeFeedback", 1000)));
+        tokio::task::yield_now().await;
+        let refused = service
+            .clone()
+            .oneshot(request("SummarizeFeedback", 1000))
+            .await
+            .unwrap();
+        assert_eq!(refusal_reason(refused), "CONCURRENCY_LIMIT");
+        let snapshot = metrics.snapshot(&budget);
+        assert_eq!(
+            (
+                snapshot.admitted,
+                snapshot.shed_concurrency,
+                snapshot.queue_waits
+            ),
+            (1, 1, 0)
+        );
+        assert_eq!(snapshot.budget_in_use, one_call);
+
+        // The running call ends after 250 ms; the queued one waited that long and runs.
+        tokio::time::advance(Duration::from_millis(250)).await;
+        respond_running.send_response(ok());
+        drop(running.await.unwrap().unwrap());
+        let (_, respond_queued) = handle.next_request().await.unwrap();
+        let snapshot = metrics.snapshot(&budget);
+        assert_eq!((snapshot.admitted, snapshot.queue_waits), (2, 1));
+        assert_eq!(snapshot.queue_wait_us_mean, 250_000);
+        assert_eq!(snapshot.queue_wait_us_max, 250_000);
+        assert_eq!(
+            snapshot.budget_in_use, one_call,
+            "only the running call holds budget"
+        );
+
+        respond_queued.send_response(ok());
+        drop(queued.await.unwrap().unwrap());
+        let snapshot = metrics.snapshot(&budget);
+        assert_eq!(snapshot.budget_in_use, 0);
+        assert_eq!(snapshot.shed_memory + snapshot.shed_pressure, 0);
     }
 }

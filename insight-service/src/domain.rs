@@ -115,6 +115,31 @@ impl std::ops::AddAssign for Usage {
     }
 }
 
+/// What one answer's backend calls cost, added to as the calls happen: each attempt when it
+/// is sent, each response byte as it is read, tokens when a response reports them. A value
+/// returned with an answer could not count a call that failed, was retried, or was cut off by
+/// the deadline; this counts them all (`Usage::llm_calls` says "retries included").
+#[derive(Debug, Default)]
+pub struct UsageMeter(std::sync::Mutex<Usage>);
+
+impl UsageMeter {
+    /// Adds `usage` (a poisoned lock is still a correct sum: each update is one `+=`).
+    pub fn add(&self, usage: Usage) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += usage;
+    }
+
+    /// The total so far.
+    pub fn total(&self) -> Usage {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// The final, reduced summary.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FeedbackSummary {

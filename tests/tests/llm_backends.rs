@@ -12,6 +12,7 @@
 
 use std::{future::Future, path::Path, time::Duration};
 
+use insight_service::domain::{Usage, UsageMeter};
 use insight_service::llm::{
     FinishReason, GenerateRequest, Generation, Generator, LlmError,
     gemini::{GeminiConfig, GeminiGenerator},
@@ -79,12 +80,35 @@ fn schema() -> Value {
     })
 }
 
+/// A generation with what its call cost: the meter the generator added to.
+#[derive(Debug)]
+struct Metered {
+    text: String,
+    finish: FinishReason,
+    usage: Usage,
+}
+
 /// One call with the given budget; returns the result and how long it took.
 async fn call(
     generator: &dyn Generator,
     budget: Duration,
-) -> (Result<Generation, LlmError>, Duration) {
+) -> (Result<Metered, LlmError>, Duration) {
+    let (result, elapsed, usage) = call_metered(generator, budget).await;
+    let metered = result.map(|generation| Metered {
+        text: generation.text,
+        finish: generation.finish,
+        usage,
+    });
+    (metered, elapsed)
+}
+
+/// [`call`], with the cost counted whether the call succeeded or not.
+async fn call_metered(
+    generator: &dyn Generator,
+    budget: Duration,
+) -> (Result<Generation, LlmError>, Duration, Usage) {
     let schema = schema();
+    let meter = UsageMeter::default();
     let start = Instant::now();
     let result = generator
         .generate(GenerateRequest {
@@ -93,9 +117,10 @@ async fn call(
             max_output_tokens: 256,
             response_schema: Some(&schema),
             deadline: start + budget,
+            usage: &meter,
         })
         .await;
-    (result, start.elapsed())
+    (result, start.elapsed(), meter.total())
 }
 
 /// Runs `scenario` for the four (flavor, stream) modes at once, each with its own fake.
@@ -324,7 +349,7 @@ async fn persistent_server_errors_stop_after_max_retries() {
             ..fast_limits()
         };
         let g = generator(flavor, &fake.base_url(), stream, limits);
-        let (result, elapsed) = call(&*g, Duration::from_secs(5)).await;
+        let (result, elapsed, usage) = call_metered(&*g, Duration::from_secs(5)).await;
         let error = result.unwrap_err();
         assert!(
             matches!(error, LlmError::Server { status: 503, .. }),
@@ -332,6 +357,15 @@ async fn persistent_server_errors_stop_after_max_retries() {
         );
         assert_eq!(fake.request_count(), 3, "{flavor:?}/{stream}");
         assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+        // A call that failed still cost every attempt and every byte of the error bodies.
+        let sent: usize = fake.requests().iter().map(|r| r.body_len).sum();
+        assert_eq!(usage.llm_calls, 3, "{flavor:?}/{stream}");
+        assert_eq!(usage.prompt_bytes, sent as u64, "{flavor:?}/{stream}");
+        assert_eq!(
+            usage.response_bytes,
+            fake.body_bytes_sent(),
+            "{flavor:?}/{stream}"
+        );
     })
     .await;
 }
@@ -714,7 +748,7 @@ async fn replay(
     stream: bool,
     status: u16,
     body: Vec<u8>,
-) -> Result<Generation, LlmError> {
+) -> Result<Metered, LlmError> {
     let fake = FakeLlm::start(flavor).await;
     let content_type = if stream {
         "text/event-stream"
@@ -737,7 +771,7 @@ async fn replay(
 }
 
 /// Text, finish reason, input and output tokens of a generation.
-fn summary(generation: &Generation) -> (&str, FinishReason, u64, u64) {
+fn summary(generation: &Metered) -> (&str, FinishReason, u64, u64) {
     (
         &generation.text,
         generation.finish.clone(),

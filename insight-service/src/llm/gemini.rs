@@ -32,7 +32,7 @@ use super::{
         error_for_provider_error, join_url, malformed, stream_end,
     },
 };
-use crate::domain::Usage;
+use crate::domain::{Usage, UsageMeter};
 
 /// Backend name reported in answers and errors.
 const NAME: &str = "gemini";
@@ -132,29 +132,33 @@ impl GeminiGenerator {
         let body = request_body(&request)?;
         if self.stream {
             let mut handler = StreamHandler::default();
-            let (result, usage) = self
-                .transport
+            self.transport
                 .post_sse(
                     &self.stream_url,
                     &self.headers,
                     body,
                     request.deadline,
+                    request.usage,
                     &mut handler,
                 )
-                .await;
-            result?;
-            handler.answer.into_generation(usage, true)
+                .await?;
+            handler.answer.into_generation(request.usage, true)
         } else {
-            let (result, usage) = self
+            let body = self
                 .transport
-                .post_json(&self.generate_url, &self.headers, body, request.deadline)
-                .await;
-            let body = result?;
+                .post_json(
+                    &self.generate_url,
+                    &self.headers,
+                    body,
+                    request.deadline,
+                    request.usage,
+                )
+                .await?;
             let response: GenerateContentResponse = serde_json::from_slice(&body)
                 .map_err(|e| malformed(NAME, format!("not a generateContent response: {e}")))?;
             let mut answer = Answer::default();
             answer.absorb(response)?;
-            answer.into_generation(usage, false)
+            answer.into_generation(request.usage, false)
         }
     }
 }
@@ -412,14 +416,19 @@ impl Answer {
         Ok(())
     }
 
-    fn into_generation(self, mut usage: Usage, streamed: bool) -> Result<Generation, LlmError> {
+    /// The generation, after adding the reported tokens to `meter` (first: a blocked or cut
+    /// answer's tokens are billed too).
+    fn into_generation(self, meter: &UsageMeter, streamed: bool) -> Result<Generation, LlmError> {
         if let Some(metadata) = self.usage {
-            usage.input_tokens = metadata.prompt_token_count.unwrap_or(0);
-            // Thinking tokens are billed as output: counting them keeps `usage` honest.
-            usage.output_tokens = metadata
-                .candidates_token_count
-                .unwrap_or(0)
-                .saturating_add(metadata.thoughts_token_count.unwrap_or(0));
+            meter.add(Usage {
+                input_tokens: metadata.prompt_token_count.unwrap_or(0),
+                // Thinking tokens are billed as output: counting them keeps usage honest.
+                output_tokens: metadata
+                    .candidates_token_count
+                    .unwrap_or(0)
+                    .saturating_add(metadata.thoughts_token_count.unwrap_or(0)),
+                ..Usage::default()
+            });
         }
         if let Some(reason) = self.blocked
             && self.text.is_empty()
@@ -447,7 +456,6 @@ impl Answer {
         Ok(Generation {
             text: self.text,
             finish,
-            usage,
         })
     }
 }
@@ -537,6 +545,7 @@ mod tests {
             max_output_tokens: 77,
             response_schema: Some(&schema),
             deadline: tokio::time::Instant::now(),
+            usage: &UsageMeter::default(),
         };
         let body: Value = serde_json::from_slice(&request_body(&request).unwrap()).unwrap();
         assert_eq!(
@@ -611,7 +620,7 @@ mod tests {
                 .and_then(|response| {
                     let mut answer = Answer::default();
                     answer.absorb(response)?;
-                    answer.into_generation(Usage::default(), false)
+                    answer.into_generation(&UsageMeter::default(), false)
                 });
             assert!(result.is_err(), "{body}");
         }

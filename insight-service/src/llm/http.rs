@@ -21,7 +21,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::LlmError;
-use crate::domain::Usage;
+use crate::domain::{Usage, UsageMeter};
 
 /// Default cap on one response body (`--llm-max-response-bytes`): a 300-word JSON answer is a
 /// few KiB, streamed events add framing; 1 MiB leaves room while keeping a hostile or broken
@@ -202,15 +202,17 @@ impl HttpTransport {
     }
 
     /// POSTs `body` and returns the whole 2xx response body (at most the byte cap), retrying
-    /// retryable failures until `deadline`. The usage counts every attempt, failed ones too.
+    /// retryable failures until `deadline`. `meter` counts every attempt as it is sent and
+    /// every byte as it arrives, failed and abandoned attempts too.
     pub(crate) async fn post_json(
         &self,
         url: &Url,
         headers: &HeaderMap,
         body: Bytes,
         deadline: Instant,
-    ) -> (Result<Vec<u8>, LlmError>, Usage) {
-        self.run(url, headers, body, deadline, None).await
+        meter: &UsageMeter,
+    ) -> Result<Vec<u8>, LlmError> {
+        self.run(url, headers, body, deadline, meter, None).await
     }
 
     /// POSTs `body` and feeds the 2xx response's Server-Sent Events to `handler`, retrying like
@@ -222,10 +224,12 @@ impl HttpTransport {
         headers: &HeaderMap,
         body: Bytes,
         deadline: Instant,
+        meter: &UsageMeter,
         handler: &mut dyn SseHandler,
-    ) -> (Result<(), LlmError>, Usage) {
-        let (result, usage) = self.run(url, headers, body, deadline, Some(handler)).await;
-        (result.map(drop), usage)
+    ) -> Result<(), LlmError> {
+        self.run(url, headers, body, deadline, meter, Some(handler))
+            .await
+            .map(drop)
     }
 
     async fn run(
@@ -234,17 +238,22 @@ impl HttpTransport {
         headers: &HeaderMap,
         body: Bytes,
         deadline: Instant,
+        meter: &UsageMeter,
         mut sse: Option<&mut dyn SseHandler>,
-    ) -> (Result<Vec<u8>, LlmError>, Usage) {
-        let mut usage = Usage::default();
+    ) -> Result<Vec<u8>, LlmError> {
+        let mut attempts: u32 = 0;
         let mut last: Option<LlmError> = None;
         let mut retry: u32 = 0;
         loop {
             if Instant::now() >= deadline {
-                return (Err(self.deadline_error(usage.llm_calls, last)), usage);
+                return Err(self.deadline_error(attempts, last));
             }
-            usage.llm_calls += 1;
-            usage.prompt_bytes += body.len() as u64;
+            attempts += 1;
+            meter.add(Usage {
+                llm_calls: 1,
+                prompt_bytes: body.len() as u64,
+                ..Usage::default()
+            });
             let handler = match sse.as_mut() {
                 Some(handler) => {
                     handler.reset();
@@ -252,16 +261,14 @@ impl HttpTransport {
                 }
                 None => None,
             };
-            let attempt = self.attempt(url, headers, body.clone(), &mut usage, handler);
+            let attempt = self.attempt(url, headers, body.clone(), meter, handler);
             let failure = match tokio::time::timeout_at(deadline, attempt).await {
-                Ok(Ok(body)) => return (Ok(body), usage),
+                Ok(Ok(body)) => return Ok(body),
                 Ok(Err(failure)) => failure,
-                Err(_elapsed) => {
-                    return (Err(self.deadline_error(usage.llm_calls, last)), usage);
-                }
+                Err(_elapsed) => return Err(self.deadline_error(attempts, last)),
             };
             if !failure.error.is_retryable() || retry >= self.limits.max_retries {
-                return (Err(failure.error), usage);
+                return Err(failure.error);
             }
             let wait = failure
                 .retry_after
@@ -275,16 +282,16 @@ impl HttpTransport {
             {
                 tracing::debug!(
                     backend = self.backend,
-                    attempt = usage.llm_calls,
+                    attempt = attempts,
                     wait_ms = wait.as_millis() as u64,
                     error = %failure.error,
                     "not retrying: the wait would cross the deadline"
                 );
-                return (Err(failure.error), usage);
+                return Err(failure.error);
             }
             tracing::debug!(
                 backend = self.backend,
-                attempt = usage.llm_calls,
+                attempt = attempts,
                 wait_ms = wait.as_millis() as u64,
                 error = %failure.error,
                 "retrying LLM call"
@@ -314,7 +321,7 @@ impl HttpTransport {
         url: &Url,
         headers: &HeaderMap,
         body: Bytes,
-        usage: &mut Usage,
+        meter: &UsageMeter,
         sse: Option<&mut dyn SseHandler>,
     ) -> Result<Vec<u8>, Failure> {
         let response = self
@@ -333,7 +340,7 @@ impl HttpTransport {
                     .ok()
                     .and_then(|v| parse_retry_after(v, SystemTime::now()))
             });
-            let body = self.read_error_body(response, usage).await;
+            let body = self.read_error_body(response, meter).await;
             let error = error_for_status(self.backend, status.as_u16(), &body, retry_after);
             let retry_after = match &error {
                 LlmError::RateLimited { retry_after, .. } => *retry_after,
@@ -342,9 +349,9 @@ impl HttpTransport {
             return Err(Failure { error, retry_after });
         }
         match sse {
-            None => self.read_body(response, usage).await,
+            None => self.read_body(response, meter).await,
             Some(handler) => self
-                .read_sse(response, usage, handler)
+                .read_sse(response, meter, handler)
                 .await
                 .map(|()| Vec::new()),
         }
@@ -354,7 +361,7 @@ impl HttpTransport {
     async fn read_body(
         &self,
         mut response: reqwest::Response,
-        usage: &mut Usage,
+        meter: &UsageMeter,
     ) -> Result<Vec<u8>, Failure> {
         let cap = self.limits.max_response_bytes;
         let declared = response.content_length();
@@ -366,7 +373,7 @@ impl HttpTransport {
         let mut started = false;
         while let Some(chunk) = self.next_chunk(&mut response, started).await? {
             started = true;
-            usage.response_bytes += chunk.len() as u64;
+            received(meter, &chunk);
             if body.len() + chunk.len() > cap {
                 return Err(self.too_large().into());
             }
@@ -377,14 +384,18 @@ impl HttpTransport {
 
     /// Reads an error body up to [`ERROR_BODY_LIMIT`], dropping the rest: only the provider's
     /// message is wanted, and a failure here must not hide the status.
-    async fn read_error_body(&self, mut response: reqwest::Response, usage: &mut Usage) -> Vec<u8> {
+    async fn read_error_body(
+        &self,
+        mut response: reqwest::Response,
+        meter: &UsageMeter,
+    ) -> Vec<u8> {
         let limit = ERROR_BODY_LIMIT.min(self.limits.max_response_bytes);
         let mut body = Vec::new();
         let mut started = false;
         // A read error ends the body like EOF: what arrived may still name the cause.
         while let Ok(Some(chunk)) = self.next_chunk(&mut response, started).await {
             started = true;
-            usage.response_bytes += chunk.len() as u64;
+            received(meter, &chunk);
             let room = limit - body.len();
             body.extend_from_slice(&chunk[..chunk.len().min(room)]);
             if body.len() >= limit {
@@ -398,7 +409,7 @@ impl HttpTransport {
     async fn read_sse(
         &self,
         mut response: reqwest::Response,
-        usage: &mut Usage,
+        meter: &UsageMeter,
         handler: &mut dyn SseHandler,
     ) -> Result<(), Failure> {
         let cap = self.limits.max_response_bytes;
@@ -413,7 +424,7 @@ impl HttpTransport {
         let mut started = false;
         while let Some(chunk) = self.next_chunk(&mut response, started).await? {
             started = true;
-            usage.response_bytes += chunk.len() as u64;
+            received(meter, &chunk);
             total += chunk.len();
             if total > cap {
                 return Err(self.too_large().into());
@@ -486,6 +497,15 @@ impl HttpTransport {
 
 /// Shortens the handler's object lifetime to this borrow, so each attempt can borrow it anew
 /// (an `Option<&mut dyn _>` does not coerce by itself).
+/// Counts a piece of a response body as it arrives (so a body cut off by the cap, a stall or
+/// the deadline is counted as far as it came).
+fn received(meter: &UsageMeter, chunk: &[u8]) {
+    meter.add(Usage {
+        response_bytes: chunk.len() as u64,
+        ..Usage::default()
+    });
+}
+
 fn reborrow<'s>(handler: &'s mut (dyn SseHandler + '_)) -> &'s mut dyn SseHandler {
     handler
 }

@@ -16,7 +16,7 @@
 use futures::future::BoxFuture;
 
 use super::{ChunkDraft, ChunkRequest, LlmBackend, LlmError, ReduceRequest, SummaryDraft};
-use crate::domain::{ChunkInsight, Sentiment, SentimentLabel, Usage};
+use crate::domain::{ChunkInsight, Entry, Sentiment, SentimentLabel, Usage};
 use crate::{
     cpu,
     text::{self, SummaryLimits},
@@ -72,22 +72,19 @@ impl LlmBackend for LocalBackend {
         request: ChunkRequest<'a>,
     ) -> BoxFuture<'a, Result<ChunkDraft, LlmError>> {
         let ChunkRequest {
-            index,
             entries,
             max_words,
-            deadline,
+            usage,
+            ..
         } = request;
         let bytes = entries.iter().map(|entry| entry.text.len()).sum();
         Box::pin(async move {
-            Ok(cpu::run_on(entries, bytes, move |entries| {
-                chunk_draft(ChunkRequest {
-                    index,
-                    entries,
-                    max_words,
-                    deadline,
-                })
+            let (draft, spent) = cpu::run_on(entries, bytes, move |entries| {
+                chunk_draft(entries, max_words)
             })
-            .await)
+            .await;
+            usage.add(spent);
+            Ok(draft)
         })
     }
 
@@ -98,70 +95,64 @@ impl LlmBackend for LocalBackend {
         let ReduceRequest {
             chunks,
             max_words,
-            deadline,
+            usage,
+            ..
         } = request;
         let bytes = chunks.iter().map(|chunk| chunk.insight.len()).sum();
         Box::pin(async move {
-            Ok(cpu::run_on(chunks, bytes, move |chunks| {
-                summary_draft(ReduceRequest {
-                    chunks,
-                    max_words,
-                    deadline,
-                })
+            let (draft, spent) = cpu::run_on(chunks, bytes, move |chunks| {
+                summary_draft(chunks, max_words)
             })
-            .await)
+            .await;
+            usage.add(spent);
+            Ok(draft)
         })
     }
 }
 
 /// Map step: themes, sentiment and an extractive insight of one chunk, from one scan of the
-/// entries ([`text::digest_chunk`]).
-fn chunk_draft(request: ChunkRequest<'_>) -> ChunkDraft {
+/// entries ([`text::digest_chunk`]), with what it would have cost a model.
+fn chunk_draft(entries: &[Entry], max_words: usize) -> (ChunkDraft, Usage) {
     let limits = SummaryLimits {
-        max_words: request.max_words,
-        max_sentences: request
-            .entries
-            .len()
-            .div_ceil(2)
-            .clamp(1, CHUNK_MAX_SENTENCES),
+        max_words,
+        max_sentences: entries.len().div_ceil(2).clamp(1, CHUNK_MAX_SENTENCES),
     };
     let text::ChunkDigest {
         themes,
         sentiment,
         summary: mut insight,
-    } = text::digest_chunk(request.entries, CHUNK_THEMES, limits);
-    let texts = || request.entries.iter().map(|entry| entry.text.as_str());
+    } = text::digest_chunk(entries, CHUNK_THEMES, limits);
+    let texts = || entries.iter().map(|entry| entry.text.as_str());
     if insight.is_empty() {
         // Nothing extractable (only stop words, one-word reviews, no sentence of three words):
         // the entries themselves, cut to budget, still tell the reader more than an empty string.
-        insight = text::truncate_words(&texts().collect::<Vec<_>>().join(" "), request.max_words);
+        insight = text::truncate_words(&texts().collect::<Vec<_>>().join(" "), max_words);
     }
     let prompt_bytes = texts().map(str::len).sum();
     let usage = usage(prompt_bytes, response_bytes(&insight, &themes));
-    ChunkDraft {
+    let draft = ChunkDraft {
         insight,
         themes,
         sentiment,
-        usage,
-    }
+    };
+    (draft, usage)
 }
 
 /// Reduce step: a data lead computed from the chunks, then the most representative sentences of
-/// their insights, within `max_words` in total.
-fn summary_draft(request: ReduceRequest<'_>) -> SummaryDraft {
-    let chunks = request.chunks;
+/// their insights, within `max_words` in total, with what it would have cost a model.
+fn summary_draft(chunks: &[ChunkInsight], max_words: usize) -> (SummaryDraft, Usage) {
     let themes = merge_themes(chunks, SUMMARY_THEMES);
     let sentiment = text::merge_sentiments(chunks.iter().map(|chunk| &chunk.sentiment));
     let entries: usize = chunks.iter().map(chunk_entries).sum();
     let lead = data_lead(entries, &sentiment, &themes);
 
     let lead_words = text::word_count(&lead);
-    let summary = if lead_words >= request.max_words {
-        text::truncate_words(&lead, request.max_words)
+    let summary = if lead_words >= max_words {
+        text::truncate_words(&lead, max_words)
     } else {
         let insights: Vec<&str> = chunks.iter().map(|chunk| chunk.insight.as_str()).collect();
         let limits = SummaryLimits {
-            max_words: request.max_words - lead_words,
+            max_words: max_words - lead_words,
             max_sentences: (chunks.len() + 1).clamp(SUMMARY_MIN_SENTENCES, SUMMARY_MAX_SENTENCES),
         };
         // A hierarchical reduce feeds our own summaries back as insights; their lead is
@@ -174,18 +165,14 @@ fn summary_draft(request: ReduceRequest<'_>) -> SummaryDraft {
         }
     };
     // Already within budget by construction; the cut is the guarantee, not the mechanism.
-    let summary = text::truncate_words(&summary, request.max_words);
+    let summary = text::truncate_words(&summary, max_words);
 
     let prompt_bytes = chunks
         .iter()
         .map(|chunk| chunk.insight.len() + chunk.themes.iter().map(String::len).sum::<usize>())
         .sum();
     let usage = usage(prompt_bytes, response_bytes(&summary, &themes));
-    SummaryDraft {
-        summary,
-        themes,
-        usage,
-    }
+    (SummaryDraft { summary, themes }, usage)
 }
 
 /// Entries a chunk stands for: its ids, or its sentiment counts when another backend left the
@@ -334,7 +321,7 @@ mod tests {
     use futures::executor::block_on;
 
     use super::*;
-    use crate::domain::{ChunkStatus, Entry};
+    use crate::domain::{ChunkStatus, UsageMeter};
 
     /// The real reviews of the shared data set (`../shared` next to the repository).
     const REVIEWS: &str = concat!(
@@ -354,26 +341,40 @@ mod tests {
     }
 
     fn summarize(entries: &[Entry], max_words: usize) -> ChunkDraft {
+        summarize_metered(entries, max_words).0
+    }
+
+    /// The chunk's draft and what the backend added to the call's meter.
+    fn summarize_metered(entries: &[Entry], max_words: usize) -> (ChunkDraft, Usage) {
+        let meter = UsageMeter::default();
         let request = ChunkRequest {
             index: 0,
             entries,
             max_words,
             deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(60),
+            usage: &meter,
         };
         match block_on(LocalBackend::new().summarize_chunk(request)) {
-            Ok(draft) => draft,
+            Ok(draft) => (draft, meter.total()),
             Err(error) => panic!("local never fails: {error}"),
         }
     }
 
     fn reduce(chunks: &[ChunkInsight], max_words: usize) -> SummaryDraft {
+        reduce_metered(chunks, max_words).0
+    }
+
+    /// The summary draft and what the backend added to the call's meter.
+    fn reduce_metered(chunks: &[ChunkInsight], max_words: usize) -> (SummaryDraft, Usage) {
+        let meter = UsageMeter::default();
         let request = ReduceRequest {
             chunks,
             max_words,
             deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(60),
+            usage: &meter,
         };
         match block_on(LocalBackend::new().reduce(request)) {
-            Ok(draft) => draft,
+            Ok(draft) => (draft, meter.total()),
             Err(error) => panic!("local never fails: {error}"),
         }
     }
@@ -431,7 +432,7 @@ mod tests {
     #[test]
     fn chunk_insight_is_extracted_themed_and_scored() {
         let entries = complaints();
-        let draft = summarize(&entries, 40);
+        let (draft, usage) = summarize_metered(&entries, 40);
         // Four of five reviews mention ads; "offline downloads" is the next recurring phrase.
         assert_eq!(draft.themes[..3], ["ads", "downloads", "offline"]);
         assert_eq!(draft.sentiment.label, SentimentLabel::Negative);
@@ -457,11 +458,11 @@ mod tests {
 
         let prompt: usize = entries.iter().map(|e| e.text.len()).sum();
         let response = draft.insight.len() + draft.themes.iter().map(String::len).sum::<usize>();
-        assert_eq!(draft.usage.llm_calls, 1);
-        assert_eq!(draft.usage.prompt_bytes, prompt as u64);
-        assert_eq!(draft.usage.response_bytes, response as u64);
-        assert_eq!(draft.usage.input_tokens, (prompt as u64).div_ceil(4));
-        assert_eq!(draft.usage.output_tokens, (response as u64).div_ceil(4));
+        assert_eq!(usage.llm_calls, 1);
+        assert_eq!(usage.prompt_bytes, prompt as u64);
+        assert_eq!(usage.response_bytes, response as u64);
+        assert_eq!(usage.input_tokens, (prompt as u64).div_ceil(4));
+        assert_eq!(usage.output_tokens, (response as u64).div_ceil(4));
     }
 
     #[test]
@@ -535,7 +536,7 @@ mod tests {
             .map(|(i, (text, rating))| entry(10 + i, text, Some(*rating))),
         );
         let chunks = map_chunks(&entries, 5, 40);
-        let draft = reduce(&chunks, 80);
+        let (draft, usage) = reduce_metered(&chunks, 80);
         let lead = "Across 10 entries the tone is mostly negative (1 positive, 1 neutral, \
                     8 negative; average rating 1.9/5); main themes: ads, offline, downloads.";
         assert!(draft.summary.starts_with(lead), "{}", draft.summary);
@@ -557,12 +558,12 @@ mod tests {
         for sentence in text::split_sentences(&draft.summary[lead.len()..]) {
             assert!(insight_sentences.contains(&sentence), "{sentence}");
         }
-        assert_eq!(draft.usage.llm_calls, 1);
+        assert_eq!(usage.llm_calls, 1);
         let prompt: usize = chunks
             .iter()
             .map(|c| c.insight.len() + c.themes.iter().map(String::len).sum::<usize>())
             .sum();
-        assert_eq!(draft.usage.prompt_bytes, prompt as u64);
+        assert_eq!(usage.prompt_bytes, prompt as u64);
 
         // Fed back (hierarchical reduce), the old lead is restated, not repeated.
         let again = ChunkInsight {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
-use crate::domain::{ChunkInsight, Entry, Sentiment, Usage};
+use crate::domain::{ChunkInsight, Entry, Sentiment, UsageMeter};
 
 pub mod gemini;
 pub mod http;
@@ -27,6 +27,8 @@ pub struct ChunkRequest<'a> {
     /// The call must be answered by then (what is left of the caller's gRPC deadline, capped
     /// by `--llm-timeout`); a backend that cannot must fail with [`LlmError::Timeout`].
     pub deadline: Instant,
+    /// Where the call's cost goes as it is spent (see [`UsageMeter`]).
+    pub usage: &'a UsageMeter,
 }
 
 /// A backend's answer for one chunk.
@@ -38,8 +40,6 @@ pub struct ChunkDraft {
     pub themes: Vec<String>,
     /// Sentiment of the chunk's entries.
     pub sentiment: Sentiment,
-    /// What producing it cost.
-    pub usage: Usage,
 }
 
 /// The reduce step's question: combine these chunk insights.
@@ -51,6 +51,8 @@ pub struct ReduceRequest<'a> {
     pub max_words: usize,
     /// The call must be answered by then (see [`ChunkRequest::deadline`]).
     pub deadline: Instant,
+    /// Where the call's cost goes (see [`ChunkRequest::usage`]).
+    pub usage: &'a UsageMeter,
 }
 
 /// A backend's combined summary. Sentiment is not asked for: the pipeline adds up the chunks'
@@ -61,8 +63,6 @@ pub struct SummaryDraft {
     pub summary: String,
     /// Themes across the chunks, most salient first.
     pub themes: Vec<String>,
-    /// What producing it cost.
-    pub usage: Usage,
 }
 
 /// Why a backend call failed: one variant per cause, so the service can map each to the
@@ -192,6 +192,8 @@ pub struct GenerateRequest<'a> {
     pub response_schema: Option<&'a serde_json::Value>,
     /// Absolute deadline of this call, retries included.
     pub deadline: Instant,
+    /// Where the call's cost goes: every attempt, byte and reported token, as they happen.
+    pub usage: &'a UsageMeter,
 }
 
 /// A completed generation.
@@ -201,8 +203,6 @@ pub struct Generation {
     pub text: String,
     /// Why it stopped.
     pub finish: FinishReason,
-    /// What it cost: calls (retries included), bytes and reported tokens.
-    pub usage: Usage,
 }
 
 /// A text-generation provider.

@@ -33,7 +33,7 @@ use super::{
         error_for_provider_error, join_url, malformed, stream_end,
     },
 };
-use crate::domain::Usage;
+use crate::domain::{Usage, UsageMeter};
 
 /// Backend name reported in answers and errors.
 const NAME: &str = "openai";
@@ -185,12 +185,9 @@ impl OpenAiGenerator {
             }
             (Some(_), mode) => mode,
         };
-        let mut spent = Usage::default();
         loop {
             let body = self.request_body(&request, mode)?;
-            let (result, usage) = self.send(body, request.deadline).await;
-            spent += usage;
-            match result {
+            match self.send(body, request.deadline, request.usage).await {
                 Err(LlmError::BadRequest { message, .. })
                     if mode == JsonMode::Schema && rejects_json_schema(&message) =>
                 {
@@ -204,10 +201,7 @@ impl OpenAiGenerator {
                     mode = JsonMode::Object;
                 }
                 Err(error) => return Err(error),
-                Ok(mut answer) => {
-                    answer.spent = spent;
-                    return answer.into_generation();
-                }
+                Ok(answer) => return answer.into_generation(request.usage),
             }
         }
     }
@@ -216,20 +210,27 @@ impl OpenAiGenerator {
         &self,
         body: Bytes,
         deadline: tokio::time::Instant,
-    ) -> (Result<Answer, LlmError>, Usage) {
+        meter: &UsageMeter,
+    ) -> Result<Answer, LlmError> {
         if self.stream {
             let mut handler = StreamHandler::default();
-            let (result, usage) = self
-                .transport
-                .post_sse(&self.url, &self.headers, body, deadline, &mut handler)
-                .await;
-            (result.map(|()| handler.answer), usage)
+            self.transport
+                .post_sse(
+                    &self.url,
+                    &self.headers,
+                    body,
+                    deadline,
+                    meter,
+                    &mut handler,
+                )
+                .await?;
+            Ok(handler.answer)
         } else {
-            let (result, usage) = self
+            let body = self
                 .transport
-                .post_json(&self.url, &self.headers, body, deadline)
-                .await;
-            (result.and_then(|body| parse_completion(&body)), usage)
+                .post_json(&self.url, &self.headers, body, deadline, meter)
+                .await?;
+            parse_completion(&body)
         }
     }
 
@@ -438,16 +439,18 @@ struct Answer {
     refusal: String,
     finish: Option<String>,
     tokens: Option<TokenUsage>,
-    /// Calls and bytes of every attempt, filled in by the caller.
-    spent: Usage,
 }
 
 impl Answer {
-    fn into_generation(self) -> Result<Generation, LlmError> {
-        let mut usage = self.spent;
+    /// The generation, after adding the reported tokens to `meter` (first: a refused or cut
+    /// answer's tokens are billed too).
+    fn into_generation(self, meter: &UsageMeter) -> Result<Generation, LlmError> {
         if let Some(tokens) = self.tokens {
-            usage.input_tokens = tokens.prompt_tokens.unwrap_or(0);
-            usage.output_tokens = tokens.completion_tokens.unwrap_or(0);
+            meter.add(Usage {
+                input_tokens: tokens.prompt_tokens.unwrap_or(0),
+                output_tokens: tokens.completion_tokens.unwrap_or(0),
+                ..Usage::default()
+            });
         }
         let Some(reason) = self.finish else {
             return Err(malformed(
@@ -467,7 +470,6 @@ impl Answer {
         Ok(Generation {
             text: self.text,
             finish: finish_reason(&reason),
-            usage,
         })
     }
 }
@@ -603,6 +605,7 @@ mod tests {
             max_output_tokens: 42,
             response_schema: Some(&schema),
             deadline: tokio::time::Instant::now(),
+            usage: &UsageMeter::default(),
         };
         let g = generator(OpenAiConfig {
             model: "m".into(),
@@ -698,7 +701,8 @@ mod tests {
             r#"{"error": {"message": "boom"}}"#,
             r#"{"choices": [{"message": {"content": 5}}]}"#,
         ] {
-            let result = parse_completion(body.as_bytes()).and_then(Answer::into_generation);
+            let result = parse_completion(body.as_bytes())
+                .and_then(|answer| answer.into_generation(&UsageMeter::default()));
             assert!(result.is_err(), "{body}");
         }
     }

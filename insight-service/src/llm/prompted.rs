@@ -64,6 +64,7 @@ impl<G: Generator> LlmBackend for PromptedBackend<G> {
                 max_output_tokens: prompt.max_output_tokens,
                 response_schema: Some(&schema),
                 deadline: request.deadline,
+                usage: request.usage,
             });
             // The sentiment is ours to compute (a scan of the chunk's text): done while the
             // model works, and for a large chunk on an offload thread (see `crate::cpu`).
@@ -75,7 +76,6 @@ impl<G: Generator> LlmBackend for PromptedBackend<G> {
                 insight: text::truncate_words(&insight, request.max_words),
                 themes,
                 sentiment,
-                usage: generation.usage,
             })
         })
     }
@@ -95,6 +95,7 @@ impl<G: Generator> LlmBackend for PromptedBackend<G> {
                     max_output_tokens: prompt.max_output_tokens,
                     response_schema: Some(&schema),
                     deadline: request.deadline,
+                    usage: request.usage,
                 })
                 .await?;
             let (summary, themes) = prompts::parse_reduce_answer(&generation.text)
@@ -102,7 +103,6 @@ impl<G: Generator> LlmBackend for PromptedBackend<G> {
             Ok(SummaryDraft {
                 summary: text::truncate_words(&summary, request.max_words),
                 themes,
-                usage: generation.usage,
             })
         })
     }

@@ -17,7 +17,7 @@
 use tokio::time::Instant;
 
 use crate::{
-    domain::Usage,
+    domain::{Usage, UsageMeter},
     llm::{FinishReason, GenerateRequest, Generation, Generator, LlmError},
     store::{FeedbackStore, PlayCursor},
 };
@@ -307,15 +307,15 @@ pub async fn analyze(
             Provenance::local(false, Usage::default()),
         ));
     };
-    let mut usage = Usage::default();
-    let failure = match ask_model(generator, &stats, options.max_words, deadline, &mut usage).await
-    {
+    // Every call's cost, counted as it is spent (a failed or abandoned call too).
+    let usage = UsageMeter::default();
+    let failure = match ask_model(generator, &stats, options.max_words, deadline, &usage).await {
         Ok(draft) => {
             let provenance = Provenance {
                 degraded: false,
                 backend: generator.name().to_owned(),
                 model: generator.model().to_owned(),
-                usage,
+                usage: usage.total(),
             };
             return Ok(MusicAnalysis::new(draft, stats, provenance));
         }
@@ -333,17 +333,17 @@ pub async fn analyze(
     Ok(MusicAnalysis::new(
         draft,
         stats,
-        Provenance::local(true, usage),
+        Provenance::local(true, usage.total()),
     ))
 }
 
-/// The model's validated answer, after at most one repair call; `usage` accumulates every call.
+/// The model's validated answer, after at most one repair call; `usage` counts every call.
 async fn ask_model(
     generator: &dyn Generator,
     stats: &ListeningStats,
     max_words: usize,
     deadline: Instant,
-    usage: &mut Usage,
+    usage: &UsageMeter,
 ) -> Result<Draft, LlmError> {
     let prompt = build_prompt(stats, max_words);
     let schema = response_schema();
@@ -380,14 +380,14 @@ fn with_finish(finish: &FinishReason, reason: String) -> String {
     }
 }
 
-/// One generator call bounded by `deadline`, with its cost added to `usage` (a failed call
-/// counts as one call of unknown size, as in the feedback pipeline).
+/// One generator call bounded by `deadline`; the generator adds its cost to `usage` as it
+/// spends it.
 async fn call(
     generator: &dyn Generator,
     prompt: &MusicPrompt,
     schema: &serde_json::Value,
     deadline: Instant,
-    usage: &mut Usage,
+    usage: &UsageMeter,
 ) -> Result<Generation, LlmError> {
     let request = GenerateRequest {
         system: &prompt.system,
@@ -395,20 +395,16 @@ async fn call(
         max_output_tokens: prompt.max_output_tokens,
         response_schema: Some(schema),
         deadline,
+        usage,
     };
     // Generators promise to honour the deadline; the timer makes that a guarantee here.
-    let result = match tokio::time::timeout_at(deadline, generator.generate(request)).await {
+    match tokio::time::timeout_at(deadline, generator.generate(request)).await {
         Ok(result) => result,
         Err(_) => Err(LlmError::Timeout {
             backend: generator.name().to_owned(),
             message: "the deadline passed before the answer was complete".to_owned(),
         }),
-    };
-    match &result {
-        Ok(generation) => *usage += generation.usage,
-        Err(_) => usage.llm_calls += 1,
     }
-    result
 }
 
 #[cfg(test)]
@@ -470,7 +466,12 @@ mod tests {
             if let Ok(mut prompts) = self.prompts.lock() {
                 prompts.push(request.prompt.to_owned());
             }
-            let bytes = (request.system.len() + request.prompt.len()) as u64;
+            // Like a real generator: the call and its prompt count when it is sent.
+            request.usage.add(Usage {
+                llm_calls: 1,
+                prompt_bytes: (request.system.len() + request.prompt.len()) as u64,
+                ..Usage::default()
+            });
             Box::pin(async move {
                 assert!(request.response_schema.is_some(), "a schema is always sent");
                 let (text, finish) = match reply {
@@ -480,17 +481,13 @@ mod tests {
                     Some(Reply::Hang) => std::future::pending().await,
                     None => panic!("the script ran out: an unexpected extra call"),
                 };
-                Ok(Generation {
-                    usage: Usage {
-                        llm_calls: 1,
-                        prompt_bytes: bytes,
-                        response_bytes: text.len() as u64,
-                        input_tokens: 10,
-                        output_tokens: 5,
-                    },
-                    text,
-                    finish,
-                })
+                request.usage.add(Usage {
+                    response_bytes: text.len() as u64,
+                    input_tokens: 10,
+                    output_tokens: 5,
+                    ..Usage::default()
+                });
+                Ok(Generation { text, finish })
             })
         }
     }

@@ -18,7 +18,9 @@ use super::{
 use crate::{
     admission::Pressure,
     cpu::Pacer,
-    domain::{ChunkInsight, ChunkStatus, Entry, FeedbackSummary, Sentiment, SummaryOptions, Usage},
+    domain::{
+        ChunkInsight, ChunkStatus, Entry, FeedbackSummary, Sentiment, SummaryOptions, UsageMeter,
+    },
     llm::{ChunkRequest, LlmBackend, LlmError, ReduceRequest, SummaryDraft, local::LocalBackend},
     text,
 };
@@ -67,12 +69,6 @@ impl std::fmt::Debug for Pipeline {
             .field("config", &self.config)
             .finish()
     }
-}
-
-/// What one map step produced.
-struct Mapped {
-    insight: ChunkInsight,
-    usage: Usage,
 }
 
 impl Pipeline {
@@ -178,7 +174,8 @@ impl Pipeline {
         // Chunk boundaries are fixed for the whole run (the fallback re-reads the same ones).
         let budget = self.cfg().prompt_budget_bytes;
 
-        let mut usage = Usage::default();
+        // Every call's cost, counted as it is spent (failed, retried and abandoned calls too).
+        let usage = UsageMeter::default();
         // Remote calls stop a little before the request deadline, so that the fallback and
         // the reply itself still fit inside it.
         // Without a fallback to use the headroom, the backend gets the whole deadline.
@@ -195,7 +192,7 @@ impl Pipeline {
                 budget,
                 options,
                 backend_deadline,
-                &mut usage,
+                &usage,
                 &mut on_chunk,
             )
             .await?;
@@ -246,7 +243,7 @@ impl Pipeline {
                     budget,
                     options,
                     deadline,
-                    &mut usage,
+                    &usage,
                     &mut on_chunk,
                 )
                 .await?;
@@ -286,7 +283,7 @@ impl Pipeline {
                 Cow::Borrowed(&*ok),
                 options.max_words,
                 reduce_deadline,
-                &mut usage,
+                &usage,
             )
             .await
         {
@@ -307,7 +304,7 @@ impl Pipeline {
                 degraded = true;
                 let fallback = self.fallback.clone();
                 backend = fallback.clone();
-                self.reduce_levels(&*fallback, ok, options.max_words, deadline, &mut usage)
+                self.reduce_levels(&*fallback, ok, options.max_words, deadline, &usage)
                     .await
                     .map_err(|error| PipelineError::BackendUnavailable {
                         backend: fallback.name().to_owned(),
@@ -328,7 +325,7 @@ impl Pipeline {
             cached: false,
             backend: backend_label,
             model: backend.model().to_owned(),
-            usage,
+            usage: usage.total(),
         })
     }
 
@@ -344,7 +341,7 @@ impl Pipeline {
         budget: usize,
         options: SummaryOptions,
         deadline: Instant,
-        usage: &mut Usage,
+        usage: &UsageMeter,
         on_chunk: &mut impl FnMut(&ChunkInsight),
     ) -> Result<Vec<ChunkInsight>, PipelineError> {
         let max_words = CHUNK_INSIGHT_WORDS.min(options.max_words);
@@ -373,8 +370,16 @@ impl Pipeline {
             .map(|(index, chunk)| async move {
                 let chunk = chunk.map_err(PipelineError::Source)?;
                 Ok::<_, PipelineError>(
-                    self.map_chunk(backend, memo, index as u32, &chunk, max_words, deadline)
-                        .await,
+                    self.map_chunk(
+                        backend,
+                        memo,
+                        index as u32,
+                        &chunk,
+                        max_words,
+                        deadline,
+                        usage,
+                    )
+                    .await,
                 )
             })
             .buffer_unordered(self.cfg().map_parallelism.max(1));
@@ -384,20 +389,20 @@ impl Pipeline {
         let mut pacer = Pacer::new();
         while let Some(mapped) = results.next().await {
             pacer.step().await;
-            let mapped = mapped?;
-            *usage += mapped.usage;
-            on_chunk(&mapped.insight);
-            let index = mapped.insight.index as usize;
+            let insight = mapped?;
+            on_chunk(&insight);
+            let index = insight.index as usize;
             if done.len() <= index {
                 done.resize(index + 1, None);
             }
-            done[index] = Some(mapped.insight);
+            done[index] = Some(insight);
         }
         Ok(done.into_iter().flatten().collect())
     }
 
     /// One chunk: the memo's answer if it has one, else a call, retried once on failure while
     /// the deadline allows.
+    #[allow(clippy::too_many_arguments)]
     async fn map_chunk(
         &self,
         backend: &dyn LlmBackend,
@@ -406,26 +411,24 @@ impl Pipeline {
         chunk: &[Entry],
         max_words: usize,
         deadline: Instant,
-    ) -> Mapped {
+        usage: &UsageMeter,
+    ) -> ChunkInsight {
         let key = memo.map(|_| chunk_key(backend.name(), backend.model(), max_words, chunk));
         if let (Some(memo), Some(key)) = (memo, &key)
             && let Some(mut insight) = memo.recall(key).await
         {
             insight.index = index;
-            return Mapped {
-                insight,
-                usage: Usage::default(),
-            };
+            return insight;
         }
-        let mapped = self
-            .call_chunk(backend, index, chunk, max_words, deadline)
+        let insight = self
+            .call_chunk(backend, index, chunk, max_words, deadline, usage)
             .await;
         if let (Some(memo), Some(key)) = (memo, &key)
-            && mapped.insight.status == ChunkStatus::Ok
+            && insight.status == ChunkStatus::Ok
         {
-            memo.remember(key, &mapped.insight).await;
+            memo.remember(key, &insight).await;
         }
-        mapped
+        insight
     }
 
     /// One chunk's backend call, retried once on failure while the deadline allows.
@@ -436,9 +439,9 @@ impl Pipeline {
         chunk: &[Entry],
         max_words: usize,
         deadline: Instant,
-    ) -> Mapped {
+        usage: &UsageMeter,
+    ) -> ChunkInsight {
         let entry_ids: Vec<String> = chunk.iter().map(|e| e.id.clone()).collect();
-        let mut usage = Usage::default();
         let mut last_error = None;
         for attempt in 0..2 {
             let now = Instant::now();
@@ -455,6 +458,7 @@ impl Pipeline {
                 entries: chunk,
                 max_words,
                 deadline: call_deadline,
+                usage,
             };
             // Enforced here too, so no backend can hold a request past its deadline.
             let answer = tokio::time::timeout_at(call_deadline, backend.summarize_chunk(request))
@@ -462,39 +466,30 @@ impl Pipeline {
                 .unwrap_or_else(|_| Err(deadline_error(backend, call_deadline == deadline)));
             match answer {
                 Ok(draft) => {
-                    usage += draft.usage;
-                    return Mapped {
-                        insight: ChunkInsight {
-                            index,
-                            entry_ids,
-                            insight: draft.insight,
-                            themes: draft.themes,
-                            sentiment: draft.sentiment,
-                            status: ChunkStatus::Ok,
-                            error: None,
-                        },
-                        usage,
+                    return ChunkInsight {
+                        index,
+                        entry_ids,
+                        insight: draft.insight,
+                        themes: draft.themes,
+                        sentiment: draft.sentiment,
+                        status: ChunkStatus::Ok,
+                        error: None,
                     };
                 }
                 Err(error) => {
-                    // A failed call still cost a call; its bytes are not known here.
-                    usage.llm_calls += 1;
                     tracing::warn!(chunk = index, attempt, %error, "chunk failed");
                     last_error = Some(error);
                 }
             }
         }
-        Mapped {
-            insight: ChunkInsight {
-                index,
-                entry_ids,
-                insight: String::new(),
-                themes: Vec::new(),
-                sentiment: Sentiment::default(),
-                status: ChunkStatus::Failed,
-                error: last_error.map(|e| e.to_string()),
-            },
-            usage,
+        ChunkInsight {
+            index,
+            entry_ids,
+            insight: String::new(),
+            themes: Vec::new(),
+            sentiment: Sentiment::default(),
+            status: ChunkStatus::Failed,
+            error: last_error.map(|e| e.to_string()),
         }
     }
 
@@ -507,7 +502,7 @@ impl Pipeline {
         mut level: Cow<'_, [ChunkInsight]>,
         max_words: usize,
         deadline: Instant,
-        usage: &mut Usage,
+        usage: &UsageMeter,
     ) -> Result<SummaryDraft, LlmError> {
         let budget = self.cfg().prompt_budget_bytes;
         let mut depth = 0;
@@ -524,7 +519,7 @@ impl Pipeline {
                 stream::iter(groups)
                     .map(|group| async move {
                         let draft = self
-                            .reduce_once(backend, &group, PARTIAL_SUMMARY_WORDS, deadline)
+                            .reduce_once(backend, &group, PARTIAL_SUMMARY_WORDS, deadline, usage)
                             .await?;
                         let sentiment = text::merge_sentiments(group.iter().map(|c| &c.sentiment));
                         let entries = group.iter().map(|c| c.entry_ids.len()).sum();
@@ -536,7 +531,6 @@ impl Pipeline {
             let mut next = Vec::with_capacity(drafts.len());
             for (index, result) in drafts.into_iter().enumerate() {
                 let (draft, sentiment, _entries) = result?;
-                *usage += draft.usage;
                 next.push(ChunkInsight {
                     index: index as u32,
                     entry_ids: Vec::new(),
@@ -550,11 +544,8 @@ impl Pipeline {
             level = Cow::Owned(next);
             depth += 1;
         }
-        let draft = self
-            .reduce_once(backend, &level, max_words, deadline)
-            .await?;
-        *usage += draft.usage;
-        Ok(draft)
+        self.reduce_once(backend, &level, max_words, deadline, usage)
+            .await
     }
 
     /// One reduce call, bounded by the request deadline and `llm_timeout`.
@@ -564,12 +555,14 @@ impl Pipeline {
         chunks: &[ChunkInsight],
         max_words: usize,
         deadline: Instant,
+        usage: &UsageMeter,
     ) -> Result<SummaryDraft, LlmError> {
         let call_deadline = deadline.min(Instant::now() + self.cfg().llm_timeout);
         let request = ReduceRequest {
             chunks,
             max_words,
             deadline: call_deadline,
+            usage,
         };
         tokio::time::timeout_at(call_deadline, backend.reduce(request))
             .await
@@ -703,7 +696,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::llm::ChunkDraft;
+    use crate::{domain::Usage, llm::ChunkDraft};
 
     fn insight(index: u32, bytes: usize) -> ChunkInsight {
         ChunkInsight {
@@ -782,6 +775,11 @@ mod tests {
             request: ChunkRequest<'a>,
         ) -> futures::future::BoxFuture<'a, Result<ChunkDraft, LlmError>> {
             Box::pin(async move {
+                // Like a real backend: the call is counted when it is made, failing or not.
+                request.usage.add(Usage {
+                    llm_calls: 1,
+                    ..Usage::default()
+                });
                 let attempt = {
                     let mut calls = self.calls.lock().unwrap();
                     calls.push(request.index);
@@ -802,10 +800,6 @@ mod tests {
                     insight: format!("insight {}", request.index),
                     themes: vec!["shuffle".into()],
                     sentiment: text::sentiment(request.entries),
-                    usage: Usage {
-                        llm_calls: 1,
-                        ..Usage::default()
-                    },
                 })
             })
         }
@@ -814,6 +808,10 @@ mod tests {
             request: ReduceRequest<'a>,
         ) -> futures::future::BoxFuture<'a, Result<SummaryDraft, LlmError>> {
             Box::pin(async move {
+                request.usage.add(Usage {
+                    llm_calls: 1,
+                    ..Usage::default()
+                });
                 self.reduce_calls.fetch_add(1, Ordering::SeqCst);
                 if self.reduce_fails {
                     return Err(LlmError::Timeout {
@@ -824,10 +822,6 @@ mod tests {
                 Ok(SummaryDraft {
                     summary: format!("{} chunks", request.chunks.len()),
                     themes: vec!["shuffle".into()],
-                    usage: Usage {
-                        llm_calls: 1,
-                        ..Usage::default()
-                    },
                 })
             })
         }
@@ -1133,7 +1127,6 @@ mod tests {
                         insight: "z".repeat(300),
                         themes: vec![],
                         sentiment: text::sentiment(r.entries),
-                        usage: Usage::default(),
                     })
                 })
             }
@@ -1146,7 +1139,6 @@ mod tests {
                     Ok(SummaryDraft {
                         summary: "w ".repeat(100),
                         themes: vec![],
-                        usage: Usage::default(),
                     })
                 })
             }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::executor::block_on;
 use insight_service::{
-    domain::{ChunkInsight, ChunkStatus, Entry},
+    domain::{ChunkInsight, ChunkStatus, Entry, UsageMeter},
     llm::{ChunkRequest, LlmBackend, ReduceRequest, local::LocalBackend},
     pipeline::{CHUNK_INSIGHT_WORDS, MAX_WORDS},
 };
@@ -180,6 +180,7 @@ fn dump(backend: &LocalBackend, entries: &[Entry]) {
                     chunks: &chunks,
                     max_words: reduce_words,
                     deadline,
+                    usage: &UsageMeter::default(),
                 };
                 match block_on(backend.reduce(request)) {
                     Ok(draft) => println!("R {reduce_words} {draft:?}"),
@@ -206,6 +207,7 @@ fn summarize(
         chunks: &chunks,
         max_words: MAX_WORDS as usize,
         deadline,
+        usage: &UsageMeter::default(),
     };
     let summary = match block_on(backend.reduce(request)) {
         Ok(draft) => draft,
@@ -228,6 +230,7 @@ fn map_chunk(
         entries: chunk,
         max_words,
         deadline,
+        usage: &UsageMeter::default(),
     };
     let draft = match block_on(backend.summarize_chunk(request)) {
         Ok(draft) => draft,

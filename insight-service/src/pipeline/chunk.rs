@@ -1,15 +1,17 @@
 //! Splitting entries into chunks bounded by an entry count AND a prompt byte budget, so no
 //! single map call can grow with the input: the seed app's one-giant-prompt is impossible.
 
+use super::prompts::defanged_len;
 use crate::domain::Entry;
 
 /// Bytes a prompt spends on one entry besides its text (fence markers, id, rating): a
 /// deliberate over-estimate so a chunk that fits here also fits once rendered.
 pub const ENTRY_OVERHEAD_BYTES: usize = 96;
 
-/// Bytes one entry adds to a map prompt.
+/// Bytes one entry adds to a map prompt (its text as rendered: fence markers inside it are
+/// defanged into longer characters).
 pub fn entry_prompt_bytes(entry: &Entry) -> usize {
-    entry.text.len() + entry.id.len() + ENTRY_OVERHEAD_BYTES
+    defanged_len(&entry.text) + entry.id.len() + ENTRY_OVERHEAD_BYTES
 }
 
 /// Splits `entries` in input order into chunks of at most `chunk_size` entries whose prompt
@@ -72,6 +74,26 @@ mod tests {
         for range in &ranges {
             let bytes: usize = entries[range.clone()].iter().map(entry_prompt_bytes).sum();
             assert!(bytes <= 3500);
+        }
+    }
+
+    #[test]
+    fn rendered_map_prompts_fit_the_budget_even_for_text_full_of_fence_markers() {
+        // Each "<<<" renders as "‹‹‹", twice its bytes.
+        let entries: Vec<Entry> = (0..40)
+            .map(|i| Entry {
+                text: "<<<".repeat(20 + i * 7),
+                ..entry(i, 0)
+            })
+            .collect();
+        for range in chunk_ranges(&entries, 50, 2048) {
+            let rendered = crate::pipeline::prompts::map_prompt(&entries[range.clone()], 60)
+                .user
+                .len();
+            assert!(
+                range.len() == 1 || rendered <= 2048,
+                "{range:?}: {rendered}"
+            );
         }
     }
 

@@ -12,6 +12,7 @@ use tokio::{sync::watch, time::Instant};
 use super::{
     CHUNK_INSIGHT_WORDS, PipelineError,
     chunk::chunk_ranges,
+    prompts,
     source::{ChunkMemo, Chunker, EntrySource, InlineEntries, SourceError, chunk_key},
     validate_entries,
 };
@@ -517,7 +518,16 @@ impl Pipeline {
             let groups = group_by_budget(level.into_owned(), budget);
             let drafts: Vec<Result<(SummaryDraft, Sentiment, usize), LlmError>> =
                 stream::iter(groups)
-                    .map(|group| async move {
+                    .map(|mut group| async move {
+                        if group.len() == 1 {
+                            // A lone insight needs no call: it goes up a level as it is.
+                            let lone = group.remove(0);
+                            let draft = SummaryDraft {
+                                summary: lone.insight,
+                                themes: lone.themes,
+                            };
+                            return Ok((draft, lone.sentiment, lone.entry_ids.len()));
+                        }
                         let draft = self
                             .reduce_once(backend, &group, PARTIAL_SUMMARY_WORDS, deadline, usage)
                             .await?;
@@ -641,35 +651,28 @@ fn deadline_error(backend: &dyn LlmBackend, request_deadline: bool) -> LlmError 
     }
 }
 
-/// Prompt bytes of one chunk insight in a reduce prompt.
-fn insight_bytes(c: &ChunkInsight) -> usize {
-    c.insight.len() + c.themes.iter().map(|t| t.len() + 2).sum::<usize>() + 64
-}
-
-/// Prompt bytes of a whole reduce level.
+/// Most bytes of the reduce prompt over a whole level (its user turn, as rendered by
+/// [`prompts::reduce_prompt`]).
 fn level_bytes(level: &[ChunkInsight]) -> usize {
-    level.iter().map(insight_bytes).sum()
+    prompts::REDUCE_HEADER_BYTES + level.iter().map(prompts::reduce_chunk_bytes).sum::<usize>()
 }
 
-/// Consecutive groups within `budget` bytes, each of at least two insights so that every
-/// level strictly shrinks.
+/// Consecutive groups whose reduce prompt fits `budget` bytes, each of at least two insights
+/// (two that do not fit together still go together: the level must shrink), except a last one
+/// left alone, which is carried to the next level as it is rather than added to a group it
+/// would push over the budget.
 fn group_by_budget(level: Vec<ChunkInsight>, budget: usize) -> Vec<Vec<ChunkInsight>> {
     let mut groups: Vec<Vec<ChunkInsight>> = Vec::new();
     let mut current: Vec<ChunkInsight> = Vec::new();
-    let mut bytes = 0;
+    let mut bytes = prompts::REDUCE_HEADER_BYTES;
     for insight in level {
-        let cost = insight_bytes(&insight);
+        let cost = prompts::reduce_chunk_bytes(&insight);
         if current.len() >= 2 && bytes + cost > budget {
             groups.push(std::mem::take(&mut current));
-            bytes = 0;
+            bytes = prompts::REDUCE_HEADER_BYTES;
         }
         bytes += cost;
         current.push(insight);
-    }
-    if current.len() == 1
-        && let Some(last) = groups.last_mut()
-    {
-        last.append(&mut current);
     }
     if !current.is_empty() {
         groups.push(current);
@@ -1135,7 +1138,8 @@ mod tests {
                 r: ReduceRequest<'a>,
             ) -> futures::future::BoxFuture<'a, Result<SummaryDraft, LlmError>> {
                 Box::pin(async move {
-                    self.0.lock().unwrap().push(level_bytes(r.chunks));
+                    let rendered = prompts::reduce_prompt(r.chunks, r.max_words).user.len();
+                    self.0.lock().unwrap().push(rendered);
                     Ok(SummaryDraft {
                         summary: "w ".repeat(100),
                         themes: vec![],
@@ -1143,19 +1147,24 @@ mod tests {
                 })
             }
         }
-        let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
-        let config = PipelineConfig {
-            prompt_budget_bytes: 4096,
-            ..PipelineConfig::default()
-        };
-        let pipeline = Pipeline::new(recorder.clone(), config);
-        pipeline
-            .summarize(entries(1_000), options(5, 1_000), far())
-            .await
-            .unwrap();
-        let sizes = recorder.0.lock().unwrap().clone();
-        assert!(sizes.len() > 1, "reduced in levels");
-        assert!(sizes.iter().all(|&b| b <= 4096), "{sizes:?}");
+        // 1,000 entries: 200 chunks; 995: 199, whose last group at the first level would be
+        // a lone insight; 10,000: the largest request, several levels deep.
+        for count in [1_000, 995, 10_000] {
+            let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
+            let config = PipelineConfig {
+                prompt_budget_bytes: 4096,
+                ..PipelineConfig::default()
+            };
+            let pipeline = Pipeline::new(recorder.clone(), config);
+            pipeline
+                .summarize(entries(count), options(5, count), far())
+                .await
+                .unwrap();
+            // The prompts as rendered for the model, not the pipeline's own estimate.
+            let sizes = recorder.0.lock().unwrap().clone();
+            assert!(sizes.len() > 1, "{count}: reduced in levels");
+            assert!(sizes.iter().all(|&b| b <= 4096), "{count}: {sizes:?}");
+        }
     }
 
     #[test]
@@ -1171,11 +1180,11 @@ mod tests {
     }
 
     #[test]
-    fn a_lonely_last_insight_joins_the_previous_group() {
-        let level: Vec<ChunkInsight> = (0..3).map(|i| insight(i, 3000)).collect();
+    fn a_lonely_last_insight_goes_up_a_level_alone() {
+        let level: Vec<ChunkInsight> = (0..3).map(|i| insight(i, 1500)).collect();
         let groups = group_by_budget(level, 4096);
-        assert_eq!(groups.len(), 1);
-        assert_eq!(groups[0].len(), 3);
+        assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1]);
+        assert!(level_bytes(&groups[0]) <= 4096);
     }
 
     #[test]

@@ -296,6 +296,53 @@ async fn a_cancelled_stream_stops_the_remaining_llm_calls() {
 }
 
 #[tokio::test]
+async fn the_stream_sends_each_chunk_insight_as_it_completes() {
+    let s = setup().await;
+    // The first map call to arrive answers 600 ms late; the other two at once.
+    s.fake.push_faults([
+        Fault::Delay(Duration::from_millis(600)),
+        Fault::Ok,
+        Fault::Ok,
+    ]);
+    let config = insight_service::Config {
+        map_parallelism: 4,
+        ..s.config.clone()
+    };
+    let server = start_insight(config).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let mut stream = client
+        .stream_feedback_summary(request(15, true))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut order = Vec::new();
+    let mut summary = None;
+    while let Some(event) = stream.message().await.unwrap() {
+        assert!(summary.is_none(), "an event after the summary");
+        match event.event {
+            Some(pb::summary_event::Event::Chunk(chunk)) => order.push(chunk.index),
+            Some(pb::summary_event::Event::Summary(s)) => summary = Some(s),
+            None => panic!("an empty event"),
+        }
+    }
+    // Which chunk the slow call was for: its prompt holds that chunk's reviews.
+    let slow_prompt = s.fake.requests()[0].prompt().unwrap().to_owned();
+    let slow = (0..3u32)
+        .find(|c| slow_prompt.contains(&format!("Review {}:", c * 5)))
+        .unwrap();
+    assert_eq!(order.len(), 3, "{order:?}");
+    assert_eq!(
+        order.last(),
+        Some(&slow),
+        "completion order, not index order: {order:?}"
+    );
+    let summary = summary.expect("the summary comes last");
+    assert_eq!(summary.chunks.len(), 3);
+    assert!(!summary.degraded);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_missing_key_is_a_startup_error_naming_the_variable() {
     let s = setup().await;
     let config = insight_service::Config {
@@ -392,6 +439,15 @@ async fn analyze_music_repairs_once_then_falls_back_to_the_rules() {
     assert_eq!(analysis.backend, "local (fallback)");
     assert!(!analysis.summary.is_empty());
     assert_eq!(s.fake.request_count(), 2, "the call and one repair");
+    // The second call is a repair, not the same prompt again: the original prompt, then why
+    // the answer was rejected and the answer itself, quoted.
+    let requests = s.fake.requests();
+    let (asked, repair) = (requests[0].prompt().unwrap(), requests[1].prompt().unwrap());
+    assert!(repair.starts_with(asked) && repair.len() > asked.len());
+    assert!(
+        repair.contains("could not be used") && repair.contains("Here is the analysis"),
+        "{repair}"
+    );
 
     s.fake.set_default_fault(Fault::Status(503));
     let mut strict = history(50);

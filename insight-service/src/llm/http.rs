@@ -1186,6 +1186,11 @@ mod tests {
                 .min(limits.max_backoff);
             assert!(wait >= base / 2 && wait <= base, "{retry}: {wait:?}");
         }
+        // Jittered: callers failing together do not retry together. 50 draws, at nanosecond
+        // resolution from the upper half of the window, all differ but for a rare collision.
+        let waits: std::collections::HashSet<Duration> =
+            (0..50).map(|_| backoff(&limits, 2)).collect();
+        assert!(waits.len() > 40, "not jittered: {waits:?}");
     }
 
     #[test]

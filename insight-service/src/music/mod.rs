@@ -824,21 +824,25 @@ mod tests {
 
     #[tokio::test]
     async fn the_local_analysis_is_deterministic_and_within_max_words() {
+        /// The local analysis, which must not fail (a default value would compare equal too).
+        async fn local(plays: &[Play], options: MusicOptions) -> MusicAnalysis {
+            match analyze_plays(plays, 1_000, options, None, deadline()).await {
+                Ok(analysis) => analysis,
+                Err(error) => panic!("the local analysis failed: {error}"),
+            }
+        }
         let plays = synthetic(500);
         let mut reversed = plays.clone();
         reversed.reverse();
-        let first = analyze_plays(&plays, 1_000, MusicOptions::default(), None, deadline())
-            .await
-            .unwrap_or_default();
-        let again = analyze_plays(&reversed, 1_000, MusicOptions::default(), None, deadline())
-            .await
-            .unwrap_or_default();
+        let first = local(&plays, MusicOptions::default()).await;
+        assert!(word_count(&first.summary) > 20, "{}", first.summary);
+        assert!(!first.degraded);
+        let again = local(&reversed, MusicOptions::default()).await;
         assert_eq!(format!("{first:?}"), format!("{again:?}"));
         for max_words in [1, 7, 40, 300] {
             let options = MusicOptions::resolve(Some(max_words), false).unwrap_or_default();
-            let a = analyze_plays(&plays, 1_000, options, None, deadline())
-                .await
-                .unwrap_or_default();
+            assert_eq!(options.max_words, max_words as usize);
+            let a = local(&plays, options).await;
             assert!(
                 word_count(&a.summary) <= max_words as usize,
                 "{max_words}: {}",

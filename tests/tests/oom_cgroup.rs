@@ -162,7 +162,12 @@ async fn insight_service_is_not_oom_killed_at_10x_overload_in_a_256_mib_cgroup()
     .await
     .unwrap();
     let protected_logs = server.log_tail();
+    let group_path = server.cgroup().map(|group| group.path().to_path_buf());
     drop(server);
+    // The issue: the cgroup is removed afterwards.
+    if let Some(path) = group_path {
+        assert!(!path.exists(), "{} was not removed", path.display());
+    }
 
     // 2. Control: the same load with protection off, in a fresh group. Recorded, not asserted.
     let control_spec = spec(&bin, &llm, &workload, false);
@@ -225,6 +230,13 @@ async fn insight_service_is_not_oom_killed_at_10x_overload_in_a_256_mib_cgroup()
         overloaded.disallowed().is_empty(),
         "calls ended in ways the issue does not allow: {:?}\n{}",
         overloaded.disallowed(),
+        context()
+    );
+    // 10x was really offered: the generator never held a call back for want of a caller.
+    assert_eq!(
+        overloaded.report.not_sent,
+        0,
+        "calls of the 10x schedule were not sent\n{}",
         context()
     );
     assert!(

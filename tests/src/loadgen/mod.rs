@@ -345,7 +345,7 @@ async fn closed_loop<R: Rpc>(
                 if measured {
                     recorder.record(outcome, done - sent, done - clock.window_start);
                 } else {
-                    recorder.warmup_calls += 1;
+                    recorder.record_warmup(outcome);
                 }
             }
             recorder
@@ -412,7 +412,7 @@ async fn open_loop<R: Rpc>(
             let mut recorder = shards[shard].lock().unwrap_or_else(PoisonError::into_inner);
             match outcome {
                 None => recorder.unfinished += 1,
-                Some(_) if !measured => recorder.warmup_calls += 1,
+                Some(outcome) if !measured => recorder.record_warmup(outcome),
                 Some(outcome) => {
                     // From the intended time when the call left late (the wait is the server's
                     // doing: the cap was full), from the actual send when it left early.

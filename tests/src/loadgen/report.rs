@@ -110,6 +110,11 @@ pub struct Recorder {
     pub(crate) unfinished: u64,
     /// Calls that finished during the warm-up (not measured, but they cost the server CPU).
     pub(crate) warmup_calls: u64,
+    /// The warm-up calls per grpc-status code: not timed, but what they ended with counts
+    /// (an overload test's onset is in the warm-up).
+    pub(crate) warmup_codes: [u64; CODE_COUNT],
+    /// Warm-up calls that failed below gRPC.
+    pub(crate) warmup_transport_errors: u64,
     /// Seconds from the window's start to the last measured completion.
     pub(crate) last_completion: Option<Duration>,
 }
@@ -127,6 +132,8 @@ impl Recorder {
             first_transport_error: None,
             unfinished: 0,
             warmup_calls: 0,
+            warmup_codes: [0; CODE_COUNT],
+            warmup_transport_errors: 0,
             last_completion: None,
         })
     }
@@ -155,6 +162,22 @@ impl Recorder {
         );
     }
 
+    /// Counts one call that finished during the warm-up: its outcome, not its latency.
+    pub(crate) fn record_warmup(&mut self, outcome: Outcome) {
+        self.warmup_calls += 1;
+        match outcome {
+            Outcome::Status(code) => {
+                if let Some(count) = self.warmup_codes.get_mut(code as usize) {
+                    *count += 1;
+                }
+            }
+            Outcome::Transport(error) => {
+                self.warmup_transport_errors += 1;
+                self.first_transport_error.get_or_insert(error);
+            }
+        }
+    }
+
     /// Counts how late an open-loop call left after its intended send time.
     pub(crate) fn record_lag(&mut self, lag: Duration) {
         self.send_lag.saturating_record(micros(lag));
@@ -169,6 +192,10 @@ impl Recorder {
         for (mine, theirs) in self.codes.iter_mut().zip(other.codes) {
             *mine += theirs;
         }
+        for (mine, theirs) in self.warmup_codes.iter_mut().zip(other.warmup_codes) {
+            *mine += theirs;
+        }
+        self.warmup_transport_errors += other.warmup_transport_errors;
         self.transport_errors += other.transport_errors;
         if self.first_transport_error.is_none() {
             self.first_transport_error = other.first_transport_error.clone();
@@ -180,6 +207,16 @@ impl Recorder {
             (a, b) => a.or(b),
         };
     }
+}
+
+/// The non-zero counts of `codes` by code name, in code order.
+fn named_counts(codes: &[u64; CODE_COUNT]) -> Vec<(&'static str, u64)> {
+    codes
+        .iter()
+        .enumerate()
+        .filter(|(_, count)| **count > 0)
+        .map(|(code, count)| (code_name(Code::from(code as i32)), *count))
+        .collect()
 }
 
 /// Percentiles of one latency histogram, in microseconds (all zero: no samples).
@@ -321,13 +358,17 @@ impl Report {
 
     /// Every code with a non-zero count, by name, in code order.
     pub fn status_counts(&self) -> Vec<(&'static str, u64)> {
-        self.recorder
-            .codes
-            .iter()
-            .enumerate()
-            .filter(|(_, count)| **count > 0)
-            .map(|(code, count)| (code_name(Code::from(code as i32)), *count))
-            .collect()
+        named_counts(&self.recorder.codes)
+    }
+
+    /// [`status_counts`](Self::status_counts) of the warm-up calls.
+    pub fn warmup_status_counts(&self) -> Vec<(&'static str, u64)> {
+        named_counts(&self.recorder.warmup_codes)
+    }
+
+    /// Warm-up calls that failed below gRPC.
+    pub fn warmup_transport_errors(&self) -> u64 {
+        self.recorder.warmup_transport_errors
     }
 
     /// The first transport error, if any.

@@ -96,7 +96,8 @@ pub struct MemoryCgroup {
 
 impl MemoryCgroup {
     /// Creates a group under `root` with a hard limit of `limit` bytes, and the same limit on
-    /// memory + swap when the kernel accounts swap, so swap cannot hide an OOM.
+    /// memory + swap when the kernel accounts swap, and swappiness 0, so swap cannot hide an
+    /// OOM (without swap accounting, swappiness 0 is what keeps the group's pages out of swap).
     pub fn create(root: &Path, limit: u64) -> Result<Self, CgroupError> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -116,6 +117,9 @@ impl MemoryCgroup {
         // memsw must be at least the memory limit, so it is set after it.
         if group.dir.join("memory.memsw.limit_in_bytes").is_file() {
             group.write("memory.memsw.limit_in_bytes", &limit.to_string())?;
+        }
+        if group.dir.join("memory.swappiness").is_file() {
+            group.write("memory.swappiness", "0")?;
         }
         Ok(group)
     }

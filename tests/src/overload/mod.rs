@@ -409,9 +409,10 @@ impl Rpc for SummarizeRaw {
                     tally.answered(expected, window, start, Instant::now(), &summary);
                     Ok(())
                 }
-                Err(status) if !measured => Err(status),
                 Err(status) => {
-                    // Only refusals the server sent (no local source error) are timed.
+                    // Only refusals the server sent (no local source error) are looked at:
+                    // every one, warm-up included, must carry RetryInfo; measured ones are
+                    // timed.
                     if status.code() == Code::ResourceExhausted
                         && std::error::Error::source(&status).is_none()
                     {
@@ -421,9 +422,11 @@ impl Rpc for SummarizeRaw {
                         if details.retry_info().is_none() && reason != "MESSAGE_TOO_LARGE" {
                             tally.no_retry_info.fetch_add(1, Ordering::Relaxed);
                         }
-                        // Fails only if HdrHistogram rejects constant bounds, which it does
-                        // not; the sample is lost then, the call's status is still counted.
-                        let _ = tally.refused(reason, latency);
+                        if measured {
+                            // Fails only if HdrHistogram rejects constant bounds, which it
+                            // does not; the sample is lost then, the status is still counted.
+                            let _ = tally.refused(reason, latency);
+                        }
                     }
                     Err(status)
                 }
@@ -706,13 +709,28 @@ impl Measured {
     /// latency probe saw is in [`Measured::probe`] (its own requests end DEADLINE_EXCEEDED by
     /// design when they are not refused; failed health checks are shown with its latency).
     pub fn disallowed(&self) -> Vec<(String, u64)> {
+        let allowed = |name: &str| matches!(name, "OK" | "RESOURCE_EXHAUSTED" | "UNAVAILABLE");
         let mut out: Vec<(String, u64)> = self
             .report
             .status_counts()
             .into_iter()
-            .filter(|(name, _)| !matches!(*name, "OK" | "RESOURCE_EXHAUSTED" | "UNAVAILABLE"))
+            .filter(|(name, _)| !allowed(name))
             .map(|(name, count)| (name.to_owned(), count))
             .collect();
+        // The warm-up is the onset of the load: not timed, but held to the same rule.
+        out.extend(
+            self.report
+                .warmup_status_counts()
+                .into_iter()
+                .filter(|(name, _)| !allowed(name))
+                .map(|(name, count)| (format!("{name} (warm-up)"), count)),
+        );
+        if self.report.warmup_transport_errors() > 0 {
+            out.push((
+                "transport errors (warm-up)".to_owned(),
+                self.report.warmup_transport_errors(),
+            ));
+        }
         if self.report.transport_errors() > 0 {
             out.push((
                 format!(

@@ -270,6 +270,20 @@ impl Config {
         }
     }
 
+    /// The memory estimator's inputs from these flags (`crate::admission::estimator`). The
+    /// `local` backend reads no model responses, so its calls are not charged for them.
+    pub fn estimator_config(&self) -> crate::admission::estimator::EstimatorConfig {
+        crate::admission::estimator::EstimatorConfig {
+            max_entries_cap: u64::from(self.max_entries_cap),
+            map_parallelism: u64::from(self.map_parallelism),
+            prompt_budget_bytes: u64::from(self.prompt_budget_bytes),
+            max_response_bytes: match self.llm_backend {
+                BackendKind::Local => 0,
+                BackendKind::Gemini | BackendKind::Openai => self.llm_max_response_bytes as u64,
+            },
+        }
+    }
+
     /// The job workers' settings from these flags.
     pub fn jobs_config(&self) -> crate::jobs::JobsConfig {
         crate::jobs::JobsConfig {

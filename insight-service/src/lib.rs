@@ -36,7 +36,7 @@ pub mod text;
 
 use admission::{
     AdmissionMetrics, ConcurrencyLayer, DeadlineLayer, Limiter, MemoryBudget, MemoryGate,
-    MemoryLayer, Pressure, PressureConfig, PressureTracker, ShedLayer, estimator::EstimatorConfig,
+    MemoryLayer, Pressure, PressureConfig, PressureTracker, ShedLayer,
 };
 pub use config::Config;
 use config::Switch;
@@ -128,12 +128,7 @@ pub async fn run(
         pipeline = pipeline.with_pressure(pressure_rx.clone());
     }
     let budget = MemoryBudget::new(budget_bytes);
-    let estimator = EstimatorConfig {
-        max_entries_cap: u64::from(config.max_entries_cap),
-        map_parallelism: u64::from(config.map_parallelism),
-        prompt_budget_bytes: u64::from(config.prompt_budget_bytes),
-        max_response_bytes: config.llm_max_response_bytes as u64,
-    };
+    let estimator = config.estimator_config();
     // Connects on first use (see `Store`): building the service never touches the database,
     // and a database that is down only affects what needs it.
     let store = store::Store::new(config.database_url.clone(), config.migrate);

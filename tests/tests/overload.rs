@@ -33,7 +33,7 @@ use std::{future::Future, path::Path, time::Duration};
 use futures::StreamExt;
 use insight_service::{
     Config,
-    admission::estimator::{EstimatorConfig, estimate},
+    admission::estimator::estimate,
     config::{BackendKind, Switch},
 };
 use prost::Message;
@@ -561,19 +561,12 @@ async fn a_call_stuck_before_its_handler_ends_deadline_exceeded_at_the_request_t
 
 /// The estimate the server computes for `request`, from the same settings `run` uses.
 fn server_estimate(config: &Config, request: &pb::SummarizeFeedbackRequest) -> u64 {
-    estimate(
-        request.encoded_len() as u64,
-        &EstimatorConfig {
-            max_entries_cap: u64::from(config.max_entries_cap),
-            map_parallelism: u64::from(config.map_parallelism),
-            prompt_budget_bytes: u64::from(config.prompt_budget_bytes),
-            max_response_bytes: config.llm_max_response_bytes as u64,
-        },
-    )
+    estimate(request.encoded_len() as u64, &config.estimator_config())
 }
 
 /// A 1 MiB budget, with one map call in flight and 64 KiB responses so that a small request
-/// costs well under it (the defaults' in-flight term alone, 4 x ~1 MiB, would not fit).
+/// costs well under it (with a remote backend, the defaults' in-flight term alone, 4 x 3 x
+/// 1 MiB, would not fit).
 fn small_budget(config: Config) -> Config {
     Config {
         memory_budget: 1 << 20,

@@ -10,11 +10,14 @@
 //!                                        strings (prost copies each string once)
 //! + min(L / MIN_ENTRY_BYTES, cap) × E    per-entry struct overhead (proto + domain), for many
 //!                                        tiny entries where 2 × L alone would undercount
-//! + P × (3 × B + R)                      P map calls in flight, each with a prompt of at most
+//! + P × (3 × B + 3 × R)                  P map calls in flight, each with a prompt of at most
 //!                                        B bytes (built once, serialized once), the copy of a
 //!                                        large chunk's entries its sentiment is computed from
 //!                                        off the async workers (`crate::cpu`), and a response
-//!                                        read up to R bytes
+//!                                        body read up to R bytes, which for a moment lives
+//!                                        beside the answer text parsed out of it and the JSON
+//!                                        parser's scratch copy of that text (R = 0 for the
+//!                                        `local` backend, which reads no responses)
 //! ```
 //!
 //! `tests/estimator.rs` measures real peaks with a counting allocator and checks that the
@@ -38,7 +41,8 @@ pub struct EstimatorConfig {
     pub map_parallelism: u64,
     /// `--prompt-budget-bytes`: the largest prompt.
     pub prompt_budget_bytes: u64,
-    /// `--llm-max-response-bytes`: the largest response body read.
+    /// `--llm-max-response-bytes`: the largest response body read; 0 for the `local`
+    /// backend, which reads none.
     pub max_response_bytes: u64,
 }
 
@@ -46,7 +50,7 @@ pub struct EstimatorConfig {
 pub fn estimate(encoded_len: u64, config: &EstimatorConfig) -> u64 {
     let entries = (encoded_len / MIN_ENTRY_BYTES).min(config.max_entries_cap);
     let in_flight = config.map_parallelism.max(1)
-        * (3 * config.prompt_budget_bytes + config.max_response_bytes);
+        * (3 * config.prompt_budget_bytes + 3 * config.max_response_bytes);
     FIXED_BYTES
         .saturating_add(encoded_len.saturating_mul(2))
         .saturating_add(entries.saturating_mul(ENTRY_OVERHEAD_BYTES))

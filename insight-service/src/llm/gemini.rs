@@ -156,6 +156,9 @@ impl GeminiGenerator {
                 .await?;
             let response: GenerateContentResponse = serde_json::from_slice(&body)
                 .map_err(|e| malformed(NAME, format!("not a generateContent response: {e}")))?;
+            // At most two copies of an answer are alive at once (the admission estimate
+            // counts on it): the body goes before the text is taken out of the response.
+            drop(body);
             let mut answer = Answer::default();
             answer.absorb(response)?;
             answer.into_generation(request.usage, false)
@@ -407,7 +410,12 @@ impl Answer {
             if part.thought != Some(true)
                 && let Some(text) = part.text
             {
-                self.text.push_str(&text);
+                if self.text.is_empty() {
+                    // The usual one-part answer is moved, not copied.
+                    self.text = text;
+                } else {
+                    self.text.push_str(&text);
+                }
             }
         }
         if candidate.finish_reason.is_some() {

@@ -874,6 +874,29 @@ mod tests {
             .unwrap();
         assert_eq!(summary.entries_used, 20, "the work is done, just serially");
         assert_eq!(backend.max_in_flight.load(Ordering::SeqCst), 1);
+
+        // And in smaller chunks where the byte budget decides: five 3 kB entries fit the
+        // 16 KiB prompt, two fit the halved one.
+        let large: Vec<Entry> = entries(20)
+            .into_iter()
+            .map(|entry| Entry {
+                text: "the ads interrupt every song. ".repeat(100),
+                ..entry
+            })
+            .collect();
+        let chunks = |summary: &FeedbackSummary| summary.chunks.len();
+        tx.send_replace(Pressure::Normal);
+        let normal = pipeline
+            .summarize(large.clone(), options(5, 20), far())
+            .await
+            .unwrap();
+        tx.send_replace(Pressure::Elevated);
+        let pressed = pipeline
+            .summarize(large, options(5, 20), far())
+            .await
+            .unwrap();
+        assert_eq!((chunks(&normal), chunks(&pressed)), (4, 10));
+        assert_eq!(pressed.entries_used, 20);
     }
 
     #[tokio::test(start_paused = true)]

@@ -542,48 +542,44 @@ async fn every_fault_ends_within_the_deadline_with_a_contract_status_or_a_degrad
             let mut client = InsightServiceClient::new(server.channel().await);
             let label = format!("{flavor:?} stream={stream} {name}");
             for disable_fallback in [false, true] {
-                let mut req = tonic::Request::new(request(5, disable_fallback));
-                // The server answers before the client's own timer (it keeps a reply
-                // margin), so the status seen is the server's, never tonic's CANCELLED.
-                req.set_timeout(DEADLINE);
-                let start = tokio::time::Instant::now();
-                let result = client.summarize_feedback(req).await;
-                let took = start.elapsed();
-                assert!(
-                    took < DEADLINE + SLACK,
-                    "{label} (disable_fallback={disable_fallback}): took {took:?}, {:?}",
-                    result.as_ref().map(|s| s.get_ref().backend.clone())
-                );
-                match (result, disable_fallback) {
-                    // Fallback allowed: the remote calls stop in time for the local backend
-                    // to answer, whatever the fault.
-                    (Ok(summary), false) => {
-                        let summary = summary.into_inner();
-                        assert!(summary.degraded, "{label}");
-                        assert!(
-                            summary.backend.starts_with("local (fallback"),
-                            "{label}: {}",
-                            summary.backend
-                        );
+                for rpc in ["SummarizeFeedback", "StreamFeedbackSummary", "AnalyzeMusic"] {
+                    let label = format!("{label} {rpc} (disable_fallback={disable_fallback})");
+                    // The server answers before the client's own timer (it keeps a reply
+                    // margin), so the status seen is the server's, never tonic's CANCELLED.
+                    let start = tokio::time::Instant::now();
+                    let result = answer_of(&mut client, rpc, disable_fallback, DEADLINE).await;
+                    let took = start.elapsed();
+                    assert!(
+                        took < DEADLINE + SLACK,
+                        "{label}: took {took:?}, {result:?}"
+                    );
+                    match (result, disable_fallback) {
+                        // Fallback allowed: the remote calls stop in time for the local
+                        // backend to answer, whatever the fault.
+                        (Ok((backend, degraded)), false) => {
+                            assert!(degraded, "{label}");
+                            assert!(backend.starts_with("local (fallback"), "{label}: {backend}");
+                        }
+                        // No fallback: a first byte that never comes within the deadline is
+                        // the caller's deadline passing (DEADLINE_EXCEEDED); every other fault
+                        // ends the call early with UNAVAILABLE naming the backend that failed.
+                        (Err(status), true) if name == "slow first byte" => {
+                            assert_eq!(
+                                status.code(),
+                                Code::DeadlineExceeded,
+                                "{label}: {status:?}"
+                            );
+                        }
+                        (Err(status), true) => {
+                            assert_eq!(status.code(), Code::Unavailable, "{label}: {status:?}");
+                            let backend = status
+                                .get_error_details()
+                                .error_info()
+                                .and_then(|info| info.metadata.get("backend").cloned());
+                            assert_eq!(backend.as_deref(), Some(backend_name), "{label}");
+                        }
+                        (result, _) => panic!("{label}: {result:?}"),
                     }
-                    // No fallback: a first byte that never comes within the deadline is the
-                    // caller's deadline passing (DEADLINE_EXCEEDED); every other fault ends
-                    // the call early with UNAVAILABLE naming the backend that failed.
-                    (Err(status), true) if name == "slow first byte" => {
-                        assert_eq!(status.code(), Code::DeadlineExceeded, "{label}: {status:?}");
-                    }
-                    (Err(status), true) => {
-                        assert_eq!(status.code(), Code::Unavailable, "{label}: {status:?}");
-                        let backend = status
-                            .get_error_details()
-                            .error_info()
-                            .and_then(|info| info.metadata.get("backend").cloned());
-                        assert_eq!(backend.as_deref(), Some(backend_name), "{label}");
-                    }
-                    (result, _) => panic!(
-                        "{label} (disable_fallback={disable_fallback}): {:?}",
-                        result.map(|r| r.into_inner().backend)
-                    ),
                 }
             }
             if fault.is_some() {
@@ -604,6 +600,56 @@ async fn every_fault_ends_within_the_deadline_with_a_contract_status_or_a_degrad
         .buffer_unordered(6)
         .collect::<Vec<()>>()
         .await;
+}
+
+/// Calls `rpc` with a `deadline`, fallback allowed or not: the answer's backend label and
+/// whether it is degraded, or the status it ended with (for the stream, its first error, or
+/// the final summary).
+async fn answer_of(
+    client: &mut InsightServiceClient<tonic::transport::Channel>,
+    rpc: &str,
+    disable_fallback: bool,
+    deadline: Duration,
+) -> Result<(String, bool), tonic::Status> {
+    fn timed<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(deadline);
+        request
+    }
+    match rpc {
+        "SummarizeFeedback" => {
+            let summary = client
+                .summarize_feedback(timed(request(5, disable_fallback), deadline))
+                .await?
+                .into_inner();
+            Ok((summary.backend, summary.degraded))
+        }
+        "StreamFeedbackSummary" => {
+            let mut stream = client
+                .stream_feedback_summary(timed(request(5, disable_fallback), deadline))
+                .await?
+                .into_inner();
+            while let Some(event) = stream.message().await? {
+                if let Some(pb::summary_event::Event::Summary(summary)) = event.event {
+                    return Ok((summary.backend, summary.degraded));
+                }
+            }
+            panic!("{rpc}: the stream ended without a summary or a status");
+        }
+        _ => {
+            let analysis = client
+                .analyze_music(timed(
+                    pb::AnalyzeMusicRequest {
+                        disable_fallback,
+                        ..history(50)
+                    },
+                    deadline,
+                ))
+                .await?
+                .into_inner();
+            Ok((analysis.backend, analysis.degraded))
+        }
+    }
 }
 
 #[tokio::test]

@@ -68,7 +68,8 @@ fn store_unavailable(message: String) -> Status {
 }
 
 /// Maps a music-analysis error: bad input names its field; a user without stored plays is
-/// NOT_FOUND; a store failure is the store's status; a failed LLM with fallback disabled is UNAVAILABLE naming the backend.
+/// NOT_FOUND; a store failure is the store's status; a failed LLM with fallback disabled is
+/// UNAVAILABLE naming the backend, or DEADLINE_EXCEEDED when it was the caller's deadline.
 pub fn music_status(error: MusicError) -> Status {
     match error {
         MusicError::InvalidArgument { field, reason } => {
@@ -80,6 +81,7 @@ pub fn music_status(error: MusicError) -> Status {
             backend: source.backend().to_owned(),
             message: source.to_string(),
         }),
+        error @ MusicError::DeadlineExceeded { .. } => Status::deadline_exceeded(error.to_string()),
     }
 }
 

@@ -83,6 +83,15 @@ pub enum MusicError {
         #[source]
         source: LlmError,
     },
+    /// The caller's deadline (or `--request-timeout`) passed before the model answered and
+    /// the caller disabled the fallback (→ DEADLINE_EXCEEDED, as for every RPC whose deadline
+    /// passed: the backend did not fail, it ran out of the caller's time).
+    #[error("the deadline passed before the LLM backend answered: {source}")]
+    DeadlineExceeded {
+        /// The backend's timeout.
+        #[source]
+        source: LlmError,
+    },
 }
 
 impl MusicError {
@@ -322,7 +331,11 @@ pub async fn analyze(
         Err(failure) => failure,
     };
     if options.disable_fallback {
-        return Err(MusicError::BackendUnavailable { source: failure });
+        return Err(if Instant::now() >= deadline {
+            MusicError::DeadlineExceeded { source: failure }
+        } else {
+            MusicError::BackendUnavailable { source: failure }
+        });
     }
     tracing::warn!(
         backend = generator.name(),
@@ -776,10 +789,11 @@ mod tests {
             Instant::now() + Duration::from_secs(1),
         )
         .await;
+        // The caller's deadline passed: DEADLINE_EXCEEDED, not a failing backend.
         assert!(
             matches!(
                 &result,
-                Err(MusicError::BackendUnavailable {
+                Err(MusicError::DeadlineExceeded {
                     source: LlmError::Timeout { .. }
                 })
             ),

@@ -5,7 +5,6 @@
 //! input rules live in [`crate::music::play`], so they hold for every source of plays.
 
 use spotifai_proto::insight::{self as pb, analyze_music_request::Input};
-use tokio::time::Instant;
 
 use super::convert::system_time;
 use crate::{
@@ -22,8 +21,8 @@ use crate::{
 /// [`music::analyze`]), and converts the answer.
 ///
 /// - `generator`: `None` for the `local` backend (deterministic analysis, no LLM call).
-/// - `deadline`: what is left of the caller's gRPC deadline, capped by `--llm-timeout`; it
-///   bounds the LLM call and the repair call together.
+/// - `deadline`: the caller's gRPC deadline and, within it, the one of the LLM calls (capped
+///   by `--llm-timeout`), which bounds the LLM call and the repair call together.
 /// - `max_plays`: the server cap on plays per request (e.g. [`music::DEFAULT_MAX_PLAYS`]).
 ///
 /// Plays are converted, validated and folded into the statistics one at a time as the request
@@ -32,11 +31,12 @@ use crate::{
 /// Errors, for the one status mapping: [`MusicError::InvalidArgument`] → INVALID_ARGUMENT (with
 /// the field path, e.g. `history.plays[3].artist`, `max_words`, `input`);
 /// [`MusicError::NoStoredPlays`] → NOT_FOUND (a `user_id` without plays);
-/// [`MusicError::BackendUnavailable`] → UNAVAILABLE naming `source.backend()`.
+/// [`MusicError::BackendUnavailable`] → UNAVAILABLE naming `source.backend()`;
+/// [`MusicError::DeadlineExceeded`] → DEADLINE_EXCEEDED.
 pub async fn analyze_request(
     request: pb::AnalyzeMusicRequest,
     generator: Option<&dyn Generator>,
-    deadline: Instant,
+    deadline: impl Into<music::Deadlines>,
     max_plays: usize,
     store: &Store,
 ) -> Result<pb::MusicAnalysis, MusicError> {
@@ -217,6 +217,8 @@ impl From<MusicAnalysis> for pb::MusicAnalysis {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use tokio::time::Instant;
 
     use super::*;
     use crate::text::word_count;

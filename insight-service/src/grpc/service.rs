@@ -249,8 +249,11 @@ impl InsightService for InsightGrpc {
         &self,
         request: Request<pb::AnalyzeMusicRequest>,
     ) -> Result<Response<pb::MusicAnalysis>, Status> {
-        let deadline = request_deadline(&request, self.request_timeout)
-            .min(tokio::time::Instant::now() + self.llm_timeout);
+        let caller = request_deadline(&request, self.request_timeout);
+        let deadline = crate::music::Deadlines {
+            caller,
+            llm: caller.min(tokio::time::Instant::now() + self.llm_timeout),
+        };
         let analysis = crate::grpc::music::analyze_request(
             request.into_inner(),
             self.generator.as_deref(),

@@ -20,7 +20,7 @@ use reqwest::{
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::LlmError;
+use super::{LlmError, MIN_RETRY_WINDOW};
 use crate::domain::{Usage, UsageMeter};
 
 /// Default cap on one response body (`--llm-max-response-bytes`): a 300-word JSON answer is a
@@ -273,12 +273,13 @@ impl HttpTransport {
             let wait = failure
                 .retry_after
                 .unwrap_or_else(|| backoff(&self.limits, retry));
-            // A retry that could only start after the deadline is pointless; the caller is
-            // better served by the real cause now than by a timeout later. `checked_add`: a
-            // hostile `Retry-After: 1e18` must not overflow the clock.
+            // A retry that could only start after the deadline, or too close to it to finish,
+            // is pointless; the caller is better served by the real cause now than by a
+            // timeout later. `checked_add`: a hostile `Retry-After: 1e18` must not overflow
+            // the clock.
             if Instant::now()
-                .checked_add(wait)
-                .is_none_or(|start| start >= deadline)
+                .checked_add(wait + MIN_RETRY_WINDOW)
+                .is_none_or(|start| start > deadline)
             {
                 tracing::debug!(
                     backend = self.backend,
@@ -495,8 +496,6 @@ impl HttpTransport {
     }
 }
 
-/// Shortens the handler's object lifetime to this borrow, so each attempt can borrow it anew
-/// (an `Option<&mut dyn _>` does not coerce by itself).
 /// Counts a piece of a response body as it arrives (so a body cut off by the cap, a stall or
 /// the deadline is counted as far as it came).
 fn received(meter: &UsageMeter, chunk: &[u8]) {
@@ -506,6 +505,8 @@ fn received(meter: &UsageMeter, chunk: &[u8]) {
     });
 }
 
+/// Shortens the handler's object lifetime to this borrow, so each attempt can borrow it anew
+/// (an `Option<&mut dyn _>` does not coerce by itself).
 fn reborrow<'s>(handler: &'s mut (dyn SseHandler + '_)) -> &'s mut dyn SseHandler {
     handler
 }

@@ -15,6 +15,12 @@ pub mod local;
 pub mod openai;
 pub mod prompted;
 
+/// Least time a retry must have before its deadline to be started. A model answers in more
+/// than this, so a try that starts later could only be cut off, and its timeout would then
+/// replace the failure that caused the retry (a 503, a refused connection) as the reason the
+/// call failed.
+pub const MIN_RETRY_WINDOW: Duration = Duration::from_millis(100);
+
 /// The map step's question: summarize this chunk.
 #[derive(Clone, Copy, Debug)]
 pub struct ChunkRequest<'a> {

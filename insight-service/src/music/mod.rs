@@ -83,9 +83,10 @@ pub enum MusicError {
         #[source]
         source: LlmError,
     },
-    /// The caller's deadline (or `--request-timeout`) passed before the model answered and
-    /// the caller disabled the fallback (→ DEADLINE_EXCEEDED, as for every RPC whose deadline
-    /// passed: the backend did not fail, it ran out of the caller's time).
+    /// The caller's deadline passed before the model answered and the caller disabled the
+    /// fallback (→ DEADLINE_EXCEEDED, as for every RPC whose deadline passed: the backend did
+    /// not fail, it ran out of the caller's time). A model cut off by `--llm-timeout` with the
+    /// caller's time left is [`MusicError::BackendUnavailable`].
     #[error("the deadline passed before the LLM backend answered: {source}")]
     DeadlineExceeded {
         /// The backend's timeout.
@@ -232,7 +233,7 @@ pub async fn analyze_plays(
     max_plays: usize,
     options: MusicOptions,
     generator: Option<&dyn Generator>,
-    deadline: Instant,
+    deadline: impl Into<Deadlines>,
 ) -> Result<MusicAnalysis, MusicError> {
     validate_plays(plays, max_plays)?;
     analyze(
@@ -288,6 +289,27 @@ pub async fn stored_stats(
     Ok(builder.finish())
 }
 
+/// When an analysis must be done: `llm` bounds the model calls (the caller's deadline capped
+/// by `--llm-timeout`), `caller` is the caller's own deadline. A model that runs out of the
+/// first with the caller's time left is a slow backend (UNAVAILABLE), out of the caller's time
+/// it is DEADLINE_EXCEEDED. One instant serves as both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadlines {
+    /// The caller's deadline.
+    pub caller: Instant,
+    /// The deadline of the model calls, never later than `caller`.
+    pub llm: Instant,
+}
+
+impl From<Instant> for Deadlines {
+    fn from(at: Instant) -> Self {
+        Self {
+            caller: at,
+            llm: at,
+        }
+    }
+}
+
 /// Analyzes listening statistics.
 ///
 /// - `generator: None` (the `local` backend): the deterministic analysis, `degraded = false`,
@@ -295,19 +317,23 @@ pub async fn stored_stats(
 /// - With a generator: one call with the compact prompt and [`response_schema`]; an answer that
 ///   fails [`parse_answer`] gets one repair call; a generator error, or an answer still invalid
 ///   after the repair, gives the deterministic analysis with `degraded = true` and backend
-///   [`FALLBACK_BACKEND`], or [`MusicError::BackendUnavailable`] when
-///   `options.disable_fallback` is set.
+///   [`FALLBACK_BACKEND`]; or, when `options.disable_fallback` is set,
+///   [`MusicError::DeadlineExceeded`] if the model ran out of the caller's time and
+///   [`MusicError::BackendUnavailable`] otherwise.
 ///
-/// `deadline` bounds every LLM call, the repair included (the adapter passes what is left of the
-/// caller's deadline, capped by `--llm-timeout`); a call still running then is abandoned as a
-/// timeout even if the generator ignores its deadline. No repair is attempted once the deadline
-/// has passed. The fallback itself takes microseconds, so it is always in time.
+/// `deadline.llm` bounds every LLM call, the repair included; a call still running then is
+/// abandoned as a timeout even if the generator ignores its deadline. No repair is attempted
+/// once it has passed. The fallback itself takes microseconds, so it is always in time.
 pub async fn analyze(
     stats: ListeningStats,
     options: MusicOptions,
     generator: Option<&dyn Generator>,
-    deadline: Instant,
+    deadline: impl Into<Deadlines>,
 ) -> Result<MusicAnalysis, MusicError> {
+    let Deadlines {
+        caller,
+        llm: deadline,
+    } = deadline.into();
     let Some(generator) = generator else {
         let draft = profile::local_draft(&stats, options.max_words);
         return Ok(MusicAnalysis::new(
@@ -331,7 +357,8 @@ pub async fn analyze(
         Err(failure) => failure,
     };
     if options.disable_fallback {
-        return Err(if Instant::now() >= deadline {
+        let out_of_time = matches!(failure, LlmError::Timeout { .. }) && Instant::now() >= caller;
+        return Err(if out_of_time {
             MusicError::DeadlineExceeded { source: failure }
         } else {
             MusicError::BackendUnavailable { source: failure }
@@ -794,6 +821,23 @@ mod tests {
             matches!(
                 &result,
                 Err(MusicError::DeadlineExceeded {
+                    source: LlmError::Timeout { .. }
+                })
+            ),
+            "{result:?}"
+        );
+        // Cut off by `--llm-timeout` with the caller's time left: a slow backend.
+        let fake = Scripted::new(vec![Reply::Hang]);
+        let now = Instant::now();
+        let deadlines = Deadlines {
+            caller: now + Duration::from_secs(10),
+            llm: now + Duration::from_secs(1),
+        };
+        let result = analyze_plays(&synthetic(10), 100, options, Some(&fake), deadlines).await;
+        assert!(
+            matches!(
+                &result,
+                Err(MusicError::BackendUnavailable {
                     source: LlmError::Timeout { .. }
                 })
             ),

@@ -22,7 +22,10 @@ use crate::{
     domain::{
         ChunkInsight, ChunkStatus, Entry, FeedbackSummary, Sentiment, SummaryOptions, UsageMeter,
     },
-    llm::{ChunkRequest, LlmBackend, LlmError, ReduceRequest, SummaryDraft, local::LocalBackend},
+    llm::{
+        ChunkRequest, LlmBackend, LlmError, MIN_RETRY_WINDOW, ReduceRequest, SummaryDraft,
+        local::LocalBackend,
+    },
     text,
 };
 
@@ -185,7 +188,10 @@ impl Pipeline {
             deadline,
             fallback_allowed && self.backend.name() != self.fallback.name(),
         );
-        let mut chunks = self
+        let Mapped {
+            mut chunks,
+            timed_out,
+        } = self
             .map(
                 &*self.backend,
                 source,
@@ -209,33 +215,37 @@ impl Pipeline {
         let mut backend_label = self.backend.name().to_owned();
         let mut degraded = false;
 
-        if Instant::now() >= deadline {
-            let completed = chunks
+        let failed = chunks
+            .iter()
+            .filter(|c| c.status == ChunkStatus::Failed)
+            .count();
+        let no_fallback = options.disable_fallback || self.backend.name() == self.fallback.name();
+        let unavailable = || PipelineError::BackendUnavailable {
+            backend: self.backend.name().to_owned(),
+            message: chunks
                 .iter()
-                .filter(|c| c.status == ChunkStatus::Ok)
-                .count();
+                .rev()
+                .find_map(|c| c.error.clone())
+                .unwrap_or_else(|| "no chunk succeeded".to_owned()),
+        };
+        // Every chunk refused or broken by the backend (none merely out of time): the backend
+        // is the cause, even if its retries used up the deadline meanwhile.
+        if failed == chunks.len() && timed_out == 0 && no_fallback {
+            return Err(unavailable());
+        }
+        if Instant::now() >= deadline {
+            let completed = chunks.len() - failed;
             return Err(PipelineError::DeadlineExceeded {
                 completed,
                 total: chunks.len(),
             });
         }
-        let failed = chunks
-            .iter()
-            .filter(|c| c.status == ChunkStatus::Failed)
-            .count();
         if failed == chunks.len() {
-            let message = chunks
-                .iter()
-                .rev()
-                .find_map(|c| c.error.clone())
-                .unwrap_or_else(|| "no chunk succeeded".to_owned());
-            if options.disable_fallback || self.backend.name() == self.fallback.name() {
-                return Err(PipelineError::BackendUnavailable {
-                    backend: self.backend.name().to_owned(),
-                    message,
-                });
+            if no_fallback {
+                return Err(unavailable());
             }
-            tracing::warn!(backend = self.backend.name(), %message, "every chunk failed; falling back to local");
+            let error = unavailable();
+            tracing::warn!(%error, "every chunk failed; falling back to local");
             chunks = self
                 .map(
                     &*self.fallback,
@@ -247,7 +257,8 @@ impl Pipeline {
                     &usage,
                     &mut on_chunk,
                 )
-                .await?;
+                .await?
+                .chunks;
             backend = self.fallback.clone();
             backend_label = format!(
                 "{} (fallback from {})",
@@ -344,7 +355,7 @@ impl Pipeline {
         deadline: Instant,
         usage: &UsageMeter,
         on_chunk: &mut impl FnMut(&ChunkInsight),
-    ) -> Result<Vec<ChunkInsight>, PipelineError> {
+    ) -> Result<Mapped, PipelineError> {
         let max_words = CHUNK_INSIGHT_WORDS.min(options.max_words);
         let chunks: BoxStream<'_, Result<ChunkEntries, SourceError>> = match source.shared() {
             // Entries already in memory are cut in place (the same cuts as the `Chunker`).
@@ -366,6 +377,7 @@ impl Pipeline {
             ),
         };
         let mut done: Vec<Option<ChunkInsight>> = Vec::new();
+        let mut timed_out = 0;
         let results = chunks
             .enumerate()
             .map(|(index, chunk)| async move {
@@ -390,7 +402,8 @@ impl Pipeline {
         let mut pacer = Pacer::new();
         while let Some(mapped) = results.next().await {
             pacer.step().await;
-            let insight = mapped?;
+            let (insight, out_of_time) = mapped?;
+            timed_out += usize::from(out_of_time);
             on_chunk(&insight);
             let index = insight.index as usize;
             if done.len() <= index {
@@ -398,11 +411,14 @@ impl Pipeline {
             }
             done[index] = Some(insight);
         }
-        Ok(done.into_iter().flatten().collect())
+        Ok(Mapped {
+            chunks: done.into_iter().flatten().collect(),
+            timed_out,
+        })
     }
 
     /// One chunk: the memo's answer if it has one, else a call, retried once on failure while
-    /// the deadline allows.
+    /// the deadline allows; and whether it failed for want of time.
     #[allow(clippy::too_many_arguments)]
     async fn map_chunk(
         &self,
@@ -413,15 +429,15 @@ impl Pipeline {
         max_words: usize,
         deadline: Instant,
         usage: &UsageMeter,
-    ) -> ChunkInsight {
+    ) -> (ChunkInsight, bool) {
         let key = memo.map(|_| chunk_key(backend.name(), backend.model(), max_words, chunk));
         if let (Some(memo), Some(key)) = (memo, &key)
             && let Some(mut insight) = memo.recall(key).await
         {
             insight.index = index;
-            return insight;
+            return (insight, false);
         }
-        let insight = self
+        let (insight, timed_out) = self
             .call_chunk(backend, index, chunk, max_words, deadline, usage)
             .await;
         if let (Some(memo), Some(key)) = (memo, &key)
@@ -429,10 +445,12 @@ impl Pipeline {
         {
             memo.remember(key, &insight).await;
         }
-        insight
+        (insight, timed_out)
     }
 
-    /// One chunk's backend call, retried once on failure while the deadline allows.
+    /// One chunk's backend call, retried once on failure while the deadline allows; and
+    /// whether it failed for want of time (its last error a timeout) rather than because the
+    /// backend refused or broke.
     async fn call_chunk(
         &self,
         backend: &dyn LlmBackend,
@@ -441,12 +459,18 @@ impl Pipeline {
         max_words: usize,
         deadline: Instant,
         usage: &UsageMeter,
-    ) -> ChunkInsight {
+    ) -> (ChunkInsight, bool) {
         let entry_ids: Vec<String> = chunk.iter().map(|e| e.id.clone()).collect();
         let mut last_error = None;
         for attempt in 0..2 {
             let now = Instant::now();
-            if now >= deadline {
+            // The retry only with time to finish (see `MIN_RETRY_WINDOW`).
+            let least = if attempt == 0 {
+                Duration::ZERO
+            } else {
+                MIN_RETRY_WINDOW
+            };
+            if now + least >= deadline {
                 last_error.get_or_insert(LlmError::Timeout {
                     backend: backend.name().to_owned(),
                     message: "the request deadline passed".to_owned(),
@@ -467,7 +491,7 @@ impl Pipeline {
                 .unwrap_or_else(|_| Err(deadline_error(backend, call_deadline == deadline)));
             match answer {
                 Ok(draft) => {
-                    return ChunkInsight {
+                    let insight = ChunkInsight {
                         index,
                         entry_ids,
                         insight: draft.insight,
@@ -476,6 +500,7 @@ impl Pipeline {
                         status: ChunkStatus::Ok,
                         error: None,
                     };
+                    return (insight, false);
                 }
                 Err(error) => {
                     tracing::warn!(chunk = index, attempt, %error, "chunk failed");
@@ -483,7 +508,8 @@ impl Pipeline {
                 }
             }
         }
-        ChunkInsight {
+        let timed_out = matches!(last_error, Some(LlmError::Timeout { .. }));
+        let insight = ChunkInsight {
             index,
             entry_ids,
             insight: String::new(),
@@ -491,7 +517,8 @@ impl Pipeline {
             sentiment: Sentiment::default(),
             status: ChunkStatus::Failed,
             error: last_error.map(|e| e.to_string()),
-        }
+        };
+        (insight, timed_out)
     }
 
     /// Reduces `chunks` to one summary. While their text exceeds the prompt budget, groups
@@ -509,9 +536,21 @@ impl Pipeline {
         let mut depth = 0;
         while level.len() > 1 && level_bytes(&level) > budget {
             if depth >= self.cfg().max_reduce_depth {
-                let share = budget / level.len();
+                // Each partial gets an equal share of the prompt, less what its block spends
+                // around the insight (markers, counts, themes): with shares that can hold a
+                // block at all, the last prompt fits the budget too.
+                let share = budget.saturating_sub(prompts::REDUCE_HEADER_BYTES) / level.len();
                 for partial in level.to_mut() {
-                    truncate_at_char(&mut partial.insight, share);
+                    let text = prompts::defanged_len(&partial.insight);
+                    let around = prompts::reduce_chunk_bytes(partial) - text;
+                    let room = share.saturating_sub(around);
+                    // Defanging at most triples text; where it grows, cut to a third.
+                    let keep = if text > partial.insight.len() {
+                        room / 3
+                    } else {
+                        room
+                    };
+                    truncate_at_char(&mut partial.insight, keep);
                 }
                 break;
             }
@@ -655,6 +694,13 @@ fn deadline_error(backend: &dyn LlmBackend, request_deadline: bool) -> LlmError 
 /// [`prompts::reduce_prompt`]).
 fn level_bytes(level: &[ChunkInsight]) -> usize {
     prompts::REDUCE_HEADER_BYTES + level.iter().map(prompts::reduce_chunk_bytes).sum::<usize>()
+}
+
+/// What the map step produced: the chunk insights by index, and how many failed for want of
+/// time rather than because the backend refused or broke.
+struct Mapped {
+    chunks: Vec<ChunkInsight>,
+    timed_out: usize,
 }
 
 /// Consecutive groups whose reduce prompt fits `budget` bytes, each of at least two insights
@@ -897,6 +943,49 @@ mod tests {
             .unwrap();
         assert_eq!((chunks(&normal), chunks(&pressed)), (4, 10));
         assert_eq!(pressed.entries_used, 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_that_fails_until_the_deadline_is_unavailable_and_one_too_slow_is_deadline_exceeded()
+     {
+        let strict = SummaryOptions {
+            disable_fallback: true,
+            ..options(5, 5)
+        };
+        // Each try fails with a 503 after 50 ms; the retry's failure lands on the deadline.
+        let failing = Pipeline::new(
+            Arc::new(Scripted::new(|_| 50, |_, _| true)),
+            PipelineConfig::default(),
+        );
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let error = failing
+            .summarize(entries(5), strict, deadline)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, PipelineError::BackendUnavailable { message, .. } if message.contains("503")),
+            "the backend's failure, not the clock, is the cause: {error:?}"
+        );
+        // A backend that never answers in time: the caller's deadline is the cause.
+        let slow = Pipeline::new(
+            Arc::new(Scripted::new(|_| 1_000, |_, _| false)),
+            PipelineConfig::default(),
+        );
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let error = slow
+            .summarize(entries(5), strict, deadline)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                PipelineError::DeadlineExceeded {
+                    completed: 0,
+                    total: 1
+                }
+            ),
+            "{error:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1171,11 +1260,13 @@ mod tests {
             }
         }
         // 1,000 entries: 200 chunks; 995: 199, whose last group at the first level would be
-        // a lone insight; 10,000: the largest request, several levels deep.
-        for count in [1_000, 995, 10_000] {
+        // a lone insight; 10,000: the largest request, several levels deep; 70 with
+        // no levels allowed: 14 insights cut to their share of one prompt.
+        for (count, depth) in [(1_000, 4), (995, 4), (10_000, 4), (70, 0)] {
             let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
             let config = PipelineConfig {
                 prompt_budget_bytes: 4096,
+                max_reduce_depth: depth,
                 ..PipelineConfig::default()
             };
             let pipeline = Pipeline::new(recorder.clone(), config);
@@ -1185,7 +1276,10 @@ mod tests {
                 .unwrap();
             // The prompts as rendered for the model, not the pipeline's own estimate.
             let sizes = recorder.0.lock().unwrap().clone();
-            assert!(sizes.len() > 1, "{count}: reduced in levels");
+            assert!(
+                sizes.len() > usize::from(depth > 0),
+                "{count}: reduced in levels"
+            );
             assert!(sizes.iter().all(|&b| b <= 4096), "{count}: {sizes:?}");
         }
     }

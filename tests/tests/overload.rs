@@ -631,6 +631,33 @@ async fn memory_admission_refuses_what_the_budget_cannot_hold_with_retry_info() 
     server.shutdown().await.unwrap();
 }
 
+/// prost decodes every element of a repeated field before validation sees how many there are,
+/// and an empty entry is 2 bytes on the wire but 128 decoded: the gate counts the entries in
+/// the encoded message and charges them before the handler decodes it. 500,000 empty entries
+/// (1 MB) pass the estimate made from the prefix (7.5 MB) and are refused once counted
+/// (256 MB); the server stays up and answers the next call.
+#[tokio::test]
+async fn many_tiny_entries_are_charged_for_what_they_decode_to_before_decoding() {
+    let setup = local();
+    let config = Config {
+        memory_budget: 64 << 20,
+        ..setup.config.clone()
+    };
+    let swarm = pb::SummarizeFeedbackRequest {
+        input: Some(Input::Entries(pb::FeedbackBatch {
+            entries: vec![pb::FeedbackEntry::default(); 500_000],
+        })),
+        options: None,
+    };
+    assert!(server_estimate(&config, &swarm) < config.memory_budget);
+    let server = start_insight(config).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let status = client.summarize_feedback(swarm).await.unwrap_err();
+    assert_refused(&status, "MEMORY_BUDGET");
+    assert_summarizes(&mut client).await;
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn budget_held_by_a_running_call_is_released_when_it_ends() {
     let setup = gemini().await;

@@ -9,7 +9,11 @@
 //! + 2 × L                                the encoded message tonic buffers, and the decoded
 //!                                        strings (prost copies each string once)
 //! + min(L / MIN_ENTRY_BYTES, cap) × E    per-entry struct overhead (proto + domain), for many
-//!                                        tiny entries where 2 × L alone would undercount
+//!                                        tiny entries where 2 × L alone would undercount;
+//!                                        once the message is in memory its entries (or plays,
+//!                                        and their genres) are counted without decoding, and
+//!                                        a message holding more is charged the difference
+//!                                        ([`counted_elements_bytes`]) before prost decodes it
 //! + P × (3 × B + 3 × R)                  P map calls in flight, each with a prompt of at most
 //!                                        B bytes (built once, serialized once), the copy of a
 //!                                        large chunk's entries its sentiment is computed from
@@ -48,13 +52,35 @@ pub struct EstimatorConfig {
 
 /// Upper bound of the peak heap one call with an `encoded_len`-byte request will use.
 pub fn estimate(encoded_len: u64, config: &EstimatorConfig) -> u64 {
-    let entries = (encoded_len / MIN_ENTRY_BYTES).min(config.max_entries_cap);
     let in_flight = config.map_parallelism.max(1)
         * (3 * config.prompt_budget_bytes + 3 * config.max_response_bytes);
     FIXED_BYTES
         .saturating_add(encoded_len.saturating_mul(2))
-        .saturating_add(entries.saturating_mul(ENTRY_OVERHEAD_BYTES))
+        .saturating_add(charged_elements_bytes(encoded_len, config))
         .saturating_add(in_flight)
+}
+
+/// Heap of one decoded element of a repeated string field (a `String` in a `Vec` that may
+/// have doubled while growing, plus the allocator's rounding): what `genres` costs per entry.
+pub const STRING_ELEMENT_BYTES: u64 = 64;
+
+/// The per-element term of [`estimate`] as charged before the message is read:
+/// `min(L / MIN_ENTRY_BYTES, cap) × ENTRY_OVERHEAD_BYTES`.
+pub fn charged_elements_bytes(encoded_len: u64, config: &EstimatorConfig) -> u64 {
+    (encoded_len / MIN_ENTRY_BYTES)
+        .min(config.max_entries_cap)
+        .saturating_mul(ENTRY_OVERHEAD_BYTES)
+}
+
+/// The per-element term once the message is in memory and its repeated fields are counted
+/// (`admission::wire`): `elements` message elements (entries, plays) and `strings` elements
+/// of repeated string fields inside them. prost decodes every one of them before any check of
+/// their number, so this is not capped: a message of 2 million empty entries is charged for
+/// 2 million entries.
+pub fn counted_elements_bytes(elements: u64, strings: u64) -> u64 {
+    elements
+        .saturating_mul(ENTRY_OVERHEAD_BYTES)
+        .saturating_add(strings.saturating_mul(STRING_ELEMENT_BYTES))
 }
 
 #[cfg(test)]

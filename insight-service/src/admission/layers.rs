@@ -26,7 +26,7 @@ use tower::{Layer, Service};
 use super::{
     AdmissionError, AdmissionMetrics,
     budget::MemoryBudget,
-    estimator::{EstimatorConfig, estimate},
+    estimator::{EstimatorConfig, charged_elements_bytes, counted_elements_bytes, estimate},
     is_heavy,
     pressure::Pressure,
 };
@@ -505,9 +505,13 @@ async fn read_prefix(body: &mut Body) -> Result<(Vec<Bytes>, Option<u64>), tonic
 }
 
 pin_project_lite::pin_project! {
-    /// The request body with the frames already read put back in front.
+    /// The request body with the frames already read put back in front. With `one_message`
+    /// (a unary call whose message is all in `frames`), more data after them is refused
+    /// (INVALID_ARGUMENT) rather than passed on: tonic would decode and drop further messages,
+    /// none of them charged to the budget.
     struct Replay {
         frames: std::collections::VecDeque<Bytes>,
+        one_message: bool,
         #[pin]
         rest: Body,
     }
@@ -525,11 +529,123 @@ impl http_body::Body for Replay {
         if let Some(data) = this.frames.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
-        this.rest.poll_frame(cx)
+        match this.rest.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame)))
+                if *this.one_message && frame.data_ref().is_some_and(|d| !d.is_empty()) =>
+            {
+                Poll::Ready(Some(Err(tonic::Status::invalid_argument(
+                    "request: a unary call carries one message; more data followed it",
+                ))))
+            }
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
         self.frames.is_empty() && self.rest.is_end_stream()
+    }
+}
+
+/// Where a heavy unary request keeps its repeated elements: the path of field numbers to the
+/// repeated message field, and a repeated string field inside each element, if any. `None`
+/// for the client-streaming imports, whose messages hold one entry or play each.
+fn element_shape(path: &str) -> Option<(&'static [u64], Option<u64>)> {
+    let method = path.strip_prefix("/spotifai.insight.v1.InsightService/")?;
+    match method {
+        // SummarizeFeedbackRequest.entries (1) → FeedbackBatch.entries (1).
+        "SummarizeFeedback" | "StreamFeedbackSummary" | "SubmitSummaryJob" => Some((&[1, 1], None)),
+        // AnalyzeMusicRequest.history (1) → ListeningHistory.plays (1), each with genres (4).
+        "AnalyzeMusic" => Some((&[1, 1], Some(4))),
+        _ => None,
+    }
+}
+
+/// Reads the rest of the first message (`5 + len` bytes with its prefix, from the frames
+/// already read and then the body) into one buffer. The bytes after it, if any arrived in the
+/// same frame, are returned too.
+async fn read_message(
+    frames: Vec<Bytes>,
+    body: &mut Body,
+    len: u64,
+) -> Result<(Bytes, Bytes), tonic::Status> {
+    let total = usize::try_from(len).map_or(usize::MAX, |len| len.saturating_add(5));
+    let mut message = bytes::BytesMut::with_capacity(total);
+    let extend = |data: &Bytes, message: &mut bytes::BytesMut| {
+        let take = data.len().min(total - message.len());
+        message.extend_from_slice(&data[..take]);
+        data.slice(take..)
+    };
+    let mut after = Bytes::new();
+    for frame in &frames {
+        after = extend(frame, &mut message);
+    }
+    drop(frames);
+    while message.len() < total {
+        match std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    after = extend(data, &mut message);
+                }
+            }
+            Some(Err(status)) => return Err(status),
+            // Cut short: tonic reports the truncated message as it would.
+            None => break,
+        }
+    }
+    Ok((message.freeze(), after))
+}
+
+impl MemoryGate {
+    /// The second phase of admission for a unary heavy call, once the first reservation is
+    /// held: reads its message (which that reservation covers), counts its repeated elements
+    /// without decoding it, and reserves what they cost beyond what was charged from the
+    /// prefix. Returns the body to hand on and the extra reservation, or the refusal.
+    async fn count_and_charge(
+        &self,
+        shape: (&'static [u64], Option<u64>),
+        frames: Vec<Bytes>,
+        mut body: Body,
+        len: u64,
+    ) -> Result<(Body, Option<super::budget::Reservation>), Response<Body>> {
+        let (message, after) = read_message(frames, &mut body, len)
+            .await
+            .map_err(tonic::Status::into_http)?;
+        if !after.is_empty() {
+            return Err(refuse(AdmissionError::Malformed {
+                reason: "a unary call carries one message; more data followed it",
+            }));
+        }
+        let (path, inner) = shape;
+        // A message cut short is left to tonic, which reports it as it would.
+        let counted = if message.len() as u64 == len + 5 {
+            super::wire::count(&message[5..], path, inner).ok_or(AdmissionError::Malformed {
+                reason: "not a valid protobuf message",
+            })
+        } else {
+            Ok(super::wire::Counted::default())
+        };
+        let counted = counted.map_err(refuse)?;
+        let extra = counted_elements_bytes(counted.elements as u64, counted.total_inner as u64)
+            .saturating_sub(charged_elements_bytes(len, &self.estimator));
+        let more = if extra > 0 {
+            let reserved = self.budget.try_reserve(extra).map_err(|refused| {
+                self.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
+                refuse(AdmissionError::MemoryBudget {
+                    wanted: refused.wanted,
+                    available: refused.available,
+                    retry_after: refused.retry_after,
+                })
+            })?;
+            Some(reserved)
+        } else {
+            None
+        };
+        let body = Body::new(Replay {
+            frames: [message].into(),
+            one_message: true,
+            rest: body,
+        });
+        Ok((body, more))
     }
 }
 
@@ -552,15 +668,18 @@ impl Gate for MemoryGate {
                 Ok(read) => read,
                 Err(status) => return Ok(status.into_http()),
             };
-            let replay = |rest: Body| {
+            let replay = |frames: Vec<Bytes>, rest: Body| {
                 Body::new(Replay {
                     frames: frames.into(),
+                    one_message: false,
                     rest,
                 })
             };
             let Some(len) = len else {
                 // An empty body: nothing to buffer; the handler reports the missing message.
-                return inner.call(Request::from_parts(parts, replay(body))).await;
+                return inner
+                    .call(Request::from_parts(parts, replay(frames, body)))
+                    .await;
             };
             if len > self.max_message_size {
                 self.metrics.shed_too_large.fetch_add(1, Ordering::Relaxed);
@@ -571,9 +690,18 @@ impl Gate for MemoryGate {
             }
             match self.budget.try_reserve(estimate(len, &self.estimator)) {
                 Ok(reservation) => {
+                    let (body, more) = match element_shape(parts.uri.path()) {
+                        None => (replay(frames, body), None),
+                        Some(shape) => {
+                            match self.count_and_charge(shape, frames, body, len).await {
+                                Ok(counted) => counted,
+                                Err(refusal) => return Ok(refusal),
+                            }
+                        }
+                    };
                     self.metrics.admitted.fetch_add(1, Ordering::Relaxed);
-                    let response = inner.call(Request::from_parts(parts, replay(body))).await?;
-                    Ok(hold(response, reservation))
+                    let response = inner.call(Request::from_parts(parts, body)).await?;
+                    Ok(hold(response, (reservation, more)))
                 }
                 Err(refused) => {
                     self.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
@@ -626,13 +754,27 @@ mod tests {
         pub fn request(method: &str, len: u32) -> Request<Body> {
             let mut message = vec![0u8];
             message.extend_from_slice(&len.to_be_bytes());
-            message.extend(std::iter::repeat_n(7u8, len as usize));
+            message.extend(wire_filler(len as usize));
             let bytes = Bytes::from(message);
             let frames = VecDeque::from([bytes.slice(..2), bytes.slice(2..)]);
             Request::builder()
                 .uri(format!("/spotifai.insight.v1.InsightService/{method}"))
                 .body(Body::new(Frames(frames, false)))
                 .unwrap()
+        }
+
+        /// `len` bytes of valid protobuf (one unknown length-delimited field, number 15),
+        /// which the memory gate can count; below 3 bytes, filler it never has to read.
+        pub fn wire_filler(len: usize) -> Vec<u8> {
+            for payload in (0..len).rev() {
+                let mut out = vec![0x7a];
+                prost::encoding::encode_varint(payload as u64, &mut out);
+                if out.len() + payload == len {
+                    out.resize(len, b'x');
+                    return out;
+                }
+            }
+            vec![7; len]
         }
 
         /// The grpc-status of a trailers-only response (0 when absent: a normal response).
@@ -1011,6 +1153,111 @@ mod tests {
         );
         assert_eq!(metrics.shed_too_large.load(Ordering::Relaxed), 1);
         assert_eq!(metrics.admitted.load(Ordering::Relaxed), 0);
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    /// A SummarizeFeedback request whose body is `message` with its prefix, then `more` in
+    /// the same frame and `later` in a frame of its own.
+    fn unary_with(message: &[u8], more: &[u8], later: &[u8]) -> Request<Body> {
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(message);
+        framed.extend_from_slice(more);
+        let frames = VecDeque::from([Bytes::from(framed), Bytes::copy_from_slice(later)]);
+        Request::builder()
+            .uri("/spotifai.insight.v1.InsightService/SummarizeFeedback")
+            .body(Body::new(Frames(frames, false)))
+            .unwrap()
+    }
+
+    fn unary(message: &[u8], more: &[u8]) -> Request<Body> {
+        unary_with(message, more, b"")
+    }
+
+    /// `input.entries` holding `n` empty entries: 2 bytes each on the wire, 128 decoded.
+    fn empty_entries(n: usize) -> Vec<u8> {
+        let batch = [0x0a, 0x00].repeat(n);
+        let mut message = vec![0x0a];
+        prost::encoding::encode_varint(batch.len() as u64, &mut message);
+        message.extend_from_slice(&batch);
+        message
+    }
+
+    #[tokio::test]
+    async fn elements_are_counted_before_decoding_and_charged_uncapped() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = metrics();
+        // The prefix estimate of a 200 kB message (5.8 MB) fits 32 MiB; 100,000 entries
+        // (51 MB at 512 B each) do not.
+        let (layer, budget) = memory_layer(32 << 20, metrics.clone());
+        let service = layer.layer(service);
+        handle.allow(10);
+        let refused = service
+            .clone()
+            .oneshot(unary(&empty_entries(100_000), b""))
+            .await
+            .unwrap();
+        assert_eq!(refusal_reason(refused), "MEMORY_BUDGET");
+        assert_eq!(budget.in_use(), 0, "both reservations given back");
+        assert_eq!(metrics.shed_memory.load(Ordering::Relaxed), 1);
+
+        // 20,000 fit: charged the phase-one estimate plus what their count adds.
+        let message = empty_entries(20_000);
+        let call = tokio::spawn(service.clone().oneshot(unary(&message, b"")));
+        let (_req, respond) = handle.next_request().await.unwrap();
+        let len = message.len() as u64;
+        let counted = counted_elements_bytes(20_000, 0) - charged_elements_bytes(len, &ESTIMATOR);
+        assert_eq!(budget.in_use(), estimate(len, &ESTIMATOR) + counted);
+        respond.send_response(ok());
+        drop(call.await.unwrap().unwrap());
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_unary_call_with_more_than_one_message_or_no_protobuf_is_invalid() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (layer, budget) = memory_layer(64 << 20, metrics());
+        let service = layer.layer(service);
+        handle.allow(10);
+        let second = [0u8, 0, 0, 0, 2, 0x78, 0x00];
+        for (request, what) in [
+            (unary(&empty_entries(3), &second), "a second message"),
+            (
+                unary(&[0x0a, 0x09, 0x0a], b""),
+                "a field longer than the message",
+            ),
+        ] {
+            let status = status(service.clone().oneshot(request).await.unwrap());
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "{what}: {status:?}"
+            );
+            assert!(
+                status.message().starts_with("request:"),
+                "{what}: {status:?}"
+            );
+            assert_eq!(budget.in_use(), 0, "{what}");
+        }
+        // A second message in a later frame reaches the handler's body as an error, which
+        // tonic answers with, instead of a message it would decode and drop.
+        let call = tokio::spawn(service.clone().oneshot(unary_with(
+            &empty_entries(3),
+            b"",
+            &second,
+        )));
+        let (req, respond) = handle.next_request().await.unwrap();
+        let mut body = req.into_body();
+        let first = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert_eq!(
+            first.unwrap().unwrap().into_data().unwrap().len(),
+            5 + empty_entries(3).len()
+        );
+        let next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let error = next.unwrap().unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+        respond.send_response(ok());
+        drop(call.await.unwrap().unwrap());
         assert_eq!(budget.in_use(), 0);
     }
 

@@ -15,6 +15,7 @@ pub mod budget;
 pub mod estimator;
 pub mod layers;
 pub mod pressure;
+pub mod wire;
 
 pub use budget::MemoryBudget;
 pub use layers::{ConcurrencyLayer, DeadlineLayer, Limiter, MemoryGate, MemoryLayer, ShedLayer};
@@ -83,6 +84,13 @@ pub enum AdmissionError {
         len: u64,
         /// The limit.
         limit: u64,
+    },
+    /// The request is not a protobuf message of one message (caught while counting its
+    /// elements, before it is decoded).
+    #[error("request: {reason}")]
+    Malformed {
+        /// What is wrong.
+        reason: &'static str,
     },
     /// The caller's deadline or `--request-timeout` passed.
     #[error("deadline of {after:?} exceeded")]

@@ -123,6 +123,9 @@ pub fn admission_status(error: &AdmissionError) -> Status {
     let message = error.to_string();
     let (reason, retry_after) = match *error {
         AdmissionError::DeadlineExceeded { .. } => return Status::deadline_exceeded(message),
+        AdmissionError::Malformed { reason } => {
+            return to_status(PipelineError::invalid("request", reason));
+        }
         AdmissionError::QueueFull { retry_after, .. } => ("CONCURRENCY_LIMIT", Some(retry_after)),
         AdmissionError::QueueTimeout { retry_after, .. } => ("QUEUE_TIMEOUT", Some(retry_after)),
         AdmissionError::MemoryBudget { retry_after, .. } => ("MEMORY_BUDGET", Some(retry_after)),

@@ -20,7 +20,7 @@ pub struct Config {
 
     /// How long in-flight calls may run after SIGTERM before the process exits anyway. Kept
     /// below Kubernetes' default 30 s terminationGracePeriodSeconds so we exit before SIGKILL.
-    #[arg(long, env = "INSIGHT_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INSIGHT_SHUTDOWN_GRACE", default_value = "25s", value_parser = within(Duration::ZERO, MAX_TIMEOUT))]
     pub shutdown_grace: Duration,
 
     /// Largest `max_entries` a request may ask for (and what `max_entries = 0` means).
@@ -34,7 +34,7 @@ pub struct Config {
 
     /// Longest a request may run when the caller sets no deadline (and the cap on the
     /// caller's `grpc-timeout`). 120 s is the seed's gunicorn timeout.
-    #[arg(long, env = "INSIGHT_REQUEST_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INSIGHT_REQUEST_TIMEOUT", default_value = "120s", value_parser = within(Duration::from_millis(1), MAX_TIMEOUT))]
     pub request_timeout: Duration,
 
     /// Which LLM answers: `local` (offline, deterministic, no key), `gemini` (Google AI
@@ -58,11 +58,11 @@ pub struct Config {
     pub llm_api_key_file: Option<std::path::PathBuf>,
 
     /// Longest one LLM call may take, retries included (never past the caller's deadline).
-    #[arg(long, env = "INSIGHT_LLM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INSIGHT_LLM_TIMEOUT", default_value = "60s", value_parser = within(Duration::from_millis(1), MAX_TIMEOUT))]
     pub llm_timeout: Duration,
 
     /// Longest silence between two chunks of a streamed LLM answer before it counts as stalled.
-    #[arg(long, env = "INSIGHT_LLM_STALL_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INSIGHT_LLM_STALL_TIMEOUT", default_value = "15s", value_parser = within(Duration::from_millis(1), MAX_TIMEOUT))]
     pub llm_stall_timeout: Duration,
 
     /// Most bytes read of one LLM response body; past it the call fails instead of buffering.
@@ -105,7 +105,7 @@ pub struct Config {
     pub queue_depth: u32,
 
     /// Longest wait in that queue before RESOURCE_EXHAUSTED.
-    #[arg(long, env = "INSIGHT_QUEUE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INSIGHT_QUEUE_TIMEOUT", default_value = "2s", value_parser = within(Duration::ZERO, MAX_TIMEOUT))]
     pub queue_timeout: Duration,
 
     /// Bytes of estimated peak memory all heavy calls may reserve together (e.g. "128MiB");
@@ -119,7 +119,7 @@ pub struct Config {
     pub max_message_size: u64,
 
     /// How often memory pressure is sampled in-process.
-    #[arg(long, env = "INSIGHT_PRESSURE_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "INSIGHT_PRESSURE_INTERVAL", default_value = "100ms", value_parser = within(Duration::from_millis(10), Duration::from_secs(60)))]
     pub pressure_interval: Duration,
 
     /// Memory usage ratio (working set / cgroup limit, else used / total) at which work is
@@ -167,11 +167,11 @@ pub struct Config {
 
     /// HTTP/2 initial stream window: how much of a request body the server accepts before the
     /// handler reads it; a queued call buffers at most this much.
-    #[arg(long, env = "INSIGHT_H2_STREAM_WINDOW", default_value = "64KiB", value_parser = crate::admission::parse_bytes)]
+    #[arg(long, env = "INSIGHT_H2_STREAM_WINDOW", default_value = "64KiB", value_parser = window_bytes)]
     pub h2_stream_window: u64,
 
     /// HTTP/2 initial connection window (all streams of one connection together).
-    #[arg(long, env = "INSIGHT_H2_CONNECTION_WINDOW", default_value = "1MiB", value_parser = crate::admission::parse_bytes)]
+    #[arg(long, env = "INSIGHT_H2_CONNECTION_WINDOW", default_value = "1MiB", value_parser = window_bytes)]
     pub h2_connection_window: u64,
 
     /// Where imported feedback and listening plays are stored: sqlite://PATH (created on
@@ -225,6 +225,17 @@ pub struct Config {
 /// A duration parser refusing values below `min` (a zero lease would make every job look
 /// abandoned at once; a zero poll interval would spin on the database).
 fn at_least(min: Duration) -> impl Fn(&str) -> Result<Duration, String> + Clone {
+    within(min, MAX_TIMEOUT)
+}
+
+/// The longest timeout or interval a flag accepts: a day, far beyond any useful setting, and
+/// short enough that adding it to the clock can never overflow.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// A duration flag between `min` and `max`: `--pressure-interval 0s` would panic the sampling
+/// task (and leave shedding silently off), an absurd `--request-timeout` would overflow the
+/// clock when a deadline is computed.
+fn within(min: Duration, max: Duration) -> impl Fn(&str) -> Result<Duration, String> + Clone {
     move |text| {
         let value = humantime::parse_duration(text).map_err(|e| e.to_string())?;
         if value < min {
@@ -233,8 +244,23 @@ fn at_least(min: Duration) -> impl Fn(&str) -> Result<Duration, String> + Clone 
                 humantime::format_duration(min)
             ));
         }
+        if value > max {
+            return Err(format!(
+                "must be at most {}",
+                humantime::format_duration(max)
+            ));
+        }
         Ok(value)
     }
+}
+
+/// An HTTP/2 window size: at most 2^31 - 1 bytes, the protocol's limit.
+fn window_bytes(text: &str) -> Result<u64, String> {
+    let bytes = crate::admission::parse_bytes(text)?;
+    if bytes > (1 << 31) - 1 {
+        return Err("must be at most 2147483647 bytes (2 GiB - 1), HTTP/2's limit".to_owned());
+    }
+    Ok(bytes)
 }
 
 /// An on/off flag value.
@@ -386,6 +412,36 @@ mod tests {
             }
             assert!(arg.get_env().is_some(), "--{id} has no env twin");
         }
+    }
+
+    #[test]
+    fn durations_and_windows_out_of_range_are_refused_naming_the_flag() {
+        for (flag, value, says) in [
+            ("--pressure-interval", "0s", "at least"),
+            ("--request-timeout", "1000000years", "at most"),
+            ("--llm-timeout", "0s", "at least"),
+            ("--h2-stream-window", "4GiB", "at most"),
+            ("--h2-connection-window", "2GiB", "at most"),
+        ] {
+            let err = Config::try_parse_from(["insight-service", flag, value])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains(flag) && err.contains(says),
+                "{flag} {value}: {err}"
+            );
+        }
+        let fine = Config::try_parse_from([
+            "insight-service",
+            "--pressure-interval",
+            "50ms",
+            "--request-timeout",
+            "10m",
+            "--h2-connection-window",
+            "16MiB",
+        ]);
+        assert!(fine.is_ok(), "{fine:?}");
     }
 
     #[test]

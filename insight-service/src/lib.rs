@@ -58,6 +58,19 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// HTTP/2 PING interval and the wait for its answer: a connection whose peer stopped
+/// answering is closed after at most interval + timeout.
+const HTTP2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// See [`HTTP2_KEEPALIVE_INTERVAL`].
+const HTTP2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// TCP keepalive on accepted sockets (tonic ignores its own TCP settings with an incoming
+/// stream of ours): idle time before probing, probe interval, probes before giving up.
+const TCP_KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// See [`TCP_KEEPALIVE_IDLE`].
+const TCP_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// See [`TCP_KEEPALIVE_IDLE`].
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
+
 /// Serves the insight service on `listener` until `shutdown` resolves, then drains (see
 /// [`serve_until_drained`]): health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight
 /// calls finish within `config.shutdown_grace`.
@@ -222,6 +235,11 @@ pub async fn run(
         .max_concurrent_streams(config.max_concurrent_streams)
         .initial_stream_window_size(h2_window(config.h2_stream_window))
         .initial_connection_window_size(h2_window(config.h2_connection_window))
+        // A peer that vanished (a killed pod, a dropped NAT entry) is found by HTTP/2 PINGs
+        // and TCP keepalive probes; its streams are then dropped, and with them the heavy
+        // slots and memory reservations their responses held.
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(chain)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -231,7 +249,11 @@ pub async fn run(
         // `serve_with_incoming`, and with Nagle on, a small write (a refusal, a WINDOW_UPDATE)
         // waits for the peer's delayed ACK: ~40 ms stalls (overload-bench measured them).
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(TCP_KEEPALIVE_IDLE))
+                .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+                .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
             async {
                 let _ = stop_rx.await;
             },

@@ -392,10 +392,10 @@ impl HttpTransport {
     ) -> Vec<u8> {
         let limit = ERROR_BODY_LIMIT.min(self.limits.max_response_bytes);
         let mut body = Vec::new();
-        let mut started = false;
-        // A read error ends the body like EOF: what arrived may still name the cause.
-        while let Ok(Some(chunk)) = self.next_chunk(&mut response, started).await {
-            started = true;
+        // The stall timeout applies from the first byte: no model thinks before an error body,
+        // and the status (with its Retry-After) is already known, whatever the body says.
+        // A read error or a stall ends the body like EOF: what arrived may still name the cause.
+        while let Ok(Some(chunk)) = self.next_chunk(&mut response, true).await {
             received(meter, &chunk);
             let room = limit - body.len();
             body.extend_from_slice(&chunk[..chunk.len().min(room)]);
@@ -606,9 +606,13 @@ impl ProviderError {
             }),
             Value::Object(error) => {
                 let mut parsed = Self {
+                    // A number, or (LiteLLM's proxy) the same number as a string.
                     code: error
                         .get("code")
-                        .and_then(Value::as_u64)
+                        .and_then(|code| {
+                            code.as_u64()
+                                .or_else(|| code.as_str().and_then(|c| c.parse().ok()))
+                        })
                         .and_then(|c| u16::try_from(c).ok()),
                     message: error
                         .get("message")
@@ -1099,6 +1103,12 @@ mod tests {
             error_for_status("openai", 401, openai, None).to_string(),
             "openai: authentication failed: invalid_request_error: Incorrect API key"
         );
+        // LiteLLM's proxy sends the code as a string.
+        let litellm = br#"{"error":{"message":"Invalid proxy server token passed","type":"auth_error","code":"401"}}"#;
+        assert!(matches!(
+            error_for_provider_error("openai", &ProviderError::from_body(litellm).unwrap()),
+            LlmError::Auth { .. }
+        ));
         let ollama = br#"{"error":"model \"x\" not found, try pulling it first"}"#;
         assert_eq!(
             error_for_status("openai", 404, ollama, None).to_string(),

@@ -504,7 +504,11 @@ impl Pipeline {
                 }
                 Err(error) => {
                     tracing::warn!(chunk = index, attempt, %error, "chunk failed");
+                    let again = worth_another_try(&error);
                     last_error = Some(error);
+                    if !again {
+                        break;
+                    }
                 }
             }
         }
@@ -675,6 +679,22 @@ fn with_headroom(deadline: Instant, remote: bool) -> Instant {
     }
     let left = deadline.saturating_duration_since(Instant::now());
     deadline - (left / 5).min(HEADROOM)
+}
+
+/// Whether a chunk's second try can succeed where the first failed: the model may answer
+/// differently (malformed, cut off), a server or a connection may recover, a call cut off by
+/// `--llm-timeout` may be quicker. Not a key, a request or an answer size the provider refused
+/// (the same again), nor a rate limit: the transport already waited as long as the provider
+/// asked or gave up because that wait crossed the deadline, and an immediate try would ignore
+/// its `Retry-After`.
+fn worth_another_try(error: &LlmError) -> bool {
+    matches!(
+        error,
+        LlmError::Malformed { .. }
+            | LlmError::Server { .. }
+            | LlmError::Connect { .. }
+            | LlmError::Timeout { .. }
+    )
 }
 
 /// The error of a call cut off by its deadline: the request's, or `--llm-timeout`.
@@ -986,6 +1006,73 @@ mod tests {
             ),
             "{error:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn refused_keys_requests_sizes_and_rate_limits_are_not_retried_per_chunk() {
+        struct Refusing(LlmError, AtomicUsize);
+        impl LlmBackend for Refusing {
+            fn name(&self) -> &str {
+                "refusing"
+            }
+            fn model(&self) -> &str {
+                "m"
+            }
+            fn summarize_chunk<'a>(
+                &'a self,
+                _: ChunkRequest<'a>,
+            ) -> futures::future::BoxFuture<'a, Result<ChunkDraft, LlmError>> {
+                self.1.fetch_add(1, Ordering::SeqCst);
+                Box::pin(std::future::ready(Err(self.0.clone())))
+            }
+            fn reduce<'a>(
+                &'a self,
+                _: ReduceRequest<'a>,
+            ) -> futures::future::BoxFuture<'a, Result<SummaryDraft, LlmError>> {
+                Box::pin(std::future::ready(Err(self.0.clone())))
+            }
+        }
+        let backend = || "refusing".to_owned();
+        for (error, tries) in [
+            (
+                LlmError::Auth {
+                    backend: backend(),
+                    message: "bad key".into(),
+                },
+                1,
+            ),
+            (
+                LlmError::RateLimited {
+                    backend: backend(),
+                    retry_after: Some(Duration::from_secs(38)),
+                    message: "quota".into(),
+                },
+                1,
+            ),
+            (
+                LlmError::TooLarge {
+                    backend: backend(),
+                    limit: 1,
+                },
+                1,
+            ),
+            (
+                LlmError::Malformed {
+                    backend: backend(),
+                    message: "prose".into(),
+                },
+                2,
+            ),
+        ] {
+            let refusing = Arc::new(Refusing(error.clone(), AtomicUsize::new(0)));
+            let pipeline = Pipeline::new(refusing.clone(), PipelineConfig::default());
+            let summary = pipeline
+                .summarize(entries(5), options(5, 5), far())
+                .await
+                .unwrap();
+            assert!(summary.degraded && summary.backend.starts_with("local (fallback"));
+            assert_eq!(refusing.1.load(Ordering::SeqCst), tries, "{error:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

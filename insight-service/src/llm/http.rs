@@ -912,6 +912,22 @@ impl SseDecoder {
                 self.has_data = true;
             }
             b"event" | b"id" | b"retry" => {}
+            // llama.cpp's server streams a failure as an `error:` line (then `data: [DONE]`):
+            // the provider's error object, which says what went wrong and whether to retry.
+            b"error" => {
+                let error = serde_json::from_slice::<Value>(value)
+                    .ok()
+                    .and_then(|error| {
+                        ProviderError::from_value(&serde_json::json!({ "error": error }))
+                    });
+                return Err(match error {
+                    Some(error) => error_for_provider_error(self.backend, &error),
+                    None => malformed(
+                        self.backend,
+                        format!("stream error: {}", String::from_utf8_lossy(value)),
+                    ),
+                });
+            }
             _ => {
                 if !self.trailing.is_empty() {
                     self.trailing.push(b'\n');
@@ -998,6 +1014,24 @@ mod tests {
         assert_eq!(handler.events, ["last"]);
         let (handler, _) = decode_in_pieces(b"data: last", 4);
         assert_eq!(handler.events, ["last"]);
+    }
+
+    #[test]
+    fn an_sse_error_line_is_the_providers_error() {
+        // What llama.cpp's server sends when the prompt exceeds its context.
+        let input = b"error: {\"code\":400,\"message\":\"the request exceeds the available context size\",\"type\":\"exceed_context_size_error\"}\n\ndata: [DONE]\n\n";
+        let mut decoder = SseDecoder::new("openai");
+        let mut handler = Collect::default();
+        let error = decoder.feed(input, &mut handler).unwrap_err();
+        assert!(
+            matches!(&error, LlmError::BadRequest { message, .. } if message.contains("context size")),
+            "{error:?}"
+        );
+        let mut decoder = SseDecoder::new("openai");
+        let error = decoder
+            .feed(b"error: not json\n\n", &mut Collect::default())
+            .unwrap_err();
+        assert!(matches!(error, LlmError::Malformed { .. }), "{error:?}");
     }
 
     #[test]

@@ -60,6 +60,19 @@ pub fn estimate(encoded_len: u64, config: &EstimatorConfig) -> u64 {
         .saturating_add(in_flight)
 }
 
+/// Peak memory of a client-streaming import (ImportFeedback, ImportListening), whatever the
+/// stream's length and whatever its first message looks like: one message in tonic's buffer
+/// and decoded (each at most `max_message_size`; an oversized one is still decoded before
+/// validation refuses it), and a batch of `store::BATCH_ROWS` items at the largest valid size
+/// (an entry's text and labels), waiting for their transaction.
+pub fn import_estimate(max_message_size: u64) -> u64 {
+    let item = (crate::pipeline::MAX_TEXT_BYTES + 3 * crate::pipeline::MAX_LABEL_BYTES) as u64
+        + ENTRY_OVERHEAD_BYTES;
+    FIXED_BYTES
+        .saturating_add(max_message_size.saturating_mul(2))
+        .saturating_add(crate::store::BATCH_ROWS as u64 * item)
+}
+
 /// Heap of one decoded element of a repeated string field (a `String` in a `Vec` that may
 /// have doubled while growing, plus the allocator's rounding): what `genres` costs per entry.
 pub const STRING_ELEMENT_BYTES: u64 = 64;

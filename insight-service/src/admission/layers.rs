@@ -26,7 +26,9 @@ use tower::{Layer, Service};
 use super::{
     AdmissionError, AdmissionMetrics,
     budget::MemoryBudget,
-    estimator::{EstimatorConfig, charged_elements_bytes, counted_elements_bytes, estimate},
+    estimator::{
+        EstimatorConfig, charged_elements_bytes, counted_elements_bytes, estimate, import_estimate,
+    },
     is_heavy,
     pressure::Pressure,
 };
@@ -688,9 +690,16 @@ impl Gate for MemoryGate {
                     limit: self.max_message_size,
                 }));
             }
-            match self.budget.try_reserve(estimate(len, &self.estimator)) {
+            let shape = element_shape(parts.uri.path());
+            // A unary call is charged from its length; an import (client streaming, no
+            // shape) for what any stream of messages up to the size limit holds at once.
+            let wanted = match shape {
+                Some(_) => estimate(len, &self.estimator),
+                None => import_estimate(self.max_message_size),
+            };
+            match self.budget.try_reserve(wanted) {
                 Ok(reservation) => {
-                    let (body, more) = match element_shape(parts.uri.path()) {
+                    let (body, more) = match shape {
                         None => (replay(frames, body), None),
                         Some(shape) => {
                             match self.count_and_charge(shape, frames, body, len).await {
@@ -1208,6 +1217,24 @@ mod tests {
         let len = message.len() as u64;
         let counted = counted_elements_bytes(20_000, 0) - charged_elements_bytes(len, &ESTIMATOR);
         assert_eq!(budget.in_use(), estimate(len, &ESTIMATOR) + counted);
+        respond.send_response(ok());
+        drop(call.await.unwrap().unwrap());
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_import_is_charged_for_a_whole_stream_not_its_first_message() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (layer, budget) = memory_layer(64 << 20, metrics());
+        let service = layer.layer(service);
+        handle.allow(1);
+        let mut req = unary(&empty_entries(1), b"");
+        *req.uri_mut() = "/spotifai.insight.v1.InsightService/ImportFeedback"
+            .parse()
+            .unwrap();
+        let call = tokio::spawn(service.oneshot(req));
+        let (_req, respond) = handle.next_request().await.unwrap();
+        assert_eq!(budget.in_use(), import_estimate(4 << 20));
         respond.send_response(ok());
         drop(call.await.unwrap().unwrap());
         assert_eq!(budget.in_use(), 0);

@@ -510,12 +510,67 @@ pin_project_lite::pin_project! {
     /// The request body with the frames already read put back in front. With `one_message`
     /// (a unary call whose message is all in `frames`), more data after them is refused
     /// (INVALID_ARGUMENT) rather than passed on: tonic would decode and drop further messages,
-    /// none of them charged to the budget.
+    /// none of them charged to the budget. Every message's length prefix is checked against
+    /// the size limit as it passes (`sizes`), so a later message of an import that is too
+    /// large gets the same RESOURCE_EXHAUSTED as a first one, before tonic buffers it.
     struct Replay {
         frames: std::collections::VecDeque<Bytes>,
         one_message: bool,
+        sizes: MessageSizes,
         #[pin]
         rest: Body,
+    }
+}
+
+/// Follows the 5-byte length prefixes of a gRPC request body across its frames.
+#[derive(Debug)]
+struct MessageSizes {
+    limit: u64,
+    prefix: [u8; 5],
+    have: usize,
+    remaining: u64,
+}
+
+impl MessageSizes {
+    fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            prefix: [0; 5],
+            have: 0,
+            remaining: 0,
+        }
+    }
+
+    /// Passes `data` on, or the refusal of the first message in it that is over the limit.
+    fn check(&mut self, data: Bytes) -> Result<Frame<Bytes>, tonic::Status> {
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            if self.remaining > 0 {
+                let take = rest
+                    .len()
+                    .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+                self.remaining -= take as u64;
+                rest = &rest[take..];
+                continue;
+            }
+            let take = rest.len().min(5 - self.have);
+            self.prefix[self.have..self.have + take].copy_from_slice(&rest[..take]);
+            self.have += take;
+            rest = &rest[take..];
+            if self.have == 5 {
+                self.have = 0;
+                let [_, a, b, c, d] = self.prefix;
+                let len = u64::from(u32::from_be_bytes([a, b, c, d]));
+                if len > self.limit {
+                    return Err(admission_status(&AdmissionError::MessageTooLarge {
+                        len,
+                        limit: self.limit,
+                    }));
+                }
+                self.remaining = len;
+            }
+        }
+        Ok(Frame::data(data))
     }
 }
 
@@ -529,16 +584,19 @@ impl http_body::Body for Replay {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
         if let Some(data) = this.frames.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(data))));
+            return Poll::Ready(Some(this.sizes.check(data)));
         }
         match this.rest.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame)))
-                if *this.one_message && frame.data_ref().is_some_and(|d| !d.is_empty()) =>
-            {
-                Poll::Ready(Some(Err(tonic::Status::invalid_argument(
-                    "request: a unary call carries one message; more data followed it",
-                ))))
-            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(match frame.into_data() {
+                Ok(data) if *this.one_message && !data.is_empty() => {
+                    Err(tonic::Status::invalid_argument(
+                        "request: a unary call carries one message; more data followed it",
+                    ))
+                }
+                Ok(data) => this.sizes.check(data),
+                // Trailers.
+                Err(frame) => Ok(frame),
+            })),
             other => other,
         }
     }
@@ -645,6 +703,7 @@ impl MemoryGate {
         let body = Body::new(Replay {
             frames: [message].into(),
             one_message: true,
+            sizes: MessageSizes::new(self.max_message_size),
             rest: body,
         });
         Ok((body, more))
@@ -674,6 +733,7 @@ impl Gate for MemoryGate {
                 Body::new(Replay {
                     frames: frames.into(),
                     one_message: false,
+                    sizes: MessageSizes::new(self.max_message_size),
                     rest,
                 })
             };
@@ -1238,6 +1298,35 @@ mod tests {
         respond.send_response(ok());
         drop(call.await.unwrap().unwrap());
         assert_eq!(budget.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_later_message_over_the_size_limit_is_refused_like_a_first_one() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (layer, _budget) = memory_layer(64 << 20, metrics());
+        let service = layer.layer(service);
+        handle.allow(1);
+        // An import: one small entry, then a message announcing 5 MiB, split mid-prefix.
+        let huge = (5u32 << 20).to_be_bytes();
+        let mut req = unary_with(
+            &empty_entries(1),
+            &[0, huge[0], huge[1]],
+            &[huge[2], huge[3]],
+        );
+        *req.uri_mut() = "/spotifai.insight.v1.InsightService/ImportFeedback"
+            .parse()
+            .unwrap();
+        let call = tokio::spawn(service.oneshot(req));
+        let (req, respond) = handle.next_request().await.unwrap();
+        let mut body = req.into_body();
+        let first = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert!(first.unwrap().is_ok(), "the first message passes");
+        let second = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let status = second.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert_eq!(reason(&status), "MESSAGE_TOO_LARGE");
+        respond.send_response(ok());
+        drop(call.await.unwrap().unwrap());
     }
 
     #[tokio::test]

@@ -212,8 +212,10 @@ pub async fn run(
         // Concurrency limit + short queue, BEFORE memory admission: queued calls hold no
         // budget, their bodies wait in the (explicitly sized) h2 stream window.
         .option_layer(protect.then(|| ConcurrencyLayer::new(limiter.clone())))
-        // Memory admission from the 5-byte length prefix, before tonic buffers the message;
-        // the reservation is held until the response body ends.
+        // Memory admission from the 5-byte length prefix, before tonic buffers the message,
+        // then from the counted elements of a unary message before it is decoded; the
+        // reservation is held until the response body ends. Every call's messages (light ones
+        // too) are checked against --max-message-size from their prefixes here.
         .option_layer(protect.then(|| MemoryLayer::new(memory)))
         .into_inner();
 

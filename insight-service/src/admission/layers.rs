@@ -458,8 +458,10 @@ impl Gate for Limiter {
 
 /// Memory admission, decided from the 5-byte gRPC length prefix of the first message before
 /// the body is read any further (tonic buffers whole messages before a handler runs: 200
-/// concurrent 4 MiB requests would otherwise sit in memory first). Oversized messages are
-/// refused here too, before a byte of them is buffered.
+/// concurrent 4 MiB requests would otherwise sit in memory first); then, for a unary call,
+/// from its message's counted elements before prost decodes it. Oversized messages are refused
+/// here too, before a byte of them is buffered, on every method and every message of a stream
+/// (light calls pass through this layer only for that check).
 pub type MemoryLayer = GateLayer<MemoryGate>;
 
 /// The [`Gate`] of [`MemoryLayer`].
@@ -711,7 +713,9 @@ impl MemoryGate {
 }
 
 impl Gate for MemoryGate {
-    const HEAVY_ONLY: bool = true;
+    // Light calls pass too, only to have their messages' sizes checked (nothing reserved),
+    // so an oversized request gets the same RESOURCE_EXHAUSTED on every method.
+    const HEAVY_ONLY: bool = false;
 
     fn admit<S>(
         self: Arc<Self>,
@@ -723,6 +727,18 @@ impl Gate for MemoryGate {
         S::Future: Send + 'static,
         S::Error: Send + 'static,
     {
+        if !is_heavy(req.uri().path()) {
+            let sizes = MessageSizes::new(self.max_message_size);
+            let req = req.map(|rest| {
+                Body::new(Replay {
+                    frames: std::collections::VecDeque::new(),
+                    one_message: false,
+                    sizes,
+                    rest,
+                })
+            });
+            return Box::pin(inner.call(req));
+        }
         Box::pin(async move {
             let (parts, mut body) = req.into_parts();
             let (frames, len) = match read_prefix(&mut body).await {
@@ -1325,6 +1341,42 @@ mod tests {
         let status = second.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert_eq!(reason(&status), "MESSAGE_TOO_LARGE");
+        respond.send_response(ok());
+        drop(call.await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_light_call_over_the_size_limit_is_refused_like_a_heavy_one() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (layer, budget) = memory_layer(64 << 20, metrics());
+        let service = layer.layer(service);
+        handle.allow(1);
+        let mut req = prefix_only(5 << 20);
+        *req.uri_mut() = "/spotifai.insight.v1.InsightService/GetJob"
+            .parse()
+            .unwrap();
+        let call = tokio::spawn(service.oneshot(req));
+        // Passed on at once (nothing reserved for a light call), its body checked as read.
+        let (req, respond) = handle.next_request().await.unwrap();
+        assert_eq!(budget.in_use(), 0);
+        let mut body = req.into_body();
+        let mut frames = Vec::new();
+        loop {
+            match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                Some(Ok(_)) => frames.push(()),
+                Some(Err(status)) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    assert_eq!(reason(&status), "MESSAGE_TOO_LARGE");
+                    break;
+                }
+                None => panic!("the oversized message was passed on"),
+            }
+        }
+        assert_eq!(
+            frames.len(),
+            1,
+            "the prefix's first two bytes, then the refusal"
+        );
         respond.send_response(ok());
         drop(call.await.unwrap().unwrap());
     }

@@ -484,13 +484,18 @@ impl MemoryLayer {
     }
 }
 
+/// The body's next frame.
+async fn next_frame(body: &mut Body) -> Option<Result<Frame<Bytes>, tonic::Status>> {
+    std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+}
+
 /// Reads body frames until the 5-byte prefix is known; returns the frames read (to replay)
 /// and the declared message length (`None` when the body ended first).
 async fn read_prefix(body: &mut Body) -> Result<(Vec<Bytes>, Option<u64>), tonic::Status> {
     let mut frames = Vec::new();
     let mut prefix = Vec::with_capacity(5);
     while prefix.len() < 5 {
-        match std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+        match next_frame(body).await {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let need = 5 - prefix.len();
@@ -643,7 +648,7 @@ async fn read_message(
     }
     drop(frames);
     while message.len() < total {
-        match std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+        match next_frame(body).await {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     after = extend(data, &mut message);
@@ -658,6 +663,16 @@ async fn read_message(
 }
 
 impl MemoryGate {
+    /// `rest` with `frames` put back in front, its message sizes checked (see [`Replay`]).
+    fn replay(&self, frames: Vec<Bytes>, one_message: bool, rest: Body) -> Body {
+        Body::new(Replay {
+            frames: frames.into(),
+            one_message,
+            sizes: MessageSizes::new(self.max_message_size),
+            rest,
+        })
+    }
+
     /// The second phase of admission for a unary heavy call, once the first reservation is
     /// held: reads its message (which that reservation covers), counts its repeated elements
     /// without decoding it, and reserves what they cost beyond what was charged from the
@@ -702,13 +717,7 @@ impl MemoryGate {
         } else {
             None
         };
-        let body = Body::new(Replay {
-            frames: [message].into(),
-            one_message: true,
-            sizes: MessageSizes::new(self.max_message_size),
-            rest: body,
-        });
-        Ok((body, more))
+        Ok((self.replay(vec![message], true, body), more))
     }
 }
 
@@ -728,15 +737,7 @@ impl Gate for MemoryGate {
         S::Error: Send + 'static,
     {
         if !is_heavy(req.uri().path()) {
-            let sizes = MessageSizes::new(self.max_message_size);
-            let req = req.map(|rest| {
-                Body::new(Replay {
-                    frames: std::collections::VecDeque::new(),
-                    one_message: false,
-                    sizes,
-                    rest,
-                })
-            });
+            let req = req.map(|rest| self.replay(Vec::new(), false, rest));
             return Box::pin(inner.call(req));
         }
         Box::pin(async move {
@@ -745,18 +746,10 @@ impl Gate for MemoryGate {
                 Ok(read) => read,
                 Err(status) => return Ok(status.into_http()),
             };
-            let replay = |frames: Vec<Bytes>, rest: Body| {
-                Body::new(Replay {
-                    frames: frames.into(),
-                    one_message: false,
-                    sizes: MessageSizes::new(self.max_message_size),
-                    rest,
-                })
-            };
             let Some(len) = len else {
                 // An empty body: nothing to buffer; the handler reports the missing message.
                 return inner
-                    .call(Request::from_parts(parts, replay(frames, body)))
+                    .call(Request::from_parts(parts, self.replay(frames, false, body)))
                     .await;
             };
             if len > self.max_message_size {
@@ -776,7 +769,7 @@ impl Gate for MemoryGate {
             match self.budget.try_reserve(wanted) {
                 Ok(reservation) => {
                     let (body, more) = match shape {
-                        None => (replay(frames, body), None),
+                        None => (self.replay(frames, false, body), None),
                         Some(shape) => {
                             match self.count_and_charge(shape, frames, body, len).await {
                                 Ok(counted) => counted,
@@ -1167,8 +1160,7 @@ mod tests {
         // The handler sees the whole message, prefix included, byte for byte.
         let mut body = req.into_body();
         let mut seen = Vec::new();
-        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
-        {
+        while let Some(frame) = next_frame(&mut body).await {
             seen.extend_from_slice(frame.unwrap().data_ref().unwrap());
         }
         assert_eq!(seen.len(), 1005);
@@ -1335,9 +1327,9 @@ mod tests {
         let call = tokio::spawn(service.oneshot(req));
         let (req, respond) = handle.next_request().await.unwrap();
         let mut body = req.into_body();
-        let first = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let first = next_frame(&mut body).await;
         assert!(first.unwrap().is_ok(), "the first message passes");
-        let second = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let second = next_frame(&mut body).await;
         let status = second.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert_eq!(reason(&status), "MESSAGE_TOO_LARGE");
@@ -1362,7 +1354,7 @@ mod tests {
         let mut body = req.into_body();
         let mut frames = Vec::new();
         loop {
-            match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            match next_frame(&mut body).await {
                 Some(Ok(_)) => frames.push(()),
                 Some(Err(status)) => {
                     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
@@ -1416,12 +1408,12 @@ mod tests {
         )));
         let (req, respond) = handle.next_request().await.unwrap();
         let mut body = req.into_body();
-        let first = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let first = next_frame(&mut body).await;
         assert_eq!(
             first.unwrap().unwrap().into_data().unwrap().len(),
             5 + empty_entries(3).len()
         );
-        let next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let next = next_frame(&mut body).await;
         let error = next.unwrap().unwrap_err();
         assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
         respond.send_response(ok());

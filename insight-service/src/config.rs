@@ -37,6 +37,13 @@ pub struct Config {
     #[arg(long, env = "INSIGHT_REQUEST_TIMEOUT", default_value = "120s", value_parser = within(Duration::from_millis(1), MAX_TIMEOUT))]
     pub request_timeout: Duration,
 
+    /// Longest a response may wait for the client to take it (HTTP/2 flow-control window at
+    /// zero: the client stopped reading) before its connection is closed, like nginx's
+    /// `send_timeout`; otherwise such a client keeps the call's slot and memory for as long as
+    /// it stays connected.
+    #[arg(long, env = "INSIGHT_SEND_TIMEOUT", default_value = "30s", value_parser = within(Duration::from_millis(1), MAX_TIMEOUT))]
+    pub send_timeout: Duration,
+
     /// Which LLM answers: `local` (offline, deterministic, no key), `gemini` (Google AI
     /// REST, key in GEMINI_API_KEY or --llm-api-key-file) or `openai` (any OpenAI-compatible
     /// chat completions server: OpenAI, Ollama, vLLM, llama.cpp, LiteLLM; key in OPENAI_API_KEY).
@@ -332,6 +339,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(25),
             max_entries_cap: 10_000,
             request_timeout: Duration::from_secs(120),
+            send_timeout: Duration::from_secs(30),
             llm_backend: BackendKind::Local,
             llm_model: None,
             llm_base_url: None,

@@ -36,7 +36,8 @@ pub mod text;
 
 use admission::{
     AdmissionMetrics, ConcurrencyLayer, DeadlineLayer, Limiter, MemoryBudget, MemoryGate,
-    MemoryLayer, Pressure, PressureConfig, PressureTracker, ShedLayer,
+    MemoryLayer, Pressure, PressureConfig, PressureTracker, SendStallLayer, SendWatch, ShedLayer,
+    StallIo,
 };
 pub use config::Config;
 use config::Switch;
@@ -200,10 +201,15 @@ pub async fn run(
 
     // The one tower chain. Outermost first; heavy limits apply only to heavy methods
     // (`admission::is_heavy`): health, reflection and cheap reads pass straight through.
+    let send_watch = SendWatch::start(config.send_timeout, metrics.clone());
     let chain = ServiceBuilder::new()
         // Drain: once SIGTERM arrived every new call gets UNAVAILABLE before any other work,
         // and in-flight calls are counted until their response bodies end.
         .layer(DrainLayer::new(drain.clone()))
+        // Send stall: a response whose client stopped reading (no flow-control window) for
+        // --send-timeout closes its connection, so the call's slot and memory are not held
+        // for as long as that client stays connected. Every call is watched, light ones too.
+        .layer(SendStallLayer::new(send_watch))
         // Deadline: the caller's grpc-timeout capped by --request-timeout, answered
         // DEADLINE_EXCEEDED; outside the limits so time spent queued counts against it.
         .layer(DeadlineLayer::new(config.request_timeout, metrics.clone()))
@@ -250,12 +256,16 @@ pub async fn run(
         // TCP_NODELAY on every accepted socket: `Server::tcp_nodelay` is ignored with
         // `serve_with_incoming`, and with Nagle on, a small write (a refusal, a WINDOW_UPDATE)
         // waits for the peer's delayed ACK: ~40 ms stalls (overload-bench measured them).
+        // Each socket is a `StallIo`, which the send-stall watch can close from outside hyper.
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(TCP_KEEPALIVE_IDLE))
-                .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
-                .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
+            tokio_stream::StreamExt::map(
+                tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(TCP_KEEPALIVE_IDLE))
+                    .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+                    .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
+                |accepted| accepted.map(StallIo::new),
+            ),
             async {
                 let _ = stop_rx.await;
             },

@@ -758,30 +758,131 @@ async fn oversized_messages_are_refused_from_their_length_prefix() {
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_client_that_stops_reading_its_response_loses_the_connection_and_the_slot() {
+    // One heavy slot, no queue. A client whose stream window is 0 cannot be sent a single
+    // byte of its response: hyper holds the encoded message and waits for window that never
+    // comes, and (before --send-timeout) the call kept its slot for as long as the client
+    // stayed connected, refusing every other heavy call.
+    const SEND_TIMEOUT: Duration = Duration::from_secs(1);
+    let setup = local();
+    let server = start_insight(Config {
+        max_concurrency: 1,
+        queue_depth: 0,
+        send_timeout: SEND_TIMEOUT,
+        ..setup.config.clone()
+    })
+    .await;
+    let stalled = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .initial_stream_window_size(Some(0))
+        .connect()
+        .await
+        .unwrap();
+    let mut request = summarize(15, 200);
+    if let Some(Input::Entries(batch)) = request.input.as_mut() {
+        batch.entries[0].text = "Never read. Ads between every song.".into();
+    }
+    // The response headers come once the handler has answered: from then on only the
+    // unsendable body holds the slot.
+    let response = within("the unread call's headers", raw_call(&stalled, &request)).await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers().get("grpc-status").is_none(),
+        "an answer, not a refusal: {response:?}"
+    );
+    let held_since = Instant::now();
+
+    let channel = server.channel().await;
+    let mut client = InsightServiceClient::new(channel.clone());
+    let status = client
+        .summarize_feedback(summarize(3, 100))
+        .await
+        .expect_err("the slot is held by the unread response");
+    assert_refused(&status, "CONCURRENCY_LIMIT");
+
+    // Within --send-timeout and a scan period the connection is closed, the slot is free and
+    // heavy calls are answered again.
+    let summary = within("a heavy call after the stall", async {
+        loop {
+            match client.summarize_feedback(summarize(3, 100)).await {
+                Ok(summary) => break summary.into_inner(),
+                Err(status) => {
+                    assert_refused(&status, "CONCURRENCY_LIMIT");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(summary.entries_used, 3);
+    let freed_after = held_since.elapsed();
+    assert!(
+        freed_after >= SEND_TIMEOUT / 2,
+        "freed after {freed_after:?}: before the send timeout, by something else"
+    );
+    // The unread response is cut off with its connection: an error, not a message.
+    use http_body::Body as _;
+    let mut body = response.into_body();
+    let frame = within(
+        "the unread body",
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)),
+    )
+    .await;
+    assert!(
+        matches!(frame, Some(Err(_))),
+        "the closed connection ends the unread body with an error: {frame:?}"
+    );
+    // Only that connection was closed: this one still answers.
+    assert_eq!(health_of(&channel, "").await, ServingStatus::Serving);
+    server.shutdown().await.unwrap();
+}
+
+/// Sends `request` as a SummarizeFeedback over `channel` and returns the response as soon
+/// as its headers arrive, without reading its body.
+async fn raw_call(
+    channel: &Channel,
+    request: &pb::SummarizeFeedbackRequest,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    let mut message = vec![0u8];
+    message.extend_from_slice(&(request.encoded_len() as u32).to_be_bytes());
+    request.encode(&mut message).unwrap();
+    send_summarize(channel, axum::body::Body::from(message)).await
+}
+
 /// Sends a SummarizeFeedback whose body is the 5-byte gRPC length prefix announcing
 /// `announced` bytes (nothing at all for `None`) and then never another byte, and returns the
 /// status of the (trailers-only) answer.
 async fn stalled_call(channel: &Channel, announced: Option<u32>) -> Status {
-    use tonic::codegen::{Service, http};
     let prefix = announced.map(|len| {
         let mut prefix = vec![0u8];
         prefix.extend_from_slice(&len.to_be_bytes());
         Ok::<_, std::io::Error>(bytes::Bytes::from(prefix))
     });
     let body = futures::stream::iter(prefix).chain(futures::stream::pending());
+    let response = send_summarize(channel, axum::body::Body::from_stream(body)).await;
+    Status::from_header_map(response.headers()).expect("a trailers-only gRPC status")
+}
+
+/// A SummarizeFeedback call with `body` as its raw gRPC request body (length-prefixed
+/// messages); the response as soon as its headers arrive.
+async fn send_summarize(
+    channel: &Channel,
+    body: axum::body::Body,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    use tonic::codegen::{Service, http};
     let request = http::Request::builder()
         .method(http::Method::POST)
         .uri("/spotifai.insight.v1.InsightService/SummarizeFeedback")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .body(tonic::body::Body::new(axum::body::Body::from_stream(body)))
+        .body(tonic::body::Body::new(body))
         .unwrap();
     let mut channel = channel.clone();
     std::future::poll_fn(|cx| channel.poll_ready(cx))
         .await
         .unwrap();
-    let response = channel.call(request).await.unwrap();
-    Status::from_header_map(response.headers()).expect("a trailers-only gRPC status")
+    channel.call(request).await.unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------

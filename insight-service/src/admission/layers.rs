@@ -37,7 +37,7 @@ use crate::grpc::{
     error::admission_status,
 };
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// The gRPC error response for `error`, as a trailers-only HTTP response.
 fn refuse(error: AdmissionError) -> Response<Body> {
@@ -111,6 +111,13 @@ pub trait Gate: Send + Sync + 'static {
 /// The tower layer of a [`Gate`].
 #[derive(Debug)]
 pub struct GateLayer<G>(Arc<G>);
+
+impl<G> GateLayer<G> {
+    /// The layer of a gate shared with its owner (who reads its state).
+    pub fn from_gate(gate: Arc<G>) -> Self {
+        Self(gate)
+    }
+}
 
 impl<G> Clone for GateLayer<G> {
     fn clone(&self) -> Self {
@@ -795,7 +802,7 @@ impl Gate for MemoryGate {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::VecDeque;
 
     use tokio_test_support::*;
@@ -805,7 +812,7 @@ mod tests {
     use super::*;
 
     /// Test-only helpers: request bodies made of given frames, and status reading.
-    mod tokio_test_support {
+    pub(in crate::admission) mod tokio_test_support {
         use super::*;
 
         /// A body of the given frames; with `then_pending`, one that never ends after them

@@ -2,7 +2,9 @@
 //! SIGKILLed for lack of memory. Heavy calls pass, in this order (see `crate::run`):
 //! deadline → pressure shedding → concurrency limit with a bounded queue → memory admission
 //! from the gRPC length prefix → handler. Health, reflection and cheap reads bypass the heavy
-//! limits. Refusals are fast and typed ([`AdmissionError`]) and carry RetryInfo.
+//! limits. Refusals are fast and typed ([`AdmissionError`]) and carry RetryInfo. A response
+//! its client stops reading closes that client's connection after `--send-timeout`
+//! ([`stall`]), so what the call holds is not held for as long as the client stays connected.
 //!
 //! Knows no tonic statuses: `grpc::error::admission_status` maps the errors.
 
@@ -15,11 +17,13 @@ pub mod budget;
 pub mod estimator;
 pub mod layers;
 pub mod pressure;
+pub mod stall;
 pub mod wire;
 
 pub use budget::MemoryBudget;
 pub use layers::{ConcurrencyLayer, DeadlineLayer, Limiter, MemoryGate, MemoryLayer, ShedLayer};
 pub use pressure::{Pressure, PressureConfig, PressureTracker};
+pub use stall::{SendStallLayer, SendWatch, StallIo};
 
 /// Methods whose memory and time grow with their input: they go through every limit. The
 /// rest (health, reflection, ListFeedback, GetJob, WatchJob, CancelJob) only through the
@@ -115,6 +119,9 @@ pub struct AdmissionMetrics {
     pub shed_too_large: AtomicU64,
     /// Cut off: deadline exceeded.
     pub deadline_exceeded: AtomicU64,
+    /// Connections closed because a response waited for flow-control window longer than
+    /// `--send-timeout` (the client stopped reading).
+    pub send_stalls: AtomicU64,
     /// Calls that waited in the queue, and their total and longest wait (µs).
     pub queue_waits: AtomicU64,
     /// See [`AdmissionMetrics::queue_waits`].
@@ -138,6 +145,8 @@ pub struct MetricsSnapshot {
     pub shed_too_large: u64,
     /// See [`AdmissionMetrics::deadline_exceeded`].
     pub deadline_exceeded: u64,
+    /// See [`AdmissionMetrics::send_stalls`].
+    pub send_stalls: u64,
     /// Bytes of memory budget reserved now.
     pub budget_in_use: u64,
     /// See [`AdmissionMetrics::queue_waits`].
@@ -167,6 +176,7 @@ impl AdmissionMetrics {
             shed_memory: self.shed_memory.load(Ordering::Relaxed),
             shed_too_large: self.shed_too_large.load(Ordering::Relaxed),
             deadline_exceeded: self.deadline_exceeded.load(Ordering::Relaxed),
+            send_stalls: self.send_stalls.load(Ordering::Relaxed),
             budget_in_use: budget.in_use(),
             queue_waits: waits,
             queue_wait_us_mean: self

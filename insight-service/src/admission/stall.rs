@@ -1,0 +1,544 @@
+//! Send stalls: a response the client does not take.
+//!
+//! A client that stops reading a response (its HTTP/2 flow-control window for the stream, or
+//! for the whole connection, stays at zero) would keep that call's heavy slot, its memory
+//! reservation and the buffered response for as long as it keeps the connection open: the
+//! keepalive PINGs find peers that vanished, not live ones that never read. A service cannot
+//! reset that one stream either: once hyper holds a body frame it cannot send, it waits for
+//! window and stops polling the body, so no wrapper around the body ever runs again, and
+//! hyper hands out no handle to the stream. What remains is the connection, so this module
+//! does what nginx's `send_timeout` does: a response that has had a frame waiting for window
+//! longer than `--send-timeout` closes its connection. Every stream on it ends, and their
+//! bodies, slots and reservations are dropped with them.
+//!
+//! Three parts: [`StallIo`] wraps each accepted socket so that its connection can be closed
+//! from outside hyper ([`ConnAbort`], reachable from each request as the [`ConnInfo`]
+//! extension tonic inserts); [`SendStallLayer`] marks each response body while hyper holds one
+//! of its frames unsent; one scanner task per server ([`SendWatch`]) closes the connections of
+//! bodies marked for too long.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::task::AtomicWaker;
+use http::{Request, Response};
+use http_body::Frame;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::Instant,
+};
+use tonic::{
+    body::Body,
+    transport::server::{Connected, TcpConnectInfo},
+};
+use tower::Service;
+
+use super::{
+    AdmissionMetrics,
+    layers::{BoxFuture, Gate, GateLayer},
+};
+
+/// Closes one connection from outside hyper: once [`ConnAbort::abort`] is called, every read
+/// and write of its [`StallIo`] fails, hyper drops the connection and the socket closes.
+#[derive(Clone, Debug, Default)]
+pub struct ConnAbort(Arc<AbortState>);
+
+#[derive(Debug, Default)]
+struct AbortState {
+    aborted: AtomicBool,
+    /// The connection task, waiting to read (or write): woken so it sees the abort now,
+    /// not whenever the peer next sends a byte.
+    read: AtomicWaker,
+    write: AtomicWaker,
+}
+
+impl ConnAbort {
+    /// Closes the connection; true the first time.
+    pub fn abort(&self) -> bool {
+        let first = !self.0.aborted.swap(true, Ordering::AcqRel);
+        self.0.read.wake();
+        self.0.write.wake();
+        first
+    }
+
+    /// Whether [`ConnAbort::abort`] was called.
+    pub fn is_aborted(&self) -> bool {
+        self.0.aborted.load(Ordering::Acquire)
+    }
+
+    fn error() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "closed: a response waited for flow-control window longer than --send-timeout",
+        )
+    }
+}
+
+/// What tonic inserts into every request of a [`StallIo`] connection (its `ConnectInfo`).
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// The socket's addresses.
+    pub tcp: TcpConnectInfo,
+    /// Closes this connection.
+    pub abort: ConnAbort,
+}
+
+pin_project_lite::pin_project! {
+    /// An accepted socket that [`ConnAbort`] can close while hyper owns it.
+    #[derive(Debug)]
+    pub struct StallIo<T> {
+        #[pin]
+        inner: T,
+        abort: ConnAbort,
+    }
+}
+
+impl<T> StallIo<T> {
+    /// Wraps `inner` with a fresh [`ConnAbort`].
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            abort: ConnAbort::default(),
+        }
+    }
+
+    /// The handle that closes this connection.
+    pub fn abort_handle(&self) -> ConnAbort {
+        self.abort.clone()
+    }
+}
+
+impl Connected for StallIo<TcpStream> {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo {
+            tcp: self.inner.connect_info(),
+            abort: self.abort.clone(),
+        }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for StallIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        this.abort.0.read.register(cx.waker());
+        if this.abort.is_aborted() {
+            return Poll::Ready(Err(ConnAbort::error()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for StallIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        this.abort.0.write.register(cx.waker());
+        if this.abort.is_aborted() {
+            return Poll::Ready(Err(ConnAbort::error()));
+        }
+        this.inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        this.abort.0.write.register(cx.waker());
+        if this.abort.is_aborted() {
+            return Poll::Ready(Err(ConnAbort::error()));
+        }
+        this.inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if this.abort.is_aborted() {
+            return Poll::Ready(Err(ConnAbort::error()));
+        }
+        this.inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// "No frame waiting" in [`Watched::waiting_since`].
+const NOT_WAITING: u64 = u64::MAX;
+
+/// One response body under watch.
+#[derive(Debug)]
+struct Watched {
+    /// Microseconds since the watch's start at which hyper took the frame it has not sent yet
+    /// (it polls the body again only once that frame went out), or [`NOT_WAITING`].
+    waiting_since: AtomicU64,
+    conn: ConnAbort,
+    peer: Option<SocketAddr>,
+}
+
+/// The responses in flight and the one task that closes the connections of those whose
+/// client stopped reading.
+#[derive(Debug)]
+pub struct SendWatch {
+    timeout: Duration,
+    start: Instant,
+    watched: Mutex<Registry>,
+    metrics: Arc<AdmissionMetrics>,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    entries: Vec<Weak<Watched>>,
+    /// Length at which registering prunes finished bodies first (amortized O(1)).
+    prune_at: usize,
+}
+
+impl SendWatch {
+    /// Starts the scanner task (it ends once the watch is dropped). Stalls are found within
+    /// `timeout` plus one scan period (a quarter of `timeout`, between 10 ms and 1 s).
+    pub fn start(timeout: Duration, metrics: Arc<AdmissionMetrics>) -> Arc<Self> {
+        let watch = Arc::new(Self {
+            timeout,
+            start: Instant::now(),
+            watched: Mutex::new(Registry::default()),
+            metrics,
+        });
+        let period = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let weak = Arc::downgrade(&watch);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(watch) => watch.scan(),
+                    None => return,
+                }
+            }
+        });
+        watch
+    }
+
+    fn now_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    fn register(&self, conn: ConnAbort, peer: Option<SocketAddr>) -> Arc<Watched> {
+        let entry = Arc::new(Watched {
+            waiting_since: AtomicU64::new(NOT_WAITING),
+            conn,
+            peer,
+        });
+        let mut registry = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if registry.entries.len() >= registry.prune_at {
+            registry.entries.retain(|weak| weak.strong_count() > 0);
+            registry.prune_at = (registry.entries.len() * 2).max(64);
+        }
+        registry.entries.push(Arc::downgrade(&entry));
+        entry
+    }
+
+    /// Closes the connection of every body that has waited for window `timeout` or longer.
+    fn scan(&self) {
+        let now = self.now_us();
+        let timeout = self.timeout.as_micros() as u64;
+        let mut registry = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        registry.entries.retain(|weak| {
+            let Some(entry) = weak.upgrade() else {
+                return false;
+            };
+            let since = entry.waiting_since.load(Ordering::Acquire);
+            if since != NOT_WAITING && now.saturating_sub(since) >= timeout && entry.conn.abort() {
+                self.metrics.send_stalls.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    peer = ?entry.peer,
+                    waited_ms = now.saturating_sub(since) / 1_000,
+                    "closing a connection whose client stopped reading a response (--send-timeout)"
+                );
+            }
+            true
+        });
+    }
+}
+
+/// Marks each response body while hyper holds a frame of it unsent, for [`SendWatch`]. The
+/// outermost layer: every call on a [`StallIo`] connection is watched, light ones too (a
+/// ListFeedback page left unread holds its buffer all the same). Calls without [`ConnInfo`]
+/// (another transport, unit tests) pass unwatched.
+pub type SendStallLayer = GateLayer<SendWatch>;
+
+impl SendStallLayer {
+    /// A layer reporting to `watch`.
+    pub fn new(watch: Arc<SendWatch>) -> Self {
+        GateLayer::from_gate(watch)
+    }
+}
+
+impl Gate for SendWatch {
+    const HEAVY_ONLY: bool = false;
+
+    fn admit<S>(
+        self: Arc<Self>,
+        mut inner: S,
+        req: Request<Body>,
+    ) -> BoxFuture<Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+    {
+        let Some(info) = req.extensions().get::<ConnInfo>() else {
+            return Box::pin(inner.call(req));
+        };
+        let (conn, peer) = (info.abort.clone(), info.tcp.remote_addr);
+        let fut = inner.call(req);
+        Box::pin(async move {
+            let response = fut.await?;
+            let entry = self.register(conn, peer);
+            let start = self.start;
+            Ok(response.map(|inner| {
+                Body::new(WatchedBody {
+                    inner,
+                    entry,
+                    start,
+                })
+            }))
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct WatchedBody {
+        #[pin]
+        inner: Body,
+        entry: Arc<Watched>,
+        start: Instant,
+    }
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        // Polled again: hyper sent the previous frame (or has window for it).
+        this.entry
+            .waiting_since
+            .store(NOT_WAITING, Ordering::Release);
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && frame.data_ref().is_some_and(|data| !data.is_empty())
+        {
+            // hyper polls again only once this frame has window (trailers and empty frames
+            // need none).
+            let now = this.start.elapsed().as_micros() as u64;
+            this.entry.waiting_since.store(now, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use http_body::Body as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    use super::*;
+    // A body of given frames that then ends or waits forever (a stream with nothing to send).
+    use crate::admission::layers::tests::tokio_test_support::Frames;
+
+    const TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// A watched call whose response body is `frames`; returns the body, the connection's
+    /// abort handle and the counters. The watch (and its scanner) lives as long as the
+    /// returned `Watching`, like a server's chain.
+    async fn watched_response(
+        frames: &[&'static [u8]],
+        then_pending: bool,
+        conn_info: bool,
+    ) -> Watching {
+        let metrics = Arc::new(AdmissionMetrics::default());
+        let watch = SendWatch::start(TIMEOUT, metrics.clone());
+        let frames: VecDeque<Bytes> = frames.iter().map(|f| Bytes::from_static(f)).collect();
+        let inner = service_fn(move |_req: Request<Body>| {
+            let body = Body::new(Frames(frames.clone(), then_pending));
+            async move { Ok::<_, std::convert::Infallible>(Response::new(body)) }
+        });
+        let abort = ConnAbort::default();
+        let mut request = Request::new(Body::empty());
+        if conn_info {
+            request.extensions_mut().insert(ConnInfo {
+                tcp: TcpConnectInfo {
+                    local_addr: None,
+                    remote_addr: Some(([127, 0, 0, 1], 40_000).into()),
+                },
+                abort: abort.clone(),
+            });
+        }
+        let service = SendStallLayer::new(watch.clone()).layer(inner);
+        let response = service.oneshot(request).await.unwrap();
+        Watching {
+            body: response.into_body(),
+            abort,
+            metrics,
+            _watch: watch,
+        }
+    }
+
+    struct Watching {
+        body: Body,
+        abort: ConnAbort,
+        metrics: Arc<AdmissionMetrics>,
+        _watch: Arc<SendWatch>,
+    }
+
+    /// Polls `body` once, as hyper does when it has window for the next frame.
+    fn poll_once(body: &mut Body) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let waker = futures::task::noop_waker();
+        Pin::new(body).poll_frame(&mut Context::from_waker(&waker))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_left_unsent_past_the_timeout_closes_the_connection() {
+        let Watching {
+            mut body,
+            abort,
+            metrics,
+            _watch,
+        } = watched_response(&[b"message"], false, true).await;
+        // hyper takes the frame, then finds no window: it does not poll the body again.
+        assert!(matches!(poll_once(&mut body), Poll::Ready(Some(Ok(_)))));
+        tokio::time::sleep(TIMEOUT / 2).await;
+        assert!(!abort.is_aborted(), "closed before --send-timeout");
+        tokio::time::sleep(TIMEOUT).await;
+        assert!(
+            abort.is_aborted(),
+            "a stalled response must close its connection"
+        );
+        assert_eq!(metrics.send_stalls.load(Ordering::Relaxed), 1);
+        // Counted once per connection, however many scans see it still stalled.
+        tokio::time::sleep(TIMEOUT * 2).await;
+        assert_eq!(metrics.send_stalls.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_each_frame_in_time_is_never_closed() {
+        let Watching {
+            mut body,
+            abort,
+            metrics,
+            _watch,
+        } = watched_response(&[b"one", b"two", b"three"], false, true).await;
+        // Each frame is taken (the body polled again) within the timeout, slowly.
+        for _ in 0..3 {
+            assert!(matches!(poll_once(&mut body), Poll::Ready(Some(Ok(_)))));
+            tokio::time::sleep(TIMEOUT * 3 / 4).await;
+        }
+        assert!(matches!(poll_once(&mut body), Poll::Ready(None)));
+        tokio::time::sleep(TIMEOUT * 3).await;
+        assert!(!abort.is_aborted());
+        assert_eq!(metrics.send_stalls.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_with_nothing_to_send_is_not_a_stall() {
+        // A long-lived stream (a health Watch, WatchJob) waits on its own source, not on the
+        // client: the body was polled and had nothing, so hyper holds no frame of it.
+        let Watching {
+            mut body,
+            abort,
+            _watch,
+            ..
+        } = watched_response(&[b"update"], true, true).await;
+        assert!(matches!(poll_once(&mut body), Poll::Ready(Some(Ok(_)))));
+        assert!(poll_once(&mut body).is_pending());
+        tokio::time::sleep(TIMEOUT * 10).await;
+        assert!(!abort.is_aborted());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_without_connection_info_pass_unwatched() {
+        let Watching {
+            mut body,
+            abort,
+            metrics,
+            _watch,
+        } = watched_response(&[b"message"], false, false).await;
+        assert!(matches!(poll_once(&mut body), Poll::Ready(Some(Ok(_)))));
+        tokio::time::sleep(TIMEOUT * 3).await;
+        assert!(!abort.is_aborted());
+        assert_eq!(metrics.send_stalls.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_connection_fails_its_pending_read_and_its_writes() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut io = StallIo::new(near);
+        let abort = io.abort_handle();
+        // Bytes flow while the connection is open.
+        far.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        // A read waiting for the peer (hyper's connection task, idle) is woken by the abort.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 4];
+            let read = io.read(&mut buf).await;
+            (io, read)
+        });
+        tokio::task::yield_now().await;
+        assert!(abort.abort());
+        assert!(!abort.abort(), "true only the first time");
+        let (mut io, read) = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the pending read was woken")
+            .unwrap();
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+        assert_eq!(
+            io.write_all(b"pong").await.unwrap_err().kind(),
+            io::ErrorKind::ConnectionAborted
+        );
+        drop(far);
+    }
+}

@@ -759,12 +759,34 @@ async fn oversized_messages_are_refused_from_their_length_prefix() {
 }
 
 #[tokio::test]
-async fn a_client_that_stops_reading_its_response_loses_the_connection_and_the_slot() {
-    // One heavy slot, no queue. A client whose stream window is 0 cannot be sent a single
-    // byte of its response: hyper holds the encoded message and waits for window that never
-    // comes, and (before --send-timeout) the call kept its slot for as long as the client
-    // stayed connected, refusing every other heavy call.
-    const SEND_TIMEOUT: Duration = Duration::from_secs(1);
+async fn a_client_with_no_window_that_never_reads_loses_the_connection_and_the_slot() {
+    // A stream window of 0: not one byte of the answer can be sent.
+    let mut request = summarize(15, 200);
+    if let Some(Input::Entries(batch)) = request.input.as_mut() {
+        batch.entries[0].text = "Never read. Ads between every song.".into();
+    }
+    unread_answer_frees_its_slot(0, request).await;
+}
+
+#[tokio::test]
+async fn a_client_with_an_ordinary_window_that_stops_reading_loses_the_connection_too() {
+    // A 64 KiB stream window and an answer several times larger: with a byte of window free
+    // hyper hands h2 a whole frame, so an answer sent as one frame would be queued in h2
+    // whole, its body would end and release the slot, and the answer would sit unaccounted
+    // for as long as the client stayed connected.
+    let mut request = summarize(3_000, 200);
+    if let Some(options) = request.options.as_mut() {
+        options.chunk_size = Some(5);
+    }
+    unread_answer_frees_its_slot(64 << 10, request).await;
+}
+
+/// One heavy slot, no queue. A client whose stream window is `window` sends `request` and
+/// never reads the answer: hyper holds what does not fit and waits for window that never
+/// comes. Before --send-timeout the call kept its slot for as long as the client stayed
+/// connected, refusing every other heavy call; now the connection is closed and the slot freed.
+async fn unread_answer_frees_its_slot(window: u32, request: pb::SummarizeFeedbackRequest) {
+    const SEND_TIMEOUT: Duration = Duration::from_secs(2);
     let setup = local();
     let server = start_insight(Config {
         max_concurrency: 1,
@@ -773,18 +795,30 @@ async fn a_client_that_stops_reading_its_response_loses_the_connection_and_the_s
         ..setup.config.clone()
     })
     .await;
+    // Connected first, so that the refusal below comes well inside SEND_TIMEOUT.
+    let channel = server.channel().await;
+    let mut client = InsightServiceClient::new(channel.clone());
+    let answer = client.summarize_feedback(request.clone()).await.unwrap();
+    let answer_bytes = answer.into_inner().encoded_len();
+    // With no window nothing is sent; with some, hyper takes a slice beyond what fits.
+    let must_exceed = if window == 0 {
+        0
+    } else {
+        window as usize + (32 << 10)
+    };
+    assert!(
+        answer_bytes > must_exceed,
+        "the answer ({answer_bytes} B) must not fit the window ({window} B) and a slice or two"
+    );
+
     let stalled = tonic::transport::Endpoint::from_shared(server.url())
         .unwrap()
-        .initial_stream_window_size(Some(0))
+        .initial_stream_window_size(Some(window))
         .connect()
         .await
         .unwrap();
-    let mut request = summarize(15, 200);
-    if let Some(Input::Entries(batch)) = request.input.as_mut() {
-        batch.entries[0].text = "Never read. Ads between every song.".into();
-    }
-    // The response headers come once the handler has answered: from then on only the
-    // unsendable body holds the slot.
+    // The response headers come once the handler has answered (from the cache: the same
+    // request): from then on only the unsent body holds the slot.
     let response = within("the unread call's headers", raw_call(&stalled, &request)).await;
     assert_eq!(response.status(), 200);
     assert!(
@@ -792,13 +826,10 @@ async fn a_client_that_stops_reading_its_response_loses_the_connection_and_the_s
         "an answer, not a refusal: {response:?}"
     );
     let held_since = Instant::now();
-
-    let channel = server.channel().await;
-    let mut client = InsightServiceClient::new(channel.clone());
     let status = client
         .summarize_feedback(summarize(3, 100))
         .await
-        .expect_err("the slot is held by the unread response");
+        .expect_err("the slot is held by the unread answer");
     assert_refused(&status, "CONCURRENCY_LIMIT");
 
     // Within --send-timeout and a scan period the connection is closed, the slot is free and
@@ -821,17 +852,21 @@ async fn a_client_that_stops_reading_its_response_loses_the_connection_and_the_s
         freed_after >= SEND_TIMEOUT / 2,
         "freed after {freed_after:?}: before the send timeout, by something else"
     );
-    // The unread response is cut off with its connection: an error, not a message.
+    // The unread answer is cut off with its connection: an error, never the trailers.
     use http_body::Body as _;
     let mut body = response.into_body();
-    let frame = within(
-        "the unread body",
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)),
-    )
+    let end = within("the unread body", async {
+        loop {
+            match std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
+                Some(Ok(frame)) if frame.is_data() => continue,
+                other => break other,
+            }
+        }
+    })
     .await;
     assert!(
-        matches!(frame, Some(Err(_))),
-        "the closed connection ends the unread body with an error: {frame:?}"
+        matches!(end, Some(Err(_))),
+        "the closed connection ends the unread body with an error: {end:?}"
     );
     // Only that connection was closed: this one still answers.
     assert_eq!(health_of(&channel, "").await, ServingStatus::Serving);

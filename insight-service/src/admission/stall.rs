@@ -9,7 +9,18 @@
 //! hyper hands out no handle to the stream. What remains is the connection, so this module
 //! does what nginx's `send_timeout` does: a response that has had a frame waiting for window
 //! longer than `--send-timeout` closes its connection. Every stream on it ends, and their
-//! bodies, slots and reservations are dropped with them.
+//! bodies, slots and reservations are dropped with them (no GOAWAY first: the client's other
+//! calls on that connection fail UNAVAILABLE, as they would if it had been cut).
+//!
+//! hyper waits for window only while the window is exactly zero: with one byte free it hands
+//! the whole frame to h2, which buffers any amount, and polls the body again. A unary answer
+//! is one frame of up to `--max-message-size`, so without more, any client with an ordinary
+//! window would get its answer queued in h2 whole, the body would end, and the slot and
+//! reservation would be released while megabytes waited for a client that never reads them.
+//! So the watched body hands out its data in slices of [`SLICE_BYTES`]: hyper's wait then
+//! applies to every slice, the rest stays in the body (inside the call's reservation), the
+//! body ends only once all but the last slice has been sent, and the timeout measures the
+//! time without progress, like nginx's timer between two writes.
 //!
 //! Three parts: [`StallIo`] wraps each accepted socket so that its connection can be closed
 //! from outside hyper ([`ConnAbort`], reachable from each request as the [`ConnInfo`]
@@ -192,6 +203,11 @@ impl<T: AsyncWrite> AsyncWrite for StallIo<T> {
 /// "No frame waiting" in [`Watched::waiting_since`].
 const NOT_WAITING: u64 = u64::MAX;
 
+/// Largest data frame a watched body hands to hyper: HTTP/2's default frame size, at which
+/// h2 cuts frames anyway. At most this much of a response leaves the body (and so its call's
+/// reservation) before the client has made room for it.
+pub const SLICE_BYTES: usize = 16 * 1024;
+
 /// One response body under watch.
 #[derive(Debug)]
 struct Watched {
@@ -268,29 +284,40 @@ impl SendWatch {
     fn scan(&self) {
         let now = self.now_us();
         let timeout = self.timeout.as_micros() as u64;
-        let mut registry = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        registry.entries.retain(|weak| {
-            let Some(entry) = weak.upgrade() else {
-                return false;
-            };
-            let since = entry.waiting_since.load(Ordering::Acquire);
-            if since != NOT_WAITING && now.saturating_sub(since) >= timeout && entry.conn.abort() {
-                self.metrics.send_stalls.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    peer = ?entry.peer,
-                    waited_ms = now.saturating_sub(since) / 1_000,
-                    "closing a connection whose client stopped reading a response (--send-timeout)"
-                );
-            }
-            true
-        });
+        let mut closed = Vec::new();
+        {
+            let mut registry = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+            registry.entries.retain(|weak| {
+                let Some(entry) = weak.upgrade() else {
+                    return false;
+                };
+                let since = entry.waiting_since.load(Ordering::Acquire);
+                if since != NOT_WAITING
+                    && now.saturating_sub(since) >= timeout
+                    && entry.conn.abort()
+                {
+                    closed.push((entry.peer, now.saturating_sub(since) / 1_000));
+                }
+                true
+            });
+        }
+        for (peer, waited_ms) in closed {
+            self.metrics.send_stalls.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                ?peer,
+                waited_ms,
+                "closing a connection whose client stopped reading a response (--send-timeout)"
+            );
+        }
     }
 }
 
-/// Marks each response body while hyper holds a frame of it unsent, for [`SendWatch`]. The
-/// outermost layer: every call on a [`StallIo`] connection is watched, light ones too (a
-/// ListFeedback page left unread holds its buffer all the same). Calls without [`ConnInfo`]
-/// (another transport, unit tests) pass unwatched.
+/// Marks each response body while hyper holds a slice of it unsent, for [`SendWatch`]; hands
+/// out data in slices of at most [`SLICE_BYTES`]. Every call on a [`StallIo`] connection is
+/// watched, light ones too (a ListFeedback page left unread holds its buffer all the same).
+/// Calls without [`ConnInfo`] (another transport, unit tests) pass unwatched. Also inserts the
+/// connection's [`TcpConnectInfo`], so tonic's `Request::remote_addr` works as with a plain
+/// socket.
 pub type SendStallLayer = GateLayer<SendWatch>;
 
 impl SendStallLayer {
@@ -313,10 +340,12 @@ impl Gate for SendWatch {
         S::Future: Send + 'static,
         S::Error: Send + 'static,
     {
-        let Some(info) = req.extensions().get::<ConnInfo>() else {
+        let Some(info) = req.extensions().get::<ConnInfo>().cloned() else {
             return Box::pin(inner.call(req));
         };
-        let (conn, peer) = (info.abort.clone(), info.tcp.remote_addr);
+        let (conn, peer) = (info.abort, info.tcp.remote_addr);
+        let mut req = req;
+        req.extensions_mut().insert(info.tcp);
         let fut = inner.call(req);
         Box::pin(async move {
             let response = fut.await?;
@@ -325,6 +354,7 @@ impl Gate for SendWatch {
             Ok(response.map(|inner| {
                 Body::new(WatchedBody {
                     inner,
+                    rest: Bytes::new(),
                     entry,
                     start,
                 })
@@ -337,6 +367,8 @@ pin_project_lite::pin_project! {
     struct WatchedBody {
         #[pin]
         inner: Body,
+        // What is left of the data frame being sliced.
+        rest: Bytes,
         entry: Arc<Watched>,
         start: Instant,
     }
@@ -351,28 +383,45 @@ impl http_body::Body for WatchedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
-        // Polled again: hyper sent the previous frame (or has window for it).
+        // Polled again: hyper has sent the previous slice (or had window for it).
         this.entry
             .waiting_since
             .store(NOT_WAITING, Ordering::Release);
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && frame.data_ref().is_some_and(|data| !data.is_empty())
-        {
-            // hyper polls again only once this frame has window (trailers and empty frames
-            // need none).
-            let now = this.start.elapsed().as_micros() as u64;
-            this.entry.waiting_since.store(now, Ordering::Release);
+        let mut data = if this.rest.is_empty() {
+            match this.inner.poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    // Trailers and empty frames need no window.
+                    Ok(empty) => return Poll::Ready(Some(Ok(Frame::data(empty)))),
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return other,
+            }
+        } else {
+            std::mem::take(this.rest)
+        };
+        if data.len() > SLICE_BYTES {
+            *this.rest = data.split_off(SLICE_BYTES);
         }
-        polled
+        // hyper polls again only once this slice has window.
+        let now = this.start.elapsed().as_micros() as u64;
+        this.entry.waiting_since.store(now, Ordering::Release);
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }
 
@@ -398,10 +447,21 @@ mod tests {
         then_pending: bool,
         conn_info: bool,
     ) -> Watching {
+        let frames = frames.iter().map(|f| Bytes::from_static(f)).collect();
+        watched(frames, then_pending, conn_info).await
+    }
+
+    /// [`watched_response`] of owned frames.
+    async fn watched(frames: VecDeque<Bytes>, then_pending: bool, conn_info: bool) -> Watching {
         let metrics = Arc::new(AdmissionMetrics::default());
         let watch = SendWatch::start(TIMEOUT, metrics.clone());
-        let frames: VecDeque<Bytes> = frames.iter().map(|f| Bytes::from_static(f)).collect();
-        let inner = service_fn(move |_req: Request<Body>| {
+        let seen_peer = Arc::new(Mutex::new(None));
+        let seen = seen_peer.clone();
+        let inner = service_fn(move |req: Request<Body>| {
+            *seen.lock().unwrap() = req
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(|tcp| tcp.remote_addr);
             let body = Body::new(Frames(frames.clone(), then_pending));
             async move { Ok::<_, std::convert::Infallible>(Response::new(body)) }
         });
@@ -418,10 +478,12 @@ mod tests {
         }
         let service = SendStallLayer::new(watch.clone()).layer(inner);
         let response = service.oneshot(request).await.unwrap();
+        let seen_peer = *seen_peer.lock().unwrap();
         Watching {
             body: response.into_body(),
             abort,
             metrics,
+            seen_peer,
             _watch: watch,
         }
     }
@@ -430,6 +492,8 @@ mod tests {
         body: Body,
         abort: ConnAbort,
         metrics: Arc<AdmissionMetrics>,
+        /// The peer address the inner service found as tonic's `TcpConnectInfo`.
+        seen_peer: Option<SocketAddr>,
         _watch: Arc<SendWatch>,
     }
 
@@ -446,6 +510,7 @@ mod tests {
             abort,
             metrics,
             _watch,
+            ..
         } = watched_response(&[b"message"], false, true).await;
         // hyper takes the frame, then finds no window: it does not poll the body again.
         assert!(matches!(poll_once(&mut body), Poll::Ready(Some(Ok(_)))));
@@ -469,6 +534,7 @@ mod tests {
             abort,
             metrics,
             _watch,
+            ..
         } = watched_response(&[b"one", b"two", b"three"], false, true).await;
         // Each frame is taken (the body polled again) within the timeout, slowly.
         for _ in 0..3 {
@@ -504,11 +570,81 @@ mod tests {
             abort,
             metrics,
             _watch,
+            ..
         } = watched_response(&[b"message"], false, false).await;
         assert!(matches!(poll_once(&mut body), Poll::Ready(Some(Ok(_)))));
         tokio::time::sleep(TIMEOUT * 3).await;
         assert!(!abort.is_aborted());
         assert_eq!(metrics.send_stalls.load(Ordering::Relaxed), 0);
+    }
+
+    /// The lengths of the data frames `body` hands out until it ends (or `most` of them), and
+    /// whether it said it had ended before each poll.
+    fn drain_lengths(body: &mut Body, most: usize) -> Vec<(usize, bool)> {
+        let mut lengths = Vec::new();
+        while lengths.len() < most {
+            let ended = body.is_end_stream();
+            match poll_once(body) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    lengths.push((frame.into_data().map_or(0, |d| d.len()), ended))
+                }
+                Poll::Ready(None) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        lengths
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn large_frames_are_handed_out_in_slices_and_the_body_ends_after_the_last() {
+        let big = Bytes::from(vec![7u8; 2 * SLICE_BYTES + 100]);
+        let Watching {
+            mut body,
+            seen_peer,
+            _watch,
+            ..
+        } = watched(
+            VecDeque::from([big, Bytes::from_static(b"tail")]),
+            false,
+            true,
+        )
+        .await;
+        assert_eq!(seen_peer, Some(([127, 0, 0, 1], 40_000).into()));
+        let mut lengths = drain_lengths(&mut body, 1);
+        // The rest of the frame, still in the body, counts in its size hint.
+        assert!(body.size_hint().lower() >= (SLICE_BYTES + 100) as u64);
+        lengths.extend(drain_lengths(&mut body, usize::MAX));
+        assert_eq!(
+            lengths,
+            vec![
+                (SLICE_BYTES, false),
+                (SLICE_BYTES, false),
+                (100, false),
+                (4, false)
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_with_some_window_that_stops_reading_is_caught_at_a_slice() {
+        // hyper hands a frame to h2 whole as soon as one byte of window is free; the body must
+        // not end (and release what its call holds) before the client took all but a slice.
+        let big = Bytes::from(vec![7u8; 4 * SLICE_BYTES]);
+        let Watching {
+            mut body,
+            abort,
+            metrics,
+            _watch,
+            ..
+        } = watched(VecDeque::from([big]), false, true).await;
+        // The client's window takes two slices, then it stops reading: hyper stashes the third.
+        for _ in 0..3 {
+            assert!(matches!(poll_once(&mut body), Poll::Ready(Some(Ok(_)))));
+        }
+        assert!(!body.is_end_stream());
+        tokio::time::sleep(TIMEOUT * 2).await;
+        assert!(abort.is_aborted());
+        assert_eq!(metrics.send_stalls.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
@@ -522,19 +658,25 @@ mod tests {
         io.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"ping");
         // A read waiting for the peer (hyper's connection task, idle) is woken by the abort.
-        let reader = tokio::spawn(async move {
-            let mut buf = [0u8; 4];
-            let read = io.read(&mut buf).await;
-            (io, read)
-        });
-        tokio::task::yield_now().await;
+        struct Flag(AtomicBool);
+        impl futures::task::ArcWake for Flag {
+            fn wake_by_ref(flag: &Arc<Self>) {
+                flag.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let woken = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = futures::task::waker(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut buf).is_pending());
         assert!(abort.abort());
         assert!(!abort.abort(), "true only the first time");
-        let (mut io, read) = tokio::time::timeout(Duration::from_secs(5), reader)
-            .await
-            .expect("the pending read was woken")
-            .unwrap();
-        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+        assert!(woken.0.load(Ordering::SeqCst), "the waiting read was woken");
+        match Pin::new(&mut io).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(Err(error)) => assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted),
+            other => panic!("expected an error, got {other:?}"),
+        }
         assert_eq!(
             io.write_all(b"pong").await.unwrap_err().kind(),
             io::ErrorKind::ConnectionAborted

@@ -131,23 +131,23 @@ pub struct Config {
 
     /// Memory usage ratio (working set / cgroup limit, else used / total) at which work is
     /// made cheaper (one map call at a time, half the prompt budget).
-    #[arg(long, env = "INSIGHT_WARN_RATIO", default_value_t = 0.80)]
+    #[arg(long, env = "INSIGHT_WARN_RATIO", default_value_t = 0.80, value_parser = ratio)]
     pub warn_ratio: f64,
 
     /// Memory usage ratio at which new heavy calls are shed and readiness turns NOT_SERVING.
-    #[arg(long, env = "INSIGHT_CRITICAL_RATIO", default_value_t = 0.90)]
+    #[arg(long, env = "INSIGHT_CRITICAL_RATIO", default_value_t = 0.90, value_parser = ratio)]
     pub critical_ratio: f64,
 
     /// PSI memory "some" avg10 (percent of time stalled) counted as warning.
-    #[arg(long, env = "INSIGHT_WARN_PSI", default_value_t = 10.0)]
+    #[arg(long, env = "INSIGHT_WARN_PSI", default_value_t = 10.0, value_parser = psi)]
     pub warn_psi: f64,
 
     /// PSI memory "some" avg10 counted as critical.
-    #[arg(long, env = "INSIGHT_CRITICAL_PSI", default_value_t = 25.0)]
+    #[arg(long, env = "INSIGHT_CRITICAL_PSI", default_value_t = 25.0, value_parser = psi)]
     pub critical_psi: f64,
 
     /// A pressure level is left only below threshold × (1 − this), so readiness does not flap.
-    #[arg(long, env = "INSIGHT_PRESSURE_HYSTERESIS", default_value_t = 0.05)]
+    #[arg(long, env = "INSIGHT_PRESSURE_HYSTERESIS", default_value_t = 0.05, value_parser = hysteresis)]
     pub pressure_hysteresis: f64,
 
     /// A monitor-service to follow (e.g. `http://monitor:50052`): its firing WARNING and
@@ -261,6 +261,37 @@ fn within(min: Duration, max: Duration) -> impl Fn(&str) -> Result<Duration, Str
     }
 }
 
+/// A number in `lo..=hi` (`lo` itself excluded unless `lo_included`): NaN, infinities and
+/// values that would shed forever or never are refused when the flag is parsed.
+fn number_in(text: &str, lo: f64, lo_included: bool, hi: f64) -> Result<f64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    let above_lo = if lo_included { value >= lo } else { value > lo };
+    if !(above_lo && value <= hi) {
+        let open = if lo_included { '[' } else { '(' };
+        return Err(format!("must be in {open}{lo}, {hi}]"));
+    }
+    Ok(value)
+}
+
+/// A memory usage ratio threshold, in (0, 1].
+fn ratio(text: &str) -> Result<f64, String> {
+    number_in(text, 0.0, false, 1.0)
+}
+
+/// A PSI threshold (percent of time stalled), in (0, 100]: 0 would count a missing PSI
+/// reading as pressure.
+fn psi(text: &str) -> Result<f64, String> {
+    number_in(text, 0.0, false, 100.0)
+}
+
+/// The hysteresis fraction, in [0, 0.5]: at 1 or more a level could never be left.
+fn hysteresis(text: &str) -> Result<f64, String> {
+    number_in(text, 0.0, true, 0.5)
+}
+
 /// An HTTP/2 window size: at most 2^31 - 1 bytes, the protocol's limit.
 fn window_bytes(text: &str) -> Result<u64, String> {
     let bytes = crate::admission::parse_bytes(text)?;
@@ -268,6 +299,40 @@ fn window_bytes(text: &str) -> Result<u64, String> {
         return Err("must be at most 2147483647 bytes (2 GiB - 1), HTTP/2's limit".to_owned());
     }
     Ok(bytes)
+}
+
+impl Config {
+    /// Checks what one flag's parser cannot: the pressure thresholds, in order. `run` calls it,
+    /// and the binary before binding, so a bad combination is a start-up error naming both
+    /// flags rather than a service that never sheds (or never stops).
+    pub fn check(&self) -> Result<(), String> {
+        let pairs = [
+            (
+                "--warn-ratio",
+                self.warn_ratio,
+                "--critical-ratio",
+                self.critical_ratio,
+            ),
+            (
+                "--warn-psi",
+                self.warn_psi,
+                "--critical-psi",
+                self.critical_psi,
+            ),
+        ];
+        for (warn_flag, warn, critical_flag, critical) in pairs {
+            if !(warn.is_finite() && critical.is_finite() && warn < critical) {
+                return Err(format!(
+                    "{warn_flag} ({warn}) must be below {critical_flag} ({critical})"
+                ));
+            }
+        }
+        let h = self.pressure_hysteresis;
+        if !(0.0..=0.5).contains(&h) {
+            return Err(format!("--pressure-hysteresis ({h}) must be in [0, 0.5]"));
+        }
+        Ok(())
+    }
 }
 
 /// An on/off flag value.
@@ -450,6 +515,72 @@ mod tests {
             "16MiB",
         ]);
         assert!(fine.is_ok(), "{fine:?}");
+    }
+
+    #[test]
+    fn pressure_thresholds_out_of_range_are_refused_naming_the_flag() {
+        for (flag, value) in [
+            ("--warn-ratio", "0"),
+            ("--critical-ratio", "1.5"),
+            ("--critical-ratio", "NaN"),
+            ("--warn-psi", "-1"),
+            ("--critical-psi", "0"),
+            ("--critical-psi", "inf"),
+            ("--pressure-hysteresis", "1"),
+            ("--pressure-hysteresis", "-0.1"),
+        ] {
+            // `--flag=value`: clap would read a separate "-1" as a flag.
+            let err = Config::try_parse_from(["insight-service", &format!("{flag}={value}")])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains(flag) && err.contains("must be in"),
+                "{flag} {value}: {err}"
+            );
+        }
+        let fine = Config::try_parse_from([
+            "insight-service",
+            "--critical-ratio",
+            "1",
+            "--critical-psi",
+            "100",
+            "--pressure-hysteresis",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(fine.check(), Ok(()));
+        assert_eq!(Config::default().check(), Ok(()));
+    }
+
+    #[test]
+    fn thresholds_out_of_order_are_a_start_up_error_naming_both_flags() {
+        let config = Config::try_parse_from(["insight-service", "--warn-ratio", "0.95"]).unwrap();
+        let err = config.check().unwrap_err();
+        assert!(
+            err.contains("--warn-ratio") && err.contains("--critical-ratio"),
+            "{err}"
+        );
+        let config = Config {
+            warn_psi: 30.0,
+            ..Config::default()
+        };
+        let err = config.check().unwrap_err();
+        assert!(
+            err.contains("--warn-psi") && err.contains("--critical-psi"),
+            "{err}"
+        );
+        // Configs built in code (tests, embedders) are checked too.
+        let config = Config {
+            pressure_hysteresis: 1.0,
+            ..Config::default()
+        };
+        assert!(
+            config
+                .check()
+                .unwrap_err()
+                .contains("--pressure-hysteresis")
+        );
     }
 
     #[test]

@@ -17,7 +17,6 @@ use spotifai_proto::{
     insight::insight_service_server::InsightServiceServer,
 };
 use tokio::{net::TcpListener, sync::watch};
-use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
 pub mod admission;
@@ -57,6 +56,9 @@ pub enum Error {
     /// The transport failed (e.g. the listener broke).
     #[error("gRPC transport failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The configuration is inconsistent ([`Config::check`]).
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// HTTP/2 PING interval and the wait for its answer: a connection whose peer stopped
@@ -82,14 +84,12 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    config.check().map_err(Error::Config)?;
     let backends = backend::build_backends(&config)?;
     let backend_name = backends.summarizer.name().to_owned();
     let protect = config.overload_protection == Switch::On;
     let drain = Drain::new();
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(INSIGHT_SERVICE_NAME, ServingStatus::Serving)
-        .await;
 
     // Memory pressure, sampled in-process from the same probe monitor-service uses.
     let mut probe = Probe::new(ProbeConfig {
@@ -108,22 +108,38 @@ pub async fn run(
             first.system.total_bytes,
         )
     };
-    let (pressure_tx, pressure_rx) = watch::channel(Pressure::Normal);
+    // The first sample sets the level the server starts at, so readiness never says SERVING
+    // before memory was read (a pod restarted into a full cgroup starts NOT_SERVING).
+    let mut tracker = PressureTracker::new(PressureConfig {
+        warn_ratio: config.warn_ratio,
+        critical_ratio: config.critical_ratio,
+        warn_psi: config.warn_psi,
+        critical_psi: config.critical_psi,
+        hysteresis: config.pressure_hysteresis,
+    });
+    let initial = if protect {
+        tracker.observe_sample(&first)
+    } else {
+        Pressure::Normal
+    };
+    if initial != Pressure::Normal {
+        tracing::warn!(level = ?initial, usage_ratio = first.usage_ratio, "starting under memory pressure");
+    }
+    health
+        .set_service_status(
+            INSIGHT_SERVICE_NAME,
+            admission::pressure::readiness(initial),
+        )
+        .await;
+    let (pressure_tx, pressure_rx) = watch::channel(initial);
     if protect {
-        let tracker = PressureTracker::new(PressureConfig {
-            warn_ratio: config.warn_ratio,
-            critical_ratio: config.critical_ratio,
-            warn_psi: config.warn_psi,
-            critical_psi: config.critical_psi,
-            hysteresis: config.pressure_hysteresis,
-        });
         let remote = config.monitor_url.clone().map(|url| {
             let (tx, rx) = watch::channel(Pressure::Normal);
             tracing::info!(%url, "following the monitor's alerts as a pressure signal");
             tokio::spawn(grpc::monitor_alerts::follow(url, tx));
             rx
         });
-        tokio::spawn(admission::pressure::run_monitor(
+        let sampler = tokio::spawn(admission::pressure::run_monitor(
             probe,
             tracker,
             config.pressure_interval,
@@ -132,6 +148,7 @@ pub async fn run(
             health.clone(),
             drain.clone(),
         ));
+        tokio::spawn(admission::pressure::supervise(sampler, health.clone()));
     } else if config.monitor_url.is_some() {
         tracing::warn!("--monitor-url is ignored: --overload-protection is off, nothing sheds");
     }

@@ -9,6 +9,11 @@ use monitor_service::lifecycle::{init_tracing, shutdown_signal};
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
+    if let Err(message) = config.check() {
+        <Config as clap::CommandFactory>::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, message)
+            .exit();
+    }
     init_tracing(config.log_format);
     let listener = match tokio::net::TcpListener::bind(&config.listen).await {
         Ok(listener) => listener,

@@ -92,9 +92,17 @@ impl FakeCgroup {
     }
 }
 
-/// An empty probe root: no cgroup, no `meminfo`, no PSI, so the probe reads a usage ratio of 0
-/// and pressure never changes. Servers in tests that are not about pressure point both probe
-/// roots here, so the load of the machine running the tests cannot shed their calls.
+/// A probe root with no cgroup and no PSI, and a `meminfo` with all of its 16 GiB available,
+/// so the probe reads a usage ratio of 0 and pressure never changes. Servers in tests that are
+/// not about pressure point both probe roots here, so the memory in use on the machine running
+/// the tests cannot shed their calls. (Without a `meminfo` the probe would fall back to the
+/// machine's own figures.)
 pub fn calm_probe_root() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("meminfo"),
+        "MemTotal:       16777216 kB\nMemFree:        16777216 kB\nMemAvailable:   16777216 kB\n",
+    )
+    .unwrap();
+    dir
 }

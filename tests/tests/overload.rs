@@ -977,6 +977,49 @@ async fn readiness_flips_under_injected_memory_pressure_and_back() {
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_server_started_under_critical_pressure_is_not_ready_from_its_first_answer() {
+    // A pod restarted into a nearly full cgroup: the first sample, taken before the server
+    // listens, decides the starting level. The next sample is a minute away, so a server that
+    // started at Normal and waited for it would answer SERVING here.
+    let cgroup = FakeCgroup::new(1 << 30, 0.95);
+    let server = start_insight(Config {
+        probe_proc_root: cgroup.proc_root(),
+        probe_cgroup_root: cgroup.cgroup_root(),
+        pressure_interval: Duration::from_secs(60),
+        ..Config::default()
+    })
+    .await;
+    let channel = server.channel().await;
+    assert_eq!(
+        health_of(&channel, INSIGHT_SERVICE_NAME).await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(health_of(&channel, "").await, ServingStatus::Serving);
+    let status = InsightServiceClient::new(channel.clone())
+        .summarize_feedback(summarize(3, 100))
+        .await
+        .unwrap_err();
+    assert_refused(&status, "MEMORY_PRESSURE");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_calm_probe_root_reads_no_pressure_whatever_the_machine_uses() {
+    // The calm root has its own meminfo: the probe must not fall back to the host's.
+    let root = calm_probe_root();
+    let mut probe = monitor_service::probe::Probe::new(monitor_service::probe::ProbeConfig {
+        proc_root: root.path().to_path_buf(),
+        cgroup_root: root.path().to_path_buf(),
+        pids: Vec::new(),
+        warn_ratio: 0.8,
+        critical_ratio: 0.9,
+    });
+    let sample = probe.sample();
+    assert_eq!(sample.usage_ratio, 0.0, "{sample:?}");
+    assert_eq!(sample.system.total_bytes, 16 << 30);
+}
+
 /// `--monitor-url`: a monitor-service's firing CRITICAL alert sheds like local pressure and
 /// turns readiness NOT_SERVING; its RESOLVED restores both; and a monitor that goes away
 /// leaves the service as its own probe sees it (calm here), serving.

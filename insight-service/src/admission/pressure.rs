@@ -14,8 +14,17 @@ use monitor_service::{
     probe::{Probe, Sample},
 };
 use spotifai_proto::INSIGHT_SERVICE_NAME;
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinHandle};
 use tonic_health::{ServingStatus, server::HealthReporter};
+
+/// The readiness status of the insight service at `level`.
+pub fn readiness(level: Pressure) -> ServingStatus {
+    if level == Pressure::Critical {
+        ServingStatus::NotServing
+    } else {
+        ServingStatus::Serving
+    }
+}
 
 /// How hard memory is pressed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -113,7 +122,9 @@ impl PressureTracker {
 }
 
 /// Samples `probe` every `interval`, publishes the level on `tx`, and keeps the readiness
-/// status of the insight service in step (never back to SERVING once draining began).
+/// status of the insight service in step (never back to SERVING once draining began). The
+/// level already on `tx` (the caller's first sample) is the one in force at the start. Ends
+/// when every receiver of `tx` is gone (the server stopped).
 ///
 /// `remote` is the optional second opinion (`--monitor-url`, see
 /// `grpc::monitor_alerts`): the level published is the higher of the two. A remote signal that
@@ -127,9 +138,10 @@ pub async fn run_monitor(
     health: HealthReporter,
     drain: Drain,
 ) {
-    let mut ticker = tokio::time::interval(interval);
+    // The caller took the first sample; the next is due one interval later.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut published = Pressure::Normal;
+    let mut published = *tx.borrow();
     let following = remote.is_some();
     loop {
         let remote_changed = async {
@@ -161,6 +173,7 @@ pub async fn run_monitor(
                     remote = None;
                 }
             }
+            () = tx.closed() => return,
         }
         let from_monitor = remote
             .as_ref()
@@ -182,11 +195,7 @@ pub async fn run_monitor(
         }
         published = level;
         tx.send_replace(level);
-        let status = if level == Pressure::Critical {
-            ServingStatus::NotServing
-        } else {
-            ServingStatus::Serving
-        };
+        let status = readiness(level);
         if status == ServingStatus::NotServing || !drain.is_draining() {
             health
                 .set_service_status(INSIGHT_SERVICE_NAME, status)
@@ -201,8 +210,25 @@ pub async fn run_monitor(
                     .await;
             }
         }
-        if tx.is_closed() {
-            return;
+    }
+}
+
+/// Watches the sampler task ([`run_monitor`]). Should it ever panic, the level it publishes
+/// is frozen, shedding stuck on or off for good, and nothing else would tell: so the service
+/// then reports NOT_SERVING for "" (liveness) as well as for itself, and Kubernetes restarts
+/// the pod rather than let it run without working overload protection.
+pub async fn supervise(sampler: JoinHandle<()>, health: HealthReporter) {
+    if let Err(error) = sampler.await
+        && error.is_panic()
+    {
+        tracing::error!(
+            %error,
+            "the memory pressure sampler panicked; reporting NOT_SERVING so the pod is restarted"
+        );
+        for name in [INSIGHT_SERVICE_NAME, ""] {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
         }
     }
 }
@@ -235,6 +261,71 @@ mod tests {
         assert_eq!(t.observe(0.1, Some(30.0)), Pressure::Critical);
         assert_eq!(t.observe(0.1, Some(24.0)), Pressure::Critical);
         assert_eq!(t.observe(0.1, Some(2.0)), Pressure::Normal);
+    }
+
+    /// The status `health` reports for `service`, by a Check as a probe would ask.
+    async fn status_of(health: &HealthReporter, service: &str) -> i32 {
+        use tonic_health::pb::{HealthCheckRequest, health_server::Health};
+        let service_impl =
+            tonic_health::server::HealthService::from_health_reporter(health.clone());
+        service_impl
+            .check(tonic::Request::new(HealthCheckRequest {
+                service: service.to_owned(),
+            }))
+            .await
+            .map(|response| response.into_inner().status)
+            .unwrap_or(-1)
+    }
+
+    #[tokio::test]
+    async fn a_panicked_sampler_turns_liveness_and_readiness_not_serving() {
+        let (health, _service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(INSIGHT_SERVICE_NAME, ServingStatus::Serving)
+            .await;
+        let serving = ServingStatus::Serving as i32;
+        let not_serving = ServingStatus::NotServing as i32;
+        // A sampler that ends normally (the server stopped) changes nothing.
+        supervise(tokio::spawn(async {}), health.clone()).await;
+        assert_eq!(status_of(&health, "").await, serving);
+        assert_eq!(status_of(&health, INSIGHT_SERVICE_NAME).await, serving);
+        #[allow(clippy::panic)]
+        let sampler = tokio::spawn(async { panic!("injected sampler failure") });
+        supervise(sampler, health.clone()).await;
+        assert_eq!(status_of(&health, "").await, not_serving);
+        assert_eq!(status_of(&health, INSIGHT_SERVICE_NAME).await, not_serving);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sampler_stops_once_the_server_drops_its_receivers() {
+        let root = tempfile::tempdir().unwrap();
+        let probe = Probe::new(monitor_service::probe::ProbeConfig {
+            proc_root: root.path().to_path_buf(),
+            cgroup_root: root.path().to_path_buf(),
+            pids: Vec::new(),
+            warn_ratio: 0.8,
+            critical_ratio: 0.9,
+        });
+        let (health, _service) = tonic_health::server::health_reporter();
+        let (tx, rx) = watch::channel(Pressure::Normal);
+        let sampler = tokio::spawn(run_monitor(
+            probe,
+            PressureTracker::new(PressureConfig::default()),
+            Duration::from_secs(3600),
+            tx,
+            None,
+            health,
+            Drain::new(),
+        ));
+        // An hour between samples: only the closed channel can end it in time (before the
+        // fix it looked only after a level change).
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!sampler.is_finished(), "runs while the server listens");
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(1), sampler)
+            .await
+            .expect("the sampler ends once nobody listens")
+            .unwrap();
     }
 
     #[test]

@@ -398,8 +398,11 @@ async fn open_loop<R: Rpc>(
                 break;
             }
         };
-        // Reap finished calls so the set does not grow with the run's length.
-        while calls.try_join_next().is_some() {}
+        // Reap finished calls so the set does not grow with the run's length; a call task
+        // that panicked fails the run here rather than leaving the counts short unsaid.
+        while let Some(result) = calls.try_join_next() {
+            result.map_err(|error| LoadError::Task(error.to_string()))?;
+        }
         let index = (k % channels.len() as u64) as usize;
         let shard = (k % OPEN_LOOP_SHARDS as u64) as usize;
         let (channel, rpc, shards) = (channels[index].clone(), rpc.clone(), shards.clone());

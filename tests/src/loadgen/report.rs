@@ -455,6 +455,22 @@ impl Report {
                 "not sent", self.not_sent
             );
         }
+        let missing = self.unfinished()
+            + if self.target_rate.is_some() {
+                self.not_sent
+            } else {
+                0
+            };
+        if missing > 0 {
+            // Calls never sent or cut off at the hard stop have no latency; they would all
+            // rank above `max`, so the percentiles below understate the tail.
+            let _ = writeln!(
+                out,
+                "  percentiles cover {} of {} calls (the other {missing} were slower than any)",
+                self.requests(),
+                self.requests() + missing
+            );
+        }
         let _ = writeln!(
             out,
             "  latency ms      {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",

@@ -125,6 +125,9 @@ async fn open_loop_keeps_its_rate_and_charges_queueing_to_latency() {
     );
     assert!(report.ok_latency().p50 >= 20_000);
     assert!(report.to_json()["target_rate"] == 200.0);
+    // The table says the percentiles leave the unsent calls out.
+    let coverage = format!("percentiles cover {} of 200 calls", report.requests());
+    assert!(report.table().contains(&coverage), "{}", report.table());
     echo.stop().await;
 }
 

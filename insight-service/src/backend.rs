@@ -121,6 +121,7 @@ fn build_generator(config: &Config) -> Result<Option<Arc<dyn Generator>>, Backen
                 gemini.model = model.clone();
             }
             gemini.stream = config.llm_stream;
+            gemini.thinking = config.llm_thinking_budget;
             gemini.limits = limits(config);
             Some(Arc::new(GeminiGenerator::new(gemini)?))
         }

@@ -84,6 +84,13 @@ pub struct Config {
     #[arg(long, env = "INSIGHT_LLM_STREAM", default_value_t = false, action = clap::ArgAction::Set)]
     pub llm_stream: bool,
 
+    /// Gemini thinking: `auto` turns it off where the model allows (2.5 Flash and Flash-Lite,
+    /// whose thoughts would otherwise use up a short answer's maxOutputTokens) and leaves other
+    /// models their default; a number N sends `thinkingBudget` N and adds N to
+    /// maxOutputTokens (2.5 Pro needs at least 128).
+    #[arg(long, env = "INSIGHT_LLM_THINKING_BUDGET", default_value = "auto", value_parser = clap::value_parser!(crate::llm::gemini::ThinkingBudget))]
+    pub llm_thinking_budget: crate::llm::gemini::ThinkingBudget,
+
     /// Chunks summarized at once per request. 4 matches the seed's 4 worker threads.
     #[arg(long, env = "INSIGHT_MAP_PARALLELISM", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub map_parallelism: u32,
@@ -414,6 +421,7 @@ impl Default for Config {
             llm_max_response_bytes: 1 << 20,
             llm_max_retries: 3,
             llm_stream: false,
+            llm_thinking_budget: crate::llm::gemini::ThinkingBudget::Auto,
             map_parallelism: 4,
             prompt_budget_bytes: 16 * 1024,
             max_reduce_depth: 4,

@@ -2,8 +2,9 @@
 //! `:streamGenerateContent?alt=sse` when streaming, with the key in `x-goog-api-key`.
 //!
 //! Request: `contents` (one user turn), `systemInstruction`, `generationConfig` with
-//! `maxOutputTokens` and, when the pipeline gives a schema, `responseMimeType:
-//! application/json` plus `responseSchema` (converted by [`to_gemini_schema`]).
+//! `maxOutputTokens`, `thinkingConfig` (see [`ThinkingBudget`]) and, when the pipeline gives a
+//! schema, `responseMimeType: application/json` plus `responseSchema` (converted by
+//! [`to_gemini_schema`]).
 //!
 //! Response (checked against recorded responses, see `tests/fixtures/gemini/`): the text is the
 //! concatenation of `candidates[0].content.parts[].text`, skipping `thought: true` parts;
@@ -36,6 +37,55 @@ use crate::domain::{Usage, UsageMeter};
 
 /// Backend name reported in answers and errors.
 const NAME: &str = "gemini";
+/// Largest `thinkingBudget` any Gemini model accepts (2.5 Pro: 32,768).
+pub const MAX_THINKING_BUDGET: u32 = 32_768;
+
+/// Gemini's `thinkingConfig` (`--llm-thinking-budget`).
+///
+/// Gemini 2.5 Flash thinks by default, and its thoughts count against `maxOutputTokens`: with
+/// the few hundred tokens a short JSON answer is given, a model that thinks first can stop at
+/// MAX_TOKENS with no text at all (the recorded `generateContent_200_MAX_TOKENS_empty_thinking`
+/// response). Summaries and the music analysis need no reasoning, so by default thinking is
+/// turned off where the model allows it. 2.5 Pro cannot turn it off (its budget starts at 128),
+/// and models before 2.5 do not think: they keep their own default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ThinkingBudget {
+    /// `thinkingBudget: 0` (thinking off) for Gemini 2.5 Flash and Flash-Lite; nothing sent
+    /// for other models.
+    #[default]
+    Auto,
+    /// `thinkingBudget` of this many tokens, added to `maxOutputTokens` so thinking does not
+    /// eat the answer's tokens.
+    Tokens(u32),
+}
+
+impl ThinkingBudget {
+    /// The `thinkingBudget` to send to `model`, if any.
+    pub fn for_model(self, model: &str) -> Option<u32> {
+        match self {
+            Self::Tokens(tokens) => Some(tokens),
+            Self::Auto => model.starts_with("gemini-2.5-flash").then_some(0),
+        }
+    }
+}
+
+impl std::str::FromStr for ThinkingBudget {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        match text.parse::<u32>() {
+            Ok(tokens) if tokens <= MAX_THINKING_BUDGET => Ok(Self::Tokens(tokens)),
+            _ => Err(format!(
+                "expected `auto` or a number of tokens from 0 to {MAX_THINKING_BUDGET}"
+            )),
+        }
+    }
+}
+
 /// Google AI's public endpoint; tests and proxies override it.
 pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
 /// A fast, cheap model that follows `responseSchema` well.
@@ -56,6 +106,8 @@ pub struct GeminiConfig {
     pub stream: bool,
     /// Byte cap, stall timeout, retries.
     pub limits: HttpLimits,
+    /// Thinking (default [`ThinkingBudget::Auto`]).
+    pub thinking: ThinkingBudget,
 }
 
 impl GeminiConfig {
@@ -67,6 +119,7 @@ impl GeminiConfig {
             api_key,
             stream: false,
             limits: HttpLimits::default(),
+            thinking: ThinkingBudget::Auto,
         }
     }
 }
@@ -79,6 +132,8 @@ pub struct GeminiGenerator {
     stream_url: Url,
     headers: HeaderMap,
     stream: bool,
+    /// The `thinkingBudget` sent, resolved for the model.
+    thinking_budget: Option<u32>,
 }
 
 impl fmt::Debug for GeminiGenerator {
@@ -88,6 +143,7 @@ impl fmt::Debug for GeminiGenerator {
             .field("model", &self.model)
             .field("url", &self.generate_url.as_str())
             .field("stream", &self.stream)
+            .field("thinking_budget", &self.thinking_budget)
             .field("limits", self.transport.limits())
             .finish_non_exhaustive()
     }
@@ -120,6 +176,7 @@ impl GeminiGenerator {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         Ok(Self {
             transport: HttpTransport::new(NAME, config.limits)?,
+            thinking_budget: config.thinking.for_model(&model),
             model,
             generate_url,
             stream_url,
@@ -129,7 +186,7 @@ impl GeminiGenerator {
     }
 
     async fn run(&self, request: GenerateRequest<'_>) -> Result<Generation, LlmError> {
-        let body = request_body(&request)?;
+        let body = request_body(&request, self.thinking_budget)?;
         if self.stream {
             let mut handler = StreamHandler::default();
             self.transport
@@ -228,9 +285,21 @@ struct GenerationConfig {
     response_mime_type: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_schema: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking_config: Option<ThinkingConfig>,
 }
 
-fn request_body(request: &GenerateRequest<'_>) -> Result<Bytes, LlmError> {
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ThinkingConfig {
+    thinking_budget: u32,
+}
+
+/// The request; `thinking_budget` as resolved by [`ThinkingBudget::for_model`].
+fn request_body(
+    request: &GenerateRequest<'_>,
+    thinking_budget: Option<u32>,
+) -> Result<Bytes, LlmError> {
     let body = GenerateContentRequest {
         contents: [Content {
             role: Some("user"),
@@ -245,9 +314,14 @@ fn request_body(request: &GenerateRequest<'_>) -> Result<Bytes, LlmError> {
             }],
         }),
         generation_config: GenerationConfig {
-            max_output_tokens: request.max_output_tokens,
+            // Thoughts count against maxOutputTokens: the answer keeps its own share.
+            max_output_tokens: request
+                .max_output_tokens
+                .saturating_add(thinking_budget.unwrap_or(0)),
             response_mime_type: request.response_schema.map(|_| "application/json"),
             response_schema: request.response_schema.map(to_gemini_schema),
+            thinking_config: thinking_budget
+                .map(|thinking_budget| ThinkingConfig { thinking_budget }),
         },
     };
     serde_json::to_vec(&body)
@@ -555,7 +629,7 @@ mod tests {
             deadline: tokio::time::Instant::now(),
             usage: &UsageMeter::default(),
         };
-        let body: Value = serde_json::from_slice(&request_body(&request).unwrap()).unwrap();
+        let body: Value = serde_json::from_slice(&request_body(&request, None).unwrap()).unwrap();
         assert_eq!(
             body,
             json!({
@@ -573,9 +647,50 @@ mod tests {
             response_schema: None,
             ..request
         };
-        let body: Value = serde_json::from_slice(&request_body(&plain).unwrap()).unwrap();
+        let body: Value = serde_json::from_slice(&request_body(&plain, None).unwrap()).unwrap();
         assert_eq!(body["generationConfig"], json!({"maxOutputTokens": 77}));
         assert!(body.get("systemInstruction").is_none());
+        // Thinking off: budget 0, the answer's cap unchanged.
+        let body: Value = serde_json::from_slice(&request_body(&plain, Some(0)).unwrap()).unwrap();
+        assert_eq!(
+            body["generationConfig"],
+            json!({"maxOutputTokens": 77, "thinkingConfig": {"thinkingBudget": 0}})
+        );
+        // A budget is added to the cap, so thoughts do not eat the answer's tokens.
+        let body: Value =
+            serde_json::from_slice(&request_body(&plain, Some(512)).unwrap()).unwrap();
+        assert_eq!(
+            body["generationConfig"],
+            json!({"maxOutputTokens": 589, "thinkingConfig": {"thinkingBudget": 512}})
+        );
+    }
+
+    #[test]
+    fn thinking_is_off_by_default_only_where_the_model_allows_it() {
+        use ThinkingBudget::{Auto, Tokens};
+        assert_eq!(Auto.for_model(DEFAULT_MODEL), Some(0));
+        assert_eq!(Auto.for_model("gemini-2.5-flash-lite"), Some(0));
+        // 2.5 Pro refuses a budget of 0; earlier models do not think.
+        assert_eq!(Auto.for_model("gemini-2.5-pro"), None);
+        assert_eq!(Auto.for_model("gemini-2.0-flash"), None);
+        assert_eq!(Tokens(1024).for_model("gemini-2.5-pro"), Some(1024));
+        assert_eq!(Tokens(0).for_model("gemini-2.5-flash"), Some(0));
+        let generator = |thinking, model: &str| {
+            GeminiGenerator::new(GeminiConfig {
+                thinking,
+                model: model.to_owned(),
+                ..GeminiConfig::new(SecretString::from("k".to_owned()))
+            })
+            .unwrap()
+            .thinking_budget
+        };
+        // Resolved for the model without its `models/` prefix.
+        assert_eq!(generator(Auto, "models/gemini-2.5-flash"), Some(0));
+        assert_eq!(generator(Auto, "gemini-2.5-pro"), None);
+        assert_eq!("auto".parse(), Ok(Auto));
+        assert_eq!("2048".parse(), Ok(Tokens(2048)));
+        assert!("40000".parse::<ThinkingBudget>().is_err());
+        assert!("-1".parse::<ThinkingBudget>().is_err());
     }
 
     #[test]

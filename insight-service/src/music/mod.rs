@@ -402,7 +402,14 @@ async fn ask_model(
         )));
     }
     tracing::debug!(backend = generator.name(), %reason, "invalid music answer, asking for a repair");
-    let repair = prompt::repair_prompt(&prompt, &first.text, &reason);
+    let mut repair = prompt::repair_prompt(&prompt, &first.text, &reason);
+    if first.finish == FinishReason::MaxTokens {
+        // Cut off at the cap: the same cap would likely cut the corrected answer too (the
+        // summary's word limit is enforced on what comes back, whatever the cap).
+        repair.max_output_tokens = repair
+            .max_output_tokens
+            .saturating_add(repair.max_output_tokens / 2);
+    }
     let second = call(generator, &repair, &schema, deadline, usage).await?;
     parse_answer(&second.text, max_words).map_err(|reason| {
         let reason = with_finish(&second.finish, reason);
@@ -474,6 +481,7 @@ mod tests {
     struct Scripted {
         replies: Mutex<VecDeque<Reply>>,
         prompts: Mutex<Vec<String>>,
+        token_caps: Mutex<Vec<u32>>,
     }
 
     impl Scripted {
@@ -481,11 +489,20 @@ mod tests {
             Self {
                 replies: Mutex::new(replies.into()),
                 prompts: Mutex::new(Vec::new()),
+                token_caps: Mutex::new(Vec::new()),
             }
         }
 
         fn prompts(&self) -> Vec<String> {
             self.prompts.lock().map(|p| p.clone()).unwrap_or_default()
+        }
+
+        /// `max_output_tokens` of each call, in order.
+        fn token_caps(&self) -> Vec<u32> {
+            self.token_caps
+                .lock()
+                .map(|c| c.clone())
+                .unwrap_or_default()
         }
     }
 
@@ -505,6 +522,9 @@ mod tests {
             let reply = self.replies.lock().ok().and_then(|mut r| r.pop_front());
             if let Ok(mut prompts) = self.prompts.lock() {
                 prompts.push(request.prompt.to_owned());
+            }
+            if let Ok(mut caps) = self.token_caps.lock() {
+                caps.push(request.max_output_tokens);
             }
             // Like a real generator: the call and its prompt count when it is sent.
             request.usage.add(Usage {
@@ -676,6 +696,9 @@ mod tests {
             prompts[1]
         );
         assert!(prompts[1].contains("{\\\"summary\\\": \\\"half an answer\\\""));
+        // The first answer hit the token cap: the repair gets half as many again.
+        let caps = fake.token_caps();
+        assert_eq!(caps[1], caps[0] + caps[0] / 2, "{caps:?}");
     }
 
     #[tokio::test]

@@ -85,9 +85,9 @@ pub struct Config {
     pub llm_stream: bool,
 
     /// Gemini thinking: `auto` turns it off where the model allows (2.5 Flash and Flash-Lite,
-    /// whose thoughts would otherwise use up a short answer's maxOutputTokens) and leaves other
-    /// models their default; a number N sends `thinkingBudget` N and adds N to
-    /// maxOutputTokens (2.5 Pro needs at least 128).
+    /// whose thoughts would otherwise use up a short answer's maxOutputTokens), keeps 2.5 Pro
+    /// at its minimum (128) and leaves other models their default; a number N sends
+    /// `thinkingBudget` N and adds N to maxOutputTokens (2.5 Pro needs at least 128).
     #[arg(long, env = "INSIGHT_LLM_THINKING_BUDGET", default_value = "auto", value_parser = clap::value_parser!(crate::llm::gemini::ThinkingBudget))]
     pub llm_thinking_budget: crate::llm::gemini::ThinkingBudget,
 

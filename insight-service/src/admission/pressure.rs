@@ -3,7 +3,8 @@
 //!
 //! - **Critical**: new heavy calls are refused, and the readiness status of
 //!   `spotifai.insight.v1.InsightService` turns NOT_SERVING so Kubernetes stops routing to this
-//!   pod; the overall "" status (liveness) stays SERVING: restarting would not help.
+//!   pod; the overall "" status (liveness) stays SERVING: restarting would not help. (Only a
+//!   sampler that panicked turns liveness NOT_SERVING too, see [`supervise`].)
 //! - **Elevated** (warning): calls are admitted but made cheaper (one map call at a time, half
 //!   the prompt budget).
 

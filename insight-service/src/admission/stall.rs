@@ -43,7 +43,7 @@ use std::{
 use bytes::Bytes;
 use futures::task::AtomicWaker;
 use http::{Request, Response};
-use http_body::Frame;
+use http_body::{Body as _, Frame};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -141,31 +141,62 @@ impl Connected for StallIo<TcpStream> {
     }
 }
 
-impl<T: AsyncRead> AsyncRead for StallIo<T> {
+/// What an aborted [`StallIo`] does to its socket before hyper drops it.
+pub trait ResetOnAbort {
+    /// Makes the coming close a reset. A plain close would leave the kernel holding the unsent
+    /// response as an orphaned socket, probing a client that reads nothing, for minutes; a
+    /// reset frees it at once and tells the client at once.
+    fn reset_on_close(&self);
+}
+
+impl ResetOnAbort for TcpStream {
+    fn reset_on_close(&self) {
+        // Zero linger only: no thread ever blocks in close.
+        if let Err(error) = self.set_zero_linger() {
+            tracing::debug!(%error, "cannot set SO_LINGER 0 on an aborted connection");
+        }
+    }
+}
+
+impl ResetOnAbort for tokio::io::DuplexStream {
+    fn reset_on_close(&self) {}
+}
+
+/// The error to fail an I/O call with once the connection is aborted (its socket then set to
+/// reset on close), else `None`.
+fn aborted<T: ResetOnAbort>(abort: &ConnAbort, inner: Pin<&mut T>) -> Option<io::Error> {
+    if !abort.is_aborted() {
+        return None;
+    }
+    inner.as_ref().get_ref().reset_on_close();
+    Some(ConnAbort::error())
+}
+
+impl<T: AsyncRead + ResetOnAbort> AsyncRead for StallIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let mut this = self.project();
         this.abort.0.read.register(cx.waker());
-        if this.abort.is_aborted() {
-            return Poll::Ready(Err(ConnAbort::error()));
+        if let Some(error) = aborted(this.abort, this.inner.as_mut()) {
+            return Poll::Ready(Err(error));
         }
         this.inner.poll_read(cx, buf)
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for StallIo<T> {
+impl<T: AsyncWrite + ResetOnAbort> AsyncWrite for StallIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
+        let mut this = self.project();
         this.abort.0.write.register(cx.waker());
-        if this.abort.is_aborted() {
-            return Poll::Ready(Err(ConnAbort::error()));
+        if let Some(error) = aborted(this.abort, this.inner.as_mut()) {
+            return Poll::Ready(Err(error));
         }
         this.inner.poll_write(cx, buf)
     }
@@ -175,10 +206,10 @@ impl<T: AsyncWrite> AsyncWrite for StallIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
+        let mut this = self.project();
         this.abort.0.write.register(cx.waker());
-        if this.abort.is_aborted() {
-            return Poll::Ready(Err(ConnAbort::error()));
+        if let Some(error) = aborted(this.abort, this.inner.as_mut()) {
+            return Poll::Ready(Err(error));
         }
         this.inner.poll_write_vectored(cx, bufs)
     }
@@ -188,9 +219,9 @@ impl<T: AsyncWrite> AsyncWrite for StallIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.project();
-        if this.abort.is_aborted() {
-            return Poll::Ready(Err(ConnAbort::error()));
+        let mut this = self.project();
+        if let Some(error) = aborted(this.abort, this.inner.as_mut()) {
+            return Poll::Ready(Err(error));
         }
         this.inner.poll_flush(cx)
     }
@@ -349,6 +380,10 @@ impl Gate for SendWatch {
         let fut = inner.call(req);
         Box::pin(async move {
             let response = fut.await?;
+            // A trailers-only answer (every refusal) has nothing to send: no entry, no lock.
+            if response.body().is_end_stream() {
+                return Ok(response);
+            }
             let entry = self.register(conn, peer);
             let start = self.start;
             Ok(response.map(|inner| {
@@ -417,9 +452,9 @@ impl http_body::Body for WatchedBody {
         let inner = self.inner.size_hint();
         let rest = self.rest.len() as u64;
         let mut hint = http_body::SizeHint::new();
-        hint.set_lower(inner.lower() + rest);
+        hint.set_lower(inner.lower().saturating_add(rest));
         if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + rest);
+            hint.set_upper(upper.saturating_add(rest).max(hint.lower()));
         }
         hint
     }
@@ -429,7 +464,6 @@ impl http_body::Body for WatchedBody {
 mod tests {
     use std::collections::VecDeque;
 
-    use http_body::Body as _;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tower::{Layer, ServiceExt, service_fn};
 
@@ -565,17 +599,72 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn calls_without_connection_info_pass_unwatched() {
+        // Unwatched: the body is the inner one, its large frame not sliced, and nothing is
+        // registered (so nothing is counted, however long it waits).
+        let big = Bytes::from(vec![7u8; 2 * SLICE_BYTES]);
         let Watching {
             mut body,
-            abort,
             metrics,
+            seen_peer,
             _watch,
             ..
-        } = watched_response(&[b"message"], false, false).await;
-        assert!(matches!(poll_once(&mut body), Poll::Ready(Some(Ok(_)))));
+        } = watched(VecDeque::from([big]), false, false).await;
+        assert_eq!(seen_peer, None);
+        assert_eq!(drain_lengths(&mut body, 1), vec![(2 * SLICE_BYTES, false)]);
         tokio::time::sleep(TIMEOUT * 3).await;
-        assert!(!abort.is_aborted());
         assert_eq!(metrics.send_stalls.load(Ordering::Relaxed), 0);
+        assert!(_watch.watched.lock().unwrap().entries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn trailers_only_answers_are_not_registered() {
+        // Every refusal is a trailers-only answer: nothing to send, nothing to watch.
+        let watch = SendWatch::start(TIMEOUT, Arc::new(AdmissionMetrics::default()));
+        let inner = service_fn(|_req: Request<Body>| async {
+            Ok::<_, std::convert::Infallible>(tonic::Status::resource_exhausted("busy").into_http())
+        });
+        let mut request = Request::new(Body::empty());
+        request.extensions_mut().insert(ConnInfo {
+            tcp: TcpConnectInfo {
+                local_addr: None,
+                remote_addr: None,
+            },
+            abort: ConnAbort::default(),
+        });
+        let response = SendStallLayer::new(watch.clone())
+            .layer(inner)
+            .oneshot(request)
+            .await
+            .unwrap();
+        assert!(response.body().is_end_stream());
+        assert!(watch.watched.lock().unwrap().entries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_aborted_tcp_connection_is_reset_not_closed() {
+        // A client that reads nothing would otherwise leave the kernel an orphaned socket with
+        // the unsent answer; the reset frees it and tells the client at once.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut io = StallIo::new(accepted);
+        io.abort_handle().abort();
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            io.read(&mut byte).await.unwrap_err().kind(),
+            io::ErrorKind::ConnectionAborted
+        );
+        drop(io);
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut byte))
+            .await
+            .expect("the client hears of the close");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "a reset, not an orderly end of stream"
+        );
     }
 
     /// The lengths of the data frames `body` hands out until it ends (or `most` of them), and

@@ -46,12 +46,18 @@ pub const MAX_THINKING_BUDGET: u32 = 32_768;
 /// the few hundred tokens a short JSON answer is given, a model that thinks first can stop at
 /// MAX_TOKENS with no text at all (the recorded `generateContent_200_MAX_TOKENS_empty_thinking`
 /// response). Summaries and the music analysis need no reasoning, so by default thinking is
-/// turned off where the model allows it. 2.5 Pro cannot turn it off (its budget starts at 128),
-/// and models before 2.5 do not think: they keep their own default.
+/// turned off where the model allows it, and kept to its minimum (128 tokens, added to the
+/// cap) on 2.5 Pro, which cannot turn it off. Other models (before 2.5, which do not think;
+/// image and speech variants, which refuse a thinking config; later generations, which take a
+/// `thinkingLevel`) get nothing and keep their own default.
+///
+/// An explicit budget is sent as given: the model checks its range (2.5 Pro 128–32,768,
+/// 2.5 Flash 0–24,576, Flash-Lite 0 or 512–24,576), and one it refuses fails every call with
+/// a 400 that names the budget.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ThinkingBudget {
-    /// `thinkingBudget: 0` (thinking off) for Gemini 2.5 Flash and Flash-Lite; nothing sent
-    /// for other models.
+    /// `thinkingBudget: 0` (off) for Gemini 2.5 Flash and Flash-Lite (and their `-latest`
+    /// aliases), 128 for 2.5 Pro, nothing for other models.
     #[default]
     Auto,
     /// `thinkingBudget` of this many tokens, added to `maxOutputTokens` so thinking does not
@@ -59,12 +65,24 @@ pub enum ThinkingBudget {
     Tokens(u32),
 }
 
+/// 2.5 Pro's smallest thinking budget: it cannot think less.
+const PRO_MIN_THINKING: u32 = 128;
+
 impl ThinkingBudget {
     /// The `thinkingBudget` to send to `model`, if any.
     pub fn for_model(self, model: &str) -> Option<u32> {
         match self {
             Self::Tokens(tokens) => Some(tokens),
-            Self::Auto => model.starts_with("gemini-2.5-flash").then_some(0),
+            Self::Auto if model.contains("-image") || model.contains("-tts") => None,
+            Self::Auto
+                if model.starts_with("gemini-2.5-flash")
+                    || model.starts_with("gemini-flash-latest")
+                    || model.starts_with("gemini-flash-lite-latest") =>
+            {
+                Some(0)
+            }
+            Self::Auto if model.starts_with("gemini-2.5-pro") => Some(PRO_MIN_THINKING),
+            Self::Auto => None,
         }
     }
 }
@@ -670,9 +688,13 @@ mod tests {
         use ThinkingBudget::{Auto, Tokens};
         assert_eq!(Auto.for_model(DEFAULT_MODEL), Some(0));
         assert_eq!(Auto.for_model("gemini-2.5-flash-lite"), Some(0));
-        // 2.5 Pro refuses a budget of 0; earlier models do not think.
-        assert_eq!(Auto.for_model("gemini-2.5-pro"), None);
+        assert_eq!(Auto.for_model("gemini-flash-latest"), Some(0));
+        // 2.5 Pro refuses a budget of 0: its minimum. Earlier models do not think; image and
+        // speech variants refuse a thinking config.
+        assert_eq!(Auto.for_model("gemini-2.5-pro"), Some(128));
         assert_eq!(Auto.for_model("gemini-2.0-flash"), None);
+        assert_eq!(Auto.for_model("gemini-2.5-flash-image"), None);
+        assert_eq!(Auto.for_model("gemini-2.5-flash-preview-tts"), None);
         assert_eq!(Tokens(1024).for_model("gemini-2.5-pro"), Some(1024));
         assert_eq!(Tokens(0).for_model("gemini-2.5-flash"), Some(0));
         let generator = |thinking, model: &str| {
@@ -686,7 +708,7 @@ mod tests {
         };
         // Resolved for the model without its `models/` prefix.
         assert_eq!(generator(Auto, "models/gemini-2.5-flash"), Some(0));
-        assert_eq!(generator(Auto, "gemini-2.5-pro"), None);
+        assert_eq!(generator(Auto, "gemini-2.0-flash"), None);
         assert_eq!("auto".parse(), Ok(Auto));
         assert_eq!("2048".parse(), Ok(Tokens(2048)));
         assert!("40000".parse::<ThinkingBudget>().is_err());

@@ -465,7 +465,8 @@ mod tests {
     use std::collections::VecDeque;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tower::{Layer, ServiceExt, service_fn};
+    use tower::{Layer, Service, ServiceExt};
+    use tower_test::mock;
 
     use super::*;
     // A body of given frames that then ends or waits forever (a stream with nothing to send).
@@ -489,16 +490,8 @@ mod tests {
     async fn watched(frames: VecDeque<Bytes>, then_pending: bool, conn_info: bool) -> Watching {
         let metrics = Arc::new(AdmissionMetrics::default());
         let watch = SendWatch::start(TIMEOUT, metrics.clone());
-        let seen_peer = Arc::new(Mutex::new(None));
-        let seen = seen_peer.clone();
-        let inner = service_fn(move |req: Request<Body>| {
-            *seen.lock().unwrap() = req
-                .extensions()
-                .get::<TcpConnectInfo>()
-                .and_then(|tcp| tcp.remote_addr);
-            let body = Body::new(Frames(frames.clone(), then_pending));
-            async move { Ok::<_, std::convert::Infallible>(Response::new(body)) }
-        });
+        let (inner, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        handle.allow(1);
         let abort = ConnAbort::default();
         let mut request = Request::new(Body::empty());
         if conn_info {
@@ -510,9 +503,15 @@ mod tests {
                 abort: abort.clone(),
             });
         }
-        let service = SendStallLayer::new(watch.clone()).layer(inner);
-        let response = service.oneshot(request).await.unwrap();
-        let seen_peer = *seen_peer.lock().unwrap();
+        let mut service = SendStallLayer::new(watch.clone()).layer(inner);
+        let call = tokio::spawn(service.ready().await.unwrap().call(request));
+        let (request, answer) = handle.next_request().await.unwrap();
+        let seen_peer = request
+            .extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(|tcp| tcp.remote_addr);
+        answer.send_response(Response::new(Body::new(Frames(frames, then_pending))));
+        let response = call.await.unwrap().unwrap();
         Watching {
             body: response.into_body(),
             abort,
@@ -620,8 +619,11 @@ mod tests {
     async fn trailers_only_answers_are_not_registered() {
         // Every refusal is a trailers-only answer: nothing to send, nothing to watch.
         let watch = SendWatch::start(TIMEOUT, Arc::new(AdmissionMetrics::default()));
-        let inner = service_fn(|_req: Request<Body>| async {
-            Ok::<_, std::convert::Infallible>(tonic::Status::resource_exhausted("busy").into_http())
+        let (inner, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        handle.allow(1);
+        tokio::spawn(async move {
+            let (_, answer) = handle.next_request().await.unwrap();
+            answer.send_response(tonic::Status::resource_exhausted("busy").into_http());
         });
         let mut request = Request::new(Body::empty());
         request.extensions_mut().insert(ConnInfo {

@@ -36,7 +36,7 @@ const REPLY_MARGIN: Duration = Duration::from_millis(100);
 /// ignored, as tonic does).
 ///
 /// A caller's deadline is shortened by a reply margin (a tenth of it, at most
-/// [`REPLY_MARGIN`]): gRPC clients arm their own timer for the same deadline, and an answer
+/// `REPLY_MARGIN`): gRPC clients arm their own timer for the same deadline, and an answer
 /// that leaves at the deadline arrives after it, so the caller would see its own CANCELLED
 /// instead of our DEADLINE_EXCEEDED (or the degraded answer we had ready).
 pub fn deadline_from(metadata: &http::HeaderMap, max: Duration) -> Instant {

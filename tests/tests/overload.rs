@@ -765,7 +765,7 @@ async fn a_client_with_no_window_that_never_reads_loses_the_connection_and_the_s
     if let Some(Input::Entries(batch)) = request.input.as_mut() {
         batch.entries[0].text = "Never read. Ads between every song.".into();
     }
-    unread_answer_frees_its_slot(0, request).await;
+    unread_answer_frees_its_slot(0, request, Rpc::Unary).await;
 }
 
 #[tokio::test]
@@ -778,14 +778,75 @@ async fn a_client_with_an_ordinary_window_that_stops_reading_loses_the_connectio
     if let Some(options) = request.options.as_mut() {
         options.chunk_size = Some(5);
     }
-    unread_answer_frees_its_slot(64 << 10, request).await;
+    unread_answer_frees_its_slot(64 << 10, request, Rpc::Unary).await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_a_summary_stream_loses_the_connection_too() {
+    // StreamFeedbackSummary: 600 chunk insights, each its own message, then the summary; the
+    // client reads none of them and its 64 KiB window fills while the stream still holds the
+    // slot.
+    let mut request = summarize(3_000, 200);
+    if let Some(options) = request.options.as_mut() {
+        options.chunk_size = Some(5);
+    }
+    unread_answer_frees_its_slot(64 << 10, request, Rpc::Stream).await;
+}
+
+/// Which RPC an unread answer comes from.
+#[derive(Clone, Copy, Debug)]
+enum Rpc {
+    /// SummarizeFeedback: one message.
+    Unary,
+    /// StreamFeedbackSummary: a message per chunk, then the summary.
+    Stream,
+}
+
+impl Rpc {
+    fn path(self) -> &'static str {
+        match self {
+            Rpc::Unary => "/spotifai.insight.v1.InsightService/SummarizeFeedback",
+            Rpc::Stream => "/spotifai.insight.v1.InsightService/StreamFeedbackSummary",
+        }
+    }
+
+    /// Bytes of the whole answer to `request` (messages with their 5-byte prefixes), read by
+    /// an ordinary client.
+    async fn answer_bytes(
+        self,
+        client: &mut InsightServiceClient<Channel>,
+        request: &pb::SummarizeFeedbackRequest,
+    ) -> usize {
+        match self {
+            Rpc::Unary => {
+                let answer = client.summarize_feedback(request.clone()).await.unwrap();
+                5 + answer.into_inner().encoded_len()
+            }
+            Rpc::Stream => {
+                let mut events = client
+                    .stream_feedback_summary(request.clone())
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut total = 0;
+                while let Some(event) = events.message().await.unwrap() {
+                    total += 5 + event.encoded_len();
+                }
+                total
+            }
+        }
+    }
 }
 
 /// One heavy slot, no queue. A client whose stream window is `window` sends `request` and
 /// never reads the answer: hyper holds what does not fit and waits for window that never
 /// comes. Before --send-timeout the call kept its slot for as long as the client stayed
 /// connected, refusing every other heavy call; now the connection is closed and the slot freed.
-async fn unread_answer_frees_its_slot(window: u32, request: pb::SummarizeFeedbackRequest) {
+async fn unread_answer_frees_its_slot(
+    window: u32,
+    request: pb::SummarizeFeedbackRequest,
+    rpc: Rpc,
+) {
     const SEND_TIMEOUT: Duration = Duration::from_secs(2);
     let setup = local();
     let server = start_insight(Config {
@@ -798,8 +859,7 @@ async fn unread_answer_frees_its_slot(window: u32, request: pb::SummarizeFeedbac
     // Connected first, so that the refusal below comes well inside SEND_TIMEOUT.
     let channel = server.channel().await;
     let mut client = InsightServiceClient::new(channel.clone());
-    let answer = client.summarize_feedback(request.clone()).await.unwrap();
-    let answer_bytes = answer.into_inner().encoded_len();
+    let answer_bytes = rpc.answer_bytes(&mut client, &request).await;
     // With no window nothing is sent; with some, hyper takes a slice beyond what fits.
     let must_exceed = if window == 0 {
         0
@@ -817,9 +877,13 @@ async fn unread_answer_frees_its_slot(window: u32, request: pb::SummarizeFeedbac
         .connect()
         .await
         .unwrap();
-    // The response headers come once the handler has answered (from the cache: the same
-    // request): from then on only the unsent body holds the slot.
-    let response = within("the unread call's headers", raw_call(&stalled, &request)).await;
+    // The response headers come once the handler has answered (a unary call, from the cache:
+    // the same request) or started (a stream): from then on the body holds the slot.
+    let response = within(
+        "the unread call's headers",
+        raw_call(&stalled, rpc.path(), &request),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert!(
         response.headers().get("grpc-status").is_none(),
@@ -873,16 +937,17 @@ async fn unread_answer_frees_its_slot(window: u32, request: pb::SummarizeFeedbac
     server.shutdown().await.unwrap();
 }
 
-/// Sends `request` as a SummarizeFeedback over `channel` and returns the response as soon
+/// Sends `request` to the method at `path` over `channel` and returns the response as soon
 /// as its headers arrive, without reading its body.
 async fn raw_call(
     channel: &Channel,
+    path: &str,
     request: &pb::SummarizeFeedbackRequest,
 ) -> tonic::codegen::http::Response<tonic::body::Body> {
     let mut message = vec![0u8];
     message.extend_from_slice(&(request.encoded_len() as u32).to_be_bytes());
     request.encode(&mut message).unwrap();
-    send_summarize(channel, axum::body::Body::from(message)).await
+    send_raw(channel, path, axum::body::Body::from(message)).await
 }
 
 /// Sends a SummarizeFeedback whose body is the 5-byte gRPC length prefix announcing
@@ -895,20 +960,26 @@ async fn stalled_call(channel: &Channel, announced: Option<u32>) -> Status {
         Ok::<_, std::io::Error>(bytes::Bytes::from(prefix))
     });
     let body = futures::stream::iter(prefix).chain(futures::stream::pending());
-    let response = send_summarize(channel, axum::body::Body::from_stream(body)).await;
+    let response = send_raw(
+        channel,
+        Rpc::Unary.path(),
+        axum::body::Body::from_stream(body),
+    )
+    .await;
     Status::from_header_map(response.headers()).expect("a trailers-only gRPC status")
 }
 
-/// A SummarizeFeedback call with `body` as its raw gRPC request body (length-prefixed
+/// A call of the method at `path` with `body` as its raw gRPC request body (length-prefixed
 /// messages); the response as soon as its headers arrive.
-async fn send_summarize(
+async fn send_raw(
     channel: &Channel,
+    path: &str,
     body: axum::body::Body,
 ) -> tonic::codegen::http::Response<tonic::body::Body> {
     use tonic::codegen::{Service, http};
     let request = http::Request::builder()
         .method(http::Method::POST)
-        .uri("/spotifai.insight.v1.InsightService/SummarizeFeedback")
+        .uri(path)
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(tonic::body::Body::new(body))

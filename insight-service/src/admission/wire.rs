@@ -5,7 +5,7 @@
 //! 2 bytes encoded and 128 bytes as a struct, so a 4 MiB message of them would decode into
 //! ~2 million entries and hundreds of MiB, far past what memory admission charged for it. The
 //! admission layer counts them here first (the message is already in memory, and this reads it
-//! without allocating) and refuses a message that holds more than any valid request could.
+//! without allocating) and charges what they will decode to before prost runs.
 
 /// Wire types of the protobuf encoding.
 const VARINT: u8 = 0;
@@ -19,18 +19,13 @@ struct Field<'a> {
     payload: Option<&'a [u8]>,
 }
 
-/// Reads a base-128 varint at `*pos`.
+/// Reads a base-128 varint at `*pos`, with prost's own decoder (so it accepts exactly what
+/// prost will).
 fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *buf.get(*pos)?;
-        *pos += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
+    let mut rest = buf.get(*pos..)?;
+    let value = prost::encoding::decode_varint(&mut rest).ok()?;
+    *pos = buf.len() - rest.len();
+    Some(value)
 }
 
 /// The fields of `message` in order; `None` at the first malformed one.
@@ -89,23 +84,21 @@ fn occurrences(message: &[u8], number: u64) -> impl Iterator<Item = Option<&[u8]
     })
 }
 
-/// What a repeated field at a path holds: how many elements in all, and the most occurrences
-/// of a field inside any one element.
+/// What a repeated field at a path holds: how many elements in all, and how many occurrences
+/// of a field inside them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counted {
     /// Elements of the repeated field, over every occurrence of the messages around it (prost
     /// merges repeated occurrences of a message field, so they add up).
     pub elements: usize,
-    /// The most occurrences of the inner field asked for inside one element.
-    pub most_inner: usize,
     /// Occurrences of the inner field in all elements together.
     pub total_inner: usize,
 }
 
 /// Counts the elements of the repeated message field at `path` (field numbers from the top
-/// level, e.g. `[1, 1]` for `input.entries` then `entries`), and the most occurrences of field
-/// `inner` inside one element (0 if `inner` is `None`). `None` when the bytes are not valid
-/// protobuf wire format.
+/// level, e.g. `[1, 1]` for `input.entries` then `entries`), and the occurrences of field
+/// `inner` inside them (0 if `inner` is `None`). `None` when the bytes are not valid protobuf
+/// wire format.
 pub fn count(message: &[u8], path: &[u64], inner: Option<u64>) -> Option<Counted> {
     let mut counted = Counted::default();
     walk(message, path, inner, &mut counted)?;
@@ -121,12 +114,9 @@ fn walk(message: &[u8], path: &[u64], inner: Option<u64>, counted: &mut Counted)
         if rest.is_empty() {
             counted.elements += 1;
             if let Some(inner) = inner {
-                let mut n = 0;
                 for field in fields(payload) {
-                    n += usize::from(field?.number == inner);
+                    counted.total_inner += usize::from(field?.number == inner);
                 }
-                counted.most_inner = counted.most_inner.max(n);
-                counted.total_inner += n;
             }
         } else {
             walk(payload, rest, inner, counted)?;
@@ -214,7 +204,6 @@ mod tests {
             count(&message, &[1, 1], Some(4)).unwrap(),
             Counted {
                 elements: 3,
-                most_inner: 40,
                 total_inner: 42,
             }
         );

@@ -536,6 +536,10 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// Why a unary call with more than its one message is refused, wherever the extra bytes are
+/// found (in the message's own frame or a later one).
+const ONE_MESSAGE: &str = "a unary call carries one message; more data followed it";
+
 /// Follows the 5-byte length prefixes of a gRPC request body across its frames.
 #[derive(Debug)]
 struct MessageSizes {
@@ -603,9 +607,9 @@ impl http_body::Body for Replay {
         match this.rest.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(match frame.into_data() {
                 Ok(data) if *this.one_message && !data.is_empty() => {
-                    Err(tonic::Status::invalid_argument(
-                        "request: a unary call carries one message; more data followed it",
-                    ))
+                    Err(admission_status(&AdmissionError::Malformed {
+                        reason: ONE_MESSAGE,
+                    }))
                 }
                 Ok(data) => this.sizes.check(data),
                 // Trailers.
@@ -696,7 +700,7 @@ impl MemoryGate {
             .map_err(tonic::Status::into_http)?;
         if !after.is_empty() {
             return Err(refuse(AdmissionError::Malformed {
-                reason: "a unary call carries one message; more data followed it",
+                reason: ONE_MESSAGE,
             }));
         }
         let (path, inner) = shape;

@@ -268,35 +268,70 @@ fn within(min: Duration, max: Duration) -> impl Fn(&str) -> Result<Duration, Str
     }
 }
 
-/// A number in `lo..=hi` (`lo` itself excluded unless `lo_included`): NaN, infinities and
-/// values that would shed forever or never are refused when the flag is parsed.
-fn number_in(text: &str, lo: f64, lo_included: bool, hi: f64) -> Result<f64, String> {
-    let value: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number"))?;
-    let above_lo = if lo_included { value >= lo } else { value > lo };
-    if !(above_lo && value <= hi) {
-        let open = if lo_included { '[' } else { '(' };
-        return Err(format!("must be in {open}{lo}, {hi}]"));
-    }
-    Ok(value)
+/// The values a number flag accepts: from `lo` (itself included or not) to `hi` inclusive.
+#[derive(Clone, Copy, Debug)]
+struct Bounds {
+    lo: f64,
+    lo_included: bool,
+    hi: f64,
 }
 
 /// A memory usage ratio threshold, in (0, 1].
-fn ratio(text: &str) -> Result<f64, String> {
-    number_in(text, 0.0, false, 1.0)
-}
-
+const RATIO: Bounds = Bounds {
+    lo: 0.0,
+    lo_included: false,
+    hi: 1.0,
+};
 /// A PSI threshold (percent of time stalled), in (0, 100]: 0 would count a missing PSI
 /// reading as pressure.
-fn psi(text: &str) -> Result<f64, String> {
-    number_in(text, 0.0, false, 100.0)
+const PSI: Bounds = Bounds {
+    lo: 0.0,
+    lo_included: false,
+    hi: 100.0,
+};
+/// The hysteresis fraction, in [0, 0.5]: at 1 or more a level could never be left.
+const HYSTERESIS: Bounds = Bounds {
+    lo: 0.0,
+    lo_included: true,
+    hi: 0.5,
+};
+
+impl Bounds {
+    /// `value` if it is within (NaN and infinities never are: they would shed forever or
+    /// never), else what the flag must be.
+    fn check(self, value: f64) -> Result<f64, String> {
+        let above_lo = if self.lo_included {
+            value >= self.lo
+        } else {
+            value > self.lo
+        };
+        if above_lo && value <= self.hi {
+            return Ok(value);
+        }
+        let open = if self.lo_included { '[' } else { '(' };
+        Err(format!("must be in {open}{}, {}]", self.lo, self.hi))
+    }
+
+    /// The flag's parser: a number within.
+    fn parse(self, text: &str) -> Result<f64, String> {
+        let value: f64 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?} is not a number"))?;
+        self.check(value)
+    }
 }
 
-/// The hysteresis fraction, in [0, 0.5]: at 1 or more a level could never be left.
+fn ratio(text: &str) -> Result<f64, String> {
+    RATIO.parse(text)
+}
+
+fn psi(text: &str) -> Result<f64, String> {
+    PSI.parse(text)
+}
+
 fn hysteresis(text: &str) -> Result<f64, String> {
-    number_in(text, 0.0, true, 0.5)
+    HYSTERESIS.parse(text)
 }
 
 /// An HTTP/2 window size: at most 2^31 - 1 bytes, the protocol's limit.
@@ -313,6 +348,22 @@ impl Config {
     /// and the binary before binding, so a bad combination is a start-up error naming both
     /// flags rather than a service that never sheds (or never stops).
     pub fn check(&self) -> Result<(), String> {
+        // The parsers' own ranges, for configs built in code (tests, embedders).
+        for (flag, value, bounds) in [
+            ("--warn-ratio", self.warn_ratio, RATIO),
+            ("--critical-ratio", self.critical_ratio, RATIO),
+            ("--warn-psi", self.warn_psi, PSI),
+            ("--critical-psi", self.critical_psi, PSI),
+            (
+                "--pressure-hysteresis",
+                self.pressure_hysteresis,
+                HYSTERESIS,
+            ),
+        ] {
+            bounds
+                .check(value)
+                .map_err(|must| format!("{flag} ({value}) {must}"))?;
+        }
         let pairs = [
             (
                 "--warn-ratio",
@@ -328,15 +379,11 @@ impl Config {
             ),
         ];
         for (warn_flag, warn, critical_flag, critical) in pairs {
-            if !(warn.is_finite() && critical.is_finite() && warn < critical) {
+            if warn >= critical {
                 return Err(format!(
                     "{warn_flag} ({warn}) must be below {critical_flag} ({critical})"
                 ));
             }
-        }
-        let h = self.pressure_hysteresis;
-        if !(0.0..=0.5).contains(&h) {
-            return Err(format!("--pressure-hysteresis ({h}) must be in [0, 0.5]"));
         }
         Ok(())
     }

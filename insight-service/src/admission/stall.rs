@@ -158,6 +158,8 @@ impl ResetOnAbort for TcpStream {
     }
 }
 
+/// The in-memory pipe of the unit tests: nothing to reset.
+#[cfg(test)]
 impl ResetOnAbort for tokio::io::DuplexStream {
     fn reset_on_close(&self) {}
 }

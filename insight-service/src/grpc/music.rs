@@ -488,26 +488,23 @@ mod tests {
 
     #[test]
     fn conversions_round_trip_and_keep_unknowns_unknown() {
+        // A play with only a track, an artist and `duration_ms`.
+        let play_of = |duration_ms| {
+            Play::try_from(pb::TrackPlay {
+                track_id: "t".into(),
+                artist: "A".into(),
+                duration_ms,
+                ..pb::TrackPlay::default()
+            })
+            .expect("a play with only a track and an artist is valid")
+        };
         // Zero (proto3's "not set") stays unknown: not a 0 ms track, not the epoch.
-        let play = Play::try_from(pb::TrackPlay {
-            track_id: "t".into(),
-            artist: "A".into(),
-            duration_ms: 0,
-            ..pb::TrackPlay::default()
-        })
-        .expect("a play with only a track and an artist is valid");
+        let play = play_of(0);
         assert_eq!(play.artist, "A");
         assert_eq!(play.duration_ms, None);
         assert_eq!(play.played_at, None);
         assert_eq!(play.features, None);
-        let known = Play::try_from(pb::TrackPlay {
-            track_id: "t".into(),
-            artist: "A".into(),
-            duration_ms: 200_000,
-            ..pb::TrackPlay::default()
-        })
-        .expect("valid");
-        assert_eq!(known.duration_ms, Some(200_000));
+        assert_eq!(play_of(200_000).duration_ms, Some(200_000));
         let features = pb::AudioFeatures {
             danceability: 0.1,
             energy: 0.2,

@@ -36,8 +36,26 @@ fn defang(text: &str) -> String {
 /// Length of `defang(text)` without building it: each marker grows by 6 bytes (`<` is one
 /// byte, `‹` three). The budget accounting uses it, so hostile text full of markers cannot make a
 /// rendered prompt outgrow the budget it was counted against.
+///
+/// It runs for every entry of every request, so it is one pass over the bytes rather than two
+/// substring searches: `str::replace` replaces non-overlapping matches from the left, which is
+/// ⌊n / 3⌋ markers in each maximal run of n `<` (or `>`).
 pub fn defanged_len(text: &str) -> usize {
-    text.len() + 6 * (text.matches("<<<").count() + text.matches(">>>").count())
+    let mut markers = 0;
+    let (mut run, mut run_byte) = (0, 0u8);
+    for &byte in text.as_bytes() {
+        if byte != b'<' && byte != b'>' {
+            markers += run / 3;
+            run = 0;
+            continue;
+        }
+        if byte != run_byte {
+            markers += run / 3;
+            (run, run_byte) = (0, byte);
+        }
+        run += 1;
+    }
+    text.len() + 6 * (markers + run / 3)
 }
 
 /// Most bytes of the reduce prompt's first line, "N chunk summaries covering E entries.", with
@@ -250,8 +268,19 @@ mod tests {
             "<<<<<<<",
             ">>>>",
             "<<<END 0>>> ‹‹‹ é <<x>> <<<<>>>>",
+            "\0\0\0<<\0<<<",
+            "<><><>>><<<<<<>>>>>>>",
         ] {
             assert_eq!(defanged_len(text), defang(text).len(), "{text:?}");
+        }
+        // Every string of up to 8 bytes over `<`, `>`, `x` and NUL: each run length and each
+        // way runs of the two markers can meet.
+        let alphabet = ['<', '>', 'x', '\0'];
+        for len in 0..=8u32 {
+            for n in 0..4usize.pow(len) {
+                let text: String = (0..len).map(|i| alphabet[n / 4usize.pow(i) % 4]).collect();
+                assert_eq!(defanged_len(&text), defang(&text).len(), "{text:?}");
+            }
         }
     }
 

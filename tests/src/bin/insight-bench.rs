@@ -356,7 +356,11 @@ async fn measure(
     let rpc = Arc::new(SummarizeFeedback::new(request.clone()));
     let report = loadgen::run(channels, rpc, config).await?;
     let (server_after, client_after) = (server.cpu_time()?, client_cpu()?);
-    let calls = (report.requests() + report.warmup_calls() + report.unfinished()).max(1) as f64;
+    let calls = (report.requests()
+        + report.warmup_calls()
+        + report.unfinished()
+        + report.warmup_unfinished())
+    .max(1) as f64;
     let per_call = |after: Duration, before: Duration| {
         after.saturating_sub(before).as_secs_f64() * 1e6 / calls
     };
@@ -536,7 +540,8 @@ async fn local_phases(
 
 fn errors_note(report: &Report) -> String {
     let failed = report.requests() - report.ok();
-    if failed == 0 && report.unfinished() == 0 {
+    let unfinished = report.unfinished() + report.warmup_unfinished();
+    if failed == 0 && unfinished == 0 {
         String::new()
     } else {
         let codes: Vec<String> = report
@@ -548,7 +553,7 @@ fn errors_note(report: &Report) -> String {
                 (report.transport_errors() > 0)
                     .then(|| format!("{} transport errors", report.transport_errors())),
             )
-            .chain((report.unfinished() > 0).then(|| format!("{} unfinished", report.unfinished())))
+            .chain((unfinished > 0).then(|| format!("{unfinished} unfinished")))
             .collect();
         format!(" (+ {})", codes.join(", "))
     }

@@ -243,6 +243,12 @@ fn other_outcomes(m: &Measured) -> String {
     if m.report.unfinished() > 0 {
         parts.push(format!("unfinished {}", m.report.unfinished()));
     }
+    if m.report.warmup_unfinished() > 0 {
+        parts.push(format!(
+            "warm-up unfinished {}",
+            m.report.warmup_unfinished()
+        ));
+    }
     if parts.is_empty() {
         "0".to_owned()
     } else {

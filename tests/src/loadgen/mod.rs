@@ -338,7 +338,11 @@ async fn closed_loop<R: Rpc>(
                 let channel = channels[index].clone();
                 let Some(outcome) = call_once(&*rpc, channel, timeout, clock.hard_stop).await
                 else {
-                    recorder.unfinished += 1;
+                    if measured {
+                        recorder.unfinished += 1;
+                    } else {
+                        recorder.warmup_unfinished += 1;
+                    }
                     break;
                 };
                 let done = Instant::now();
@@ -414,7 +418,8 @@ async fn open_loop<R: Rpc>(
             drop(permit);
             let mut recorder = shards[shard].lock().unwrap_or_else(PoisonError::into_inner);
             match outcome {
-                None => recorder.unfinished += 1,
+                None if measured => recorder.unfinished += 1,
+                None => recorder.warmup_unfinished += 1,
                 Some(outcome) if !measured => recorder.record_warmup(outcome),
                 Some(outcome) => {
                     // From the intended time when the call left late (the wait is the server's

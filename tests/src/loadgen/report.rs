@@ -106,8 +106,12 @@ pub struct Recorder {
     pub(crate) transport_errors: u64,
     /// The first transport error seen, to say what broke.
     pub(crate) first_transport_error: Option<String>,
-    /// Calls still running when the run's hard stop came; abandoned, not counted above.
+    /// Measured calls still running when the run's hard stop came; abandoned, not counted
+    /// above.
     pub(crate) unfinished: u64,
+    /// Warm-up calls still running at the hard stop: a hang all the same, but outside the
+    /// window, so not among the calls the percentiles should cover.
+    pub(crate) warmup_unfinished: u64,
     /// Calls that finished during the warm-up (not measured, but they cost the server CPU).
     pub(crate) warmup_calls: u64,
     /// The warm-up calls per grpc-status code: not timed, but what they ended with counts
@@ -131,6 +135,7 @@ impl Recorder {
             transport_errors: 0,
             first_transport_error: None,
             unfinished: 0,
+            warmup_unfinished: 0,
             warmup_calls: 0,
             warmup_codes: [0; CODE_COUNT],
             warmup_transport_errors: 0,
@@ -201,6 +206,7 @@ impl Recorder {
             self.first_transport_error = other.first_transport_error.clone();
         }
         self.unfinished += other.unfinished;
+        self.warmup_unfinished += other.warmup_unfinished;
         self.warmup_calls += other.warmup_calls;
         self.last_completion = match (self.last_completion, other.last_completion) {
             (Some(a), Some(b)) => Some(a.max(b)),
@@ -321,9 +327,15 @@ impl Report {
         self.recorder.transport_errors
     }
 
-    /// Calls abandoned at the hard stop.
+    /// Measured calls abandoned at the hard stop.
     pub fn unfinished(&self) -> u64 {
         self.recorder.unfinished
+    }
+
+    /// Warm-up calls abandoned at the hard stop: not among the measured calls, but a call
+    /// that never ended all the same (an overload test fails on either).
+    pub fn warmup_unfinished(&self) -> u64 {
+        self.recorder.warmup_unfinished
     }
 
     /// Calls completed during the warm-up (for per-call CPU accounting of the whole run).
@@ -395,6 +407,7 @@ impl Report {
             "codes": codes,
             "transport_errors": self.transport_errors(),
             "unfinished": self.unfinished(),
+            "warmup_unfinished": self.warmup_unfinished(),
             "warmup_calls": self.warmup_calls(),
             "latency_ok_us": self.ok_latency().to_json(),
             "latency_all_us": self.all_latency().to_json(),
@@ -447,6 +460,14 @@ impl Report {
         }
         if self.unfinished() > 0 {
             let _ = writeln!(out, "  {:<20} {:>10}", "unfinished", self.unfinished());
+        }
+        if self.warmup_unfinished() > 0 {
+            let _ = writeln!(
+                out,
+                "  {:<20} {:>10}   (sent during the warm-up, never ended)",
+                "warm-up unfinished",
+                self.warmup_unfinished()
+            );
         }
         if self.target_rate.is_some() && self.not_sent > 0 {
             let _ = writeln!(

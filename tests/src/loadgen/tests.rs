@@ -1,7 +1,13 @@
 //! The load generator against an in-process echo server: what it counts must add up, and each
 //! status must land under its own code. About 3 s in all.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use spotifai_proto::insight::FeedbackSummary;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -94,6 +100,45 @@ async fn closed_loop_counts_every_status_and_adds_up() {
     assert_eq!(json["codes"]["RESOURCE_EXHAUSTED"], exhausted);
     assert_eq!(json["codes"]["OK"], ok);
     assert!(report.table().contains("RESOURCE_EXHAUSTED"));
+    echo.stop().await;
+}
+
+/// A call sent during the warm-up that never ends is reported as a warm-up hang, not among
+/// the measured calls the percentiles cover (it has no latency in the window to miss).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_up_call_that_never_ends_is_not_a_measured_one() {
+    let echo = Echo::start(EchoInsight::new(summary())).await;
+    let channels = connect(&echo.url, 1).await.unwrap();
+    let started = Arc::new(AtomicU64::new(0));
+    let rpc = {
+        let started = started.clone();
+        move |_channel: Channel, _timeout: Option<Duration>| {
+            let first = started.fetch_add(1, Ordering::Relaxed) == 0;
+            async move {
+                if first {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok(())
+            }
+        }
+    };
+    let config = LoadConfig {
+        mode: Mode::Closed { concurrency: 2 },
+        warmup: Duration::from_millis(100),
+        duration: Duration::from_millis(300),
+        drain: Duration::from_millis(200),
+        ..LoadConfig::default()
+    };
+    let report = run(channels, Arc::new(rpc), &config).await.unwrap();
+    assert!(report.requests() > 10, "{}", report.table());
+    assert_eq!(report.ok(), report.requests());
+    assert_eq!(report.unfinished(), 0);
+    assert_eq!(report.warmup_unfinished(), 1);
+    let table = report.table();
+    assert!(table.contains("warm-up unfinished"), "{table}");
+    assert!(!table.contains("percentiles cover"), "{table}");
+    assert_eq!(report.to_json()["warmup_unfinished"], 1);
     echo.stop().await;
 }
 

@@ -746,6 +746,12 @@ impl Measured {
                 self.report.unfinished(),
             ));
         }
+        if self.report.warmup_unfinished() > 0 {
+            out.push((
+                "warm-up calls unfinished at the hard stop".to_owned(),
+                self.report.warmup_unfinished(),
+            ));
+        }
         out
     }
 }
@@ -1000,7 +1006,13 @@ pub fn summary_table(columns: &[(&str, &Measured)], sustainable: f64) -> String 
     row("transport errors", &|m| {
         m.report.transport_errors().to_string()
     });
-    row("unfinished", &|m| m.report.unfinished().to_string());
+    row("unfinished (warm-up)", &|m| {
+        format!(
+            "{} ({})",
+            m.report.unfinished(),
+            m.report.warmup_unfinished()
+        )
+    });
     row("goodput /s", &|m| format!("{:.2}", m.goodput()));
     row("goodput / sustainable", &|m| {
         format!(

@@ -284,6 +284,19 @@ impl Pipeline {
         };
         let entries_used: usize = ok.iter().map(|c| c.entry_ids.len()).sum();
         let sentiment = text::merge_sentiments(ok.iter().map(|c| &c.sentiment));
+        // A reduce that failed: cut off by the caller's deadline, the clock is the cause (as
+        // for the map step above); anything else is the backend's.
+        let (completed, total) = (ok.len(), chunks.len());
+        let reduce_failed = |backend: &dyn LlmBackend, error: LlmError| {
+            if matches!(error, LlmError::Timeout { .. }) && Instant::now() >= deadline {
+                PipelineError::DeadlineExceeded { completed, total }
+            } else {
+                PipelineError::BackendUnavailable {
+                    backend: backend.name().to_owned(),
+                    message: error.to_string(),
+                }
+            }
+        };
 
         let reduce_deadline = with_headroom(
             deadline,
@@ -301,10 +314,7 @@ impl Pipeline {
         {
             Ok(draft) => draft,
             Err(error) if options.disable_fallback || backend.name() == self.fallback.name() => {
-                return Err(PipelineError::BackendUnavailable {
-                    backend: backend.name().to_owned(),
-                    message: error.to_string(),
-                });
+                return Err(reduce_failed(&*backend, error));
             }
             Err(error) => {
                 tracing::warn!(backend = backend.name(), %error, "reduce failed; falling back to local");
@@ -318,10 +328,7 @@ impl Pipeline {
                 backend = fallback.clone();
                 self.reduce_levels(&*fallback, ok, options.max_words, deadline, &usage)
                     .await
-                    .map_err(|error| PipelineError::BackendUnavailable {
-                        backend: fallback.name().to_owned(),
-                        message: error.to_string(),
-                    })?
+                    .map_err(|error| reduce_failed(&*fallback, error))?
             }
         };
 
@@ -816,6 +823,8 @@ mod tests {
         calls: Mutex<Vec<u32>>,
         reduce_calls: AtomicUsize,
         reduce_fails: bool,
+        /// Milliseconds each reduce call takes.
+        reduce_delay: u64,
     }
 
     impl Scripted {
@@ -828,6 +837,7 @@ mod tests {
                 calls: Mutex::new(Vec::new()),
                 reduce_calls: AtomicUsize::new(0),
                 reduce_fails: false,
+                reduce_delay: 0,
             }
         }
     }
@@ -882,6 +892,7 @@ mod tests {
                     ..Usage::default()
                 });
                 self.reduce_calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(self.reduce_delay)).await;
                 if self.reduce_fails {
                     return Err(LlmError::Timeout {
                         backend: "scripted".into(),
@@ -1219,6 +1230,54 @@ mod tests {
             matches!(err, PipelineError::DeadlineExceeded { .. }),
             "{err:?}"
         );
+    }
+
+    /// The map done in time, the reduce cut off by the caller's deadline: without fallback
+    /// the clock is the cause (DEADLINE_EXCEEDED), not the backend (UNAVAILABLE); with it, the
+    /// headroom kept back lets the local reduce answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_reduce_cut_off_by_the_deadline_is_deadline_exceeded() {
+        let slow_reduce = || {
+            Arc::new(Scripted {
+                reduce_delay: 10_000,
+                ..Scripted::new(|_| 10, |_, _| false)
+            })
+        };
+        let backend = slow_reduce();
+        let pipeline = Pipeline::new(backend.clone(), PipelineConfig::default());
+        let mut strict = options(5, 10);
+        strict.disable_fallback = true;
+        let start = Instant::now();
+        let err = pipeline
+            .summarize(entries(10), strict, start + Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PipelineError::DeadlineExceeded {
+                    completed: 2,
+                    total: 2
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(backend.reduce_calls.load(Ordering::SeqCst), 1);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+
+        let backend = slow_reduce();
+        let pipeline = Pipeline::new(backend.clone(), PipelineConfig::default());
+        let summary = pipeline
+            .summarize(entries(10), options(5, 10), start + Duration::from_secs(4))
+            .await
+            .unwrap();
+        assert!(summary.degraded);
+        assert!(
+            summary.backend.starts_with("local (fallback"),
+            "{}",
+            summary.backend
+        );
+        assert_eq!(summary.entries_used, 10);
     }
 
     #[tokio::test(start_paused = true)]

@@ -272,8 +272,13 @@ impl Summaries {
                 }) as Arc<dyn ChunkMemo>
             })
         });
+        // Callers share one computation only when each would accept the other's outcome. The
+        // cache key leaves out `disable_fallback` (only non-degraded answers are cached), but a
+        // degraded fallback answer is not what a caller that disabled fallback asked for, nor
+        // is UNAVAILABLE what a caller that allowed fallback would have got.
+        let flight_key = format!("{key}/fallback:{}", !options.disable_fallback);
         loop {
-            match self.join(&key) {
+            match self.join(&flight_key) {
                 Flight::Follow(mut outcome) => {
                     let waited =
                         tokio::time::timeout_at(deadline, outcome.wait_for(Option::is_some))

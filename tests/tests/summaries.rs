@@ -404,6 +404,64 @@ async fn identical_concurrent_requests_are_computed_once() {
     }
 }
 
+/// Identical requests share a computation only when each would accept the other's outcome:
+/// with Gemini failing every call, a caller that disabled fallback gets UNAVAILABLE and one
+/// that allowed it gets the local answer, whichever of them arrived first.
+#[tokio::test]
+async fn a_shared_computation_respects_each_callers_fallback_choice() {
+    let db = Db::sqlite();
+    let gemini = Gemini::start(KEY).await;
+    // Every call outlives --llm-timeout: each chunk times out twice (first try and retry)
+    // and fails, a window of ~0.6 s in which the second caller arrives.
+    gemini
+        .fake
+        .set_default_fault(Fault::Delay(Duration::from_secs(30)));
+    let config = insight_service::Config {
+        max_concurrency: 16,
+        llm_timeout: Duration::from_millis(300),
+        ..gemini.config(&db)
+    };
+    let server = start_insight(config).await;
+    let channel = server.channel().await;
+    for (user, leader_disables) in [("erin", true), ("fred", false)] {
+        let options = |disable_fallback| pb::SummaryOptions {
+            chunk_size: Some(5),
+            max_entries: Some(0),
+            disable_fallback,
+            ..Default::default()
+        };
+        let entries = entries(user, 10, 1_700_000_000);
+        let call = |disable_fallback: bool| {
+            let mut client = InsightServiceClient::new(channel.clone());
+            let request = inline(entries.clone(), options(disable_fallback));
+            tokio::spawn(async move { client.summarize_feedback(request).await })
+        };
+        let leader = call(leader_disables);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let follower = call(!leader_disables);
+        for (outcome, disabled) in [
+            (leader.await.unwrap(), leader_disables),
+            (follower.await.unwrap(), !leader_disables),
+        ] {
+            if disabled {
+                let status = outcome.unwrap_err();
+                assert_eq!(status.code(), Code::Unavailable, "{user}: {status:?}");
+                assert!(status.message().contains("gemini"), "{status:?}");
+            } else {
+                let summary = outcome.unwrap().into_inner();
+                assert!(summary.degraded, "{user}: {summary:?}");
+                assert!(
+                    summary.backend.starts_with("local (fallback"),
+                    "{user}: {}",
+                    summary.backend
+                );
+                assert_eq!(summary.entries_used, 10);
+            }
+        }
+    }
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn cache_rows_expire_and_are_pruned() {
     for db in databases().await {

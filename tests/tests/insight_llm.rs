@@ -315,21 +315,8 @@ async fn the_stream_sends_each_chunk_insight_as_it_completes() {
     };
     let server = start_insight(config).await;
     let mut client = InsightServiceClient::new(server.channel().await);
-    let mut stream = client
-        .stream_feedback_summary(request(15, true))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut order = Vec::new();
-    let mut summary = None;
-    while let Some(event) = stream.message().await.unwrap() {
-        assert!(summary.is_none(), "an event after the summary");
-        match event.event {
-            Some(pb::summary_event::Event::Chunk(chunk)) => order.push(chunk.index),
-            Some(pb::summary_event::Event::Summary(s)) => summary = Some(s),
-            None => panic!("an empty event"),
-        }
-    }
+    let (chunks, summary) = stream_events(&mut client, request(15, true)).await;
+    let order: Vec<u32> = chunks.iter().map(|c| c.index).collect();
     // Which chunk the slow call was for: its prompt holds that chunk's reviews.
     let slow_prompt = s.fake.requests()[0].prompt().unwrap().to_owned();
     let slow = (0..3u32)
@@ -341,9 +328,78 @@ async fn the_stream_sends_each_chunk_insight_as_it_completes() {
         Some(&slow),
         "completion order, not index order: {order:?}"
     );
-    let summary = summary.expect("the summary comes last");
     assert_eq!(summary.chunks.len(), 3);
     assert!(!summary.degraded);
+    server.shutdown().await.unwrap();
+}
+
+/// Chunk events of a stream, then its summary.
+async fn stream_events(
+    client: &mut InsightServiceClient<tonic::transport::Channel>,
+    request: pb::SummarizeFeedbackRequest,
+) -> (Vec<pb::ChunkInsight>, pb::FeedbackSummary) {
+    let mut stream = client
+        .stream_feedback_summary(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut chunks, mut summary) = (Vec::new(), None);
+    while let Some(event) = stream.message().await.unwrap() {
+        assert!(summary.is_none(), "an event after the summary");
+        match event.event {
+            Some(pb::summary_event::Event::Chunk(chunk)) => chunks.push(chunk),
+            Some(pb::summary_event::Event::Summary(s)) => summary = Some(s),
+            None => panic!("an empty event"),
+        }
+    }
+    (chunks, summary.expect("the summary comes last"))
+}
+
+/// One chunk event per chunk, as DESIGN.md promises, also when chunks fail: a FAILED chunk the
+/// fallback redoes is reported once (as the fallback's), one that stays FAILED once.
+#[tokio::test]
+async fn the_stream_reports_each_chunk_once_when_chunks_fail() {
+    let s = setup().await;
+    let config = insight_service::Config {
+        map_parallelism: 4,
+        ..s.config.clone()
+    };
+    let server = start_insight(config).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let indexes = |chunks: &[pb::ChunkInsight]| {
+        let mut indexes: Vec<u32> = chunks.iter().map(|c| c.index).collect();
+        indexes.sort_unstable();
+        indexes
+    };
+    let failed = pb::ChunkStatus::Failed as i32;
+
+    // Gemini down: every chunk fails, the local backend redoes all three.
+    s.fake.set_default_fault(Fault::Status(500));
+    let (chunks, summary) = stream_events(&mut client, request(15, false)).await;
+    assert_eq!(indexes(&chunks), [0, 1, 2], "{chunks:?}");
+    assert!(chunks.iter().all(|c| c.status != failed), "{chunks:?}");
+    assert!(summary.degraded);
+    assert_eq!(summary.backend, "local (fallback from gemini)");
+
+    // One chunk fails twice (first try and retry) and stays FAILED; the two others answer
+    // 300 ms later, so the failure is known before any success.
+    s.fake.set_default_fault(Fault::Ok);
+    s.fake.push_faults([
+        Fault::Status(500),
+        Fault::Delay(Duration::from_millis(300)),
+        Fault::Delay(Duration::from_millis(300)),
+        Fault::Status(500),
+    ]);
+    let (chunks, summary) = stream_events(&mut client, request(15, false)).await;
+    assert_eq!(indexes(&chunks), [0, 1, 2], "{chunks:?}");
+    assert_eq!(
+        chunks.iter().filter(|c| c.status == failed).count(),
+        1,
+        "{chunks:?}"
+    );
+    assert!(summary.degraded);
+    assert_eq!(summary.backend, "gemini");
+    assert_eq!(summary.entries_used, 10);
     server.shutdown().await.unwrap();
 }
 

@@ -188,6 +188,25 @@ impl Pipeline {
             deadline,
             fallback_allowed && self.backend.name() != self.fallback.name(),
         );
+        // One event per chunk (the stream's promise): until one of the primary's chunks has
+        // succeeded, any of them may yet be redone by the fallback (which runs only when all
+        // failed) and reported again under the same index. So a FAILED chunk is held back
+        // until the first success, then reported ahead of it; if none succeeds, the fallback's
+        // insights (or the call's error) take the held ones' place.
+        let replaceable = fallback_allowed && self.backend.name() != self.fallback.name();
+        let mut held: Vec<ChunkInsight> = Vec::new();
+        let mut succeeded = false;
+        let mut report = |chunk: &ChunkInsight| {
+            if replaceable && !succeeded && chunk.status == ChunkStatus::Failed {
+                held.push(chunk.clone());
+                return;
+            }
+            succeeded = true;
+            for failed in held.drain(..) {
+                on_chunk(&failed);
+            }
+            on_chunk(chunk);
+        };
         let Mapped {
             mut chunks,
             timed_out,
@@ -200,7 +219,7 @@ impl Pipeline {
                 options,
                 backend_deadline,
                 &usage,
-                &mut on_chunk,
+                &mut report,
             )
             .await?;
         if chunks.is_empty() {

@@ -278,6 +278,24 @@ impl Pipeline {
                 )
                 .await?
                 .chunks;
+            // The fallback's chunks can fail too (out of time: a store re-read that was slow);
+            // a reduce over none of them would be an OK answer about zero entries.
+            if chunks.iter().all(|c| c.status == ChunkStatus::Failed) {
+                return Err(if Instant::now() >= deadline {
+                    PipelineError::DeadlineExceeded {
+                        completed: 0,
+                        total: chunks.len(),
+                    }
+                } else {
+                    PipelineError::BackendUnavailable {
+                        backend: self.fallback.name().to_owned(),
+                        message: chunks
+                            .iter()
+                            .find_map(|c| c.error.clone())
+                            .unwrap_or_else(|| "no chunk succeeded".to_owned()),
+                    }
+                });
+            }
             backend = self.fallback.clone();
             backend_label = format!(
                 "{} (fallback from {})",
@@ -1297,6 +1315,64 @@ mod tests {
             summary.backend
         );
         assert_eq!(summary.entries_used, 10);
+    }
+
+    /// A source whose every read after the first is slow (a store under load): the fallback's
+    /// re-read outlasts the deadline.
+    struct SlowRereads {
+        entries: Vec<Entry>,
+        reads: AtomicUsize,
+    }
+
+    impl EntrySource for SlowRereads {
+        fn entries(&self, limit: usize) -> BoxStream<'_, Result<Entry, SourceError>> {
+            let slow = self.reads.fetch_add(1, Ordering::SeqCst) > 0;
+            Box::pin(stream::iter(self.entries.iter().take(limit).cloned()).then(
+                move |entry| async move {
+                    if slow {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                    Ok(entry)
+                },
+            ))
+        }
+
+        fn available(&self) -> futures::future::BoxFuture<'_, Result<usize, SourceError>> {
+            Box::pin(std::future::ready(Ok(self.entries.len())))
+        }
+    }
+
+    /// Every chunk of the backend failed, and every chunk of the fallback ran out of time:
+    /// DEADLINE_EXCEEDED, not an OK answer reduced from no chunk at all.
+    #[tokio::test(start_paused = true)]
+    async fn a_fallback_out_of_time_for_every_chunk_is_deadline_exceeded() {
+        let backend = Arc::new(Scripted::new(|_| 10, |_, _| true));
+        let pipeline = Pipeline::new(backend.clone(), PipelineConfig::default());
+        let source = SlowRereads {
+            entries: entries(10),
+            reads: AtomicUsize::new(0),
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let err = pipeline
+            .summarize_source(&source, None, options(5, 10), deadline, |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PipelineError::DeadlineExceeded {
+                    completed: 0,
+                    total: 2
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            source.reads.load(Ordering::SeqCst),
+            2,
+            "the fallback re-read"
+        );
+        assert_eq!(backend.reduce_calls.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(start_paused = true)]

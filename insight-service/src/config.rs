@@ -96,8 +96,9 @@ pub struct Config {
     pub map_parallelism: u32,
 
     /// Most bytes of feedback (or chunk insights) in one prompt: chunks are cut by entry count
-    /// AND by this, and the reduce collapses in levels when the insights exceed it.
-    #[arg(long, env = "INSIGHT_PROMPT_BUDGET_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1024..=1_048_576))]
+    /// AND by this, and the reduce collapses in levels when the insights exceed it. At least
+    /// 4096: a reduce prompt must hold two partial summaries.
+    #[arg(long, env = "INSIGHT_PROMPT_BUDGET_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(crate::pipeline::MIN_PROMPT_BUDGET_BYTES as i64..=1_048_576))]
     pub prompt_budget_bytes: u32,
 
     /// Most intermediate reduce levels; past it each partial summary is cut to fit.
@@ -550,6 +551,7 @@ mod tests {
             ("--llm-timeout", "0s", "at least"),
             ("--h2-stream-window", "4GiB", "at most"),
             ("--h2-connection-window", "2GiB", "at most"),
+            ("--prompt-budget-bytes", "2048", "4096.."),
         ] {
             let err = Config::try_parse_from(["insight-service", flag, value])
                 .err()

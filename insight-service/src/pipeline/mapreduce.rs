@@ -33,6 +33,13 @@ use crate::{
 /// level can read many of them in one prompt.
 const PARTIAL_SUMMARY_WORDS: usize = 120;
 
+/// Smallest prompt budget (`--prompt-budget-bytes`, and its halving under memory pressure): a
+/// reduce prompt must hold at least two partial summaries (≤ 120 words each, with their themes
+/// and markers) so that every level shrinks the next; below that, a large request's levels
+/// stop shrinking, the depth cap cuts every insight to nothing, and the final prompt still
+/// overflows the budget.
+pub const MIN_PROMPT_BUDGET_BYTES: usize = 4096;
+
 /// Tuning of the pipeline, from the server's flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PipelineConfig {
@@ -102,7 +109,8 @@ impl Pipeline {
         if pressed {
             PipelineConfig {
                 map_parallelism: 1,
-                prompt_budget_bytes: (self.config.prompt_budget_bytes / 2).max(1024),
+                prompt_budget_bytes: (self.config.prompt_budget_bytes / 2)
+                    .max(MIN_PROMPT_BUDGET_BYTES),
                 ..self.config
             }
         } else {
@@ -1466,7 +1474,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn every_reduce_prompt_fits_the_budget_below_the_depth_cap() {
-        struct Recorder(Mutex<Vec<usize>>);
+        struct Recorder(Mutex<Vec<(usize, bool)>>);
         impl LlmBackend for Recorder {
             fn name(&self) -> &str {
                 "rec"
@@ -1492,7 +1500,8 @@ mod tests {
             ) -> futures::future::BoxFuture<'a, Result<SummaryDraft, LlmError>> {
                 Box::pin(async move {
                     let rendered = prompts::reduce_prompt(r.chunks, r.max_words).user.len();
-                    self.0.lock().unwrap().push(rendered);
+                    let texts = r.chunks.iter().all(|c| !c.insight.is_empty());
+                    self.0.lock().unwrap().push((rendered, texts));
                     Ok(SummaryDraft {
                         summary: "w ".repeat(100),
                         themes: vec![],
@@ -1506,7 +1515,7 @@ mod tests {
         for (count, depth) in [(1_000, 4), (995, 4), (10_000, 4), (70, 0)] {
             let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
             let config = PipelineConfig {
-                prompt_budget_bytes: 4096,
+                prompt_budget_bytes: MIN_PROMPT_BUDGET_BYTES,
                 max_reduce_depth: depth,
                 ..PipelineConfig::default()
             };
@@ -1521,7 +1530,12 @@ mod tests {
                 sizes.len() > usize::from(depth > 0),
                 "{count}: reduced in levels"
             );
-            assert!(sizes.iter().all(|&b| b <= 4096), "{count}: {sizes:?}");
+            assert!(
+                sizes.iter().all(|&(b, _)| b <= MIN_PROMPT_BUDGET_BYTES),
+                "{count}: {sizes:?}"
+            );
+            // Even past the depth cap, each insight keeps some of its text.
+            assert!(sizes.iter().all(|&(_, texts)| texts), "{count}: {sizes:?}");
         }
     }
 

@@ -30,7 +30,7 @@ use super::{
     FinishReason, GenerateRequest, Generation, Generator, LlmError,
     http::{
         Flow, HttpLimits, HttpTransport, ProviderError, SetupError, SseHandler,
-        error_for_provider_error, join_url, malformed, stream_end,
+        error_for_provider_error, join_url, malformed, redacted_url, stream_end,
     },
 };
 use crate::domain::{Usage, UsageMeter};
@@ -159,7 +159,7 @@ impl fmt::Debug for GeminiGenerator {
         // The headers hold the key: left out on purpose.
         f.debug_struct("GeminiGenerator")
             .field("model", &self.model)
-            .field("url", &self.generate_url.as_str())
+            .field("url", &redacted_url(self.generate_url.as_str()))
             .field("stream", &self.stream)
             .field("thinking_budget", &self.thinking_budget)
             .field("limits", self.transport.limits())

@@ -85,7 +85,7 @@ pub enum SetupError {
     /// The base URL does not parse or is not http(s).
     #[error("invalid LLM base URL {url:?}: {reason}")]
     BaseUrl {
-        /// The URL as given.
+        /// The URL as given, credentials and query redacted ([`redacted_url`]).
         url: String,
         /// What is wrong with it.
         reason: String,
@@ -110,7 +110,7 @@ pub enum SetupError {
 /// path prefix the base has (proxies such as LiteLLM mount the API under one).
 pub(crate) fn join_url(base: &str, path: &str) -> Result<Url, SetupError> {
     let bad = |reason: String| SetupError::BaseUrl {
-        url: base.to_owned(),
+        url: redacted_url(base),
         reason,
     };
     let parsed = Url::parse(base).map_err(|e| bad(e.to_string()))?;
@@ -125,6 +125,38 @@ pub(crate) fn join_url(base: &str, path: &str) -> Result<Url, SetupError> {
     }
     let joined = format!("{}{path}", parsed.as_str().trim_end_matches('/'));
     Url::parse(&joined).map_err(|e| bad(e.to_string()))
+}
+
+/// `url` as it may be shown in an error or a log: a user name, a password, a query or a
+/// fragment is replaced by `redacted`. Keys end up there (`?key=…` from curl examples of the
+/// Gemini API, `user:key@` for a proxy), and a startup error is printed for everyone to read.
+/// A string that does not parse loses the same parts, found by their separators.
+pub(crate) fn redacted_url(url: &str) -> String {
+    const REDACTED: &str = "redacted";
+    let Ok(mut parsed) = Url::parse(url) else {
+        let end = url.find(['?', '#']).unwrap_or(url.len());
+        let mut shown = match url[..end].rfind('@') {
+            Some(at) => format!("<{REDACTED}>@{}", &url[at + 1..end]),
+            None => url[..end].to_owned(),
+        };
+        if end < url.len() {
+            shown.push_str(&format!("<{REDACTED}>"));
+        }
+        return shown;
+    };
+    if !parsed.username().is_empty() {
+        let _ = parsed.set_username(REDACTED);
+    }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some(REDACTED));
+    }
+    if parsed.query().is_some() {
+        parsed.set_query(Some(REDACTED));
+    }
+    if parsed.fragment().is_some() {
+        parsed.set_fragment(Some(REDACTED));
+    }
+    parsed.into()
 }
 
 /// What an SSE consumer tells the reader after an event.
@@ -1258,5 +1290,30 @@ mod tests {
         assert!(join_url("ftp://x", "/a").is_err());
         assert!(join_url("not a url", "/a").is_err());
         assert!(join_url("http://x/?q=1", "/a").is_err());
+    }
+
+    #[test]
+    fn a_key_in_a_base_url_never_reaches_the_error_message() {
+        for (base, shown) in [
+            (
+                "https://generativelanguage.googleapis.com?key=AIzaSECRET",
+                "https://generativelanguage.googleapis.com/?redacted",
+            ),
+            (
+                "https://generativelanguage.googleapis.com/#key=AIzaSECRET",
+                "https://generativelanguage.googleapis.com/#redacted",
+            ),
+            ("ftp://bob:AIzaSECRET@x/", "ftp://redacted:redacted@x/"),
+            ("htp//bob:AIzaSECRET@x/", "\"<redacted>@x/\""),
+            ("x y?key=AIzaSECRET", "\"x y<redacted>\""),
+        ] {
+            let error = join_url(base, "/a").unwrap_err().to_string();
+            assert!(!error.contains("SECRET"), "{error}");
+            assert!(error.contains(shown), "{error}");
+        }
+        assert_eq!(
+            redacted_url("http://127.0.0.1:8080/v1"),
+            "http://127.0.0.1:8080/v1"
+        );
     }
 }

@@ -425,6 +425,8 @@ async fn a_retry_after_past_the_deadline_fails_at_once_with_the_rate_limit() {
         for (header, delay, expected) in [
             ("30", "30s", Duration::from_secs(30)),
             ("1e18", "1e18s", Duration::from_secs(1_000_000_000_000_000_000)),
+            // The largest integer a header can hold: added to anything it would overflow.
+            ("18446744073709551615", "30s", Duration::from_secs(u64::MAX)),
         ] {
             fake.push_fault(Fault::RateLimited {
                 retry_after: Some(header.to_owned()),
@@ -438,7 +440,7 @@ async fn a_retry_after_past_the_deadline_fails_at_once_with_the_rate_limit() {
             );
             assert!(elapsed < Duration::from_millis(500), "{elapsed:?}");
         }
-        assert_eq!(fake.request_count(), 2);
+        assert_eq!(fake.request_count(), 3);
     })
     .await;
 }

@@ -302,15 +302,13 @@ impl HttpTransport {
             if !failure.error.is_retryable() || retry >= self.limits.max_retries {
                 return Err(failure.error);
             }
-            let wait = failure
-                .retry_after
-                .unwrap_or_else(|| backoff(&self.limits, retry));
+            let wait = retry_wait(&self.limits, retry, failure.retry_after);
             // A retry that could only start after the deadline, or too close to it to finish,
             // is pointless; the caller is better served by the real cause now than by a
-            // timeout later. `checked_add`: a hostile `Retry-After: 1e18` must not overflow
-            // the clock.
+            // timeout later. Saturating and checked: a hostile `Retry-After:
+            // 18446744073709551615` must not overflow the sum nor the clock.
             if Instant::now()
-                .checked_add(wait + MIN_RETRY_WINDOW)
+                .checked_add(wait.saturating_add(MIN_RETRY_WINDOW))
                 .is_none_or(|start| start > deadline)
             {
                 tracing::debug!(
@@ -564,6 +562,24 @@ fn backoff(limits: &HttpLimits, retry: u32) -> Duration {
         .saturating_mul(1u32 << retry.min(16))
         .min(limits.max_backoff);
     (base / 2).saturating_add(base.mul_f64(jitter() / 2.0))
+}
+
+/// How long to wait before retry number `retry` (from 0). A delay the provider asked for
+/// (`Retry-After`, RetryInfo) is a floor, never shortened; it is raised to the ordinary backoff
+/// (`Retry-After: 0` must not mean back-to-back retries) and spread by up to a tenth of itself,
+/// since a request's parallel map calls are all told the same delay at once and would
+/// otherwise come back in the same instant.
+fn retry_wait(limits: &HttpLimits, retry: u32, asked: Option<Duration>) -> Duration {
+    let backoff = backoff(limits, retry);
+    match asked {
+        None => backoff,
+        Some(asked) => {
+            let spread = Duration::try_from_secs_f64(asked.as_secs_f64() * jitter() / 10.0);
+            asked
+                .max(backoff)
+                .saturating_add(spread.unwrap_or_default())
+        }
+    }
 }
 
 /// A uniform value in `[0, 1)`. Each `RandomState` gets fresh random SipHash keys from std, so
@@ -1250,6 +1266,23 @@ mod tests {
         ] {
             let _ = error_for_status("x", 500, body, None);
         }
+    }
+
+    #[test]
+    fn a_delay_the_provider_asked_for_is_a_jittered_floor() {
+        let limits = HttpLimits::default();
+        let asked = Duration::from_secs(38);
+        let waits: std::collections::HashSet<Duration> = (0..50)
+            .map(|_| retry_wait(&limits, 0, Some(asked)))
+            .inspect(|wait| assert!(*wait >= asked && *wait < asked + asked / 10, "{wait:?}"))
+            .collect();
+        assert!(waits.len() > 40, "not spread: {waits:?}");
+        // Zero asked: the ordinary backoff still applies.
+        let wait = retry_wait(&limits, 2, Some(Duration::ZERO));
+        assert!(wait >= limits.initial_backoff * 2, "{wait:?}");
+        // The largest header value saturates instead of overflowing.
+        let most = Duration::from_secs(u64::MAX);
+        assert!(retry_wait(&limits, 0, Some(most)) >= most.saturating_sub(Duration::from_secs(1)));
     }
 
     #[test]

@@ -73,7 +73,9 @@ pub struct Config {
     pub llm_stall_timeout: Duration,
 
     /// Most bytes read of one LLM response body; past it the call fails instead of buffering.
-    #[arg(long, env = "INSIGHT_LLM_MAX_RESPONSE_BYTES", default_value_t = 1 << 20)]
+    /// 1 KiB to 64 MiB: no summary is larger, and the memory estimate reserves three times
+    /// this for every call in flight.
+    #[arg(long, env = "INSIGHT_LLM_MAX_RESPONSE_BYTES", default_value = "1MiB", value_parser = response_bytes)]
     pub llm_max_response_bytes: usize,
 
     /// Retries of one LLM call on 429/5xx/connect errors (jittered backoff, Retry-After honoured).
@@ -129,8 +131,9 @@ pub struct Config {
     pub memory_budget: u64,
 
     /// Largest request or response message (e.g. "4MiB"), enforced by the transport for
-    /// decoding and encoding, and before any byte of an oversized request is buffered.
-    #[arg(long, env = "INSIGHT_MAX_MESSAGE_SIZE", default_value = "4MiB", value_parser = crate::admission::parse_bytes)]
+    /// decoding and encoding, and before any byte of an oversized request is buffered. 1 KiB
+    /// to 4 GiB - 1 (gRPC's length prefix is 32 bits).
+    #[arg(long, env = "INSIGHT_MAX_MESSAGE_SIZE", default_value = "4MiB", value_parser = bytes_within(1 << 10, u64::from(u32::MAX)))]
     pub max_message_size: u64,
 
     /// How often memory pressure is sampled in-process.
@@ -336,6 +339,27 @@ fn hysteresis(text: &str) -> Result<f64, String> {
 }
 
 /// An HTTP/2 window size: at most 2^31 - 1 bytes, the protocol's limit.
+/// A byte-size flag between `min` and `max` inclusive: `--max-message-size 0` would refuse
+/// every call, a size beyond what a gRPC length prefix can state means nothing.
+fn bytes_within(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> + Clone {
+    move |text| {
+        let bytes = crate::admission::parse_bytes(text)?;
+        if bytes < min {
+            return Err(format!("must be at least {min} bytes"));
+        }
+        if bytes > max {
+            return Err(format!("must be at most {max} bytes"));
+        }
+        Ok(bytes)
+    }
+}
+
+/// `--llm-max-response-bytes`: 1 KiB to 64 MiB.
+fn response_bytes(text: &str) -> Result<usize, String> {
+    let bytes = bytes_within(1 << 10, 64 << 20)(text)?;
+    usize::try_from(bytes).map_err(|_| "too large for this machine".to_owned())
+}
+
 fn window_bytes(text: &str) -> Result<u64, String> {
     let bytes = crate::admission::parse_bytes(text)?;
     if bytes > (1 << 31) - 1 {
@@ -552,6 +576,10 @@ mod tests {
             ("--h2-stream-window", "4GiB", "at most"),
             ("--h2-connection-window", "2GiB", "at most"),
             ("--prompt-budget-bytes", "2048", "4096.."),
+            ("--max-message-size", "0", "at least 1024 bytes"),
+            ("--max-message-size", "4GiB", "at most 4294967295 bytes"),
+            ("--llm-max-response-bytes", "0", "at least 1024 bytes"),
+            ("--llm-max-response-bytes", "1GiB", "at most 67108864 bytes"),
         ] {
             let err = Config::try_parse_from(["insight-service", flag, value])
                 .err()
@@ -570,6 +598,10 @@ mod tests {
             "10m",
             "--h2-connection-window",
             "16MiB",
+            "--max-message-size",
+            "16MiB",
+            "--llm-max-response-bytes",
+            "2MiB",
         ]);
         assert!(fine.is_ok(), "{fine:?}");
     }

@@ -134,6 +134,8 @@ fn build_generator(config: &Config) -> Result<Option<Arc<dyn Generator>>, Backen
                 openai.model = model.clone();
             }
             openai.stream = config.llm_stream;
+            openai.json_mode = config.llm_json_mode;
+            openai.token_limit_field = config.llm_token_limit_field;
             openai.limits = limits(config);
             Some(Arc::new(OpenAiGenerator::new(openai)?))
         }

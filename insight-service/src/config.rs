@@ -93,6 +93,18 @@ pub struct Config {
     #[arg(long, env = "INSIGHT_LLM_THINKING_BUDGET", default_value = "auto", value_parser = clap::value_parser!(crate::llm::gemini::ThinkingBudget))]
     pub llm_thinking_budget: crate::llm::gemini::ThinkingBudget,
 
+    /// OpenAI-compatible: how JSON answers are requested. `schema` (structured outputs,
+    /// falling back to `object` once if the server rejects it), `object` (`json_object`), or
+    /// `off` (no `response_format`, for servers that reject both; the prompt asks for JSON).
+    #[arg(long, env = "INSIGHT_LLM_JSON_MODE", default_value = "schema", value_parser = clap::value_parser!(crate::llm::openai::JsonMode))]
+    pub llm_json_mode: crate::llm::openai::JsonMode,
+
+    /// OpenAI-compatible: the name of the answer's token cap in the request. `max_tokens`
+    /// (Ollama, vLLM, llama.cpp, LiteLLM, older OpenAI models) or `max_completion_tokens`
+    /// (OpenAI's reasoning models, which refuse `max_tokens`).
+    #[arg(long, env = "INSIGHT_LLM_TOKEN_LIMIT_FIELD", default_value = "max_tokens", value_parser = clap::value_parser!(crate::llm::openai::TokenLimitField))]
+    pub llm_token_limit_field: crate::llm::openai::TokenLimitField,
+
     /// Chunks summarized at once per request. 4 matches the seed's 4 worker threads.
     #[arg(long, env = "INSIGHT_MAP_PARALLELISM", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub map_parallelism: u32,
@@ -494,6 +506,8 @@ impl Default for Config {
             llm_max_retries: 3,
             llm_stream: false,
             llm_thinking_budget: crate::llm::gemini::ThinkingBudget::Auto,
+            llm_json_mode: crate::llm::openai::JsonMode::Schema,
+            llm_token_limit_field: crate::llm::openai::TokenLimitField::MaxTokens,
             map_parallelism: 4,
             prompt_budget_bytes: 16 * 1024,
             max_reduce_depth: 4,
@@ -553,6 +567,31 @@ mod tests {
         }
         let parsed = Config::try_parse_from(["insight-service"]).unwrap();
         assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn openai_request_shape_flags() {
+        use crate::llm::openai::{JsonMode, TokenLimitField};
+        let config = Config::try_parse_from([
+            "insight-service",
+            "--llm-json-mode",
+            "off",
+            "--llm-token-limit-field",
+            "max_completion_tokens",
+        ])
+        .unwrap();
+        assert_eq!(config.llm_json_mode, JsonMode::Off);
+        assert_eq!(
+            config.llm_token_limit_field,
+            TokenLimitField::MaxCompletionTokens
+        );
+        let err = Config::try_parse_from(["insight-service", "--llm-json-mode", "strict"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--llm-json-mode") && err.contains("schema, object, off"),
+            "{err}"
+        );
     }
 
     #[test]

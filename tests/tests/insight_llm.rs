@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use insight_service::config::BackendKind;
+use insight_service::{
+    config::BackendKind,
+    llm::openai::{JsonMode, TokenLimitField},
+};
 use spotifai_e2e::{
     fakes::{FakeLlm, Fault, FinishKind, Flavor, RecordedRequest, closed_port_url},
     start_insight,
@@ -726,7 +729,7 @@ async fn the_openai_compatible_backend_summarizes_too() {
         llm_api_key_file: Some(key_file.path().to_path_buf()),
         ..insight_service::Config::default()
     };
-    let server = start_insight(config).await;
+    let server = start_insight(config.clone()).await;
     let mut client = InsightServiceClient::new(server.channel().await);
     let summary = client
         .summarize_feedback(request(10, true))
@@ -750,6 +753,31 @@ async fn the_openai_compatible_backend_summarizes_too() {
         );
         assert_eq!(r.json["model"], "llama3.1");
         assert!(r.json["response_format"].is_object());
+        assert!(r.json["max_tokens"].is_u64(), "{}", r.json);
+    }
+    server.shutdown().await.unwrap();
+
+    // A reasoning model (only `max_completion_tokens`) behind a server that rejects every
+    // `response_format`: both are flags.
+    let config = insight_service::Config {
+        llm_json_mode: JsonMode::Off,
+        llm_token_limit_field: TokenLimitField::MaxCompletionTokens,
+        ..config
+    };
+    let server = start_insight(config).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let summary = client
+        .summarize_feedback(request(10, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!summary.degraded);
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 6);
+    for r in &requests[3..] {
+        assert!(r.json["max_completion_tokens"].is_u64(), "{}", r.json);
+        assert!(r.json.get("max_tokens").is_none(), "{}", r.json);
+        assert!(r.json.get("response_format").is_none(), "{}", r.json);
     }
     server.shutdown().await.unwrap();
 }

@@ -69,6 +69,35 @@ pub enum TokenLimitField {
     MaxCompletionTokens,
 }
 
+/// `--llm-json-mode`: `schema`, `object` or `off`.
+impl std::str::FromStr for JsonMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "schema" => Ok(Self::Schema),
+            "object" => Ok(Self::Object),
+            "off" => Ok(Self::Off),
+            other => Err(format!("{other:?} is not one of schema, object, off")),
+        }
+    }
+}
+
+/// `--llm-token-limit-field`: `max_tokens` or `max_completion_tokens`, the request field's name.
+impl std::str::FromStr for TokenLimitField {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "max_tokens" => Ok(Self::MaxTokens),
+            "max_completion_tokens" => Ok(Self::MaxCompletionTokens),
+            other => Err(format!(
+                "{other:?} is not one of max_tokens, max_completion_tokens"
+            )),
+        }
+    }
+}
+
 /// How to reach an OpenAI-compatible server. Build with [`OpenAiConfig::new`] and override
 /// fields; `Debug` never shows the key.
 #[derive(Clone, Debug)]

@@ -11,18 +11,38 @@ use crate::{
 /// The ErrorInfo domain of this service's errors.
 const DOMAIN: &str = "insight.spotifai";
 
+/// Longest status message sent, in bytes. A message travels in the `grpc-message` trailer,
+/// and clients refuse header blocks past 8–16 KiB (tonic: the stream past 16 KiB, the whole
+/// connection past ~80 KiB), so an over-long one turns the status into a protocol error on
+/// the caller's side. Whatever a message echoes of the request (an id, a user) is cut here,
+/// for every error, after the first kilobyte that says what went wrong.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut to [`MAX_MESSAGE_BYTES`] on a character boundary, marked with `…` when cut.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES - '…'.len_utf8();
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
+}
+
 /// Maps a pipeline error to the status of the error contract, with machine-readable details:
 /// a `BadRequest` field violation for bad input, an `ErrorInfo` naming the backend when the
 /// LLM is unavailable.
 pub fn to_status(error: PipelineError) -> Status {
     match error {
         PipelineError::InvalidArgument { field, reason } => {
-            let message = format!("{field}: {reason}");
+            let message = bounded(format!("{field}: {reason}"));
             let details = ErrorDetails::with_bad_request_violation(field, reason);
             Status::with_error_details(Code::InvalidArgument, message, details)
         }
         PipelineError::BackendUnavailable { backend, message } => {
-            let text = format!("the {backend} backend is unavailable: {message}");
+            let text = bounded(format!("the {backend} backend is unavailable: {message}"));
             let details = ErrorDetails::with_error_info(
                 "BACKEND_UNAVAILABLE",
                 DOMAIN,
@@ -31,7 +51,7 @@ pub fn to_status(error: PipelineError) -> Status {
             Status::with_error_details(Code::Unavailable, text, details)
         }
         error @ PipelineError::DeadlineExceeded { .. } => {
-            Status::deadline_exceeded(error.to_string())
+            Status::deadline_exceeded(bounded(error.to_string()))
         }
         error @ PipelineError::Source(_) => store_unavailable(error.to_string()),
     }
@@ -64,7 +84,7 @@ fn store_unavailable(message: String) -> Status {
         DOMAIN,
         std::collections::HashMap::new(),
     );
-    Status::with_error_details(Code::Unavailable, message, details)
+    Status::with_error_details(Code::Unavailable, bounded(message), details)
 }
 
 /// Maps a music-analysis error: bad input names its field; a user without stored plays is
@@ -75,13 +95,15 @@ pub fn music_status(error: MusicError) -> Status {
         MusicError::InvalidArgument { field, reason } => {
             to_status(PipelineError::InvalidArgument { field, reason })
         }
-        error @ MusicError::NoStoredPlays { .. } => Status::not_found(error.to_string()),
+        error @ MusicError::NoStoredPlays { .. } => Status::not_found(bounded(error.to_string())),
         MusicError::Store(error) => store_status(error),
         MusicError::BackendUnavailable { source } => to_status(PipelineError::BackendUnavailable {
             backend: source.backend().to_owned(),
             message: source.to_string(),
         }),
-        error @ MusicError::DeadlineExceeded { .. } => Status::deadline_exceeded(error.to_string()),
+        error @ MusicError::DeadlineExceeded { .. } => {
+            Status::deadline_exceeded(bounded(error.to_string()))
+        }
     }
 }
 
@@ -96,15 +118,15 @@ pub fn store_status(error: StoreError) -> Status {
         }
         StoreError::Unavailable(sqlx::Error::Database(db)) if refuses_a_value(&*db) => {
             // Retrying the same request would fail the same way: not UNAVAILABLE.
-            Status::invalid_argument(format!(
+            Status::invalid_argument(bounded(format!(
                 "the database refused a value of this request: {}",
                 db.message()
-            ))
+            )))
         }
         error @ (StoreError::Unavailable(_) | StoreError::Migrate(_)) => {
             store_unavailable(error.to_string())
         }
-        error @ StoreError::Corrupt(_) => Status::data_loss(error.to_string()),
+        error @ StoreError::Corrupt(_) => Status::data_loss(bounded(error.to_string())),
     }
 }
 
@@ -112,7 +134,7 @@ pub fn store_status(error: StoreError) -> Status {
 pub fn job_status(error: JobError) -> Status {
     match error {
         JobError::Invalid(error) => to_status(error),
-        error @ JobError::NotFound(_) => Status::not_found(error.to_string()),
+        error @ JobError::NotFound(_) => Status::not_found(bounded(error.to_string())),
         JobError::Store(error) => store_status(error),
     }
 }
@@ -120,7 +142,7 @@ pub fn job_status(error: JobError) -> Status {
 /// Maps an overload refusal: RESOURCE_EXHAUSTED with an ErrorInfo reason and, where waiting
 /// helps, a RetryInfo delay; DEADLINE_EXCEEDED for deadlines.
 pub fn admission_status(error: &AdmissionError) -> Status {
-    let message = error.to_string();
+    let message = bounded(error.to_string());
     let (reason, retry_after) = match *error {
         AdmissionError::DeadlineExceeded { .. } => return Status::deadline_exceeded(message),
         AdmissionError::Malformed { reason } => {
@@ -166,6 +188,24 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(violations.len(), 1);
         assert_eq!(violations[0].field, "entries[2].text");
+    }
+
+    #[test]
+    fn messages_are_cut_to_a_kilobyte_whatever_they_echo() {
+        let long = "é".repeat(100_000);
+        for status in [
+            music_status(MusicError::NoStoredPlays {
+                user_id: long.clone(),
+            }),
+            job_status(JobError::NotFound(long.clone())),
+            to_status(PipelineError::invalid("entries[0].id", long.clone())),
+            store_status(StoreError::Corrupt(long.clone())),
+        ] {
+            assert!(status.message().len() <= MAX_MESSAGE_BYTES, "{status:?}");
+            assert!(status.message().ends_with('…'), "{}", status.message());
+        }
+        let short = job_status(JobError::NotFound("j1".into()));
+        assert!(!short.message().ends_with('…'), "{}", short.message());
     }
 
     #[test]

@@ -219,10 +219,10 @@ pub fn validate_entry(entry: &Entry) -> Result<(), PipelineError> {
 /// Refuses a NUL character in `value` (INVALID_ARGUMENT naming `field`).
 pub fn no_nul(field: &str, value: &str) -> Result<(), PipelineError> {
     if value.contains('\0') {
-        return Err(PipelineError::invalid(
-            field,
-            "must not contain a NUL character (U+0000)",
-        ));
+        return Err(PipelineError::invalid(field, NO_NUL));
     }
     Ok(())
 }
+
+/// Why a value with a NUL character is refused: PostgreSQL cannot store one in text.
+pub const NO_NUL: &str = "must not contain a NUL character (U+0000)";

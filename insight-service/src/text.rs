@@ -1546,6 +1546,8 @@ impl Corpus<'_> {
                 if chosen.is_empty() {
                     return Selection::Truncated(best);
                 }
+                // Unreachable since the pass below closes what no longer fits; kept so that the
+                // loop stays right without it.
                 continue; // skip it; a shorter, still representative sentence may fit
             }
             words_left -= words;
@@ -1553,6 +1555,15 @@ impl Corpus<'_> {
             let picked = vectors.get(best);
             for (i, is_open) in open.iter_mut().enumerate() {
                 if *is_open {
+                    // The budget only shrinks, so a sentence longer than the words left never
+                    // fits. Closed now, it is not found best and skipped one scan per sentence
+                    // (quadratic in the sentences: 0.8 s for one 400 KB chunk with a 4-word
+                    // budget); skipped in score order it would give the same selection, since
+                    // scores do not change between picks.
+                    if sentences.get(i).map_or(0, |sentence| sentence.words) > words_left {
+                        *is_open = false;
+                        continue;
+                    }
                     let similarity = sparse_dot(vectors.get(i), picked);
                     redundancy[i] = redundancy[i].max(similarity);
                     if similarity >= NEAR_DUPLICATE {

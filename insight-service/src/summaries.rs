@@ -131,8 +131,14 @@ pub fn estimate(request: &SummaryRequest, config: &EstimatorConfig) -> u64 {
     }
 }
 
-/// The outcome a flight leader shares with the requests that waited for it.
-type Outcome = Result<Arc<FeedbackSummary>, PipelineError>;
+/// The outcome a flight leader shares with the requests that waited for it, and the
+/// leader's deadline, which shaped it: a follower with more time than the leader had does not
+/// settle for what the leader's shorter deadline cut short.
+#[derive(Clone)]
+struct Outcome {
+    deadline: Instant,
+    result: Result<Arc<FeedbackSummary>, PipelineError>,
+}
 
 /// Summaries with a cache in front and one computation per key at a time. Cheap to clone.
 #[derive(Clone)]
@@ -292,8 +298,19 @@ impl Summaries {
                         // The leader's caller went away before it finished: lead instead.
                         Err(_closed) => continue,
                     };
-                    match shared {
-                        Some(Ok(summary)) => {
+                    let Some(Outcome {
+                        deadline: leader_deadline,
+                        result,
+                    }) = shared
+                    else {
+                        continue;
+                    };
+                    // A degraded answer or a failure may be what the leader's deadline cut
+                    // short (chunks out of time, the fallback's headroom); a caller with more
+                    // time computes its own.
+                    let more_time = deadline > leader_deadline;
+                    match result {
+                        Ok(summary) if !(summary.degraded && more_time) => {
                             let mut summary = FeedbackSummary::clone(&summary);
                             // This caller's answer cost no backend call.
                             summary.usage = Usage::default();
@@ -301,9 +318,9 @@ impl Summaries {
                             return Ok(summary);
                         }
                         // The leader ran out of its own time; this caller may have more.
-                        Some(Err(PipelineError::DeadlineExceeded { .. })) => continue,
-                        Some(Err(error)) => return Err(error),
-                        None => continue,
+                        Err(PipelineError::DeadlineExceeded { .. }) => continue,
+                        Err(error) if !more_time => return Err(error),
+                        Ok(_) | Err(_) => continue,
                     }
                 }
                 Flight::Lead(flight) => {
@@ -317,9 +334,12 @@ impl Summaries {
                     {
                         self.store_summary(&**store, &key, summary).await;
                     }
-                    flight.land(match &outcome {
-                        Ok(summary) => Ok(Arc::new(summary.clone())),
-                        Err(error) => Err(error.clone()),
+                    flight.land(Outcome {
+                        deadline,
+                        result: match &outcome {
+                            Ok(summary) => Ok(Arc::new(summary.clone())),
+                            Err(error) => Err(error.clone()),
+                        },
                     });
                     return outcome;
                 }
@@ -422,8 +442,11 @@ impl Summaries {
             .flights
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A flight that has landed (its guard about to go) is not joined again: a caller that
+        // declined its outcome would only be handed the same one.
         if let Some(outcome) = flights.get(key)
             && outcome.has_changed().is_ok()
+            && outcome.borrow().is_none()
         {
             return Flight::Follow(outcome.clone());
         }

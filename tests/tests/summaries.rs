@@ -462,6 +462,51 @@ async fn a_shared_computation_respects_each_callers_fallback_choice() {
     server.shutdown().await.unwrap();
 }
 
+/// A caller that joins a computation led by a caller with a shorter deadline does not settle
+/// for the answer that deadline cut short: with Gemini answering in 1.5 s, the leader's 0.8 s
+/// leave only the local fallback (degraded), and the follower, with 10 s, gets Gemini's.
+#[tokio::test]
+async fn a_follower_with_more_time_computes_what_the_leaders_deadline_cut_short() {
+    let db = Db::sqlite();
+    let gemini = Gemini::start(KEY).await;
+    gemini
+        .fake
+        .set_default_fault(Fault::Delay(Duration::from_millis(1500)));
+    let config = insight_service::Config {
+        max_concurrency: 16,
+        ..gemini.config(&db)
+    };
+    let server = start_insight(config).await;
+    let channel = server.channel().await;
+    let options = pb::SummaryOptions {
+        chunk_size: Some(5),
+        max_entries: Some(0),
+        ..Default::default()
+    };
+    let request = inline(entries("gina", 10, 1_700_000_000), options);
+    let call = |timeout: Duration| {
+        let mut client = InsightServiceClient::new(channel.clone());
+        let mut request = tonic::Request::new(request.clone());
+        request.set_timeout(timeout);
+        tokio::spawn(async move { client.summarize_feedback(request).await })
+    };
+    let leader = call(Duration::from_millis(800));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let follower = call(Duration::from_secs(10));
+    let leader = leader.await.unwrap().unwrap().into_inner();
+    assert!(leader.degraded, "{leader:?}");
+    assert!(
+        leader.backend.starts_with("local (fallback"),
+        "{}",
+        leader.backend
+    );
+    let follower = follower.await.unwrap().unwrap().into_inner();
+    assert!(!follower.degraded, "{follower:?}");
+    assert_eq!(follower.backend, "gemini");
+    assert_eq!(follower.entries_used, 10);
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn cache_rows_expire_and_are_pruned() {
     for db in databases().await {

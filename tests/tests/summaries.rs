@@ -353,26 +353,43 @@ async fn a_cache_hit_makes_no_backend_call_and_bypass_cache_recomputes() {
     }
 }
 
+/// A fake Gemini answering every call after `delay`, and an insight-service in front of it on
+/// `db` with room for many concurrent calls (and `llm_timeout`, when given).
+async fn slow_gemini(
+    db: &Db,
+    delay: Duration,
+    llm_timeout: Option<Duration>,
+) -> (Gemini, spotifai_e2e::InProcess, Channel) {
+    let gemini = Gemini::start(KEY).await;
+    gemini.fake.set_default_fault(Fault::Delay(delay));
+    let defaults = gemini.config(db);
+    let config = insight_service::Config {
+        max_concurrency: 16,
+        llm_timeout: llm_timeout.unwrap_or(defaults.llm_timeout),
+        ..defaults
+    };
+    let server = start_insight(config).await;
+    let channel = server.channel().await;
+    (gemini, server, channel)
+}
+
+/// Ten of `user`'s entries inline, in two chunks of five.
+fn ten_entries(user: &str, disable_fallback: bool) -> pb::SummarizeFeedbackRequest {
+    let options = pb::SummaryOptions {
+        chunk_size: Some(5),
+        max_entries: Some(0),
+        disable_fallback,
+        ..Default::default()
+    };
+    inline(entries(user, 10, 1_700_000_000), options)
+}
+
 #[tokio::test]
 async fn identical_concurrent_requests_are_computed_once() {
     for db in databases().await {
-        let gemini = Gemini::start(KEY).await;
         // Slow enough that every caller arrives while the first is still computing.
-        gemini
-            .fake
-            .set_default_fault(Fault::Delay(Duration::from_millis(400)));
-        let config = insight_service::Config {
-            max_concurrency: 16,
-            ..gemini.config(&db)
-        };
-        let server = start_insight(config).await;
-        let channel = server.channel().await;
-        let options = pb::SummaryOptions {
-            chunk_size: Some(5),
-            max_entries: Some(0),
-            ..Default::default()
-        };
-        let request = inline(entries("dave", 10, 1_700_000_000), options);
+        let (gemini, server, channel) = slow_gemini(&db, Duration::from_millis(400), None).await;
+        let request = ten_entries("dave", false);
         let calls: Vec<_> = (0..6)
             .map(|_| {
                 let mut client = InsightServiceClient::new(channel.clone());
@@ -410,30 +427,14 @@ async fn identical_concurrent_requests_are_computed_once() {
 #[tokio::test]
 async fn a_shared_computation_respects_each_callers_fallback_choice() {
     let db = Db::sqlite();
-    let gemini = Gemini::start(KEY).await;
     // Every call outlives --llm-timeout: each chunk times out twice (first try and retry)
     // and fails, a window of ~0.6 s in which the second caller arrives.
-    gemini
-        .fake
-        .set_default_fault(Fault::Delay(Duration::from_secs(30)));
-    let config = insight_service::Config {
-        max_concurrency: 16,
-        llm_timeout: Duration::from_millis(300),
-        ..gemini.config(&db)
-    };
-    let server = start_insight(config).await;
-    let channel = server.channel().await;
+    let timeout = Some(Duration::from_millis(300));
+    let (_gemini, server, channel) = slow_gemini(&db, Duration::from_secs(30), timeout).await;
     for (user, leader_disables) in [("erin", true), ("fred", false)] {
-        let options = |disable_fallback| pb::SummaryOptions {
-            chunk_size: Some(5),
-            max_entries: Some(0),
-            disable_fallback,
-            ..Default::default()
-        };
-        let entries = entries(user, 10, 1_700_000_000);
         let call = |disable_fallback: bool| {
             let mut client = InsightServiceClient::new(channel.clone());
-            let request = inline(entries.clone(), options(disable_fallback));
+            let request = ten_entries(user, disable_fallback);
             tokio::spawn(async move { client.summarize_feedback(request).await })
         };
         let leader = call(leader_disables);
@@ -468,22 +469,8 @@ async fn a_shared_computation_respects_each_callers_fallback_choice() {
 #[tokio::test]
 async fn a_follower_with_more_time_computes_what_the_leaders_deadline_cut_short() {
     let db = Db::sqlite();
-    let gemini = Gemini::start(KEY).await;
-    gemini
-        .fake
-        .set_default_fault(Fault::Delay(Duration::from_millis(1500)));
-    let config = insight_service::Config {
-        max_concurrency: 16,
-        ..gemini.config(&db)
-    };
-    let server = start_insight(config).await;
-    let channel = server.channel().await;
-    let options = pb::SummaryOptions {
-        chunk_size: Some(5),
-        max_entries: Some(0),
-        ..Default::default()
-    };
-    let request = inline(entries("gina", 10, 1_700_000_000), options);
+    let (_gemini, server, channel) = slow_gemini(&db, Duration::from_millis(1500), None).await;
+    let request = ten_entries("gina", false);
     let call = |timeout: Duration| {
         let mut client = InsightServiceClient::new(channel.clone());
         let mut request = tonic::Request::new(request.clone());

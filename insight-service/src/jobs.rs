@@ -390,7 +390,7 @@ impl Jobs {
                 .set_progress(&lease, resumed, total, SystemTime::now())
                 .await;
             self.changed();
-            // Chunks by index: a fallback pass reports every chunk a second time.
+            // Chunks by index, so a chunk reported twice would count once.
             let finished = Arc::new(Mutex::new(std::collections::HashSet::new()));
             let counted = (memo.clone(), finished.clone());
             let deadline = Instant::now() + self.config.timeout;

@@ -131,12 +131,12 @@ pub fn estimate(request: &SummaryRequest, config: &EstimatorConfig) -> u64 {
     }
 }
 
-/// The outcome a flight leader shares with the requests that waited for it, and the
-/// leader's deadline, which shaped it: a follower with more time than the leader had does not
-/// settle for what the leader's shorter deadline cut short.
+/// The outcome a flight leader shares with the requests that waited for it, and how much time
+/// the leader had in all, which may have shaped it: a follower left with more time than that
+/// does not settle for a degraded answer the leader's shorter budget may have cut short.
 #[derive(Clone)]
 struct Outcome {
-    deadline: Instant,
+    budget: Duration,
     result: Result<Arc<FeedbackSummary>, PipelineError>,
 }
 
@@ -298,17 +298,15 @@ impl Summaries {
                         // The leader's caller went away before it finished: lead instead.
                         Err(_closed) => continue,
                     };
-                    let Some(Outcome {
-                        deadline: leader_deadline,
-                        result,
-                    }) = shared
-                    else {
+                    let Some(Outcome { budget, result }) = shared else {
                         continue;
                     };
-                    // A degraded answer or a failure may be what the leader's deadline cut
-                    // short (chunks out of time, the fallback's headroom); a caller with more
-                    // time computes its own.
-                    let more_time = deadline > leader_deadline;
+                    // A degraded answer may be what the leader's budget cut short (chunks out of
+                    // time, the fallback's headroom): a caller left with more time than the
+                    // leader had in all computes its own. Not one merely arriving later with
+                    // the same timeout (it has less left), so a failing backend still sees one
+                    // computation per flight.
+                    let more_time = deadline.saturating_duration_since(Instant::now()) > budget;
                     match result {
                         Ok(summary) if !(summary.degraded && more_time) => {
                             let mut summary = FeedbackSummary::clone(&summary);
@@ -318,12 +316,12 @@ impl Summaries {
                             return Ok(summary);
                         }
                         // The leader ran out of its own time; this caller may have more.
-                        Err(PipelineError::DeadlineExceeded { .. }) => continue,
-                        Err(error) if !more_time => return Err(error),
-                        Ok(_) | Err(_) => continue,
+                        Err(PipelineError::DeadlineExceeded { .. }) | Ok(_) => continue,
+                        Err(error) => return Err(error),
                     }
                 }
                 Flight::Lead(flight) => {
+                    let budget = deadline.saturating_duration_since(Instant::now());
                     let outcome = self
                         .pipeline
                         .summarize_source(&*source, memo.as_deref(), options, deadline, on_chunk)
@@ -335,7 +333,7 @@ impl Summaries {
                         self.store_summary(&**store, &key, summary).await;
                     }
                     flight.land(Outcome {
-                        deadline,
+                        budget,
                         result: match &outcome {
                             Ok(summary) => Ok(Arc::new(summary.clone())),
                             Err(error) => Err(error.clone()),

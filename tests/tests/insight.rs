@@ -468,19 +468,25 @@ async fn analyze_music_answers_from_the_history_with_the_local_analysis() {
     // Nothing was imported for u1.
     assert_eq!(stored.code(), Code::NotFound, "{stored:?}");
     assert!(stored.message().contains("ImportListening"), "{stored:?}");
-    // A user id is a key: bounded and without NUL, refused naming the field (not echoed
-    // whole into a NOT_FOUND, nor refused by the database without one).
-    for user_id in ["u".repeat(100_000), "a\0b".to_owned()] {
-        let bad = client
-            .analyze_music(pb::AnalyzeMusicRequest {
-                input: Some(pb::analyze_music_request::Input::UserId(user_id)),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
-        assert!(bad.message().starts_with("user_id:"), "{}", bad.message());
-    }
+    // A NUL is refused naming the field (PostgreSQL would refuse it without one); an unknown
+    // 100 KB id is NOT_FOUND with its echo cut to size (whole, it exceeded the client's header
+    // limit and arrived as a protocol error).
+    let analyze = |user_id: String| pb::AnalyzeMusicRequest {
+        input: Some(pb::analyze_music_request::Input::UserId(user_id)),
+        ..Default::default()
+    };
+    let bad = client
+        .analyze_music(analyze("a\0b".to_owned()))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().starts_with("user_id:"), "{}", bad.message());
+    let long = client
+        .analyze_music(analyze("u".repeat(100_000)))
+        .await
+        .unwrap_err();
+    assert_eq!(long.code(), Code::NotFound, "{long:?}");
+    assert!(long.message().len() <= 1024, "{}", long.message().len());
     // An unknown id of 100 KB is NOT_FOUND with a short message: the whole id echoed in the
     // trailer would exceed the client's header limit and arrive as a protocol error.
     let unknown = client

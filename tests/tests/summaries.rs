@@ -432,14 +432,17 @@ async fn a_shared_computation_respects_each_callers_fallback_choice() {
     let timeout = Some(Duration::from_millis(300));
     let (_gemini, server, channel) = slow_gemini(&db, Duration::from_secs(30), timeout).await;
     for (user, leader_disables) in [("erin", true), ("fred", false)] {
-        let call = |disable_fallback: bool| {
+        // The follower has less time than the leader, so only the flight key keeps it from
+        // taking the leader's outcome (a follower with more time would compute its own).
+        let call = |disable_fallback: bool, timeout: Duration| {
             let mut client = InsightServiceClient::new(channel.clone());
-            let request = ten_entries(user, disable_fallback);
+            let mut request = tonic::Request::new(ten_entries(user, disable_fallback));
+            request.set_timeout(timeout);
             tokio::spawn(async move { client.summarize_feedback(request).await })
         };
-        let leader = call(leader_disables);
+        let leader = call(leader_disables, Duration::from_secs(20));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let follower = call(!leader_disables);
+        let follower = call(!leader_disables, Duration::from_secs(10));
         for (outcome, disabled) in [
             (leader.await.unwrap(), leader_disables),
             (follower.await.unwrap(), !leader_disables),
@@ -463,23 +466,23 @@ async fn a_shared_computation_respects_each_callers_fallback_choice() {
     server.shutdown().await.unwrap();
 }
 
-/// A caller that joins a computation led by a caller with a shorter deadline does not settle
-/// for the answer that deadline cut short: with Gemini answering in 1.5 s, the leader's 0.8 s
-/// leave only the local fallback (degraded), and the follower, with 10 s, gets Gemini's.
+/// A caller that joins a computation led by a caller with less time does not settle for the
+/// answer that budget cut short: with Gemini answering in 1.5 s, the leader's 0.8 s leave only
+/// the local fallback (degraded), and the follower, with 10 s, gets Gemini's. A caller with
+/// less time left than the leader had takes the leader's degraded answer.
 #[tokio::test]
 async fn a_follower_with_more_time_computes_what_the_leaders_deadline_cut_short() {
     let db = Db::sqlite();
     let (_gemini, server, channel) = slow_gemini(&db, Duration::from_millis(1500), None).await;
-    let request = ten_entries("gina", false);
-    let call = |timeout: Duration| {
+    let call = |user: &str, timeout: Duration| {
         let mut client = InsightServiceClient::new(channel.clone());
-        let mut request = tonic::Request::new(request.clone());
+        let mut request = tonic::Request::new(ten_entries(user, false));
         request.set_timeout(timeout);
         tokio::spawn(async move { client.summarize_feedback(request).await })
     };
-    let leader = call(Duration::from_millis(800));
+    let leader = call("gina", Duration::from_millis(800));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let follower = call(Duration::from_secs(10));
+    let follower = call("gina", Duration::from_secs(10));
     let leader = leader.await.unwrap().unwrap().into_inner();
     assert!(leader.degraded, "{leader:?}");
     assert!(
@@ -491,6 +494,20 @@ async fn a_follower_with_more_time_computes_what_the_leaders_deadline_cut_short(
     assert!(!follower.degraded, "{follower:?}");
     assert_eq!(follower.backend, "gemini");
     assert_eq!(follower.entries_used, 10);
+
+    // Another user: leader 0.8 s, follower 0.75 s, arriving 100 ms later. The follower shares
+    // the leader's degraded answer rather than computing again with less time.
+    let leader = call("hugo", Duration::from_millis(800));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let follower = call("hugo", Duration::from_millis(750));
+    let leader = leader.await.unwrap().unwrap().into_inner();
+    let follower = follower.await.unwrap().unwrap().into_inner();
+    assert!(leader.degraded && follower.degraded, "{follower:?}");
+    assert_eq!(
+        follower.usage.unwrap_or_default().llm_calls,
+        0,
+        "shared, not recomputed: {follower:?}"
+    );
     server.shutdown().await.unwrap();
 }
 

@@ -13,7 +13,7 @@ use crate::{
         self, AudioFeatures, ListeningStats, MusicAnalysis, MusicError, MusicOptions, Play,
         RankedItem, StatsBuilder,
     },
-    pipeline::{MAX_LABEL_BYTES, NO_NUL, PipelineError},
+    pipeline::{NO_NUL, PipelineError},
     store::Store,
 };
 
@@ -66,17 +66,9 @@ pub async fn stats_from_input(
         Some(Input::UserId(user_id)) if user_id.trim().is_empty() => {
             return Err(MusicError::invalid("user_id", "must not be empty"));
         }
-        // The rules of a stored entry's `user_id` (a key: bounded, no NUL), so that an unknown
-        // user is NOT_FOUND and not a database refusal, and its echo in that status stays short.
-        Some(Input::UserId(user_id)) if user_id.len() > MAX_LABEL_BYTES => {
-            return Err(MusicError::invalid(
-                "user_id",
-                format!(
-                    "must be at most {MAX_LABEL_BYTES} bytes, got {}",
-                    user_id.len()
-                ),
-            ));
-        }
+        // PostgreSQL cannot hold a NUL in text: refused here naming the field, rather than by
+        // the database without one. (No length rule: ImportListening sets none, so a long
+        // id may have stored plays; the NOT_FOUND message that echoes it is cut to size.)
         Some(Input::UserId(user_id)) if user_id.contains('\0') => {
             return Err(MusicError::invalid("user_id", NO_NUL));
         }

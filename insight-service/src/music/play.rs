@@ -148,9 +148,16 @@ impl AudioFeatures {
             None => Ok(()),
             Some((name, value)) => {
                 let (low, high, unit) = Self::range(name);
+                // Far out of range in scientific notation: `1e308` as written by `{}` is 309
+                // digits of a number nobody needs to read in full.
+                let got = if value.is_finite() && (value.abs() >= 1e6 || value.abs() < 1e-6) {
+                    format!("{value:e}")
+                } else {
+                    format!("{value}")
+                };
                 Err(MusicError::invalid(
                     name,
-                    format!("must be a number in {low}..={high}{unit}, got {value}"),
+                    format!("must be a number in {low}..={high}{unit}, got {got}"),
                 ))
             }
         }
@@ -318,6 +325,30 @@ mod tests {
             Err(MusicError::InvalidArgument { field, .. }) => field,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn far_out_of_range_features_are_shown_short() {
+        let reason = |value: f64| {
+            let mut p = play();
+            set_feature(&mut p, |f| &mut f.tempo, value);
+            match p.features.as_ref().map(AudioFeatures::validate) {
+                Some(Err(MusicError::InvalidArgument { reason, .. })) => reason,
+                other => panic!("expected InvalidArgument, got {other:?}"),
+            }
+        };
+        assert!(reason(1e308).ends_with("got 1e308"), "{}", reason(1e308));
+        assert!(
+            reason(-1e-300).ends_with("got -1e-300"),
+            "{}",
+            reason(-1e-300)
+        );
+        assert!(
+            reason(f64::NAN).ends_with("got NaN"),
+            "{}",
+            reason(f64::NAN)
+        );
+        assert!(reason(-2.5).ends_with("got -2.5"), "{}", reason(-2.5));
     }
 
     #[test]

@@ -373,6 +373,18 @@ async fn slow_gemini(
     (gemini, server, channel)
 }
 
+/// Returns once the fake has received a request beyond the `seen` it had: the caller started
+/// just before is then leading its computation, and an identical request joins it.
+async fn leading(gemini: &Gemini, seen: usize) {
+    assert!(
+        gemini
+            .fake
+            .wait_for_requests(seen + 1, Duration::from_secs(10))
+            .await,
+        "the leader's first backend call never arrived"
+    );
+}
+
 /// Ten of `user`'s entries inline, in two chunks of five.
 fn ten_entries(user: &str, disable_fallback: bool) -> pb::SummarizeFeedbackRequest {
     let options = pb::SummaryOptions {
@@ -430,7 +442,7 @@ async fn a_shared_computation_respects_each_callers_fallback_choice() {
     // Every call outlives --llm-timeout: each chunk times out twice (first try and retry)
     // and fails, a window of ~0.6 s in which the second caller arrives.
     let timeout = Some(Duration::from_millis(300));
-    let (_gemini, server, channel) = slow_gemini(&db, Duration::from_secs(30), timeout).await;
+    let (gemini, server, channel) = slow_gemini(&db, Duration::from_secs(30), timeout).await;
     for (user, leader_disables) in [("erin", true), ("fred", false)] {
         // The follower has less time than the leader, so only the flight key keeps it from
         // taking the leader's outcome (a follower with more time would compute its own).
@@ -440,8 +452,9 @@ async fn a_shared_computation_respects_each_callers_fallback_choice() {
             request.set_timeout(timeout);
             tokio::spawn(async move { client.summarize_feedback(request).await })
         };
+        let seen = gemini.fake.request_count();
         let leader = call(leader_disables, Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        leading(&gemini, seen).await;
         let follower = call(!leader_disables, Duration::from_secs(10));
         for (outcome, disabled) in [
             (leader.await.unwrap(), leader_disables),
@@ -473,7 +486,7 @@ async fn a_shared_computation_respects_each_callers_fallback_choice() {
 #[tokio::test]
 async fn a_follower_with_more_time_computes_what_the_leaders_deadline_cut_short() {
     let db = Db::sqlite();
-    let (_gemini, server, channel) = slow_gemini(&db, Duration::from_millis(1500), None).await;
+    let (gemini, server, channel) = slow_gemini(&db, Duration::from_millis(1500), None).await;
     let call = |user: &str, timeout: Duration| {
         let mut client = InsightServiceClient::new(channel.clone());
         let mut request = tonic::Request::new(ten_entries(user, false));
@@ -481,7 +494,7 @@ async fn a_follower_with_more_time_computes_what_the_leaders_deadline_cut_short(
         tokio::spawn(async move { client.summarize_feedback(request).await })
     };
     let leader = call("gina", Duration::from_millis(800));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    leading(&gemini, 0).await;
     let follower = call("gina", Duration::from_secs(10));
     let leader = leader.await.unwrap().unwrap().into_inner();
     assert!(leader.degraded, "{leader:?}");
@@ -495,10 +508,11 @@ async fn a_follower_with_more_time_computes_what_the_leaders_deadline_cut_short(
     assert_eq!(follower.backend, "gemini");
     assert_eq!(follower.entries_used, 10);
 
-    // Another user: leader 0.8 s, follower 0.75 s, arriving 100 ms later. The follower shares
-    // the leader's degraded answer rather than computing again with less time.
+    // Another user: leader 0.8 s, follower 0.75 s, arriving once the leader computes. The
+    // follower shares the leader's degraded answer rather than computing again with less time.
+    let seen = gemini.fake.request_count();
     let leader = call("hugo", Duration::from_millis(800));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    leading(&gemini, seen).await;
     let follower = call("hugo", Duration::from_millis(750));
     let leader = leader.await.unwrap().unwrap().into_inner();
     let follower = follower.await.unwrap().unwrap().into_inner();

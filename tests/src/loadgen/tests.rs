@@ -109,18 +109,17 @@ async fn closed_loop_counts_every_status_and_adds_up() {
 async fn a_warm_up_call_that_never_ends_is_not_a_measured_one() {
     let echo = Echo::start(EchoInsight::new(summary())).await;
     let channels = connect(&echo.url, 1).await.unwrap();
+    // The first call never ends; every other one is a real call to the echo server.
     let started = Arc::new(AtomicU64::new(0));
-    let rpc = {
-        let started = started.clone();
-        move |_channel: Channel, _timeout: Option<Duration>| {
-            let first = started.fetch_add(1, Ordering::Relaxed) == 0;
-            async move {
-                if first {
-                    std::future::pending::<()>().await;
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                Ok(())
+    let echo_rpc = Arc::new(request());
+    let rpc = move |channel: Channel, timeout: Option<Duration>| {
+        let first = started.fetch_add(1, Ordering::Relaxed) == 0;
+        let echo_rpc = echo_rpc.clone();
+        async move {
+            if first {
+                std::future::pending::<()>().await;
             }
+            echo_rpc.call(channel, timeout).await
         }
     };
     let config = LoadConfig {

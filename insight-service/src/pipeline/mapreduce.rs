@@ -831,6 +831,19 @@ mod tests {
         }
     }
 
+    /// Asserts that `err` is DEADLINE_EXCEEDED after `completed` of `total` chunks.
+    #[track_caller]
+    fn assert_deadline_exceeded(err: &PipelineError, completed: usize, total: usize) {
+        assert!(
+            matches!(
+                err,
+                PipelineError::DeadlineExceeded { completed: c, total: t }
+                    if *c == completed && *t == total
+            ),
+            "{err:?}"
+        );
+    }
+
     fn entries(n: usize) -> Vec<Entry> {
         (0..n)
             .map(|i| Entry {
@@ -1052,16 +1065,7 @@ mod tests {
             .summarize(entries(5), strict, deadline)
             .await
             .unwrap_err();
-        assert!(
-            matches!(
-                error,
-                PipelineError::DeadlineExceeded {
-                    completed: 0,
-                    total: 1
-                }
-            ),
-            "{error:?}"
-        );
+        assert_deadline_exceeded(&error, 0, 1);
     }
 
     #[tokio::test]
@@ -1297,16 +1301,7 @@ mod tests {
             .summarize(entries(10), strict, start + Duration::from_secs(2))
             .await
             .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                PipelineError::DeadlineExceeded {
-                    completed: 2,
-                    total: 2
-                }
-            ),
-            "{err:?}"
-        );
+        assert_deadline_exceeded(&err, 2, 2);
         assert_eq!(backend.reduce_calls.load(Ordering::SeqCst), 1);
         assert_eq!(start.elapsed(), Duration::from_secs(2));
 
@@ -1365,16 +1360,7 @@ mod tests {
             .summarize_source(&source, None, options(5, 10), deadline, |_| {})
             .await
             .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                PipelineError::DeadlineExceeded {
-                    completed: 0,
-                    total: 2
-                }
-            ),
-            "{err:?}"
-        );
+        assert_deadline_exceeded(&err, 0, 2);
         assert_eq!(
             source.reads.load(Ordering::SeqCst),
             2,
@@ -1391,16 +1377,7 @@ mod tests {
             .summarize(entries(10), options(5, 10), Instant::now())
             .await
             .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                PipelineError::DeadlineExceeded {
-                    completed: 0,
-                    total: 2
-                }
-            ),
-            "{err:?}"
-        );
+        assert_deadline_exceeded(&err, 0, 2);
         assert!(backend.calls.lock().unwrap().is_empty(), "no call made");
     }
 

@@ -350,7 +350,6 @@ fn hysteresis(text: &str) -> Result<f64, String> {
     HYSTERESIS.parse(text)
 }
 
-/// An HTTP/2 window size: at most 2^31 - 1 bytes, the protocol's limit.
 /// A byte-size flag between `min` and `max` inclusive: `--max-message-size 0` would refuse
 /// every call, a size beyond what a gRPC length prefix can state means nothing.
 fn bytes_within(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> + Clone {
@@ -372,12 +371,9 @@ fn response_bytes(text: &str) -> Result<usize, String> {
     usize::try_from(bytes).map_err(|_| "too large for this machine".to_owned())
 }
 
+/// An HTTP/2 window size: at most 2^31 - 1 bytes, the protocol's limit.
 fn window_bytes(text: &str) -> Result<u64, String> {
-    let bytes = crate::admission::parse_bytes(text)?;
-    if bytes > (1 << 31) - 1 {
-        return Err("must be at most 2147483647 bytes (2 GiB - 1), HTTP/2's limit".to_owned());
-    }
-    Ok(bytes)
+    bytes_within(0, (1 << 31) - 1)(text)
 }
 
 impl Config {

@@ -21,11 +21,7 @@ const MAX_MESSAGE_BYTES: usize = 1024;
 /// `message` cut to [`MAX_MESSAGE_BYTES`] on a character boundary, marked with `…` when cut.
 fn bounded(mut message: String) -> String {
     if message.len() > MAX_MESSAGE_BYTES {
-        let mut end = MAX_MESSAGE_BYTES - '…'.len_utf8();
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        message.truncate(end);
+        message.truncate(message.floor_char_boundary(MAX_MESSAGE_BYTES - '…'.len_utf8()));
         message.push('…');
     }
     message

@@ -857,11 +857,7 @@ fn body_snippet(status: u16, body: &[u8]) -> String {
 /// Cuts a message to [`MESSAGE_LIMIT`] bytes on a character boundary.
 pub(crate) fn truncate(mut text: String) -> String {
     if text.len() > MESSAGE_LIMIT {
-        let mut end = MESSAGE_LIMIT;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
+        text.truncate(text.floor_char_boundary(MESSAGE_LIMIT));
         text.push('…');
     }
     text

@@ -220,16 +220,9 @@ pub fn quote(text: &str, max_chars: usize) -> String {
 /// The prompt of the one repair attempt: the original question, the rejected answer (quoted and
 /// capped as data) and why it was rejected, asking for the corrected JSON object only.
 pub fn repair_prompt(original: &MusicPrompt, rejected: &str, reason: &str) -> MusicPrompt {
-    let mut quoted_answer = String::from(rejected);
-    if quoted_answer.len() > REPAIR_QUOTE_BYTES {
-        let mut cut = REPAIR_QUOTE_BYTES;
-        while !quoted_answer.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        quoted_answer.truncate(cut);
-    }
+    let kept = &rejected[..rejected.floor_char_boundary(REPAIR_QUOTE_BYTES)];
     // The quote keeps the answer on one line as data; its length is already bounded in bytes.
-    let quoted_answer = quote(&quoted_answer, usize::MAX);
+    let quoted_answer = quote(kept, usize::MAX);
     let user = format!(
         "{}Your previous answer could not be used: {}.\n\
          Previous answer (quoted, at most {REPAIR_QUOTE_BYTES} bytes): {quoted_answer}\n\

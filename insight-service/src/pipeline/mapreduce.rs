@@ -800,13 +800,7 @@ fn group_by_budget(level: Vec<ChunkInsight>, budget: usize) -> Vec<Vec<ChunkInsi
 
 /// Cuts `s` to at most `max` bytes, on a char boundary.
 fn truncate_at_char(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
+    s.truncate(s.floor_char_boundary(max));
 }
 
 #[cfg(test)]

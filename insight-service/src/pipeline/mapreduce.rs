@@ -247,18 +247,10 @@ impl Pipeline {
             .filter(|c| c.status == ChunkStatus::Failed)
             .count();
         let no_fallback = options.disable_fallback || self.backend.name() == self.fallback.name();
-        let unavailable = || PipelineError::BackendUnavailable {
-            backend: self.backend.name().to_owned(),
-            message: chunks
-                .iter()
-                .rev()
-                .find_map(|c| c.error.clone())
-                .unwrap_or_else(|| "no chunk succeeded".to_owned()),
-        };
         // Every chunk refused or broken by the backend (none merely out of time): the backend
         // is the cause, even if its retries used up the deadline meanwhile.
         if failed == chunks.len() && timed_out == 0 && no_fallback {
-            return Err(unavailable());
+            return Err(every_chunk_failed(&*self.backend, &chunks));
         }
         if Instant::now() >= deadline {
             let completed = chunks.len() - failed;
@@ -268,10 +260,10 @@ impl Pipeline {
             });
         }
         if failed == chunks.len() {
+            let error = every_chunk_failed(&*self.backend, &chunks);
             if no_fallback {
-                return Err(unavailable());
+                return Err(error);
             }
-            let error = unavailable();
             tracing::warn!(%error, "every chunk failed; falling back to local");
             chunks = self
                 .map(
@@ -295,13 +287,7 @@ impl Pipeline {
                         total: chunks.len(),
                     }
                 } else {
-                    PipelineError::BackendUnavailable {
-                        backend: self.fallback.name().to_owned(),
-                        message: chunks
-                            .iter()
-                            .find_map(|c| c.error.clone())
-                            .unwrap_or_else(|| "no chunk succeeded".to_owned()),
-                    }
+                    every_chunk_failed(&*self.fallback, &chunks)
                 });
             }
             backend = self.fallback.clone();
@@ -796,6 +782,19 @@ fn group_by_budget(level: Vec<ChunkInsight>, budget: usize) -> Vec<Vec<ChunkInsi
         groups.push(current);
     }
     groups
+}
+
+/// UNAVAILABLE naming `backend`, for which every one of `chunks` failed, with the last error
+/// it gave.
+fn every_chunk_failed(backend: &dyn LlmBackend, chunks: &[ChunkInsight]) -> PipelineError {
+    PipelineError::BackendUnavailable {
+        backend: backend.name().to_owned(),
+        message: chunks
+            .iter()
+            .rev()
+            .find_map(|c| c.error.clone())
+            .unwrap_or_else(|| "no chunk succeeded".to_owned()),
+    }
 }
 
 /// Cuts `s` to at most `max` bytes, on a char boundary.

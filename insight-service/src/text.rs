@@ -1543,12 +1543,10 @@ impl Corpus<'_> {
             open[best] = false;
             let words = sentences.get(best).map_or(0, |sentence| sentence.words);
             if words > words_left {
-                if chosen.is_empty() {
-                    return Selection::Truncated(best);
-                }
-                // Unreachable since the pass below closes what no longer fits; kept so that the
-                // loop stays right without it.
-                continue; // skip it; a shorter, still representative sentence may fit
+                // Only the first pick can be too long: after each pick, the pass below closes
+                // every sentence that no longer fits.
+                debug_assert!(chosen.is_empty(), "a closed sentence was picked");
+                return Selection::Truncated(best);
             }
             words_left -= words;
             chosen.push(best);

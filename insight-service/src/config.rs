@@ -44,6 +44,13 @@ pub struct Config {
     #[arg(long, env = "INSIGHT_SEND_TIMEOUT", default_value = "30s", value_parser = within(Duration::from_millis(1), MAX_TIMEOUT))]
     pub send_timeout: Duration,
 
+    /// Longest the server waits for the next bytes of a request body it is reading before the
+    /// call ends DEADLINE_EXCEEDED, like nginx's `client_body_timeout`: a client that sends
+    /// its headers (or part of its message) and then nothing would otherwise hold a heavy
+    /// slot and its memory reservation until the deadline (--request-timeout, 120 s).
+    #[arg(long, env = "INSIGHT_RECV_TIMEOUT", default_value = "10s", value_parser = within(Duration::from_millis(1), MAX_TIMEOUT))]
+    pub recv_timeout: Duration,
+
     /// Which LLM answers: `local` (offline, deterministic, no key), `gemini` (Google AI
     /// REST, key in GEMINI_API_KEY or --llm-api-key-file) or `openai` (any OpenAI-compatible
     /// chat completions server: OpenAI, Ollama, vLLM, llama.cpp, LiteLLM; key in OPENAI_API_KEY).
@@ -191,8 +198,9 @@ pub struct Config {
     )]
     pub probe_cgroup_root: std::path::PathBuf,
 
-    /// HTTP/2 streams one connection may have open; bounds per-connection buffering.
-    #[arg(long, env = "INSIGHT_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
+    /// HTTP/2 streams one connection may have open; bounds per-connection buffering. At
+    /// least 1 (0 would refuse every call).
+    #[arg(long, env = "INSIGHT_MAX_CONCURRENT_STREAMS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
 
     /// HTTP/2 initial stream window: how much of a request body the server accepts before the
@@ -371,9 +379,10 @@ fn response_bytes(text: &str) -> Result<usize, String> {
     usize::try_from(bytes).map_err(|_| "too large for this machine".to_owned())
 }
 
-/// An HTTP/2 window size: at most 2^31 - 1 bytes, the protocol's limit.
+/// An HTTP/2 window size: 1 KiB to 2^31 - 1 bytes, the protocol's limit. HTTP/2 allows 0,
+/// but then no request body can arrive: every call with one would wait for its deadline.
 fn window_bytes(text: &str) -> Result<u64, String> {
-    bytes_within(0, (1 << 31) - 1)(text)
+    bytes_within(1 << 10, (1 << 31) - 1)(text)
 }
 
 impl Config {
@@ -492,6 +501,7 @@ impl Default for Config {
             max_entries_cap: 10_000,
             request_timeout: Duration::from_secs(120),
             send_timeout: Duration::from_secs(30),
+            recv_timeout: Duration::from_secs(10),
             llm_backend: BackendKind::Local,
             llm_model: None,
             llm_base_url: None,
@@ -610,6 +620,9 @@ mod tests {
             ("--llm-timeout", "0s", "at least"),
             ("--h2-stream-window", "4GiB", "at most"),
             ("--h2-connection-window", "2GiB", "at most"),
+            ("--h2-stream-window", "0", "at least 1024 bytes"),
+            ("--max-concurrent-streams", "0", "1.."),
+            ("--recv-timeout", "0s", "at least"),
             ("--prompt-budget-bytes", "2048", "4096.."),
             ("--max-message-size", "0", "at least 1024 bytes"),
             ("--max-message-size", "4GiB", "at most 4294967295 bytes"),

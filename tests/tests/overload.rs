@@ -17,7 +17,10 @@
 //!   with a positive RetryInfo delay while small ones pass, decided from the 5-byte length
 //!   prefix before the body is read (a body that never comes is not waited for); budget held
 //!   by a running call is released when it ends; a message over `--max-message-size` is
-//!   refused MESSAGE_TOO_LARGE, also from the prefix, without waiting for the body;
+//!   refused MESSAGE_TOO_LARGE, also from the prefix, without waiting for the body; a light
+//!   call's large message is charged too; a body without its message or cut inside one is
+//!   INVALID_ARGUMENT (never tonic's INTERNAL), and one that stops sending ends
+//!   DEADLINE_EXCEEDED after `--recv-timeout`, freeing its slot;
 //! - readiness: under an injected cgroup memory reading at 95% of the limit the health status
 //!   of `spotifai.insight.v1.InsightService` turns NOT_SERVING while "" stays SERVING, and heavy
 //!   calls are shed MEMORY_PRESSURE; back at 50% both are SERVING and calls succeed.
@@ -934,6 +937,94 @@ async fn unread_answer_frees_its_slot(
     );
     // Only that connection was closed: this one still answers.
     assert_eq!(health_of(&channel, "").await, ServingStatus::Serving);
+    server.shutdown().await.unwrap();
+}
+
+/// The gRPC status of a raw call's response: from its headers (trailers-only) or, after
+/// reading the body, from its trailers.
+async fn raw_status(response: tonic::codegen::http::Response<tonic::body::Body>) -> Status {
+    use http_body::Body as _;
+    if let Some(status) = Status::from_header_map(response.headers()) {
+        return status;
+    }
+    let mut body = response.into_body();
+    let trailers = within("the response body", async {
+        loop {
+            let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx));
+            match frame.await {
+                Some(Ok(frame)) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        return trailers;
+                    }
+                }
+                other => panic!("the body ended without trailers: {other:?}"),
+            }
+        }
+    })
+    .await;
+    Status::from_header_map(&trailers).expect("a gRPC status in the trailers")
+}
+
+#[tokio::test]
+async fn bodies_that_end_early_or_stop_get_their_status_and_large_light_calls_are_charged() {
+    let setup = local();
+    let recv_timeout = Duration::from_millis(300);
+    let server = start_insight(Config {
+        recv_timeout,
+        max_concurrency: 1,
+        ..small_budget(setup.config.clone())
+    })
+    .await;
+    let channel = server.channel().await;
+    let get_job = "/spotifai.insight.v1.InsightService/GetJob";
+    let invalid = |status: Status, reason: &str| {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(reason), "{status:?}");
+    };
+    // No message at all, heavy and light: INVALID_ARGUMENT (tonic alone answers INTERNAL
+    // "Missing request message").
+    for path in [Rpc::Unary.path(), get_job] {
+        let response = send_raw(&channel, path, axum::body::Body::empty()).await;
+        invalid(raw_status(response).await, "no request message");
+    }
+    // A message cut short by the end of the body (tonic alone: INTERNAL "Unexpected EOF").
+    let mut cut = vec![0u8, 0, 0, 0, 100];
+    cut.extend_from_slice(&[0x0a; 10]);
+    for path in [Rpc::Unary.path(), get_job] {
+        let response = send_raw(&channel, path, axum::body::Body::from(cut.clone())).await;
+        invalid(raw_status(response).await, "ended inside a message");
+    }
+    // A heavy call whose body stops after its prefix holds the only slot for
+    // --recv-timeout, not --request-timeout (120 s): DEADLINE_EXCEEDED, then the slot is free.
+    let start = Instant::now();
+    let status = within("the stalled call", stalled_call(&channel, Some(1_000))).await;
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("--recv-timeout"), "{status:?}");
+    assert!(
+        start.elapsed() >= recv_timeout - Duration::from_millis(50),
+        "ended after {:?}",
+        start.elapsed()
+    );
+    let mut client = InsightServiceClient::new(channel.clone());
+    let summary = client.summarize_feedback(summarize(1, 80)).await.unwrap();
+    assert_eq!(summary.into_inner().entries_used, 1);
+    // A light call with a 600 KB message is charged for it: twice that is over the 1 MiB
+    // budget, so it is refused before tonic buffers it (without the charge: NOT_FOUND).
+    let status = client
+        .get_job(pb::GetJobRequest {
+            id: "j".repeat(600_000),
+        })
+        .await
+        .unwrap_err();
+    assert_refused(&status, "MEMORY_BUDGET");
+    // A small one is not.
+    let status = client
+        .get_job(pb::GetJobRequest {
+            id: "j".repeat(1_000),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     server.shutdown().await.unwrap();
 }
 

@@ -27,9 +27,10 @@ use super::{
     AdmissionError, AdmissionMetrics,
     budget::MemoryBudget,
     estimator::{
-        EstimatorConfig, charged_elements_bytes, counted_elements_bytes, estimate, import_estimate,
+        EstimatorConfig, LIGHT_FREE_BYTES, charged_elements_bytes, counted_elements_bytes,
+        estimate, import_estimate, light_estimate,
     },
-    is_heavy,
+    is_client_streaming, is_heavy,
     pressure::Pressure,
 };
 use crate::grpc::{
@@ -305,10 +306,16 @@ pub struct Permit {
     _permit: OwnedSemaphorePermit,
     limiter: Arc<Limiter>,
     since: Instant,
+    /// Whether the hold time feeds the average the queue's predictions use: not for the
+    /// client-streaming imports, whose slot is held for as long as their client keeps sending.
+    record: bool,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if !self.record {
+            return;
+        }
         let held = self.since.elapsed().as_micros() as u64;
         let old = self.limiter.hold_us.load(Ordering::Relaxed);
         let new = if old == 0 { held } else { (old * 7 + held) / 8 };
@@ -401,6 +408,7 @@ impl Limiter {
             _permit: permit,
             limiter: self.clone(),
             since: Instant::now(),
+            record: true,
         })
     }
 
@@ -447,9 +455,16 @@ impl Gate for Limiter {
         S::Future: Send + 'static,
         S::Error: Send + 'static,
     {
+        // An import's slot is held for as long as its client streams (a minute, for a large
+        // one): an average that counted it would predict minute-long waits for every queued
+        // summary, refused at once as hopeless while slots free up in milliseconds.
+        let record = !is_client_streaming(req.uri().path());
         Box::pin(async move {
             match self.acquire().await {
-                Ok(permit) => Ok(hold(inner.call(req).await?, permit)),
+                Ok(mut permit) => {
+                    permit.record = record;
+                    Ok(hold(inner.call(req).await?, permit))
+                }
                 Err(error) => {
                     self.metrics
                         .shed_concurrency
@@ -480,6 +495,8 @@ pub struct MemoryGate {
     pub estimator: EstimatorConfig,
     /// `--max-message-size`.
     pub max_message_size: u64,
+    /// `--recv-timeout`: the longest wait for the next bytes of a request body.
+    pub recv_timeout: Duration,
     /// Shared counters.
     pub metrics: Arc<AdmissionMetrics>,
 }
@@ -496,13 +513,28 @@ async fn next_frame(body: &mut Body) -> Option<Result<Frame<Bytes>, tonic::Statu
     std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
 }
 
+/// The body's next frame, or the DEADLINE_EXCEEDED of a body that sent nothing for
+/// `--recv-timeout` (counted as a receive stall).
+async fn next_frame_within(
+    body: &mut Body,
+    gate: &MemoryGate,
+) -> Option<Result<Frame<Bytes>, tonic::Status>> {
+    match tokio::time::timeout(gate.recv_timeout, next_frame(body)).await {
+        Ok(next) => next,
+        Err(_) => Some(Err(gate.recv_stalled())),
+    }
+}
+
 /// Reads body frames until the 5-byte prefix is known; returns the frames read (to replay)
 /// and the declared message length (`None` when the body ended first).
-async fn read_prefix(body: &mut Body) -> Result<(Vec<Bytes>, Option<u64>), tonic::Status> {
+async fn read_prefix(
+    body: &mut Body,
+    gate: &MemoryGate,
+) -> Result<(Vec<Bytes>, Option<u64>), tonic::Status> {
     let mut frames = Vec::new();
     let mut prefix = Vec::with_capacity(5);
     while prefix.len() < 5 {
-        match next_frame(body).await {
+        match next_frame_within(body, gate).await {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let need = 5 - prefix.len();
@@ -527,10 +559,22 @@ pin_project_lite::pin_project! {
     /// none of them charged to the budget. Every message's length prefix is checked against
     /// the size limit as it passes (`sizes`), so a later message of an import that is too
     /// large gets the same RESOURCE_EXHAUSTED as a first one, before tonic buffers it.
+    ///
+    /// Two more refusals that tonic would otherwise answer INTERNAL ("Missing request
+    /// message", "Unexpected EOF decoding stream"): a body that ends inside a message, and,
+    /// with `needs_message` (every method but the client-streaming ones), one that ends
+    /// without any message; both INVALID_ARGUMENT. And a body that sends nothing for
+    /// `recv_timeout` while it is being read ends the call DEADLINE_EXCEEDED: the timer runs
+    /// only while the reader waits on the body (`idle`), not while the handler works.
     struct Replay {
         frames: std::collections::VecDeque<Bytes>,
         one_message: bool,
+        needs_message: bool,
         sizes: MessageSizes,
+        recv_timeout: Duration,
+        metrics: Arc<AdmissionMetrics>,
+        idle: Option<Pin<Box<tokio::time::Sleep>>>,
+        done: bool,
         #[pin]
         rest: Body,
     }
@@ -540,6 +584,13 @@ pin_project_lite::pin_project! {
 /// found (in the message's own frame or a later one).
 const ONE_MESSAGE: &str = "a unary call carries one message; more data followed it";
 
+/// Why a body that ended inside a message is refused (its prefix announced more bytes).
+const TRUNCATED: &str =
+    "the body ended inside a message (fewer bytes than its length prefix announced)";
+
+/// Why a unary call whose body ended without a message is refused.
+const NO_MESSAGE: &str = "the call carries no request message";
+
 /// Follows the 5-byte length prefixes of a gRPC request body across its frames.
 #[derive(Debug)]
 struct MessageSizes {
@@ -547,6 +598,8 @@ struct MessageSizes {
     prefix: [u8; 5],
     have: usize,
     remaining: u64,
+    /// Messages whose prefix has passed.
+    messages: u64,
 }
 
 impl MessageSizes {
@@ -556,6 +609,19 @@ impl MessageSizes {
             prefix: [0; 5],
             have: 0,
             remaining: 0,
+            messages: 0,
+        }
+    }
+
+    /// At the end of the body: why it is not a whole number of messages (at least one when
+    /// `needs_message`), if it is not.
+    fn cut_short(&self, needs_message: bool) -> Option<&'static str> {
+        if self.have > 0 || self.remaining > 0 {
+            Some(TRUNCATED)
+        } else if needs_message && self.messages == 0 {
+            Some(NO_MESSAGE)
+        } else {
+            None
         }
     }
 
@@ -577,6 +643,7 @@ impl MessageSizes {
             rest = &rest[take..];
             if self.have == 5 {
                 self.have = 0;
+                self.messages += 1;
                 let [_, a, b, c, d] = self.prefix;
                 let len = u64::from(u32::from_be_bytes([a, b, c, d]));
                 if len > self.limit {
@@ -601,10 +668,28 @@ impl http_body::Body for Replay {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
         if let Some(data) = this.frames.pop_front() {
             return Poll::Ready(Some(this.sizes.check(data)));
         }
-        match this.rest.poll_frame(cx) {
+        let polled = this.rest.poll_frame(cx);
+        if polled.is_pending() {
+            let idle = this
+                .idle
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(*this.recv_timeout)));
+            if idle.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            *this.done = true;
+            this.metrics.recv_stalls.fetch_add(1, Ordering::Relaxed);
+            return Poll::Ready(Some(Err(admission_status(&AdmissionError::RecvStalled {
+                after: *this.recv_timeout,
+            }))));
+        }
+        *this.idle = None;
+        match polled {
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(match frame.into_data() {
                 Ok(data) if *this.one_message && !data.is_empty() => {
                     Err(admission_status(&AdmissionError::Malformed {
@@ -615,12 +700,23 @@ impl http_body::Body for Replay {
                 // Trailers.
                 Err(frame) => Ok(frame),
             })),
+            Poll::Ready(None) => {
+                *this.done = true;
+                Poll::Ready(
+                    this.sizes
+                        .cut_short(*this.needs_message)
+                        .map(|reason| Err(admission_status(&AdmissionError::Malformed { reason }))),
+                )
+            }
             other => other,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.frames.is_empty() && self.rest.is_end_stream()
+        self.done
+            || self.frames.is_empty()
+                && self.rest.is_end_stream()
+                && self.sizes.cut_short(self.needs_message).is_none()
     }
 }
 
@@ -645,6 +741,7 @@ async fn read_message(
     frames: Vec<Bytes>,
     body: &mut Body,
     len: u64,
+    gate: &MemoryGate,
 ) -> Result<(Bytes, Bytes), tonic::Status> {
     let total = usize::try_from(len).map_or(usize::MAX, |len| len.saturating_add(5));
     let mut message = bytes::BytesMut::with_capacity(total);
@@ -659,14 +756,14 @@ async fn read_message(
     }
     drop(frames);
     while message.len() < total {
-        match next_frame(body).await {
+        match next_frame_within(body, gate).await {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     after = extend(data, &mut message);
                 }
             }
             Some(Err(status)) => return Err(status),
-            // Cut short: tonic reports the truncated message as it would.
+            // Cut short: the caller refuses the truncated message.
             None => break,
         }
     }
@@ -675,12 +772,44 @@ async fn read_message(
 
 impl MemoryGate {
     /// `rest` with `frames` put back in front, its message sizes checked (see [`Replay`]).
-    fn replay(&self, frames: Vec<Bytes>, one_message: bool, rest: Body) -> Body {
+    /// `needs_message`: the method takes exactly one message (see [`Replay`]).
+    fn replay(
+        &self,
+        frames: Vec<Bytes>,
+        one_message: bool,
+        needs_message: bool,
+        rest: Body,
+    ) -> Body {
         Body::new(Replay {
             frames: frames.into(),
             one_message,
+            needs_message,
             sizes: MessageSizes::new(self.max_message_size),
+            recv_timeout: self.recv_timeout,
+            metrics: self.metrics.clone(),
+            idle: None,
+            done: false,
             rest,
+        })
+    }
+
+    /// `bytes` from the budget, or the (counted) refusal.
+    fn reserve(&self, bytes: u64) -> Result<super::budget::Reservation, AdmissionError> {
+        self.budget.try_reserve(bytes).map_err(|refused| {
+            self.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
+            AdmissionError::MemoryBudget {
+                wanted: refused.wanted,
+                available: refused.available,
+                retry_after: refused.retry_after,
+            }
+        })
+    }
+
+    /// The refusal of a body that sent nothing for `--recv-timeout`, counted.
+    fn recv_stalled(&self) -> tonic::Status {
+        self.metrics.recv_stalls.fetch_add(1, Ordering::Relaxed);
+        admission_status(&AdmissionError::RecvStalled {
+            after: self.recv_timeout,
         })
     }
 
@@ -695,7 +824,7 @@ impl MemoryGate {
         mut body: Body,
         len: u64,
     ) -> Result<(Body, Option<super::budget::Reservation>), Response<Body>> {
-        let (message, after) = read_message(frames, &mut body, len)
+        let (message, after) = read_message(frames, &mut body, len, self)
             .await
             .map_err(tonic::Status::into_http)?;
         if !after.is_empty() {
@@ -703,38 +832,31 @@ impl MemoryGate {
                 reason: ONE_MESSAGE,
             }));
         }
+        if message.len() as u64 != len + 5 {
+            return Err(refuse(AdmissionError::Malformed { reason: TRUNCATED }));
+        }
         let (path, inner) = shape;
-        // A message cut short is left to tonic, which reports it as it would.
-        let counted = if message.len() as u64 == len + 5 {
-            super::wire::count(&message[5..], path, inner).ok_or(AdmissionError::Malformed {
+        let counted = super::wire::count(&message[5..], path, inner)
+            .ok_or(AdmissionError::Malformed {
                 reason: "not a valid protobuf message",
             })
-        } else {
-            Ok(super::wire::Counted::default())
-        };
-        let counted = counted.map_err(refuse)?;
+            .map_err(refuse)?;
         let extra = counted_elements_bytes(counted.elements as u64, counted.total_inner as u64)
             .saturating_sub(charged_elements_bytes(len, &self.estimator));
         let more = if extra > 0 {
-            let reserved = self.budget.try_reserve(extra).map_err(|refused| {
-                self.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
-                refuse(AdmissionError::MemoryBudget {
-                    wanted: refused.wanted,
-                    available: refused.available,
-                    retry_after: refused.retry_after,
-                })
-            })?;
-            Some(reserved)
+            Some(self.reserve(extra).map_err(refuse)?)
         } else {
             None
         };
-        Ok((self.replay(vec![message], true, body), more))
+        Ok((self.replay(vec![message], true, true, body), more))
     }
 }
 
 impl Gate for MemoryGate {
-    // Light calls pass too, only to have their messages' sizes checked (nothing reserved),
-    // so an oversized request gets the same RESOURCE_EXHAUSTED on every method.
+    // Light calls pass too: their messages' sizes are checked, so an oversized request gets
+    // the same RESOURCE_EXHAUSTED on every method, and a first message over
+    // `LIGHT_FREE_BYTES` is charged to the budget before tonic buffers it (see
+    // `MemoryGate::admit_light`).
     const HEAVY_ONLY: bool = false;
 
     fn admit<S>(
@@ -748,19 +870,25 @@ impl Gate for MemoryGate {
         S::Error: Send + 'static,
     {
         if !is_heavy(req.uri().path()) {
-            let req = req.map(|rest| self.replay(Vec::new(), false, rest));
-            return Box::pin(inner.call(req));
+            return self.admit_light(inner, req);
         }
         Box::pin(async move {
             let (parts, mut body) = req.into_parts();
-            let (frames, len) = match read_prefix(&mut body).await {
+            let (frames, len) = match read_prefix(&mut body, &self).await {
                 Ok(read) => read,
                 Err(status) => return Ok(status.into_http()),
             };
+            let needs_message = !is_client_streaming(parts.uri.path());
             let Some(len) = len else {
-                // An empty body: nothing to buffer; the handler reports the missing message.
+                if needs_message {
+                    return Ok(refuse(AdmissionError::Malformed { reason: NO_MESSAGE }));
+                }
+                // An import of nothing: nothing to buffer or charge.
                 return inner
-                    .call(Request::from_parts(parts, self.replay(frames, false, body)))
+                    .call(Request::from_parts(
+                        parts,
+                        self.replay(frames, false, false, body),
+                    ))
                     .await;
             };
             if len > self.max_message_size {
@@ -777,30 +905,61 @@ impl Gate for MemoryGate {
                 Some(_) => estimate(len, &self.estimator),
                 None => import_estimate(self.max_message_size),
             };
-            match self.budget.try_reserve(wanted) {
-                Ok(reservation) => {
-                    let (body, more) = match shape {
-                        None => (self.replay(frames, false, body), None),
-                        Some(shape) => {
-                            match self.count_and_charge(shape, frames, body, len).await {
-                                Ok(counted) => counted,
-                                Err(refusal) => return Ok(refusal),
-                            }
-                        }
-                    };
-                    self.metrics.admitted.fetch_add(1, Ordering::Relaxed);
-                    let response = inner.call(Request::from_parts(parts, body)).await?;
-                    Ok(hold(response, (reservation, more)))
-                }
-                Err(refused) => {
-                    self.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
-                    Ok(refuse(AdmissionError::MemoryBudget {
-                        wanted: refused.wanted,
-                        available: refused.available,
-                        retry_after: refused.retry_after,
-                    }))
-                }
-            }
+            let reservation = match self.reserve(wanted) {
+                Ok(reservation) => reservation,
+                Err(refused) => return Ok(refuse(refused)),
+            };
+            let (body, more) = match shape {
+                None => (self.replay(frames, false, needs_message, body), None),
+                Some(shape) => match self.count_and_charge(shape, frames, body, len).await {
+                    Ok(counted) => counted,
+                    Err(refusal) => return Ok(refusal),
+                },
+            };
+            self.metrics.admitted.fetch_add(1, Ordering::Relaxed);
+            let response = inner.call(Request::from_parts(parts, body)).await?;
+            Ok(hold(response, (reservation, more)))
+        })
+    }
+}
+
+impl MemoryGate {
+    /// A light call (health, reflection, cheap reads): no slot, no estimate, but a first
+    /// message over [`LIGHT_FREE_BYTES`] reserves what tonic's buffer and the decoded copy
+    /// hold ([`light_estimate`]) until the response ends. Light requests are a few hundred
+    /// bytes; without this charge, a client could have tonic buffer up to
+    /// `--max-message-size` for each of its streams (128 per connection) of a light method,
+    /// which no limit refuses, until the deadline: gigabytes from a handful of connections.
+    fn admit_light<S>(
+        self: Arc<Self>,
+        mut inner: S,
+        req: Request<Body>,
+    ) -> BoxFuture<Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+    {
+        Box::pin(async move {
+            let (parts, mut body) = req.into_parts();
+            let (frames, len) = match read_prefix(&mut body, &self).await {
+                Ok(read) => read,
+                Err(status) => return Ok(status.into_http()),
+            };
+            let needs_message = !is_client_streaming(parts.uri.path());
+            // Too large: refused by the replayed body's size check, as on every method.
+            let charged = len.filter(|&len| len > LIGHT_FREE_BYTES && len <= self.max_message_size);
+            let reservation = match charged.map(|len| self.reserve(light_estimate(len))) {
+                None => None,
+                Some(Ok(reservation)) => Some(reservation),
+                Some(Err(refused)) => return Ok(refuse(refused)),
+            };
+            let body = self.replay(frames, false, needs_message, body);
+            let response = inner.call(Request::from_parts(parts, body)).await?;
+            Ok(match reservation {
+                Some(reservation) => hold(response, reservation),
+                None => response,
+            })
         })
     }
 }
@@ -1131,6 +1290,39 @@ pub(super) mod tests {
         assert_eq!(limiter.queued.load(Ordering::Acquire), 0);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_imports_long_hold_does_not_make_queued_calls_hopeless() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let limiter = Limiter::new(1, 8, Duration::from_secs(2), metrics());
+        let service = ConcurrencyLayer::new(limiter.clone()).layer(service);
+        handle.allow(10);
+        // An import streams for a minute, then ends.
+        let import = tokio::spawn(service.clone().oneshot(request("ImportFeedback", 1)));
+        let (_req, respond) = handle.next_request().await.unwrap();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        respond.send_response(ok());
+        drop(import.await.unwrap().unwrap());
+        // A summary holds the slot; the next one queues (its wait is unknown, not a minute)
+        // and gets the slot when the summary ends.
+        let running = tokio::spawn(service.clone().oneshot(request("SummarizeFeedback", 1)));
+        let (_req, respond) = handle.next_request().await.unwrap();
+        let queued = tokio::spawn(service.clone().oneshot(request("SummarizeFeedback", 1)));
+        tokio::task::yield_now().await;
+        assert_eq!(
+            limiter.queued.load(Ordering::Acquire),
+            1,
+            "queued, not refused"
+        );
+        tokio::time::advance(Duration::from_millis(100)).await;
+        respond.send_response(ok());
+        drop(running.await.unwrap().unwrap());
+        // The summary's hold is what the queue predicts from, not the import's minute.
+        assert_eq!(limiter.hold_us.load(Ordering::Relaxed), 100_000);
+        let (_req, respond) = handle.next_request().await.unwrap();
+        respond.send_response(ok());
+        assert_eq!(grpc_status(&queued.await.unwrap().unwrap()), 0);
+    }
+
     /// The estimate's inputs in the memory-layer tests.
     const ESTIMATOR: EstimatorConfig = EstimatorConfig {
         max_entries_cap: 10_000,
@@ -1148,6 +1340,7 @@ pub(super) mod tests {
             budget: budget.clone(),
             estimator: ESTIMATOR,
             max_message_size: 4 << 20,
+            recv_timeout: Duration::from_secs(10),
             metrics,
         });
         (layer, budget)
@@ -1430,6 +1623,182 @@ pub(super) mod tests {
         respond.send_response(ok());
         drop(call.await.unwrap().unwrap());
         assert_eq!(budget.in_use(), 0);
+    }
+
+    /// A request to `path` whose body is `frames`, then the end (or, with `then_pending`,
+    /// nothing more ever).
+    fn body_of(path: &str, frames: &[&[u8]], then_pending: bool) -> Request<Body> {
+        let frames = frames.iter().map(|f| Bytes::copy_from_slice(f)).collect();
+        Request::builder()
+            .uri(path)
+            .body(Body::new(Frames(frames, then_pending)))
+            .unwrap()
+    }
+
+    const SUMMARIZE: &str = "/spotifai.insight.v1.InsightService/SummarizeFeedback";
+    const GET_JOB: &str = "/spotifai.insight.v1.InsightService/GetJob";
+    const IMPORT: &str = "/spotifai.insight.v1.InsightService/ImportFeedback";
+
+    /// What the handler's body yields after its complete messages: `None` at a clean end,
+    /// or the error it ends with.
+    async fn body_end(mut body: Body) -> Option<tonic::Status> {
+        loop {
+            match next_frame(&mut body).await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return Some(status),
+                None => return None,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn empty_and_truncated_bodies_are_invalid_argument_not_internal() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (layer, budget) = memory_layer(64 << 20, metrics());
+        let service = layer.layer(service);
+        handle.allow(10);
+        let announced_1000 = [0u8, 0, 0, 0x03, 0xe8];
+        // Heavy unary calls: refused by the gate, the handler never runs.
+        for (request, reason) in [
+            (body_of(SUMMARIZE, &[], false), NO_MESSAGE),
+            (
+                body_of(SUMMARIZE, &[&announced_1000, b"0123456789"], false),
+                TRUNCATED,
+            ),
+        ] {
+            let status = status(service.clone().oneshot(request).await.unwrap());
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            assert_eq!(status.message(), format!("request: {reason}"));
+            assert_eq!(budget.in_use(), 0);
+        }
+        // Light unary calls and imports: passed on, and the body tells tonic (which would
+        // answer INTERNAL for both) what is wrong, after any whole messages.
+        for (request, end) in [
+            (body_of(GET_JOB, &[], false), Some(NO_MESSAGE)),
+            (
+                body_of(GET_JOB, &[&announced_1000[..3]], false),
+                Some(TRUNCATED),
+            ),
+            (body_of(GET_JOB, &[&[0, 0, 0, 0, 0]], false), None),
+            (body_of(IMPORT, &[], false), None),
+            (
+                body_of(IMPORT, &[&[0, 0, 0, 0, 0], &announced_1000], false),
+                Some(TRUNCATED),
+            ),
+        ] {
+            let path = request.uri().path().to_owned();
+            let call = tokio::spawn(service.clone().oneshot(request));
+            let (req, respond) = handle.next_request().await.unwrap();
+            let status = body_end(req.into_body()).await;
+            assert_eq!(
+                status.as_ref().map(|s| (s.code(), s.message().to_owned())),
+                end.map(|r| (tonic::Code::InvalidArgument, format!("request: {r}"))),
+                "{path}"
+            );
+            respond.send_response(ok());
+            drop(call.await.unwrap().unwrap());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_sending_is_cut_off_after_the_recv_timeout() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = metrics();
+        let (layer, budget) = memory_layer(64 << 20, metrics.clone());
+        let service = layer.layer(service);
+        handle.allow(10);
+        let deadline_exceeded = |response: Response<Body>| {
+            let status = status(response);
+            assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+            assert!(status.message().contains("--recv-timeout"), "{status:?}");
+        };
+        // Headers only, then nothing: the gate waits for the prefix for 10 s.
+        let start = Instant::now();
+        deadline_exceeded(
+            service
+                .clone()
+                .oneshot(body_of(SUMMARIZE, &[], true))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        // Half a message, then nothing: reserved from the prefix, given back at the cut.
+        let start = Instant::now();
+        deadline_exceeded(service.clone().oneshot(prefix_only(600)).await.unwrap());
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert_eq!(budget.in_use(), 0);
+        // A light call whose prefix arrived: its body, read by the handler, is cut the same.
+        let partial: &[u8] = &[0, 0, 0, 0, 10, 0x0a, 0x08];
+        let call = tokio::spawn(service.clone().oneshot(body_of(GET_JOB, &[partial], true)));
+        let (req, respond) = handle.next_request().await.unwrap();
+        let start = Instant::now();
+        let status = body_end(req.into_body()).await.expect("cut off");
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        respond.send_response(ok());
+        drop(call.await.unwrap().unwrap());
+        // An import that sends one message and then nothing; the time the handler spends
+        // between reads does not count, only the wait for bytes.
+        let message = [0u8, 0, 0, 0, 0];
+        let call = tokio::spawn(service.clone().oneshot(body_of(
+            IMPORT,
+            &[&message, &message],
+            true,
+        )));
+        let (req, respond) = handle.next_request().await.unwrap();
+        let mut body = req.into_body();
+        assert!(next_frame(&mut body).await.unwrap().is_ok());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(
+            next_frame(&mut body).await.unwrap().is_ok(),
+            "60 s of handler work"
+        );
+        let start = Instant::now();
+        let status = body_end(body).await.expect("cut off");
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        respond.send_response(ok());
+        drop(call.await.unwrap().unwrap());
+        assert_eq!(metrics.recv_stalls.load(Ordering::Relaxed), 4);
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_light_call_with_a_large_message_is_charged_to_the_budget() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = metrics();
+        let (layer, budget) = memory_layer(1 << 20, metrics.clone());
+        let service = layer.layer(service);
+        handle.allow(10);
+        // 600 kB announced: twice that does not fit 1 MiB; refused from the prefix.
+        let mut req = prefix_only(600_000);
+        *req.uri_mut() = GET_JOB.parse().unwrap();
+        let refused = tokio::time::timeout(Duration::from_secs(5), service.clone().oneshot(req))
+            .await
+            .expect("refused without reading the body")
+            .unwrap();
+        assert_eq!(refusal_reason(refused), "MEMORY_BUDGET");
+        assert_eq!(metrics.shed_memory.load(Ordering::Relaxed), 1);
+        // 100 kB: reserved twice over while the call lives.
+        let call = tokio::spawn(service.clone().oneshot(request("GetJob", 100_000)));
+        let (_req, respond) = handle.next_request().await.unwrap();
+        assert_eq!(budget.in_use(), light_estimate(100_000));
+        respond.send_response(Response::new(Body::new(Frames(
+            VecDeque::from([Bytes::from_static(b"x")]),
+            false,
+        ))));
+        let response = call.await.unwrap().unwrap();
+        assert_eq!(budget.in_use(), light_estimate(100_000));
+        drop(response);
+        assert_eq!(budget.in_use(), 0);
+        // With the whole budget taken, small light calls (a health check) still pass.
+        let _all = budget.try_reserve(1 << 20).unwrap();
+        let mut req = request("GetJob", LIGHT_FREE_BYTES as u32);
+        *req.uri_mut() = "/grpc.health.v1.Health/Check".parse().unwrap();
+        let call = tokio::spawn(service.clone().oneshot(req));
+        let (_req, respond) = handle.next_request().await.unwrap();
+        respond.send_response(ok());
+        assert_eq!(grpc_status(&call.await.unwrap().unwrap()), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,7 +4,9 @@
 //! from the gRPC length prefix → handler. Health, reflection and cheap reads bypass the heavy
 //! limits. Refusals are fast and typed ([`AdmissionError`]) and carry RetryInfo. A response
 //! its client stops reading closes that client's connection after `--send-timeout`
-//! ([`stall`]), so what the call holds is not held for as long as the client stays connected.
+//! ([`stall`]), so what the call holds is not held for as long as the client stays connected;
+//! a request body that stops arriving ends its call after `--recv-timeout`, for the same
+//! reason.
 //!
 //! Knows no tonic statuses: `grpc::error::admission_status` maps the errors.
 
@@ -40,6 +42,19 @@ pub fn is_heavy(path: &str) -> bool {
             | "SubmitSummaryJob"
             | "ImportFeedback"
             | "ImportListening"
+    )
+}
+
+/// Methods whose request is a stream of any number of messages (none included); every other
+/// method takes exactly one, and a body that ends without it is refused INVALID_ARGUMENT
+/// before tonic would answer INTERNAL "Missing request message".
+pub fn is_client_streaming(path: &str) -> bool {
+    matches!(
+        path,
+        "/spotifai.insight.v1.InsightService/ImportFeedback"
+            | "/spotifai.insight.v1.InsightService/ImportListening"
+            | "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+            | "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
     )
 }
 
@@ -96,6 +111,15 @@ pub enum AdmissionError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The request body sent nothing for `--recv-timeout` while the server waited for it.
+    #[error(
+        "the request body sent no data for {after:?} while the server waited for it \
+         (--recv-timeout)"
+    )]
+    RecvStalled {
+        /// `--recv-timeout`.
+        after: Duration,
+    },
     /// The caller's deadline or `--request-timeout` passed.
     #[error("deadline of {after:?} exceeded")]
     DeadlineExceeded {
@@ -122,6 +146,8 @@ pub struct AdmissionMetrics {
     /// Connections closed because a response waited for flow-control window longer than
     /// `--send-timeout` (the client stopped reading).
     pub send_stalls: AtomicU64,
+    /// Calls cut off because their request body sent nothing for `--recv-timeout`.
+    pub recv_stalls: AtomicU64,
     /// Calls that waited in the queue, and their total and longest wait (µs).
     pub queue_waits: AtomicU64,
     /// See [`AdmissionMetrics::queue_waits`].
@@ -147,6 +173,8 @@ pub struct MetricsSnapshot {
     pub deadline_exceeded: u64,
     /// See [`AdmissionMetrics::send_stalls`].
     pub send_stalls: u64,
+    /// See [`AdmissionMetrics::recv_stalls`].
+    pub recv_stalls: u64,
     /// Bytes of memory budget reserved now.
     pub budget_in_use: u64,
     /// See [`AdmissionMetrics::queue_waits`].
@@ -177,6 +205,7 @@ impl AdmissionMetrics {
             shed_too_large: self.shed_too_large.load(Ordering::Relaxed),
             deadline_exceeded: self.deadline_exceeded.load(Ordering::Relaxed),
             send_stalls: self.send_stalls.load(Ordering::Relaxed),
+            recv_stalls: self.recv_stalls.load(Ordering::Relaxed),
             budget_in_use: budget.in_use(),
             queue_waits: waits,
             queue_wait_us_mean: self
@@ -191,9 +220,10 @@ impl AdmissionMetrics {
 
 /// Memory budget when `--memory-budget` is 0 (auto): half of the cgroup limit, else a quarter
 /// of the machine's memory. Half leaves room for the runtime, buffers and the allocator's
-/// fragmentation, which no per-call estimate sees.
+/// fragmentation, which no per-call estimate sees. A cgroup limit above the machine's memory
+/// (a pod limit larger than its node) is not the one that binds: the machine's is.
 pub fn default_budget(cgroup_limit: u64, system_total: u64) -> u64 {
-    if cgroup_limit > 0 {
+    if cgroup_limit > 0 && (system_total == 0 || cgroup_limit < system_total) {
         cgroup_limit / 2
     } else {
         (system_total / 4).max(64 << 20)
@@ -260,5 +290,7 @@ mod tests {
     fn default_budget_prefers_the_cgroup_limit() {
         assert_eq!(default_budget(256 << 20, 24 << 30), 128 << 20);
         assert_eq!(default_budget(0, 24 << 30), 6 << 30);
+        assert_eq!(default_budget(64 << 30, 24 << 30), 6 << 30);
+        assert_eq!(default_budget(256 << 20, 0), 128 << 20);
     }
 }

@@ -105,13 +105,15 @@ pub struct Usage {
     pub output_tokens: u64,
 }
 
+/// Saturating: token counts come from the provider's reply, which may say anything (a
+/// `promptTokenCount` of u64::MAX added twice must not panic or wrap).
 impl std::ops::AddAssign for Usage {
     fn add_assign(&mut self, rhs: Self) {
-        self.llm_calls += rhs.llm_calls;
-        self.prompt_bytes += rhs.prompt_bytes;
-        self.response_bytes += rhs.response_bytes;
-        self.input_tokens += rhs.input_tokens;
-        self.output_tokens += rhs.output_tokens;
+        self.llm_calls = self.llm_calls.saturating_add(rhs.llm_calls);
+        self.prompt_bytes = self.prompt_bytes.saturating_add(rhs.prompt_bytes);
+        self.response_bytes = self.response_bytes.saturating_add(rhs.response_bytes);
+        self.input_tokens = self.input_tokens.saturating_add(rhs.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(rhs.output_tokens);
     }
 }
 
@@ -180,4 +182,27 @@ pub struct SummaryOptions {
     pub bypass_cache: bool,
     /// Answer UNAVAILABLE rather than falling back to `local`.
     pub disable_fallback: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_from_a_provider_saying_anything_saturates() {
+        let meter = UsageMeter::default();
+        let absurd = Usage {
+            llm_calls: 1,
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX - 1,
+            ..Usage::default()
+        };
+        meter.add(absurd);
+        meter.add(absurd);
+        let total = meter.total();
+        assert_eq!(
+            (total.llm_calls, total.input_tokens, total.output_tokens),
+            (2, u64::MAX, u64::MAX)
+        );
+    }
 }

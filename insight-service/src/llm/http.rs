@@ -867,9 +867,14 @@ pub(crate) fn truncate(mut text: String) -> String {
 /// in CRLF, LF or CR (also split across chunks), a blank line dispatches the event, `:` lines
 /// are comments, `event`/`id`/`retry` are ignored (no provider here needs them). Lines that are
 /// no SSE field at all are kept apart as "trailing" content for the provider to inspect.
-/// Memory is bounded by the caller's byte cap: nothing is kept that was not read.
+/// Memory is bounded by the caller's byte cap: nothing is kept that was not read. As the spec
+/// says, a byte-order mark opening the stream is dropped; and an event whose data is empty or
+/// blank (`data:` alone, a keep-alive some proxies send) is skipped rather than handed to a
+/// provider's JSON parser, which would fail the call.
 pub(crate) struct SseDecoder {
     backend: &'static str,
+    /// Whether the stream's first bytes (where a BOM may be) have been seen.
+    started: bool,
     line: Vec<u8>,
     data: Vec<u8>,
     has_data: bool,
@@ -881,6 +886,7 @@ impl SseDecoder {
     pub(crate) fn new(backend: &'static str) -> Self {
         Self {
             backend,
+            started: false,
             line: Vec::new(),
             data: Vec::new(),
             has_data: false,
@@ -896,6 +902,18 @@ impl SseDecoder {
         handler: &mut dyn SseHandler,
     ) -> Result<Flow, LlmError> {
         let mut rest = chunk;
+        if !self.started {
+            // The BOM's three bytes may come split across the first chunks: wait for them.
+            const BOM: &[u8] = "\u{feff}".as_bytes();
+            self.line.extend_from_slice(rest);
+            if self.line.len() < BOM.len() && BOM.starts_with(&self.line) {
+                return Ok(Flow::Continue);
+            }
+            self.started = true;
+            let held = std::mem::take(&mut self.line);
+            let held = held.strip_prefix(BOM).unwrap_or(&held);
+            return self.feed(held, handler);
+        }
         while let Some(pos) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
             let byte = rest[pos];
             let skip_lf = byte == b'\n' && pos == 0 && self.after_cr;
@@ -988,6 +1006,9 @@ impl SseDecoder {
         }
         self.has_data = false;
         let data = std::mem::take(&mut self.data);
+        if data.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Flow::Continue);
+        }
         let data = String::from_utf8(data).map_err(|_| LlmError::Malformed {
             backend: self.backend.to_owned(),
             message: "stream event is not UTF-8".to_owned(),
@@ -1076,6 +1097,21 @@ mod tests {
             .feed(b"error: not json\n\n", &mut Collect::default())
             .unwrap_err();
         assert!(matches!(error, LlmError::Malformed { .. }), "{error:?}");
+    }
+
+    #[test]
+    fn sse_drops_a_leading_bom_and_skips_blank_keep_alive_events() {
+        let input = "\u{feff}data: a\n\ndata:\n\ndata: \n\ndata:  \r\n\r\ndata: b\n\n\u{feff}x\n";
+        for piece in 1..input.len() {
+            let (handler, trailing) = decode_in_pieces(input.as_bytes(), piece);
+            assert_eq!(handler.events, ["a", "b"], "piece {piece}");
+            // Only the stream's first BOM is dropped; a later one is content.
+            assert_eq!(trailing, "\u{feff}x".as_bytes(), "piece {piece}");
+        }
+        // A stream shorter than a BOM is still read.
+        let (handler, trailing) = decode_in_pieces(b"\xef\xbb", 1);
+        assert!(handler.events.is_empty());
+        assert_eq!(trailing, b"\xef\xbb");
     }
 
     #[test]

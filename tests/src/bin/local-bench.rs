@@ -17,6 +17,9 @@
 //! of at most `CHUNK_INSIGHT_WORDS` words and one reduce over the three chunk insights of at
 //! most `MAX_WORDS` words. `--print` shows the answer, so a change's effect on the output can be
 //! reviewed too; `--time` reports wall time per request (noisy here, but a quick sanity check).
+//! `--worst-case` times one map call over one very large chunk against one a tenth its size
+//! (the ratio shows whether the cost grows linearly with the input, as it must for a chunk of
+//! `--max-message-size`).
 
 use std::time::{Duration, Instant};
 
@@ -51,6 +54,16 @@ struct Args {
     /// whether a change to the summarizer changed any answer.
     #[arg(long)]
     dump: bool,
+    /// Instead of the insight-bench request, time one map call over a single large chunk (one
+    /// short sentence, then reviews each made one long sentence, repeated to
+    /// `--worst-case-kib`, and to a tenth of that) with a 4-word budget and with the
+    /// pipeline's: the time per call should grow about tenfold with tenfold input (linear),
+    /// not a hundredfold. Sentence selection was quadratic here before ab249f6.
+    #[arg(long)]
+    worst_case: bool,
+    /// Size of the large chunk for `--worst-case`, in KiB of review text.
+    #[arg(long, default_value_t = 400)]
+    worst_case_kib: usize,
 }
 
 fn main() {
@@ -71,6 +84,14 @@ fn main() {
             .map(|(id, text, rating)| entry(id, text, rating))
             .collect();
         dump(&backend, &all);
+        return;
+    }
+    if args.worst_case {
+        let all: Vec<Entry> = spotifai_e2e::load_reviews(&data)
+            .into_iter()
+            .map(|(id, text, rating)| entry(id, text, rating))
+            .collect();
+        worst_case(&backend, &all, args.worst_case_kib.max(10) * 1024);
         return;
     }
     let started = Instant::now();
@@ -189,6 +210,122 @@ fn dump(backend: &LocalBackend, entries: &[Entry]) {
             }
         }
     }
+}
+
+/// Times one map call over one chunk of `bytes` of review text, and over one of a tenth of
+/// that, at two word budgets, and prints the ratio of the times.
+fn worst_case(backend: &LocalBackend, reviews: &[Entry], bytes: usize) {
+    let chunk_of = |bytes: usize| -> Vec<Entry> {
+        // One short sentence that is the most representative (every other one shares its
+        // words), so it is picked first and fits; then only sentences longer than the words
+        // left, which selection used to find best and skip one full scan at a time.
+        let mut chunk = vec![Entry {
+            id: "short".to_owned(),
+            text: "Too many ads.".to_owned(),
+            ..reviews[0].clone()
+        }];
+        let mut total = 0;
+        for (i, review) in reviews.iter().cycle().enumerate() {
+            // (The count bound ends the loop even over a sample of empty reviews.)
+            if total >= bytes || i >= bytes {
+                break;
+            }
+            // Each review one sentence of at least 9 words: none fits a 4-word budget.
+            let mut text: String = review
+                .text
+                .chars()
+                .map(|c| {
+                    if matches!(c, '.' | '!' | '?' | '\n') {
+                        ','
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            text.push_str(" and too many ads");
+            if text.split_whitespace().count() < 9 {
+                continue;
+            }
+            total += text.len();
+            chunk.push(Entry {
+                id: format!("{}-{i}", review.id),
+                text,
+                ..review.clone()
+            });
+        }
+        chunk
+    };
+    let large = chunk_of(bytes);
+    let small = chunk_of(bytes / 10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let map_call = |chunk: &[Entry], max_words: usize| {
+        best_of_three(|| {
+            let insight = map_chunk(backend, 0, chunk, max_words, deadline);
+            assert!(!insight.insight.is_empty(), "the chunk has a summary");
+        })
+    };
+    // Sentence selection alone: `text::extractive_summary` over every sentence of the chunk.
+    let sentences = |chunk: &[Entry]| -> Vec<String> {
+        chunk
+            .iter()
+            .flat_map(|e| insight_service::text::split_sentences(&e.text))
+            .collect()
+    };
+    let (small_sentences, large_sentences) = (sentences(&small), sentences(&large));
+    let select = |sentences: &[String], max_words: usize| {
+        let limits = insight_service::text::SummaryLimits {
+            max_words,
+            max_sentences: 3,
+        };
+        best_of_three(|| {
+            let summary = insight_service::text::extractive_summary(sentences, limits);
+            assert!(!summary.is_empty(), "a summary");
+        })
+    };
+    let kib = |chunk: &[Entry]| chunk.iter().map(|e| e.text.len()).sum::<usize>() / 1024;
+    let report = |what: &str, t_small: Duration, t_large: Duration| {
+        println!(
+            "{what}: {} KiB {:.1} ms, {} KiB {:.1} ms, ratio {:.1} for {:.1}x the input",
+            kib(&small),
+            t_small.as_secs_f64() * 1e3,
+            kib(&large),
+            t_large.as_secs_f64() * 1e3,
+            t_large.as_secs_f64() / t_small.as_secs_f64().max(1e-9),
+            kib(&large) as f64 / kib(&small).max(1) as f64,
+        );
+    };
+    println!(
+        "{} and {} entries, {} and {} sentences",
+        small.len(),
+        large.len(),
+        small_sentences.len(),
+        large_sentences.len()
+    );
+    for max_words in [4, CHUNK_INSIGHT_WORDS] {
+        report(
+            &format!("map call, max_words {max_words:>2}"),
+            map_call(&small, max_words),
+            map_call(&large, max_words),
+        );
+        report(
+            &format!("selection, max_words {max_words:>2}"),
+            select(&small_sentences, max_words),
+            select(&large_sentences, max_words),
+        );
+    }
+}
+
+/// The shortest of three runs of `work`: the machine is shared, and the slowest runs are
+/// other tenants'.
+fn best_of_three(mut work: impl FnMut()) -> Duration {
+    (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            work();
+            started.elapsed()
+        })
+        .min()
+        .unwrap_or_default()
 }
 
 /// The backend calls of one request, as the pipeline makes them (map every chunk, then reduce).

@@ -239,8 +239,8 @@ pub async fn run(
         // Memory admission from the 5-byte length prefix, before tonic buffers the message,
         // then from the counted elements of a unary message before it is decoded; the
         // reservation is held until the response body ends. Every call's messages (light ones
-        // too) are checked against --max-message-size from their prefixes here, a light
-        // call's first message over 16 KiB is charged too, a body cut short or without its
+        // too, against 64 KiB: they take no slot and no budget) are checked against
+        // --max-message-size from their prefixes here, a body cut short or without its
         // message is INVALID_ARGUMENT, and one that sends nothing for --recv-timeout while
         // it is read ends DEADLINE_EXCEEDED (a slow-loris client would hold its slot).
         .option_layer(protect.then(|| MemoryLayer::new(memory)))

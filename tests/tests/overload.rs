@@ -17,8 +17,8 @@
 //!   with a positive RetryInfo delay while small ones pass, decided from the 5-byte length
 //!   prefix before the body is read (a body that never comes is not waited for); budget held
 //!   by a running call is released when it ends; a message over `--max-message-size` is
-//!   refused MESSAGE_TOO_LARGE, also from the prefix, without waiting for the body; a light
-//!   call's large message is charged too; a body without its message or cut inside one is
+//!   refused MESSAGE_TOO_LARGE, also from the prefix, without waiting for the body, and a
+//!   light call's message over 64 KiB likewise; a body without its message or cut inside one is
 //!   INVALID_ARGUMENT (never tonic's INTERNAL), and one that stops sending ends
 //!   DEADLINE_EXCEEDED after `--recv-timeout`, freeing its slot;
 //! - readiness: under an injected cgroup memory reading at 95% of the limit the health status
@@ -966,7 +966,7 @@ async fn raw_status(response: tonic::codegen::http::Response<tonic::body::Body>)
 }
 
 #[tokio::test]
-async fn bodies_that_end_early_or_stop_get_their_status_and_large_light_calls_are_charged() {
+async fn bodies_that_end_early_or_stop_get_their_status_and_light_calls_take_small_messages() {
     let setup = local();
     let recv_timeout = Duration::from_millis(300);
     let server = start_insight(Config {
@@ -1008,15 +1008,17 @@ async fn bodies_that_end_early_or_stop_get_their_status_and_large_light_calls_ar
     let mut client = InsightServiceClient::new(channel.clone());
     let summary = client.summarize_feedback(summarize(1, 80)).await.unwrap();
     assert_eq!(summary.into_inner().entries_used, 1);
-    // A light call with a 600 KB message is charged for it: twice that is over the 1 MiB
-    // budget, so it is refused before tonic buffers it (without the charge: NOT_FOUND).
+    // A light call takes no slot and no budget, so its message is held to 64 KiB: a 600 KB
+    // job id is refused before tonic buffers it (without the limit: NOT_FOUND, after
+    // buffering and decoding it).
     let status = client
         .get_job(pb::GetJobRequest {
             id: "j".repeat(600_000),
         })
         .await
         .unwrap_err();
-    assert_refused(&status, "MEMORY_BUDGET");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status).as_deref(), Some("MESSAGE_TOO_LARGE"));
     // A small one is not.
     let status = client
         .get_job(pb::GetJobRequest {

@@ -73,17 +73,6 @@ pub fn import_estimate(max_message_size: u64) -> u64 {
         .saturating_add(crate::store::BATCH_ROWS as u64 * item)
 }
 
-/// A light call's first message up to this size is not charged to the budget: health checks,
-/// job lookups and list requests are a few hundred bytes, and they must keep answering when
-/// heavy calls hold the whole budget. Bigger ones are charged [`light_estimate`].
-pub const LIGHT_FREE_BYTES: u64 = 16 * 1024;
-
-/// Peak memory of a light call's `encoded_len`-byte message: tonic's buffer and the decoded
-/// copy (the response of a light call is bounded by the method, not by its request).
-pub fn light_estimate(encoded_len: u64) -> u64 {
-    encoded_len.saturating_mul(2)
-}
-
 /// Heap of one decoded element of a repeated string field (a `String` in a `Vec` that may
 /// have doubled while growing, plus the allocator's rounding): what `genres` costs per entry.
 pub const STRING_ELEMENT_BYTES: u64 = 64;

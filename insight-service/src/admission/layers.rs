@@ -24,11 +24,10 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 
 use super::{
-    AdmissionError, AdmissionMetrics,
+    AdmissionError, AdmissionMetrics, LIGHT_MAX_MESSAGE_BYTES,
     budget::MemoryBudget,
     estimator::{
-        EstimatorConfig, LIGHT_FREE_BYTES, charged_elements_bytes, counted_elements_bytes,
-        estimate, import_estimate, light_estimate,
+        EstimatorConfig, charged_elements_bytes, counted_elements_bytes, estimate, import_estimate,
     },
     is_client_streaming, is_heavy,
     pressure::Pressure,
@@ -571,7 +570,7 @@ pin_project_lite::pin_project! {
         one_message: bool,
         needs_message: bool,
         sizes: MessageSizes,
-        recv_timeout: Duration,
+        recv_timeout: Option<Duration>,
         metrics: Arc<AdmissionMetrics>,
         idle: Option<Pin<Box<tokio::time::Sleep>>>,
         done: bool,
@@ -595,6 +594,7 @@ const NO_MESSAGE: &str = "the call carries no request message";
 #[derive(Debug)]
 struct MessageSizes {
     limit: u64,
+    light: bool,
     prefix: [u8; 5],
     have: usize,
     remaining: u64,
@@ -603,9 +603,12 @@ struct MessageSizes {
 }
 
 impl MessageSizes {
-    fn new(limit: u64) -> Self {
+    /// `light`: `limit` is a light method's ([`LIGHT_MAX_MESSAGE_BYTES`]), and its refusal
+    /// says so.
+    fn new(limit: u64, light: bool) -> Self {
         Self {
             limit,
+            light,
             prefix: [0; 5],
             have: 0,
             remaining: 0,
@@ -647,9 +650,11 @@ impl MessageSizes {
                 let [_, a, b, c, d] = self.prefix;
                 let len = u64::from(u32::from_be_bytes([a, b, c, d]));
                 if len > self.limit {
-                    return Err(admission_status(&AdmissionError::MessageTooLarge {
-                        len,
-                        limit: self.limit,
+                    let limit = self.limit;
+                    return Err(admission_status(&if self.light {
+                        AdmissionError::LightMessageTooLarge { len, limit }
+                    } else {
+                        AdmissionError::MessageTooLarge { len, limit }
                     }));
                 }
                 self.remaining = len;
@@ -676,16 +681,19 @@ impl http_body::Body for Replay {
         }
         let polled = this.rest.poll_frame(cx);
         if polled.is_pending() {
+            let Some(after) = *this.recv_timeout else {
+                return Poll::Pending;
+            };
             let idle = this
                 .idle
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(*this.recv_timeout)));
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
             if idle.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             *this.done = true;
             this.metrics.recv_stalls.fetch_add(1, Ordering::Relaxed);
             return Poll::Ready(Some(Err(admission_status(&AdmissionError::RecvStalled {
-                after: *this.recv_timeout,
+                after,
             }))));
         }
         *this.idle = None;
@@ -772,20 +780,29 @@ async fn read_message(
 
 impl MemoryGate {
     /// `rest` with `frames` put back in front, its message sizes checked (see [`Replay`]).
-    /// `needs_message`: the method takes exactly one message (see [`Replay`]).
+    /// `needs_message`: the method takes exactly one message (see [`Replay`]). `light`: a
+    /// light method, whose messages are held to [`LIGHT_MAX_MESSAGE_BYTES`]; a light
+    /// streaming one (server reflection, which tools keep open between requests) has no
+    /// receive timer: it holds no slot and no budget while idle.
     fn replay(
         &self,
         frames: Vec<Bytes>,
         one_message: bool,
         needs_message: bool,
+        light: bool,
         rest: Body,
     ) -> Body {
+        let limit = if light {
+            self.max_message_size.min(LIGHT_MAX_MESSAGE_BYTES)
+        } else {
+            self.max_message_size
+        };
         Body::new(Replay {
             frames: frames.into(),
             one_message,
             needs_message,
-            sizes: MessageSizes::new(self.max_message_size),
-            recv_timeout: self.recv_timeout,
+            sizes: MessageSizes::new(limit, light),
+            recv_timeout: (needs_message || !light).then_some(self.recv_timeout),
             metrics: self.metrics.clone(),
             idle: None,
             done: false,
@@ -848,15 +865,14 @@ impl MemoryGate {
         } else {
             None
         };
-        Ok((self.replay(vec![message], true, true, body), more))
+        Ok((self.replay(vec![message], true, true, false, body), more))
     }
 }
 
 impl Gate for MemoryGate {
-    // Light calls pass too: their messages' sizes are checked, so an oversized request gets
-    // the same RESOURCE_EXHAUSTED on every method, and a first message over
-    // `LIGHT_FREE_BYTES` is charged to the budget before tonic buffers it (see
-    // `MemoryGate::admit_light`).
+    // Light calls pass too, at once (nothing reserved), only to have their messages' sizes
+    // checked as they arrive: against LIGHT_MAX_MESSAGE_BYTES, since they take no slot and
+    // no budget, with the same RESOURCE_EXHAUSTED (MESSAGE_TOO_LARGE) as a heavy call's.
     const HEAVY_ONLY: bool = false;
 
     fn admit<S>(
@@ -870,7 +886,9 @@ impl Gate for MemoryGate {
         S::Error: Send + 'static,
     {
         if !is_heavy(req.uri().path()) {
-            return self.admit_light(inner, req);
+            let needs_message = !is_client_streaming(req.uri().path());
+            let req = req.map(|rest| self.replay(Vec::new(), false, needs_message, true, rest));
+            return Box::pin(inner.call(req));
         }
         Box::pin(async move {
             let (parts, mut body) = req.into_parts();
@@ -887,7 +905,7 @@ impl Gate for MemoryGate {
                 return inner
                     .call(Request::from_parts(
                         parts,
-                        self.replay(frames, false, false, body),
+                        self.replay(frames, false, false, false, body),
                     ))
                     .await;
             };
@@ -910,7 +928,7 @@ impl Gate for MemoryGate {
                 Err(refused) => return Ok(refuse(refused)),
             };
             let (body, more) = match shape {
-                None => (self.replay(frames, false, needs_message, body), None),
+                None => (self.replay(frames, false, needs_message, false, body), None),
                 Some(shape) => match self.count_and_charge(shape, frames, body, len).await {
                     Ok(counted) => counted,
                     Err(refusal) => return Ok(refusal),
@@ -919,47 +937,6 @@ impl Gate for MemoryGate {
             self.metrics.admitted.fetch_add(1, Ordering::Relaxed);
             let response = inner.call(Request::from_parts(parts, body)).await?;
             Ok(hold(response, (reservation, more)))
-        })
-    }
-}
-
-impl MemoryGate {
-    /// A light call (health, reflection, cheap reads): no slot, no estimate, but a first
-    /// message over [`LIGHT_FREE_BYTES`] reserves what tonic's buffer and the decoded copy
-    /// hold ([`light_estimate`]) until the response ends. Light requests are a few hundred
-    /// bytes; without this charge, a client could have tonic buffer up to
-    /// `--max-message-size` for each of its streams (128 per connection) of a light method,
-    /// which no limit refuses, until the deadline: gigabytes from a handful of connections.
-    fn admit_light<S>(
-        self: Arc<Self>,
-        mut inner: S,
-        req: Request<Body>,
-    ) -> BoxFuture<Result<Response<Body>, S::Error>>
-    where
-        S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
-    {
-        Box::pin(async move {
-            let (parts, mut body) = req.into_parts();
-            let (frames, len) = match read_prefix(&mut body, &self).await {
-                Ok(read) => read,
-                Err(status) => return Ok(status.into_http()),
-            };
-            let needs_message = !is_client_streaming(parts.uri.path());
-            // Too large: refused by the replayed body's size check, as on every method.
-            let charged = len.filter(|&len| len > LIGHT_FREE_BYTES && len <= self.max_message_size);
-            let reservation = match charged.map(|len| self.reserve(light_estimate(len))) {
-                None => None,
-                Some(Ok(reservation)) => Some(reservation),
-                Some(Err(refused)) => return Ok(refuse(refused)),
-            };
-            let body = self.replay(frames, false, needs_message, body);
-            let response = inner.call(Request::from_parts(parts, body)).await?;
-            Ok(match reservation {
-                Some(reservation) => hold(response, reservation),
-                None => response,
-            })
         })
     }
 }
@@ -1552,7 +1529,8 @@ pub(super) mod tests {
             .parse()
             .unwrap();
         let call = tokio::spawn(service.oneshot(req));
-        // Passed on at once (nothing reserved for a light call), its body checked as read.
+        // Passed on at once (nothing reserved for a light call), its body checked as read
+        // (against the light limit, which is far lower than --max-message-size).
         let (req, respond) = handle.next_request().await.unwrap();
         assert_eq!(budget.in_use(), 0);
         let mut body = req.into_body();
@@ -1763,42 +1741,52 @@ pub(super) mod tests {
         assert_eq!(budget.in_use(), 0);
     }
 
-    #[tokio::test]
-    async fn a_light_call_with_a_large_message_is_charged_to_the_budget() {
+    #[tokio::test(start_paused = true)]
+    async fn light_calls_are_held_to_a_small_message_and_reflection_streams_may_idle() {
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let metrics = metrics();
-        let (layer, budget) = memory_layer(1 << 20, metrics.clone());
+        let (layer, budget) = memory_layer(64 << 20, metrics.clone());
         let service = layer.layer(service);
         handle.allow(10);
-        // 600 kB announced: twice that does not fit 1 MiB; refused from the prefix.
-        let mut req = prefix_only(600_000);
+        // Over the light limit, far under --max-message-size: passed on at once (no slot,
+        // nothing reserved), refused by the body before tonic buffers more than the prefix.
+        let mut req = prefix_only(LIGHT_MAX_MESSAGE_BYTES as u32 + 1);
         *req.uri_mut() = GET_JOB.parse().unwrap();
-        let refused = tokio::time::timeout(Duration::from_secs(5), service.clone().oneshot(req))
-            .await
-            .expect("refused without reading the body")
-            .unwrap();
-        assert_eq!(refusal_reason(refused), "MEMORY_BUDGET");
-        assert_eq!(metrics.shed_memory.load(Ordering::Relaxed), 1);
-        // 100 kB: reserved twice over while the call lives.
-        let call = tokio::spawn(service.clone().oneshot(request("GetJob", 100_000)));
-        let (_req, respond) = handle.next_request().await.unwrap();
-        assert_eq!(budget.in_use(), light_estimate(100_000));
-        respond.send_response(Response::new(Body::new(Frames(
-            VecDeque::from([Bytes::from_static(b"x")]),
-            false,
-        ))));
-        let response = call.await.unwrap().unwrap();
-        assert_eq!(budget.in_use(), light_estimate(100_000));
-        drop(response);
-        assert_eq!(budget.in_use(), 0);
-        // With the whole budget taken, small light calls (a health check) still pass.
-        let _all = budget.try_reserve(1 << 20).unwrap();
-        let mut req = request("GetJob", LIGHT_FREE_BYTES as u32);
-        *req.uri_mut() = "/grpc.health.v1.Health/Check".parse().unwrap();
         let call = tokio::spawn(service.clone().oneshot(req));
-        let (_req, respond) = handle.next_request().await.unwrap();
+        let (req, respond) = handle.next_request().await.unwrap();
+        assert_eq!(budget.in_use(), 0);
+        let status = body_end(req.into_body()).await.expect("refused");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert_eq!(reason(&status), "MESSAGE_TOO_LARGE");
+        assert!(status.message().contains("of this method"), "{status:?}");
         respond.send_response(ok());
-        assert_eq!(grpc_status(&call.await.unwrap().unwrap()), 0);
+        drop(call.await.unwrap().unwrap());
+        // At the limit: passed whole.
+        let call = tokio::spawn(
+            service
+                .clone()
+                .oneshot(request("GetJob", LIGHT_MAX_MESSAGE_BYTES as u32)),
+        );
+        let (req, respond) = handle.next_request().await.unwrap();
+        assert!(body_end(req.into_body()).await.is_none());
+        respond.send_response(ok());
+        drop(call.await.unwrap().unwrap());
+        // A reflection stream whose client sent one request and waits: not cut after
+        // --recv-timeout (tools keep it open between requests).
+        let reflection = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+        let call = tokio::spawn(service.clone().oneshot(body_of(
+            reflection,
+            &[&[0, 0, 0, 0, 0]],
+            true,
+        )));
+        let (req, respond) = handle.next_request().await.unwrap();
+        let mut body = req.into_body();
+        assert!(next_frame(&mut body).await.unwrap().is_ok());
+        let idle = tokio::time::timeout(Duration::from_secs(60), next_frame(&mut body)).await;
+        assert!(idle.is_err(), "still open after 60 s: {idle:?}");
+        respond.send_response(ok());
+        drop(call.await.unwrap().unwrap());
+        assert_eq!(metrics.recv_stalls.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(start_paused = true)]

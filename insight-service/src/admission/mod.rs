@@ -58,6 +58,13 @@ pub fn is_client_streaming(path: &str) -> bool {
     )
 }
 
+/// Largest request message of a light method (health, reflection, job lookups, ListFeedback),
+/// whose requests are an id, a filter or a page token: a few hundred bytes. Light calls take
+/// no slot and no budget, so what a client can make tonic buffer for them must be small by
+/// itself: with `--max-message-size` it would be 4 MiB per stream, 128 streams per
+/// connection, until the deadline.
+pub const LIGHT_MAX_MESSAGE_BYTES: u64 = 64 * 1024;
+
 /// Why a call was refused or cut short by overload protection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AdmissionError {
@@ -99,6 +106,17 @@ pub enum AdmissionError {
     /// The request message exceeds `--max-message-size`.
     #[error("request message of {len} bytes exceeds the {limit}-byte limit (--max-message-size)")]
     MessageTooLarge {
+        /// Declared length.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A light method's request message exceeds [`LIGHT_MAX_MESSAGE_BYTES`].
+    #[error(
+        "request message of {len} bytes exceeds the {limit}-byte limit of this method (its \
+         requests are small; --max-message-size applies to summaries, analyses and imports)"
+    )]
+    LightMessageTooLarge {
         /// Declared length.
         len: u64,
         /// The limit.
@@ -223,7 +241,7 @@ impl AdmissionMetrics {
 /// fragmentation, which no per-call estimate sees. A cgroup limit above the machine's memory
 /// (a pod limit larger than its node) is not the one that binds: the machine's is.
 pub fn default_budget(cgroup_limit: u64, system_total: u64) -> u64 {
-    if cgroup_limit > 0 && (system_total == 0 || cgroup_limit < system_total) {
+    if cgroup_limit > 0 && (system_total == 0 || cgroup_limit <= system_total) {
         cgroup_limit / 2
     } else {
         (system_total / 4).max(64 << 20)

@@ -151,7 +151,9 @@ pub fn admission_status(error: &AdmissionError) -> Status {
         AdmissionError::MemoryBudget { retry_after, .. } => ("MEMORY_BUDGET", Some(retry_after)),
         AdmissionError::MemoryPressure { retry_after } => ("MEMORY_PRESSURE", Some(retry_after)),
         // Retrying the same message can never succeed.
-        AdmissionError::MessageTooLarge { .. } => ("MESSAGE_TOO_LARGE", None),
+        AdmissionError::MessageTooLarge { .. } | AdmissionError::LightMessageTooLarge { .. } => {
+            ("MESSAGE_TOO_LARGE", None)
+        }
     };
     let mut details =
         ErrorDetails::with_error_info(reason, DOMAIN, std::collections::HashMap::new());

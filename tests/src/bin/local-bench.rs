@@ -17,9 +17,9 @@
 //! of at most `CHUNK_INSIGHT_WORDS` words and one reduce over the three chunk insights of at
 //! most `MAX_WORDS` words. `--print` shows the answer, so a change's effect on the output can be
 //! reviewed too; `--time` reports wall time per request (noisy here, but a quick sanity check).
-//! `--worst-case` times one map call over one very large chunk against one a tenth its size
-//! (the ratio shows whether the cost grows linearly with the input, as it must for a chunk of
-//! `--max-message-size`).
+//! `--worst-case` times one map call, and sentence selection alone, over one very large chunk
+//! against one a tenth its size (the ratio shows whether the cost grows linearly with the
+//! input).
 
 use std::time::{Duration, Instant};
 
@@ -230,7 +230,8 @@ fn worst_case(backend: &LocalBackend, reviews: &[Entry], bytes: usize) {
             if total >= bytes || i >= bytes {
                 break;
             }
-            // Each review one sentence of at least 9 words: none fits a 4-word budget.
+            // Each review one sentence of at least 9 words (the sample's reviews end their
+            // sentences only with the marks replaced here): none fits a 4-word budget.
             let mut text: String = review
                 .text
                 .chars()

@@ -363,8 +363,11 @@ async fn stream_events(
 #[tokio::test]
 async fn the_stream_reports_each_chunk_once_when_chunks_fail() {
     let s = setup().await;
+    // One map call at a time, so which request the fake's queued faults meet is fixed (with
+    // several in flight, a failed chunk's immediate retry could overtake another chunk's
+    // first request and take its fault).
     let config = insight_service::Config {
-        map_parallelism: 4,
+        map_parallelism: 1,
         ..s.config.clone()
     };
     let server = start_insight(config).await;
@@ -384,15 +387,10 @@ async fn the_stream_reports_each_chunk_once_when_chunks_fail() {
     assert!(summary.degraded);
     assert_eq!(summary.backend, "local (fallback from gemini)");
 
-    // One chunk fails twice (first try and retry) and stays FAILED; the two others answer
-    // 300 ms later, so the failure is known before any success.
+    // The first chunk fails twice (first try and retry) and stays FAILED before any other
+    // chunk is asked, so the failure is known before any success.
     s.fake.set_default_fault(Fault::Ok);
-    s.fake.push_faults([
-        Fault::Status(500),
-        Fault::Delay(Duration::from_millis(300)),
-        Fault::Delay(Duration::from_millis(300)),
-        Fault::Status(500),
-    ]);
+    s.fake.push_faults([Fault::Status(500), Fault::Status(500)]);
     let (chunks, summary) = stream_events(&mut client, request(15, false)).await;
     assert_eq!(indexes(&chunks), [0, 1, 2], "{chunks:?}");
     assert_eq!(

@@ -590,6 +590,13 @@ const TRUNCATED: &str =
 /// Why a unary call whose body ended without a message is refused.
 const NO_MESSAGE: &str = "the call carries no request message";
 
+/// The refusal of a body that sent nothing for `after` (`--recv-timeout`), counted: the same
+/// whether the gate or the handler was reading it.
+fn recv_stalled(metrics: &AdmissionMetrics, after: Duration) -> tonic::Status {
+    metrics.recv_stalls.fetch_add(1, Ordering::Relaxed);
+    admission_status(&AdmissionError::RecvStalled { after })
+}
+
 /// Follows the 5-byte length prefixes of a gRPC request body across its frames.
 #[derive(Debug)]
 struct MessageSizes {
@@ -691,10 +698,7 @@ impl http_body::Body for Replay {
                 return Poll::Pending;
             }
             *this.done = true;
-            this.metrics.recv_stalls.fetch_add(1, Ordering::Relaxed);
-            return Poll::Ready(Some(Err(admission_status(&AdmissionError::RecvStalled {
-                after,
-            }))));
+            return Poll::Ready(Some(Err(recv_stalled(this.metrics, after))));
         }
         *this.idle = None;
         match polled {
@@ -779,19 +783,15 @@ async fn read_message(
 }
 
 impl MemoryGate {
-    /// `rest` with `frames` put back in front, its message sizes checked (see [`Replay`]).
-    /// `needs_message`: the method takes exactly one message (see [`Replay`]). `light`: a
-    /// light method, whose messages are held to [`LIGHT_MAX_MESSAGE_BYTES`]; a light
-    /// streaming one (server reflection, which tools keep open between requests) has no
-    /// receive timer: it holds no slot and no budget while idle.
-    fn replay(
-        &self,
-        frames: Vec<Bytes>,
-        one_message: bool,
-        needs_message: bool,
-        light: bool,
-        rest: Body,
-    ) -> Body {
+    /// `rest` of a call to `path` with `frames` put back in front, its message sizes checked
+    /// (see [`Replay`]). What the method is decides the rest: all but the client-streaming
+    /// ones take exactly one message; a light one's messages are held to
+    /// [`LIGHT_MAX_MESSAGE_BYTES`], and a light streaming one (server reflection, which tools
+    /// keep open between requests) has no receive timer: it holds no slot and no budget
+    /// while idle.
+    fn replay(&self, path: &str, frames: Vec<Bytes>, one_message: bool, rest: Body) -> Body {
+        let needs_message = !is_client_streaming(path);
+        let light = !is_heavy(path);
         let limit = if light {
             self.max_message_size.min(LIGHT_MAX_MESSAGE_BYTES)
         } else {
@@ -824,10 +824,7 @@ impl MemoryGate {
 
     /// The refusal of a body that sent nothing for `--recv-timeout`, counted.
     fn recv_stalled(&self) -> tonic::Status {
-        self.metrics.recv_stalls.fetch_add(1, Ordering::Relaxed);
-        admission_status(&AdmissionError::RecvStalled {
-            after: self.recv_timeout,
-        })
+        recv_stalled(&self.metrics, self.recv_timeout)
     }
 
     /// The second phase of admission for a unary heavy call, once the first reservation is
@@ -836,6 +833,7 @@ impl MemoryGate {
     /// prefix. Returns the body to hand on and the extra reservation, or the refusal.
     async fn count_and_charge(
         &self,
+        path: &str,
         shape: (&'static [u64], Option<u64>),
         frames: Vec<Bytes>,
         mut body: Body,
@@ -852,8 +850,8 @@ impl MemoryGate {
         if message.len() as u64 != len + 5 {
             return Err(refuse(AdmissionError::Malformed { reason: TRUNCATED }));
         }
-        let (path, inner) = shape;
-        let counted = super::wire::count(&message[5..], path, inner)
+        let (fields, inner) = shape;
+        let counted = super::wire::count(&message[5..], fields, inner)
             .ok_or(AdmissionError::Malformed {
                 reason: "not a valid protobuf message",
             })
@@ -865,7 +863,7 @@ impl MemoryGate {
         } else {
             None
         };
-        Ok((self.replay(vec![message], true, true, false, body), more))
+        Ok((self.replay(path, vec![message], true, body), more))
     }
 }
 
@@ -886,8 +884,8 @@ impl Gate for MemoryGate {
         S::Error: Send + 'static,
     {
         if !is_heavy(req.uri().path()) {
-            let needs_message = !is_client_streaming(req.uri().path());
-            let req = req.map(|rest| self.replay(Vec::new(), false, needs_message, true, rest));
+            let path = req.uri().path().to_owned();
+            let req = req.map(|rest| self.replay(&path, Vec::new(), false, rest));
             return Box::pin(inner.call(req));
         }
         Box::pin(async move {
@@ -896,18 +894,14 @@ impl Gate for MemoryGate {
                 Ok(read) => read,
                 Err(status) => return Ok(status.into_http()),
             };
-            let needs_message = !is_client_streaming(parts.uri.path());
+            let path = parts.uri.path();
             let Some(len) = len else {
-                if needs_message {
+                if !is_client_streaming(path) {
                     return Ok(refuse(AdmissionError::Malformed { reason: NO_MESSAGE }));
                 }
                 // An import of nothing: nothing to buffer or charge.
-                return inner
-                    .call(Request::from_parts(
-                        parts,
-                        self.replay(frames, false, false, false, body),
-                    ))
-                    .await;
+                let body = self.replay(path, frames, false, body);
+                return inner.call(Request::from_parts(parts, body)).await;
             };
             if len > self.max_message_size {
                 self.metrics.shed_too_large.fetch_add(1, Ordering::Relaxed);
@@ -916,7 +910,7 @@ impl Gate for MemoryGate {
                     limit: self.max_message_size,
                 }));
             }
-            let shape = element_shape(parts.uri.path());
+            let shape = element_shape(path);
             // A unary call is charged from its length; an import (client streaming, no
             // shape) for what any stream of messages up to the size limit holds at once.
             let wanted = match shape {
@@ -928,8 +922,8 @@ impl Gate for MemoryGate {
                 Err(refused) => return Ok(refuse(refused)),
             };
             let (body, more) = match shape {
-                None => (self.replay(frames, false, needs_message, false, body), None),
-                Some(shape) => match self.count_and_charge(shape, frames, body, len).await {
+                None => (self.replay(path, frames, false, body), None),
+                Some(shape) => match self.count_and_charge(path, shape, frames, body, len).await {
                     Ok(counted) => counted,
                     Err(refusal) => return Ok(refusal),
                 },

@@ -917,11 +917,6 @@ async fn recorded_gemini_answers_without_text_are_malformed_naming_why() {
             false,
             "SAFETY",
         ),
-        (
-            "streamGenerateContent_sse_prompt_blocked_SAFETY__firebase.txt",
-            true,
-            "prompt blocked (SAFETY)",
-        ),
     ] {
         let error = replay(
             Flavor::Gemini,
@@ -939,6 +934,31 @@ async fn recorded_gemini_answers_without_text_are_malformed_naming_why() {
 }
 
 #[tokio::test]
+async fn a_recorded_blocked_prompt_is_refused_once_not_retried() {
+    let body = fixture("gemini/streamGenerateContent_sse_prompt_blocked_SAFETY__firebase.txt");
+    let fake = FakeLlm::gemini().await;
+    fake.set_answer(ANSWER);
+    fake.push_fault(Fault::Raw {
+        status: 200,
+        content_type: "text/event-stream".to_owned(),
+        body: body.into(),
+    });
+    // Retries allowed, and the fake would answer a second request.
+    let g = generator(Flavor::Gemini, &fake.base_url(), true, fast_limits());
+    let error = call(&*g, Duration::from_secs(5)).await.0.unwrap_err();
+    assert_eq!(
+        error,
+        LlmError::Blocked {
+            backend: "gemini".to_owned(),
+            message: "SAFETY".to_owned()
+        }
+    );
+    assert!(!error.is_retryable());
+    // The same prompt would be refused again: one request, no retry.
+    assert_eq!(fake.request_count(), 1);
+}
+
+#[tokio::test]
 async fn a_recorded_mid_stream_error_is_a_server_error_and_is_retried() {
     let body =
         fixture("gemini/streamGenerateContent_sse_error_mid_stream_499__firebase_vertex.txt");
@@ -950,6 +970,7 @@ async fn a_recorded_mid_stream_error_is_a_server_error_and_is_retried() {
         LlmError::Server {
             backend: "gemini".to_owned(),
             status: 499,
+            retry_after: None,
             message: "CANCELLED: The operation was cancelled.".to_owned()
         }
     );
@@ -1065,6 +1086,7 @@ async fn recorded_gemini_errors_map_to_their_kinds() {
 async fn recorded_openai_answers_parse_exactly() {
     let body = fixture("openai/chat_completions_200_stop__vercel.json");
     let recorded: Value = serde_json::from_slice(&body).unwrap();
+    let body_copy = body.clone();
     let generation = replay(Flavor::OpenAi, false, 200, body).await.unwrap();
     assert_eq!(
         summary(&generation),
@@ -1078,6 +1100,9 @@ async fn recorded_openai_answers_parse_exactly() {
         )
     );
     assert!(generation.text.starts_with("**Holiday Name:** Galaxy Day"));
+    // A server that ignores `stream: true` and sends that one body: the same answer.
+    let streamed = replay(Flavor::OpenAi, true, 200, body_copy).await.unwrap();
+    assert_eq!(summary(&streamed), summary(&generation));
 
     let generation = replay(
         Flavor::OpenAi,

@@ -11,8 +11,9 @@
 //! `finishReason` becomes a [`FinishReason`]; `usageMetadata` gives the tokens. A stream is a
 //! sequence of partial responses whose texts are concatenated; the last `finishReason` and
 //! `usageMetadata` win. An answer cut by MAX_TOKENS or SAFETY is returned with that reason when
-//! it has text (the pipeline decides); with no text at all (a blocked prompt, a thinking model
-//! that spent the whole budget thinking) it is [`LlmError::Malformed`] naming the reason.
+//! it has text (the pipeline decides); with no text at all (a thinking model that spent the whole
+//! budget thinking, a blocked answer) it is [`LlmError::Malformed`] naming the reason. A prompt
+//! refused outright (`promptFeedback.blockReason`) is [`LlmError::Blocked`]: not worth retrying.
 
 use std::fmt;
 
@@ -30,7 +31,7 @@ use super::{
     FinishReason, GenerateRequest, Generation, Generator, LlmError,
     http::{
         Flow, HttpLimits, HttpTransport, ProviderError, SetupError, SseHandler,
-        error_for_provider_error, join_url, malformed, redacted_url, stream_end,
+        error_for_provider_error, join_url, malformed, redacted_url, stream_end, truncate,
     },
 };
 use crate::domain::{Usage, UsageMeter};
@@ -533,7 +534,11 @@ impl Answer {
         if let Some(reason) = self.blocked
             && self.text.is_empty()
         {
-            return Err(malformed(NAME, format!("prompt blocked ({reason})")));
+            // The prompt itself was refused: unlike a blocked answer, it is refused again.
+            return Err(LlmError::Blocked {
+                backend: NAME.to_owned(),
+                message: truncate(reason),
+            });
         }
         let finish = match self.finish.as_deref() {
             Some(reason) => finish_reason(reason),

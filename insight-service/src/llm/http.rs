@@ -180,24 +180,6 @@ pub(crate) trait SseHandler: Send {
     fn on_end(&mut self, trailing: &[u8]) -> Result<(), LlmError>;
 }
 
-/// A failed attempt, with the delay the provider asked for (from `Retry-After` or RetryInfo,
-/// whatever the status) so a 503 with `Retry-After` is honoured although
-/// [`LlmError::Server`] has no field for it.
-struct Failure {
-    error: LlmError,
-    retry_after: Option<Duration>,
-}
-
-impl From<LlmError> for Failure {
-    fn from(error: LlmError) -> Self {
-        let retry_after = match &error {
-            LlmError::RateLimited { retry_after, .. } => *retry_after,
-            _ => None,
-        };
-        Self { error, retry_after }
-    }
-}
-
 /// The HTTP machinery of one backend: a shared connection pool plus the limits every call obeys.
 #[derive(Clone, Debug)]
 pub(crate) struct HttpTransport {
@@ -299,10 +281,10 @@ impl HttpTransport {
                 Ok(Err(failure)) => failure,
                 Err(_elapsed) => return Err(self.deadline_error(attempts, last)),
             };
-            if !failure.error.is_retryable() || retry >= self.limits.max_retries {
-                return Err(failure.error);
+            if !failure.is_retryable() || retry >= self.limits.max_retries {
+                return Err(failure);
             }
-            let wait = retry_wait(&self.limits, retry, failure.retry_after);
+            let wait = retry_wait(&self.limits, retry, failure.retry_after());
             // A retry that could only start after the deadline, or too close to it to finish,
             // is pointless; the caller is better served by the real cause now than by a
             // timeout later. Saturating and checked: a hostile `Retry-After:
@@ -315,20 +297,20 @@ impl HttpTransport {
                     backend = self.backend,
                     attempt = attempts,
                     wait_ms = wait.as_millis() as u64,
-                    error = %failure.error,
+                    error = %failure,
                     "not retrying: the wait would cross the deadline"
                 );
-                return Err(failure.error);
+                return Err(failure);
             }
             tracing::debug!(
                 backend = self.backend,
                 attempt = attempts,
                 wait_ms = wait.as_millis() as u64,
-                error = %failure.error,
+                error = %failure,
                 "retrying LLM call"
             );
             tokio::time::sleep(wait).await;
-            last = Some(failure.error);
+            last = Some(failure);
             retry += 1;
         }
     }
@@ -354,7 +336,7 @@ impl HttpTransport {
         body: Bytes,
         meter: &UsageMeter,
         sse: Option<&mut dyn SseHandler>,
-    ) -> Result<Vec<u8>, Failure> {
+    ) -> Result<Vec<u8>, LlmError> {
         let response = self
             .client
             .post(url.clone())
@@ -372,12 +354,12 @@ impl HttpTransport {
                     .and_then(|v| parse_retry_after(v, SystemTime::now()))
             });
             let body = self.read_error_body(response, meter).await;
-            let error = error_for_status(self.backend, status.as_u16(), &body, retry_after);
-            let retry_after = match &error {
-                LlmError::RateLimited { retry_after, .. } => *retry_after,
-                _ => retry_after,
-            };
-            return Err(Failure { error, retry_after });
+            return Err(error_for_status(
+                self.backend,
+                status.as_u16(),
+                &body,
+                retry_after,
+            ));
         }
         match sse {
             None => self.read_body(response, meter).await,
@@ -393,11 +375,11 @@ impl HttpTransport {
         &self,
         mut response: reqwest::Response,
         meter: &UsageMeter,
-    ) -> Result<Vec<u8>, Failure> {
+    ) -> Result<Vec<u8>, LlmError> {
         let cap = self.limits.max_response_bytes;
         let declared = response.content_length();
         if declared.is_some_and(|len| len > cap as u64) {
-            return Err(self.too_large().into());
+            return Err(self.too_large());
         }
         let initial = declared.map_or(8 * 1024, |len| len as usize).min(cap);
         let mut body = Vec::with_capacity(initial);
@@ -406,7 +388,7 @@ impl HttpTransport {
             started = true;
             received(meter, &chunk);
             if body.len() + chunk.len() > cap {
-                return Err(self.too_large().into());
+                return Err(self.too_large());
             }
             body.extend_from_slice(&chunk);
         }
@@ -442,13 +424,13 @@ impl HttpTransport {
         mut response: reqwest::Response,
         meter: &UsageMeter,
         handler: &mut dyn SseHandler,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), LlmError> {
         let cap = self.limits.max_response_bytes;
         if response
             .content_length()
             .is_some_and(|len| len > cap as u64)
         {
-            return Err(self.too_large().into());
+            return Err(self.too_large());
         }
         let mut decoder = SseDecoder::new(self.backend);
         let mut total = 0usize;
@@ -458,7 +440,7 @@ impl HttpTransport {
             received(meter, &chunk);
             total += chunk.len();
             if total > cap {
-                return Err(self.too_large().into());
+                return Err(self.too_large());
             }
             if decoder.feed(&chunk, handler)? == Flow::Done {
                 return Ok(());
@@ -467,7 +449,7 @@ impl HttpTransport {
         if decoder.finish(handler)? == Flow::Done {
             return Ok(());
         }
-        handler.on_end(decoder.trailing()).map_err(Failure::from)
+        handler.on_end(decoder.trailing())
     }
 
     /// The next body chunk. The wait for the first chunk is bounded only by the deadline (a
@@ -476,7 +458,7 @@ impl HttpTransport {
         &self,
         response: &mut reqwest::Response,
         started: bool,
-    ) -> Result<Option<Bytes>, Failure> {
+    ) -> Result<Option<Bytes>, LlmError> {
         let next = if started {
             tokio::time::timeout(self.limits.stall_timeout, response.chunk())
                 .await
@@ -493,19 +475,19 @@ impl HttpTransport {
         next.map_err(|e| {
             // The connection broke after the provider accepted the call: as transient as a
             // refused connection, so it is retried the same way.
-            Failure::from(LlmError::Connect {
+            LlmError::Connect {
                 backend: self.backend.to_owned(),
                 message: format!("connection lost while reading the response: {}", chain(&e)),
-            })
+            }
         })
     }
 
-    fn send_error(&self, error: &reqwest::Error) -> Failure {
+    fn send_error(&self, error: &reqwest::Error) -> LlmError {
         let backend = self.backend.to_owned();
         let message = chain(error);
         // A connect timeout is both `is_connect` and `is_timeout`: it is a connection failure
         // (retryable), not the call's deadline.
-        let error = if error.is_connect() {
+        if error.is_connect() {
             LlmError::Connect { backend, message }
         } else if error.is_timeout() {
             LlmError::Timeout { backend, message }
@@ -514,8 +496,7 @@ impl HttpTransport {
         } else {
             // Refused, reset, DNS, TLS: nothing reached the model, so trying again is safe.
             LlmError::Connect { backend, message }
-        };
-        error.into()
+        }
     }
 
     fn too_large(&self) -> LlmError {
@@ -626,6 +607,9 @@ pub(crate) struct ProviderError {
     pub code: Option<u16>,
     /// Google's canonical status (`RESOURCE_EXHAUSTED`) or OpenAI's `type`/`code`.
     pub kind: Option<String>,
+    /// OpenAI's string `code` (`invalid_api_key`), more specific than its `type`
+    /// (`invalid_request_error`): it is classified first.
+    pub code_name: Option<String>,
     /// Human-readable message.
     pub message: Option<String>,
     /// `google.rpc.RetryInfo.retryDelay`.
@@ -672,6 +656,7 @@ impl ProviderError {
                     .iter()
                     .find_map(|key| error.get(*key).and_then(Value::as_str))
                     .map(str::to_owned);
+                parsed.code_name = error.get("code").and_then(Value::as_str).map(str::to_owned);
                 for detail in error
                     .get("details")
                     .and_then(Value::as_array)
@@ -697,13 +682,22 @@ impl ProviderError {
         }
     }
 
-    /// The HTTP status this error stands for: its code, else its canonical status name, else
-    /// 500 (an error we cannot classify is treated as the provider's fault, hence retryable).
+    /// The HTTP status this error stands for: its code, else its string code or canonical
+    /// status name (the first that names a known kind), else 500 (an error we cannot classify
+    /// is treated as the provider's fault, hence retryable).
     pub(crate) fn status(&self) -> u16 {
         if let Some(code) = self.code.filter(|c| (100..=599).contains(c)) {
             return code;
         }
-        match self.kind.as_deref().unwrap_or("") {
+        [&self.code_name, &self.kind]
+            .into_iter()
+            .find_map(|name| name.as_deref().and_then(Self::status_of_name))
+            .unwrap_or(500)
+    }
+
+    /// The HTTP status a Google canonical status or an OpenAI-style `type`/`code` names.
+    fn status_of_name(name: &str) -> Option<u16> {
+        Some(match name {
             "INVALID_ARGUMENT"
             | "FAILED_PRECONDITION"
             | "OUT_OF_RANGE"
@@ -720,14 +714,14 @@ impl ProviderError {
             "UNIMPLEMENTED" => 501,
             "UNAVAILABLE" | "overloaded_error" => 503,
             "DEADLINE_EXCEEDED" => 504,
-            _ => 500,
-        }
+            _ => return None,
+        })
     }
 
     fn describe(&self) -> String {
         let text = match (&self.kind, &self.message) {
-            (Some(kind), Some(message)) => format!("{kind}: {message}"),
-            (None, Some(message)) => message.clone(),
+            (Some(kind), Some(message)) => format!("{kind}: {}", redact_keys(message)),
+            (None, Some(message)) => redact_keys(message),
             (Some(kind), None) => kind.clone(),
             (None, None) => "no message".to_owned(),
         };
@@ -743,7 +737,7 @@ impl ProviderError {
 /// | 401, 403 (and Google's 400 `API_KEY_INVALID`) | [`LlmError::Auth`] |
 /// | 429 | [`LlmError::RateLimited`], delay from `Retry-After` else RetryInfo |
 /// | 400, 404, 413, 422 and other 4xx | [`LlmError::BadRequest`] |
-/// | 408, 499, 5xx | [`LlmError::Server`] (retryable) |
+/// | 408, 499, 5xx | [`LlmError::Server`] (retryable), delay (if any) as for 429 |
 /// | anything else (1xx, 2xx, 3xx reaching here) | [`LlmError::Malformed`] |
 pub fn error_for_status(
     backend: &str,
@@ -773,6 +767,7 @@ pub fn error_for_status(
         408 | 499 | 500..=599 => LlmError::Server {
             backend,
             status,
+            retry_after: retry_after.or(provider.and_then(|e| e.retry_delay)),
             message,
         },
         400..=499 => LlmError::BadRequest { backend, message },
@@ -819,9 +814,14 @@ pub(crate) fn error_for_provider_error(backend: &str, error: &ProviderError) -> 
     match &mut mapped {
         LlmError::Auth { message, .. }
         | LlmError::BadRequest { message, .. }
-        | LlmError::Server { message, .. }
+        | LlmError::Blocked { message, .. }
         | LlmError::Malformed { message, .. } => *message = described,
         LlmError::RateLimited {
+            message,
+            retry_after,
+            ..
+        }
+        | LlmError::Server {
             message,
             retry_after,
             ..
@@ -852,6 +852,40 @@ fn body_snippet(status: u16, body: &[u8]) -> String {
     } else {
         format!("HTTP {status} {reason}: {text}")
     }
+}
+
+/// Replaces what looks like an API key in a provider's message (OpenAI's 401 echoes the key
+/// masked but with its last characters, `sk-proj-****…bC9A`; Google keys start `AIza`) with
+/// `[key redacted]`: the message goes into statuses and logs, and no part of a key belongs
+/// there.
+fn redact_keys(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = ["sk-", "AIza"]
+        .iter()
+        .filter_map(|prefix| rest.find(prefix))
+        .min()
+    {
+        // Only a whole word: `task-sk-1` is not a key.
+        let word_start = rest[..start]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_alphanumeric() && c != '-' && c != '_');
+        let len = rest[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || "-_*.…".contains(c)))
+            .unwrap_or(rest.len() - start);
+        // A key's tail ends before a sentence's full stop.
+        let len = rest[start..start + len].trim_end_matches('.').len();
+        out.push_str(&rest[..start]);
+        if word_start {
+            out.push_str("[key redacted]");
+        } else {
+            out.push_str(&rest[start..start + len]);
+        }
+        rest = &rest[start + len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Cuts a message to [`MESSAGE_LIMIT`] bytes on a character boundary.
@@ -1216,6 +1250,49 @@ mod tests {
         assert_eq!(
             error_for_status("openai", 401, openai, None).to_string(),
             "openai: authentication failed: invalid_request_error: Incorrect API key"
+        );
+        // In a 2xx body or a stream there is no HTTP status: OpenAI's specific `code` decides
+        // over its broad `type`, and an unknown code leaves it to the type.
+        for (body, kind) in [
+            (&openai[..], "auth"),
+            (
+                br#"{"error":{"message":"m","type":"invalid_request_error","code":"model_not_found"}}"#,
+                "bad request",
+            ),
+            (
+                br#"{"error":{"message":"m","type":"tokens","code":"rate_limit_exceeded"}}"#,
+                "rate limited",
+            ),
+            (
+                br#"{"error":{"message":"m","type":"invalid_request_error","code":"context_length_exceeded"}}"#,
+                "bad request",
+            ),
+            (
+                br#"{"error":{"message":"m","type":"server_error","code":"who_knows"}}"#,
+                "server",
+            ),
+        ] {
+            let error = error_for_provider_error("openai", &ProviderError::from_body(body).unwrap());
+            let got = match error {
+                LlmError::Auth { .. } => "auth",
+                LlmError::BadRequest { .. } => "bad request",
+                LlmError::RateLimited { .. } => "rate limited",
+                LlmError::Server { .. } => "server",
+                _ => "other",
+            };
+            assert_eq!(got, kind, "{}", String::from_utf8_lossy(body));
+        }
+        // OpenAI echoes the key it refused, masked but with its tail: none of it is kept.
+        let echoed = br#"{"error":{"message":"Incorrect API key provided: sk-proj-****************************************bC9A. You can find your API key at https://platform.openai.com/account/api-keys.","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+        assert_eq!(
+            error_for_status("openai", 401, echoed, None).to_string(),
+            "openai: authentication failed: invalid_request_error: Incorrect API key provided: \
+             [key redacted]. You can find your API key at \
+             https://platform.openai.com/account/api-keys."
+        );
+        assert_eq!(
+            redact_keys("key AIzaSyA-1_b, task-sk-1, sk-"),
+            "key [key redacted], task-sk-1, [key redacted]"
         );
         // LiteLLM's proxy sends the code as a string.
         let litellm = br#"{"error":{"message":"Invalid proxy server token passed","type":"auth_error","code":"401"}}"#;

@@ -108,6 +108,9 @@ pub enum LlmError {
         backend: String,
         /// HTTP status.
         status: u16,
+        /// How long the provider asked us to wait (`Retry-After` on a 503), if it said: a
+        /// caller that retries on its own must not resend sooner.
+        retry_after: Option<Duration>,
         /// What the provider said.
         message: String,
     },
@@ -135,8 +138,17 @@ pub enum LlmError {
         /// The cap, in bytes.
         limit: usize,
     },
+    /// The provider refused the prompt itself (Gemini's `promptFeedback.blockReason`): the same
+    /// prompt is refused again, so it is not retried.
+    #[error("{backend}: prompt refused: {message}")]
+    Blocked {
+        /// Backend name.
+        backend: String,
+        /// The provider's reason.
+        message: String,
+    },
     /// The response could not be parsed, or was cut off (e.g. finishReason MAX_TOKENS) or
-    /// blocked (SAFETY) so that it holds no usable answer.
+    /// its answer blocked (SAFETY) so that it holds no usable answer.
     #[error("{backend}: unusable response: {message}")]
     Malformed {
         /// Backend name.
@@ -157,7 +169,18 @@ impl LlmError {
             | Self::Connect { backend, .. }
             | Self::Timeout { backend, .. }
             | Self::TooLarge { backend, .. }
+            | Self::Blocked { backend, .. }
             | Self::Malformed { backend, .. } => backend,
+        }
+    }
+
+    /// The delay the provider asked for before another try (`Retry-After` or RetryInfo).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. } | Self::Server { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
         }
     }
 

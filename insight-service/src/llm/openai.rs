@@ -9,7 +9,8 @@
 //! Response (checked against recorded responses, see `tests/fixtures/openai/`):
 //! `choices[0].message.content`, or the concatenated `choices[0].delta.content` of the stream up
 //! to `data: [DONE]`; `finish_reason` `stop`/`length`/`content_filter` becomes a
-//! [`FinishReason`]; `usage.prompt_tokens`/`completion_tokens` the tokens.
+//! [`FinishReason`]; `usage.prompt_tokens`/`completion_tokens` the tokens. A server that ignores
+//! `stream: true` and answers with one `chat.completion` body is read as that answer.
 
 use std::{
     fmt,
@@ -520,6 +521,10 @@ fn provider_error(error: &Value) -> LlmError {
 fn parse_completion(body: &[u8]) -> Result<Answer, LlmError> {
     let completion: ChatCompletion = serde_json::from_slice(body)
         .map_err(|e| malformed(NAME, format!("not a chat.completion: {e}")))?;
+    completion_answer(completion)
+}
+
+fn completion_answer(completion: ChatCompletion) -> Result<Answer, LlmError> {
     if let Some(error) = &completion.error {
         return Err(provider_error(error));
     }
@@ -579,6 +584,17 @@ impl SseHandler for StreamHandler {
     }
 
     fn on_end(&mut self, trailing: &[u8]) -> Result<(), LlmError> {
+        // Some OpenAI-compatible servers ignore `stream: true` and answer with one
+        // `chat.completion` body instead of events: that body is the answer, as if it had been
+        // asked for without streaming. (Its lines reach here as non-SSE lines.)
+        if self.answer.finish.is_none()
+            && self.answer.text.is_empty()
+            && let Ok(completion) = serde_json::from_slice::<ChatCompletion>(trailing)
+            && completion.choices.is_some()
+        {
+            self.answer = completion_answer(completion)?;
+            return Ok(());
+        }
         stream_end(NAME, trailing)
     }
 }

@@ -556,6 +556,7 @@ mod tests {
         LlmError::Server {
             backend: "fake".into(),
             status: 503,
+            retry_after: None,
             message: "overloaded".into(),
         }
     }

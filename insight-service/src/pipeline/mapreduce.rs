@@ -721,18 +721,20 @@ fn with_headroom(deadline: Instant, remote: bool) -> Instant {
 
 /// Whether a chunk's second try can succeed where the first failed: the model may answer
 /// differently (malformed, cut off), a server or a connection may recover, a call cut off by
-/// `--llm-timeout` may be quicker. Not a key, a request or an answer size the provider refused
-/// (the same again), nor a rate limit: the transport already waited as long as the provider
-/// asked or gave up because that wait crossed the deadline, and an immediate try would ignore
-/// its `Retry-After`.
+/// `--llm-timeout` may be quicker. Not a key, a request, a prompt or an answer size the
+/// provider refused (the same again), nor a rate limit or a server error that asked for a
+/// delay (`Retry-After`): the transport already waited as long as the provider asked or gave up
+/// because that wait crossed the deadline, and an immediate try would ignore the delay.
 fn worth_another_try(error: &LlmError) -> bool {
-    matches!(
-        error,
-        LlmError::Malformed { .. }
-            | LlmError::Server { .. }
-            | LlmError::Connect { .. }
-            | LlmError::Timeout { .. }
-    )
+    match error {
+        LlmError::Malformed { .. } | LlmError::Connect { .. } | LlmError::Timeout { .. } => true,
+        LlmError::Server { retry_after, .. } => retry_after.is_none(),
+        LlmError::Auth { .. }
+        | LlmError::RateLimited { .. }
+        | LlmError::BadRequest { .. }
+        | LlmError::TooLarge { .. }
+        | LlmError::Blocked { .. } => false,
+    }
 }
 
 /// The error of a call cut off by its deadline: the request's, or `--llm-timeout`.
@@ -923,6 +925,7 @@ mod tests {
                     return Err(LlmError::Server {
                         backend: "scripted".into(),
                         status: 503,
+                        retry_after: None,
                         message: format!("chunk {} attempt {attempt}", request.index),
                     });
                 }
@@ -1062,7 +1065,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refused_keys_requests_sizes_and_rate_limits_are_not_retried_per_chunk() {
+    async fn refusals_and_asked_delays_are_not_retried_per_chunk() {
         struct Refusing(LlmError, AtomicUsize);
         impl LlmBackend for Refusing {
             fn name(&self) -> &str {
@@ -1108,6 +1111,31 @@ mod tests {
                     limit: 1,
                 },
                 1,
+            ),
+            (
+                LlmError::Blocked {
+                    backend: backend(),
+                    message: "SAFETY".into(),
+                },
+                1,
+            ),
+            (
+                LlmError::Server {
+                    backend: backend(),
+                    status: 503,
+                    retry_after: Some(Duration::from_secs(30)),
+                    message: "overloaded".into(),
+                },
+                1,
+            ),
+            (
+                LlmError::Server {
+                    backend: backend(),
+                    status: 503,
+                    retry_after: None,
+                    message: "overloaded".into(),
+                },
+                2,
             ),
             (
                 LlmError::Malformed {

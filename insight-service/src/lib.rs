@@ -203,11 +203,12 @@ pub async fn run(
     let (reflection_v1, reflection_v1alpha) = reflection_services(INSIGHT_DESCRIPTOR_SET)?;
 
     let metrics = Arc::new(AdmissionMetrics::default());
-    let limiter = Limiter::new(
+    let limiter = Limiter::with_pressure(
         config.max_concurrency as usize,
         config.queue_depth as usize,
         config.queue_timeout,
         metrics.clone(),
+        pressure_rx.clone(),
     );
     let memory = MemoryGate {
         budget: budget.clone(),
@@ -234,7 +235,8 @@ pub async fn run(
         // Pressure shedding: the cheapest refusal and the most urgent, so it comes first.
         .option_layer(protect.then(|| ShedLayer::new(pressure_rx.clone(), metrics.clone())))
         // Concurrency limit + short queue, BEFORE memory admission: queued calls hold no
-        // budget, their bodies wait in the (explicitly sized) h2 stream window.
+        // budget, their bodies wait in the (explicitly sized) h2 stream window. A caller
+        // that waited is shed if pressure turned Critical meanwhile.
         .option_layer(protect.then(|| ConcurrencyLayer::new(limiter.clone())))
         // Memory admission from the 5-byte length prefix, before tonic buffers the message,
         // then from the counted elements of a unary message before it is decoded; the

@@ -297,6 +297,9 @@ pub struct Limiter {
     /// EWMA of how long a heavy call holds its permit, in microseconds (for RetryInfo).
     hold_us: AtomicU64,
     metrics: Arc<AdmissionMetrics>,
+    /// The pressure level the shed layer reads, checked again when a queued caller gets its
+    /// slot (see [`Limiter::acquire`]).
+    pressure: Option<watch::Receiver<Pressure>>,
 }
 
 /// A permit; dropping it frees the slot and records how long it was held.
@@ -330,6 +333,28 @@ impl Limiter {
         queue_timeout: Duration,
         metrics: Arc<AdmissionMetrics>,
     ) -> Arc<Self> {
+        Self::build(max, queue_depth, queue_timeout, metrics, None)
+    }
+
+    /// Like [`new`](Self::new), and a caller that waited in the queue is refused
+    /// MEMORY_PRESSURE when it gets its slot while `pressure` reads Critical.
+    pub fn with_pressure(
+        max: usize,
+        queue_depth: usize,
+        queue_timeout: Duration,
+        metrics: Arc<AdmissionMetrics>,
+        pressure: watch::Receiver<Pressure>,
+    ) -> Arc<Self> {
+        Self::build(max, queue_depth, queue_timeout, metrics, Some(pressure))
+    }
+
+    fn build(
+        max: usize,
+        queue_depth: usize,
+        queue_timeout: Duration,
+        metrics: Arc<AdmissionMetrics>,
+        pressure: Option<watch::Receiver<Pressure>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             permits: Arc::new(Semaphore::new(max.max(1))),
             max: max.max(1),
@@ -338,6 +363,7 @@ impl Limiter {
             queue_timeout,
             hold_us: AtomicU64::new(0),
             metrics,
+            pressure,
         })
     }
 
@@ -359,7 +385,9 @@ impl Limiter {
     /// A permit now, or after waiting in the queue, or the reason why not. A caller that
     /// would only wait out `--queue-timeout` (the queue ahead of it takes longer than that to
     /// drain, at the recent hold time) is refused at once instead: the same answer, two
-    /// seconds sooner, and it never holds its request body in a window meanwhile.
+    /// seconds sooner, and it never holds its request body in a window meanwhile. A caller
+    /// that waited passed the shed layer before pressure may have turned Critical: it is
+    /// refused now as the shed layer would refuse it, and its slot goes to the next.
     pub async fn acquire(self: &Arc<Self>) -> Result<Permit, AdmissionError> {
         let start = Instant::now();
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -391,6 +419,16 @@ impl Limiter {
                 drop(in_queue);
                 let waited_for = start.elapsed();
                 match waited {
+                    Ok(Ok(_))
+                        if self
+                            .pressure
+                            .as_ref()
+                            .is_some_and(|p| *p.borrow() == Pressure::Critical) =>
+                    {
+                        return Err(AdmissionError::MemoryPressure {
+                            retry_after: PRESSURE_RETRY,
+                        });
+                    }
                     Ok(Ok(permit)) => permit,
                     // A closed semaphore cannot happen (it is never closed); treat it as a
                     // timeout rather than panic.
@@ -465,9 +503,11 @@ impl Gate for Limiter {
                     Ok(hold(inner.call(req).await?, permit))
                 }
                 Err(error) => {
-                    self.metrics
-                        .shed_concurrency
-                        .fetch_add(1, Ordering::Relaxed);
+                    let counter = match error {
+                        AdmissionError::MemoryPressure { .. } => &self.metrics.shed_pressure,
+                        _ => &self.metrics.shed_concurrency,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     Ok(refuse(error))
                 }
             }
@@ -1183,6 +1223,42 @@ pub(super) mod tests {
         let light = tokio::spawn(service.clone().oneshot(request("GetJob", 1)));
         handle.next_request().await.unwrap().1.send_response(ok());
         assert_eq!(grpc_status(&light.await.unwrap().unwrap()), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_call_is_shed_when_pressure_turned_critical_while_it_waited() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (tx, rx) = watch::channel(Pressure::Normal);
+        let metrics = metrics();
+        let limiter = Limiter::with_pressure(1, 4, Duration::from_secs(5), metrics.clone(), rx);
+        let service = ConcurrencyLayer::new(limiter.clone()).layer(service);
+        handle.allow(10);
+        let running = tokio::spawn(service.clone().oneshot(request("SummarizeFeedback", 1)));
+        let held = handle.next_request().await.unwrap();
+        let queued: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(service.clone().oneshot(request("SummarizeFeedback", 1))))
+            .collect();
+        tokio::task::yield_now().await;
+        tx.send_replace(Pressure::Critical);
+        held.1.send_response(ok());
+        drop(running.await.unwrap().unwrap());
+        // Both refused as the shed layer would refuse them now; neither reached the service
+        // (which would leave them waiting for its answer: a timeout, not a hang, says so).
+        for call in queued {
+            let answer = tokio::time::timeout(Duration::from_secs(1), call)
+                .await
+                .expect("a queued call was admitted under Critical pressure");
+            assert_eq!(refusal_reason(answer.unwrap().unwrap()), "MEMORY_PRESSURE");
+        }
+        assert_eq!(metrics.shed_pressure.load(Ordering::Relaxed), 2);
+        assert_eq!(metrics.shed_concurrency.load(Ordering::Relaxed), 0);
+        assert_eq!(limiter.in_use(), 0);
+
+        // A caller that gets its slot at once passed the shed layer just now: admitted.
+        tx.send_replace(Pressure::Normal);
+        let call = tokio::spawn(service.clone().oneshot(request("SummarizeFeedback", 1)));
+        handle.next_request().await.unwrap().1.send_response(ok());
+        assert_eq!(grpc_status(&call.await.unwrap().unwrap()), 0);
     }
 
     #[tokio::test(start_paused = true)]

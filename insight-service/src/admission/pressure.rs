@@ -122,6 +122,34 @@ impl PressureTracker {
     }
 }
 
+/// Whether `sample` gives pressure nothing to go on: no memory limit with a reading (cgroup or
+/// machine) and no PSI. Its usage ratio is then 0, Normal: shedding for pressure is off
+/// without that being visible anywhere, so the sampler says so in the log.
+pub fn reads_nothing(sample: &Sample) -> bool {
+    let cgroup_known = sample
+        .cgroup
+        .as_ref()
+        .is_some_and(|c| c.max_bytes > 0 || c.pressure_some_avg10.is_some());
+    !cgroup_known && sample.system.total_bytes == 0
+}
+
+/// Logs when the probe starts or stops [reading nothing](reads_nothing); returns the new state.
+pub fn note_blindness(was_blind: bool, sample: &Sample) -> bool {
+    let blind = reads_nothing(sample);
+    if blind && !was_blind {
+        tracing::error!(
+            "the memory probe reads no memory figures (no cgroup limit, no /proc/meminfo, no \
+             PSI): pressure counts as Normal and nothing is shed for it until it does"
+        );
+    } else if was_blind && !blind {
+        tracing::info!(
+            usage_ratio = sample.usage_ratio,
+            "the memory probe reads memory figures again"
+        );
+    }
+    blind
+}
+
 /// Samples `probe` every `interval`, publishes the level on `tx`, and keeps the readiness
 /// status of the insight service in step (never back to SERVING once draining began). The
 /// level already on `tx` (the caller's first sample) is the one in force at the start. Ends
@@ -144,6 +172,8 @@ pub async fn run_monitor(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut published = *tx.borrow();
     let following = remote.is_some();
+    // Reported from the first tick on, one interval after the caller's first sample.
+    let mut blind = false;
     loop {
         let remote_changed = async {
             match remote.as_mut() {
@@ -156,6 +186,7 @@ pub async fn run_monitor(
                 // A handful of small reads of kernel files: cheaper inline than a blocking-pool
                 // hop.
                 let sample = probe.sample();
+                blind = note_blindness(blind, &sample);
                 let before = tracker.level();
                 let level = tracker.observe_sample(&sample);
                 if level != before {
@@ -253,6 +284,28 @@ mod tests {
         // Inside the warning band (0.76..0.80): stays Elevated.
         assert_eq!(t.observe(0.78, None), Pressure::Elevated);
         assert_eq!(t.observe(0.75, None), Pressure::Normal);
+    }
+
+    #[test]
+    fn a_sample_without_any_memory_figure_reads_nothing() {
+        let mut sample = monitor_service::probe::Probe::new(Default::default()).sample();
+        assert!(!reads_nothing(&sample), "{sample:?}");
+        assert!(!note_blindness(false, &sample));
+        sample.system.total_bytes = 0;
+        let cgroup = sample.cgroup.take();
+        assert!(reads_nothing(&sample));
+        assert!(note_blindness(false, &sample));
+        // A cgroup with a limit, or with PSI, is something to go on.
+        if let Some(mut group) = cgroup {
+            group.max_bytes = 1 << 30;
+            group.pressure_some_avg10 = None;
+            sample.cgroup = Some(group.clone());
+            assert!(!reads_nothing(&sample));
+            group.max_bytes = 0;
+            group.pressure_some_avg10 = Some(0.0);
+            sample.cgroup = Some(group);
+            assert!(!reads_nothing(&sample));
+        }
     }
 
     #[test]

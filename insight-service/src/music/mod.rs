@@ -389,7 +389,7 @@ async fn ask_model(
     let schema = response_schema();
     let first = call(generator, &prompt, &schema, deadline, usage).await?;
     let reason = match parse_answer(&first.text, max_words) {
-        Ok(draft) => return Ok(draft),
+        Ok(draft) => return Ok(grounded(draft, stats)),
         Err(reason) => with_finish(&first.finish, reason),
     };
     let malformed = |message: String| LlmError::Malformed {
@@ -411,10 +411,52 @@ async fn ask_model(
             .saturating_add(repair.max_output_tokens / 2);
     }
     let second = call(generator, &repair, &schema, deadline, usage).await?;
-    parse_answer(&second.text, max_words).map_err(|reason| {
-        let reason = with_finish(&second.finish, reason);
-        malformed(format!("still invalid after one repair call: {reason}"))
-    })
+    parse_answer(&second.text, max_words)
+        .map(|draft| grounded(draft, stats))
+        .map_err(|reason| {
+            let reason = with_finish(&second.finish, reason);
+            malformed(format!("still invalid after one repair call: {reason}"))
+        })
+}
+
+/// The model's draft with its `top_artists` held to the data: the field says who was played
+/// most, a fact computed here, so a name the model made up (or took from the fenced data's
+/// other lines) is dropped, and one it matched is written as the data has it. When none of its
+/// names is in the data, the computed list stands instead.
+fn grounded(mut draft: Draft, stats: &ListeningStats) -> Draft {
+    let known = |name: &str| {
+        let key = name_key(name);
+        stats
+            .top_artists
+            .iter()
+            .find(|artist| name_key(&artist.name) == key)
+    };
+    let mut artists: Vec<String> = Vec::new();
+    for name in &draft.top_artists {
+        if let Some(artist) = known(name) {
+            let shown = profile::display_name(&artist.name);
+            if !artists.contains(&shown) {
+                artists.push(shown);
+            }
+        }
+    }
+    if artists.is_empty() {
+        artists = stats
+            .top_artists
+            .iter()
+            .map(|artist| profile::display_name(&artist.name))
+            .collect();
+    }
+    draft.top_artists = artists;
+    draft
+}
+
+/// A name compared by its letters and digits, case-folded: "AC/DC" is "acdc", as is "ac dc".
+fn name_key(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 /// The rejection reason, saying when the answer was cut off or blocked: the repair prompt then
@@ -664,6 +706,43 @@ mod tests {
             !prompts[0].contains("Track number"),
             "no track names in the prompt"
         );
+    }
+
+    #[test]
+    fn the_models_top_artists_are_held_to_the_data() {
+        let artist = |name: &str, plays| RankedItem {
+            name: name.into(),
+            plays,
+            ms_played: 0,
+        };
+        let stats = ListeningStats {
+            top_artists: vec![
+                artist("AC/DC", 9),
+                artist("Beyoncé", 8),
+                artist("Sigur\u{0}Rós\n", 7),
+            ],
+            ..ListeningStats::default()
+        };
+        let draft = |artists: &[&str]| Draft {
+            top_artists: artists.iter().map(|a| (*a).to_owned()).collect(),
+            ..Draft::default()
+        };
+        // Made-up names go, matched ones are written as the data has them (control
+        // characters shown as spaces), once each, in the model's order.
+        let kept = grounded(
+            draft(&["beyoncé", "Taylor Swift", "ac dc", "AC/DC", "Sigur Rós"]),
+            &stats,
+        );
+        assert_eq!(kept.top_artists, ["Beyoncé", "AC/DC", "Sigur Rós"]);
+        // None of the model's names is in the data: the data's list stands.
+        let replaced = grounded(draft(&["Taylor Swift"]), &stats);
+        assert_eq!(replaced.top_artists, ["AC/DC", "Beyoncé", "Sigur Rós"]);
+        let replaced = grounded(draft(&[]), &stats);
+        assert_eq!(replaced.top_artists.len(), 3);
+        // And the deterministic analysis shows names the same way.
+        let local = profile::local_draft(&stats, 300);
+        assert_eq!(local.top_artists, ["AC/DC", "Beyoncé", "Sigur Rós"]);
+        assert!(!local.summary.contains('\u{0}'), "{}", local.summary);
     }
 
     #[tokio::test]

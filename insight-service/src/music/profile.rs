@@ -430,8 +430,36 @@ pub fn summary(stats: &ListeningStats, mood: &str, personality: &str, max_words:
     truncate_words(&sentences.join(" "), max_words)
 }
 
+/// A stored name as an answer shows it: control characters (and Unicode line or paragraph
+/// separators) become spaces and the ends are trimmed, as the prompt quotes it; the stats
+/// keep names exactly as stored.
+pub fn display_name(name: &str) -> String {
+    name.trim()
+        .chars()
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
 /// The whole deterministic analysis of `stats`.
 pub fn local_draft(stats: &ListeningStats, max_words: usize) -> Draft {
+    // Names as an answer shows them, in every sentence and list.
+    let mut shown = stats.clone();
+    for item in shown
+        .top_artists
+        .iter_mut()
+        .chain(shown.top_genres.iter_mut())
+    {
+        item.name = display_name(&item.name);
+    }
+    let stats = &shown;
     let mood = mood(stats.feature_mean.as_ref());
     let personality = personality(stats);
     Draft {

@@ -288,23 +288,35 @@ mod tests {
 
     #[test]
     fn a_sample_without_any_memory_figure_reads_nothing() {
+        use monitor_service::probe::{CgroupMem, CgroupVersion};
         let mut sample = monitor_service::probe::Probe::new(Default::default()).sample();
         assert!(!reads_nothing(&sample), "{sample:?}");
         assert!(!note_blindness(false, &sample));
         sample.system.total_bytes = 0;
-        let cgroup = sample.cgroup.take();
+        sample.cgroup = None;
         assert!(reads_nothing(&sample));
         assert!(note_blindness(false, &sample));
-        // A cgroup with a limit, or with PSI, is something to go on.
-        if let Some(mut group) = cgroup {
-            group.max_bytes = 1 << 30;
-            group.pressure_some_avg10 = None;
-            sample.cgroup = Some(group.clone());
-            assert!(!reads_nothing(&sample));
-            group.max_bytes = 0;
-            group.pressure_some_avg10 = Some(0.0);
-            sample.cgroup = Some(group);
-            assert!(!reads_nothing(&sample));
+        // A cgroup with a limit, or with PSI, is something to go on; one with neither is not.
+        let group = |max_bytes, psi| CgroupMem {
+            version: CgroupVersion::V2,
+            path: "/".into(),
+            current_bytes: 1 << 20,
+            max_bytes,
+            working_set_bytes: 1 << 20,
+            anon_bytes: 0,
+            file_bytes: 0,
+            inactive_file_bytes: 0,
+            oom_kills: 0,
+            pressure_some_avg10: psi,
+            pressure_full_avg10: None,
+        };
+        for (max_bytes, psi, blind) in [
+            (1 << 30, None, false),
+            (0, Some(0.0), false),
+            (0, None, true),
+        ] {
+            sample.cgroup = Some(group(max_bytes, psi));
+            assert_eq!(reads_nothing(&sample), blind, "{max_bytes} {psi:?}");
         }
     }
 

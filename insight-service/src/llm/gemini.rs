@@ -30,8 +30,8 @@ use serde_json::{Map, Value};
 use super::{
     FinishReason, GenerateRequest, Generation, Generator, LlmError,
     http::{
-        Flow, HttpLimits, HttpTransport, ProviderError, SetupError, SseHandler,
-        error_for_provider_error, join_url, malformed, redacted_url, stream_end, truncate,
+        Flow, HttpLimits, HttpTransport, ProviderError, SetupError, SseHandler, bounded_message,
+        error_for_provider_error, join_url, malformed, redacted_url, stream_end,
     },
 };
 use crate::domain::{Usage, UsageMeter};
@@ -537,7 +537,7 @@ impl Answer {
             // The prompt itself was refused: unlike a blocked answer, it is refused again.
             return Err(LlmError::Blocked {
                 backend: NAME.to_owned(),
-                message: truncate(reason),
+                message: bounded_message(reason),
             });
         }
         let finish = match self.finish.as_deref() {

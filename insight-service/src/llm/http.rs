@@ -532,7 +532,7 @@ fn chain(error: &dyn std::error::Error) -> String {
         message.push_str(&cause.to_string());
         source = cause.source();
     }
-    truncate(message)
+    bounded_message(message)
 }
 
 /// Full-jitter exponential backoff: uniformly in `[base/2, base]` with `base = initial * 2^retry`
@@ -603,7 +603,8 @@ pub(crate) fn parse_proto_duration(value: &str) -> Option<Duration> {
 /// `{"error": "text"}`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct ProviderError {
-    /// Numeric code (Google's HTTP code); OpenAI's string `code` goes to `kind`.
+    /// Numeric code (Google's HTTP code); OpenAI's string `code` goes to `code_name` (and to
+    /// `kind` when there is no `status` or `type`).
     pub code: Option<u16>,
     /// Google's canonical status (`RESOURCE_EXHAUSTED`) or OpenAI's `type`/`code`.
     pub kind: Option<String>,
@@ -720,12 +721,12 @@ impl ProviderError {
 
     fn describe(&self) -> String {
         let text = match (&self.kind, &self.message) {
-            (Some(kind), Some(message)) => format!("{kind}: {}", redact_keys(message)),
-            (None, Some(message)) => redact_keys(message),
+            (Some(kind), Some(message)) => format!("{kind}: {message}"),
+            (None, Some(message)) => message.clone(),
             (Some(kind), None) => kind.clone(),
             (None, None) => "no message".to_owned(),
         };
-        truncate(text)
+        bounded_message(text)
     }
 }
 
@@ -802,7 +803,7 @@ pub(crate) fn stream_end(backend: &str, trailing: &[u8]) -> Result<(), LlmError>
 pub(crate) fn malformed(backend: &str, message: String) -> LlmError {
     LlmError::Malformed {
         backend: backend.to_owned(),
-        message: truncate(message),
+        message: bounded_message(message),
     }
 }
 
@@ -850,51 +851,49 @@ fn body_snippet(status: u16, body: &[u8]) -> String {
     if text.is_empty() {
         format!("HTTP {status} {reason}")
     } else {
-        format!("HTTP {status} {reason}: {text}")
+        bounded_message(format!("HTTP {status} {reason}: {text}"))
     }
 }
 
 /// Replaces what looks like an API key in a provider's message (OpenAI's 401 echoes the key
 /// masked but with its last characters, `sk-proj-****…bC9A`; Google keys start `AIza`) with
 /// `[key redacted]`: the message goes into statuses and logs, and no part of a key belongs
-/// there.
+/// there. One pass over the text.
 fn redact_keys(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(start) = ["sk-", "AIza"]
-        .iter()
-        .filter_map(|prefix| rest.find(prefix))
-        .min()
-    {
+    let mut previous: Option<char> = None;
+    let mut at = 0;
+    while let Some(c) = message[at..].chars().next() {
+        let rest = &message[at..];
         // Only a whole word: `task-sk-1` is not a key.
-        let word_start = rest[..start]
-            .chars()
-            .next_back()
-            .is_none_or(|c| !c.is_alphanumeric() && c != '-' && c != '_');
-        let len = rest[start..]
-            .find(|c: char| !(c.is_ascii_alphanumeric() || "-_*.…".contains(c)))
-            .unwrap_or(rest.len() - start);
-        // A key's tail ends before a sentence's full stop.
-        let len = rest[start..start + len].trim_end_matches('.').len();
-        out.push_str(&rest[..start]);
-        if word_start {
+        let word_start = previous.is_none_or(|p| !p.is_alphanumeric() && p != '-' && p != '_');
+        if word_start && (rest.starts_with("sk-") || rest.starts_with("AIza")) {
+            let len = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || "-_*.…".contains(c)))
+                .unwrap_or(rest.len());
+            // A key's tail ends before a sentence's full stop.
+            let key = rest[..len].trim_end_matches('.');
             out.push_str("[key redacted]");
+            previous = key.chars().next_back();
+            at += key.len();
         } else {
-            out.push_str(&rest[start..start + len]);
+            out.push(c);
+            previous = Some(c);
+            at += c.len_utf8();
         }
-        rest = &rest[start + len..];
     }
-    out.push_str(rest);
     out
 }
 
-/// Cuts a message to [`MESSAGE_LIMIT`] bytes on a character boundary.
-pub(crate) fn truncate(mut text: String) -> String {
+/// A provider's (or a transport's) text as statuses and logs may carry it: cut to
+/// [`MESSAGE_LIMIT`] bytes on a character boundary, then with key-like words redacted
+/// ([`redact_keys`]; a key cut at the limit still starts with its prefix).
+pub(crate) fn bounded_message(mut text: String) -> String {
     if text.len() > MESSAGE_LIMIT {
         text.truncate(text.floor_char_boundary(MESSAGE_LIMIT));
         text.push('…');
     }
-    text
+    redact_keys(&text)
 }
 
 /// An incremental Server-Sent Events decoder (WHATWG HTML §9.2.6) for `data:` events: lines end
@@ -1282,6 +1281,27 @@ mod tests {
             };
             assert_eq!(got, kind, "{}", String::from_utf8_lossy(body));
         }
+        // A 5xx keeps the delay it asked for: the header's, else RetryInfo's.
+        let wait = Duration::from_secs(7);
+        assert_eq!(
+            error_for_status("gemini", 503, b"", Some(wait)).retry_after(),
+            Some(wait)
+        );
+        let info = br#"{"error":{"code":503,"message":"overloaded","status":"UNAVAILABLE",
+            "details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"2.5s"}]}}"#;
+        assert_eq!(
+            error_for_status("gemini", 503, info, None).retry_after(),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            error_for_provider_error("gemini", &ProviderError::from_body(info).unwrap())
+                .retry_after(),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            error_for_status("gemini", 500, b"", None).retry_after(),
+            None
+        );
         // OpenAI echoes the key it refused, masked but with its tail: none of it is kept.
         let echoed = br#"{"error":{"message":"Incorrect API key provided: sk-proj-****************************************bC9A. You can find your API key at https://platform.openai.com/account/api-keys.","type":"invalid_request_error","code":"invalid_api_key"}}"#;
         assert_eq!(
@@ -1291,8 +1311,20 @@ mod tests {
              https://platform.openai.com/account/api-keys."
         );
         assert_eq!(
-            redact_keys("key AIzaSyA-1_b, task-sk-1, sk-"),
-            "key [key redacted], task-sk-1, [key redacted]"
+            redact_keys("key AIzaSyA-1_b, task-sk-1, «sk-x» sk-"),
+            "key [key redacted], task-sk-1, «[key redacted]» [key redacted]"
+        );
+        // Non-JSON bodies and long messages too (a key cut at the limit still goes).
+        let html = b"<p>Bad gateway for sk-proj-abcdef</p>";
+        assert_eq!(
+            error_for_status("openai", 502, html, None).to_string(),
+            "openai: server error 502: HTTP 502 Bad Gateway: <p>Bad gateway for [key redacted]</p>"
+        );
+        let long = format!("{} sk-proj-abcdef", "y ".repeat(MESSAGE_LIMIT / 2 - 4));
+        let cut = bounded_message(long);
+        assert!(
+            cut.ends_with("[key redacted]") && !cut.contains("sk-"),
+            "{cut}"
         );
         // LiteLLM's proxy sends the code as a string.
         let litellm = br#"{"error":{"message":"Invalid proxy server token passed","type":"auth_error","code":"401"}}"#;

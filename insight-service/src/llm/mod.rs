@@ -108,8 +108,8 @@ pub enum LlmError {
         backend: String,
         /// HTTP status.
         status: u16,
-        /// How long the provider asked us to wait (`Retry-After` on a 503), if it said: a
-        /// caller that retries on its own must not resend sooner.
+        /// How long the provider asked us to wait (`Retry-After`, else RetryInfo in the body),
+        /// if it said: a caller that retries on its own must not resend sooner.
         retry_after: Option<Duration>,
         /// What the provider said.
         message: String,

@@ -723,12 +723,13 @@ fn with_headroom(deadline: Instant, remote: bool) -> Instant {
 /// differently (malformed, cut off), a server or a connection may recover, a call cut off by
 /// `--llm-timeout` may be quicker. Not a key, a request, a prompt or an answer size the
 /// provider refused (the same again), nor a rate limit or a server error that asked for a
-/// delay (`Retry-After`): the transport already waited as long as the provider asked or gave up
-/// because that wait crossed the deadline, and an immediate try would ignore the delay.
+/// delay (`Retry-After` or RetryInfo, above zero): the transport already waited as long as the
+/// provider asked or gave up because that wait crossed the deadline, and an immediate try would
+/// ignore the delay.
 fn worth_another_try(error: &LlmError) -> bool {
     match error {
         LlmError::Malformed { .. } | LlmError::Connect { .. } | LlmError::Timeout { .. } => true,
-        LlmError::Server { retry_after, .. } => retry_after.is_none(),
+        LlmError::Server { retry_after, .. } => retry_after.is_none_or(|wait| wait.is_zero()),
         LlmError::Auth { .. }
         | LlmError::RateLimited { .. }
         | LlmError::BadRequest { .. }
@@ -1133,6 +1134,15 @@ mod tests {
                     backend: backend(),
                     status: 503,
                     retry_after: None,
+                    message: "overloaded".into(),
+                },
+                2,
+            ),
+            (
+                LlmError::Server {
+                    backend: backend(),
+                    status: 503,
+                    retry_after: Some(Duration::ZERO),
                     message: "overloaded".into(),
                 },
                 2,

@@ -419,44 +419,16 @@ async fn ask_model(
         })
 }
 
-/// The model's draft with its `top_artists` held to the data: the field says who was played
-/// most, a fact computed here, so a name the model made up (or took from the fenced data's
-/// other lines) is dropped, and one it matched is written as the data has it. When none of its
-/// names is in the data, the computed list stands instead.
+/// The model's draft with the computed `top_artists`: the field says who was played most, a
+/// fact the data decides, so a name the model made up, misspelt, reordered, left out or could
+/// only echo cut (the prompt cuts long names) does not reach the answer. The model's list was
+/// still checked against the schema like the rest of its answer.
 fn grounded(mut draft: Draft, stats: &ListeningStats) -> Draft {
-    let known = |name: &str| {
-        let key = name_key(name);
-        stats
-            .top_artists
-            .iter()
-            .find(|artist| name_key(&artist.name) == key)
-    };
-    let mut artists: Vec<String> = Vec::new();
-    for name in &draft.top_artists {
-        if let Some(artist) = known(name) {
-            let shown = profile::display_name(&artist.name);
-            if !artists.contains(&shown) {
-                artists.push(shown);
-            }
-        }
-    }
-    if artists.is_empty() {
-        artists = stats
-            .top_artists
-            .iter()
-            .map(|artist| profile::display_name(&artist.name))
-            .collect();
-    }
-    draft.top_artists = artists;
+    draft.top_artists = profile::shown_items(&stats.top_artists)
+        .into_iter()
+        .map(|artist| artist.name)
+        .collect();
     draft
-}
-
-/// A name compared by its letters and digits, case-folded: "AC/DC" is "acdc", as is "ac dc".
-fn name_key(name: &str) -> String {
-    name.chars()
-        .filter(|c| c.is_alphanumeric())
-        .flat_map(char::to_lowercase)
-        .collect()
 }
 
 /// The rejection reason, saying when the answer was cut off or blocked: the repair prompt then
@@ -709,17 +681,22 @@ mod tests {
     }
 
     #[test]
-    fn the_models_top_artists_are_held_to_the_data() {
+    fn the_answers_top_artists_are_the_computed_ones_as_shown() {
         let artist = |name: &str, plays| RankedItem {
             name: name.into(),
             plays,
             ms_played: 0,
         };
+        let long = "Wolfgang Amadeus Mozart; Berliner Philharmoniker, Herbert von Karajan";
         let stats = ListeningStats {
             top_artists: vec![
+                artist(long, 15),
                 artist("AC/DC", 9),
-                artist("Beyoncé", 8),
                 artist("Sigur\u{0}Rós\n", 7),
+                artist("\u{1}", 6),
+                artist("\u{200B}", 5),
+                artist("AC/DC\u{0}", 4),
+                artist("!!!", 3),
             ],
             ..ListeningStats::default()
         };
@@ -727,22 +704,39 @@ mod tests {
             top_artists: artists.iter().map(|a| (*a).to_owned()).collect(),
             ..Draft::default()
         };
-        // Made-up names go, matched ones are written as the data has them (control
-        // characters shown as spaces), once each, in the model's order.
-        let kept = grounded(
-            draft(&["beyoncé", "Taylor Swift", "ac dc", "AC/DC", "Sigur Rós"]),
-            &stats,
-        );
-        assert_eq!(kept.top_artists, ["Beyoncé", "AC/DC", "Sigur Rós"]);
-        // None of the model's names is in the data: the data's list stands.
-        let replaced = grounded(draft(&["Taylor Swift"]), &stats);
-        assert_eq!(replaced.top_artists, ["AC/DC", "Beyoncé", "Sigur Rós"]);
-        let replaced = grounded(draft(&[]), &stats);
-        assert_eq!(replaced.top_artists.len(), 3);
-        // And the deterministic analysis shows names the same way.
+        // Control characters shown as spaces; names with nothing visible left out; a name
+        // that shows like a higher-ranked one not listed twice; most played first.
+        let expected = [long, "AC/DC", "Sigur Rós", "!!!"];
+        // Whatever the model listed: made up, reordered, a subset, cut as the prompt cut it,
+        // or a symbol that would match a symbol-only name.
+        for named in [
+            &["Taylor Swift", "AC/DC"][..],
+            &["Sigur Rós", "AC/DC"],
+            &["Wolfgang Amadeus Mozart; Berliner Philharmoniker, Herbert von Ka…"],
+            &["-"],
+            &[],
+        ] {
+            assert_eq!(
+                grounded(draft(named), &stats).top_artists,
+                expected,
+                "{named:?}"
+            );
+        }
+        // The deterministic analysis shows names the same way, in its lists and its prose.
         let local = profile::local_draft(&stats, 300);
-        assert_eq!(local.top_artists, ["AC/DC", "Beyoncé", "Sigur Rós"]);
-        assert!(!local.summary.contains('\u{0}'), "{}", local.summary);
+        assert_eq!(local.top_artists, expected);
+        assert!(
+            !local.summary.contains(['\u{0}', '\u{1}', '\u{200B}']),
+            "{}",
+            local.summary
+        );
+        assert!(
+            local
+                .summary
+                .contains(&format!("most played artist is {long}")),
+            "{}",
+            local.summary
+        );
     }
 
     #[tokio::test]

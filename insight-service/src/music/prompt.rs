@@ -345,8 +345,12 @@ fn unfence(text: &str) -> &str {
     let Some(rest) = trimmed.strip_prefix("```") else {
         return trimmed;
     };
-    // Skip the info string ("json") up to the end of the opening line.
-    let body = rest.split_once('\n').map_or("", |(_, body)| body);
+    // Skip the info string ("json") up to the end of the opening line, or on a one-line
+    // fence (```json {...}```) up to the JSON.
+    let body = match rest.split_once('\n') {
+        Some((_, body)) => body,
+        None => rest.trim_start_matches(|c: char| c.is_ascii_alphanumeric()),
+    };
     body.trim_end().strip_suffix("```").unwrap_or(body).trim()
 }
 
@@ -497,6 +501,12 @@ mod tests {
         assert_eq!(parse_answer(&fenced, 300), draft);
         let bare_fence = format!("```\n{}\n```\n", valid());
         assert_eq!(parse_answer(&bare_fence, 300), draft);
+        for one_line in [
+            format!("```json {}```", valid()),
+            format!("```{}```", valid()),
+        ] {
+            assert_eq!(parse_answer(&one_line, 300), draft, "{one_line}");
+        }
     }
 
     #[test]

@@ -565,7 +565,7 @@ impl Pipeline {
 
     /// Reduces `chunks` to one summary. While their text exceeds the prompt budget, groups
     /// that fit are reduced to partial summaries first (in parallel), level by level, at most
-    /// `max_reduce_depth` levels; past the cap each partial is cut to its share of the budget.
+    /// `max_reduce_depth` levels; past the cap the last level is made to fit ([`fit_at_cap`]).
     async fn reduce_levels(
         &self,
         backend: &dyn LlmBackend,
@@ -578,22 +578,7 @@ impl Pipeline {
         let mut depth = 0;
         while level.len() > 1 && level_bytes(&level) > budget {
             if depth >= self.cfg().max_reduce_depth {
-                // Each partial gets an equal share of the prompt, less what its block spends
-                // around the insight (markers, counts, themes): with shares that can hold a
-                // block at all, the last prompt fits the budget too.
-                let share = budget.saturating_sub(prompts::REDUCE_HEADER_BYTES) / level.len();
-                for partial in level.to_mut() {
-                    let text = prompts::defanged_len(&partial.insight);
-                    let around = prompts::reduce_chunk_bytes(partial) - text;
-                    let room = share.saturating_sub(around);
-                    // Defanging at most triples text; where it grows, cut to a third.
-                    let keep = if text > partial.insight.len() {
-                        room / 3
-                    } else {
-                        room
-                    };
-                    truncate_at_char(&mut partial.insight, keep);
-                }
+                level = Cow::Owned(fit_at_cap(level.into_owned(), budget));
                 break;
             }
             let groups = group_by_budget(level.into_owned(), budget);
@@ -803,6 +788,82 @@ fn every_chunk_failed(backend: &dyn LlmBackend, chunks: &[ChunkInsight]) -> Pipe
 /// Cuts `s` to at most `max` bytes, on a char boundary.
 fn truncate_at_char(s: &mut String, max: usize) {
     s.truncate(s.floor_char_boundary(max));
+}
+
+/// Least insight text a block keeps past the depth cap: fewer blocks, each with something to
+/// say, beat many blocks of markers around nothing.
+const MIN_BLOCK_TEXT: usize = 160;
+
+/// Least text one partial keeps inside a merged block past the depth cap.
+const MIN_PART_TEXT: usize = 24;
+
+/// Makes `level` fit one reduce prompt of `budget` bytes without another model call, once the
+/// depth cap is reached. Adjacent partials are first merged into as many blocks as the budget
+/// holds at [`MIN_BLOCK_TEXT`] bytes of text each (insights joined, each cut to its share;
+/// themes pooled; sentiments summed, so the counts still cover every entry); then every block
+/// gets an equal share of the prompt: themes at most half of what its markers leave, the
+/// insight the rest. The rendered prompt fits the budget whatever the partials' sizes.
+fn fit_at_cap(level: Vec<ChunkInsight>, budget: usize) -> Vec<ChunkInsight> {
+    let room = budget.saturating_sub(prompts::REDUCE_HEADER_BYTES);
+    let most_blocks = (room / (prompts::REDUCE_BLOCK_OVERHEAD + MIN_BLOCK_TEXT)).max(1);
+    let blocks = level.len().min(most_blocks).max(1);
+    let share = room / blocks;
+    // Bytes of themes and insight text each block may render.
+    let content = share.saturating_sub(prompts::REDUCE_BLOCK_OVERHEAD);
+    let per_group = level.len().div_ceil(blocks);
+    let mut fitted = Vec::with_capacity(blocks);
+    let mut level = level.into_iter().peekable();
+    while level.peek().is_some() {
+        let group: Vec<ChunkInsight> = level.by_ref().take(per_group).collect();
+        let mut themes: Vec<String> = Vec::new();
+        let mut theme_bytes = 0;
+        for theme in group.iter().flat_map(|partial| &partial.themes) {
+            let cost = prompts::defanged_len(theme) + 2;
+            if theme_bytes + cost > content / 2 {
+                break;
+            }
+            if !themes.contains(theme) {
+                theme_bytes += cost;
+                themes.push(theme.clone());
+            }
+        }
+        // Members' insights get equal parts of the text, less the " / " joining them; when
+        // there are too many for [`MIN_PART_TEXT`] bytes each, the first ones are shown (every
+        // member's sentiment still counts).
+        let text_room = content - theme_bytes;
+        let shown = group.len().min((text_room / MIN_PART_TEXT).max(1));
+        let part = text_room / shown;
+        let mut insight = String::new();
+        for partial in group.iter().take(shown) {
+            let joint = if insight.is_empty() { 0 } else { 3 };
+            let allowed = part.saturating_sub(joint);
+            let mut text = partial.insight.clone();
+            // Defanging at most triples text; where it grows, cut to a third.
+            let keep = if prompts::defanged_len(&text) > text.len() {
+                allowed / 3
+            } else {
+                allowed
+            };
+            truncate_at_char(&mut text, keep);
+            if text.is_empty() {
+                continue;
+            }
+            if joint > 0 {
+                insight.push_str(" / ");
+            }
+            insight.push_str(&text);
+        }
+        fitted.push(ChunkInsight {
+            index: fitted.len() as u32,
+            entry_ids: Vec::new(),
+            insight,
+            themes,
+            sentiment: text::merge_sentiments(group.iter().map(|c| &c.sentiment)),
+            status: ChunkStatus::Ok,
+            error: None,
+        });
+    }
+    fitted
 }
 
 #[cfg(test)]
@@ -1481,8 +1542,13 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn every_reduce_prompt_fits_the_budget_below_the_depth_cap() {
-        struct Recorder(Mutex<Vec<(usize, bool)>>);
+    async fn every_reduce_prompt_fits_the_budget_below_and_at_the_depth_cap() {
+        /// Sizes of a real model's answers: ~350-byte chunk insights with five themes,
+        /// 120-word partial summaries with eight.
+        struct Recorder(Mutex<Vec<(usize, bool, u32)>>);
+        fn themes(n: usize) -> Vec<String> {
+            (0..n).map(|i| format!("theme number {i}")).collect()
+        }
         impl LlmBackend for Recorder {
             fn name(&self) -> &str {
                 "rec"
@@ -1496,8 +1562,8 @@ mod tests {
             ) -> futures::future::BoxFuture<'a, Result<ChunkDraft, LlmError>> {
                 Box::pin(async move {
                     Ok(ChunkDraft {
-                        insight: "z".repeat(300),
-                        themes: vec![],
+                        insight: "z".repeat(350),
+                        themes: themes(prompts::CHUNK_THEMES),
                         sentiment: text::sentiment(r.entries),
                     })
                 })
@@ -1509,18 +1575,28 @@ mod tests {
                 Box::pin(async move {
                     let rendered = prompts::reduce_prompt(r.chunks, r.max_words).user.len();
                     let texts = r.chunks.iter().all(|c| !c.insight.is_empty());
-                    self.0.lock().unwrap().push((rendered, texts));
+                    let entries = r.chunks.iter().map(|c| c.sentiment.entries()).sum();
+                    self.0.lock().unwrap().push((rendered, texts, entries));
                     Ok(SummaryDraft {
-                        summary: "w ".repeat(100),
-                        themes: vec![],
+                        summary: "word ".repeat(120),
+                        themes: themes(prompts::SUMMARY_THEMES),
                     })
                 })
             }
         }
         // 1,000 entries: 200 chunks; 995: 199, whose last group at the first level would be
-        // a lone insight; 10,000: the largest request, several levels deep; 70 with
-        // no levels allowed: 14 insights cut to their share of one prompt.
-        for (count, depth) in [(1_000, 4), (995, 4), (10_000, 4), (70, 0)] {
+        // a lone insight; 10,000: the largest request, several levels deep, also one
+        // entry a chunk (more partials at the cap than one prompt holds markers for); 70 and
+        // 400 with no levels allowed: 14 insights cut to their share of one prompt, and 400
+        // merged into blocks first.
+        for (count, chunk_size, depth) in [
+            (1_000, 5, 4),
+            (995, 5, 4),
+            (10_000, 5, 4),
+            (10_000, 1, 4),
+            (70, 5, 0),
+            (400, 1, 0),
+        ] {
             let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
             let config = PipelineConfig {
                 prompt_budget_bytes: MIN_PROMPT_BUDGET_BYTES,
@@ -1529,21 +1605,29 @@ mod tests {
             };
             let pipeline = Pipeline::new(recorder.clone(), config);
             pipeline
-                .summarize(entries(count), options(5, count), far())
+                .summarize(entries(count), options(chunk_size, count), far())
                 .await
                 .unwrap();
+            let case = format!("{count} entries, chunks of {chunk_size}, depth {depth}");
             // The prompts as rendered for the model, not the pipeline's own estimate.
             let sizes = recorder.0.lock().unwrap().clone();
             assert!(
                 sizes.len() > usize::from(depth > 0),
-                "{count}: reduced in levels"
+                "{case}: reduced in levels"
             );
+            let over: Vec<_> = sizes
+                .iter()
+                .filter(|&&(b, _, _)| b > MIN_PROMPT_BUDGET_BYTES)
+                .collect();
+            assert!(over.is_empty(), "{case}: over the budget: {over:?}");
+            // Even past the depth cap, each block keeps some text, and the last prompt's
+            // counts cover every entry.
+            let empty: Vec<_> = sizes.iter().filter(|&&(_, texts, _)| !texts).collect();
             assert!(
-                sizes.iter().all(|&(b, _)| b <= MIN_PROMPT_BUDGET_BYTES),
-                "{count}: {sizes:?}"
+                empty.is_empty(),
+                "{case}: insights cut to nothing: {empty:?}"
             );
-            // Even past the depth cap, each insight keeps some of its text.
-            assert!(sizes.iter().all(|&(_, texts)| texts), "{count}: {sizes:?}");
+            assert_eq!(sizes.last().map(|s| s.2), Some(count as u32), "{case}");
         }
     }
 

@@ -65,7 +65,7 @@ pub const REDUCE_HEADER_BYTES: usize = 72;
 /// Most bytes [`reduce_prompt`] spends on one chunk besides its defanged insight and themes:
 /// the `<<<CHUNK n>>>`/`<<<END n>>>` markers, the counts line and the line breaks, with every
 /// number at its widest (u32 counts, a 10-digit position).
-const REDUCE_BLOCK_OVERHEAD: usize = 140;
+pub const REDUCE_BLOCK_OVERHEAD: usize = 140;
 
 /// Most bytes one chunk adds to a [`reduce_prompt`] (its user turn), wherever it stands: what
 /// the pipeline counts when it groups chunk insights into prompts that fit the budget.

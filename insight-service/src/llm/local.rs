@@ -351,6 +351,7 @@ mod tests {
             index: 0,
             entries,
             max_words,
+            prompt_budget_bytes: usize::MAX,
             deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(60),
             usage: &meter,
         };

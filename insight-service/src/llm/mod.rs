@@ -30,6 +30,10 @@ pub struct ChunkRequest<'a> {
     pub entries: &'a [Entry],
     /// Word budget of the chunk insight.
     pub max_words: usize,
+    /// Most bytes of the prompt's data (its user turn): the chunk was cut to fit it, except an
+    /// entry larger than it on its own, which a prompting backend cuts (see
+    /// [`crate::pipeline::prompts::map_prompt`]).
+    pub prompt_budget_bytes: usize,
     /// The call must be answered by then (what is left of the caller's gRPC deadline, capped
     /// by `--llm-timeout`); a backend that cannot must fail with [`LlmError::Timeout`].
     pub deadline: Instant,

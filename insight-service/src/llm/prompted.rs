@@ -56,7 +56,11 @@ impl<G: Generator> LlmBackend for PromptedBackend<G> {
         request: ChunkRequest<'a>,
     ) -> BoxFuture<'a, Result<ChunkDraft, LlmError>> {
         Box::pin(async move {
-            let prompt = prompts::map_prompt(request.entries, request.max_words);
+            let prompt = prompts::map_prompt(
+                request.entries,
+                request.max_words,
+                request.prompt_budget_bytes,
+            );
             let schema = prompts::map_schema();
             let generation = self.generator.generate(GenerateRequest {
                 system: &prompt.system,

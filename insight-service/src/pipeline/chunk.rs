@@ -87,13 +87,39 @@ mod tests {
             })
             .collect();
         for range in chunk_ranges(&entries, 50, 2048) {
-            let rendered = crate::pipeline::prompts::map_prompt(&entries[range.clone()], 60)
+            let rendered = crate::pipeline::prompts::map_prompt(&entries[range.clone()], 60, 2048)
                 .user
                 .len();
-            assert!(
-                range.len() == 1 || rendered <= 2048,
-                "{range:?}: {rendered}"
-            );
+            assert!(rendered <= 2048, "{range:?}: {rendered}");
+        }
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_budget_alone_is_cut_to_fit() {
+        use crate::pipeline::{
+            MAX_TEXT_BYTES,
+            prompts::{CUT_MARK, map_prompt},
+        };
+        // The largest entry validation lets through, plain and all fence markers (rendered
+        // three times as long), against the smallest budget, the budget halved under memory
+        // pressure, and the default.
+        for text in ["a".repeat(MAX_TEXT_BYTES), "<".repeat(MAX_TEXT_BYTES)] {
+            for budget in [4096, 8192, 16 * 1024] {
+                let big = Entry {
+                    text: text.clone(),
+                    ..entry(0, 0)
+                };
+                let ranges = chunk_ranges(std::slice::from_ref(&big), 5, budget);
+                assert_eq!(ranges, vec![0..1], "it still gets a chunk");
+                let user = map_prompt(&[big], 60, budget).user;
+                assert!(user.len() <= budget, "{budget}: {}", user.len());
+                let cut = entry_prompt_bytes(&Entry {
+                    text: text.clone(),
+                    ..entry(0, 0)
+                }) > budget;
+                assert_eq!(user.contains(CUT_MARK), cut, "{budget}");
+                assert!(user.ends_with("<<<END 0>>>\n"), "the fence still closes");
+            }
         }
     }
 

@@ -520,6 +520,7 @@ impl Pipeline {
                 index,
                 entries: chunk,
                 max_words,
+                prompt_budget_bytes: self.cfg().prompt_budget_bytes,
                 deadline: call_deadline,
                 usage,
             };

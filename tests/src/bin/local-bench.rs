@@ -367,6 +367,7 @@ fn map_chunk(
         index,
         entries: chunk,
         max_words,
+        prompt_budget_bytes: usize::MAX,
         deadline,
         usage: &UsageMeter::default(),
     };

@@ -688,3 +688,52 @@ async fn entries_changed_during_a_selector_summary_do_not_get_its_answer_cached(
     assert_eq!(gemini.fake.request_count(), 3, "map + reduce, then reduce");
     server.shutdown().await.unwrap();
 }
+
+/// The deadline layer bounds a handler until it returns its stream, not the stream: the work
+/// behind a StreamFeedbackSummary (store reads included) must end at the deadline too. Here
+/// the feedback table is locked, so reading the selection waits; the client sends no deadline,
+/// so only the server's --request-timeout can end the call.
+#[tokio::test]
+async fn a_streamed_summary_waiting_on_the_store_ends_at_the_request_timeout() {
+    use sqlx::Connection;
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    let timeout = Duration::from_millis(800);
+    let server = start_insight(insight_service::Config {
+        request_timeout: timeout,
+        ..config(&db)
+    })
+    .await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    import(&mut client, entries("locked", 12, 1_700_000_000)).await;
+
+    let mut locker = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE feedback IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+
+    let start = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut stream = client
+            .stream_feedback_summary(selected(by_user("locked"), pb::SummaryOptions::default()))
+            .await?
+            .into_inner();
+        while stream.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    })
+    .await;
+    let elapsed = start.elapsed();
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let status = ended
+        .expect("the stream was still open 10 s after its 800 ms request timeout")
+        .expect_err("a summary of a locked table");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        elapsed < timeout + Duration::from_secs(2),
+        "ended after {elapsed:?}"
+    );
+    server.shutdown().await.unwrap();
+}

@@ -205,6 +205,7 @@ impl InsightService for InsightGrpc {
         request: Request<pb::SummarizeFeedbackRequest>,
     ) -> Result<Response<Self::StreamFeedbackSummaryStream>, Status> {
         let deadline = request_deadline(&request, self.request_timeout);
+        let allowed = deadline.saturating_duration_since(tokio::time::Instant::now());
         // Bad input is an immediate status, not a stream that fails on its first message.
         let request = self.summary_request(request.into_inner())?;
         record_input(&request);
@@ -218,12 +219,19 @@ impl InsightService for InsightGrpc {
         let task = tokio::spawn(async move {
             let _reading = reading;
             let chunks = tx.clone();
-            let result = summaries
-                .summarize(request, deadline, None, move |chunk| {
-                    let event = Event::Chunk(chunk.clone().into());
-                    let _ = chunks.send(Ok(pb::SummaryEvent { event: Some(event) }));
-                })
-                .await;
+            let summarized = summaries.summarize(request, deadline, None, move |chunk| {
+                let event = Event::Chunk(chunk.clone().into());
+                let _ = chunks.send(Ok(pb::SummaryEvent { event: Some(event) }));
+            });
+            // The deadline layer bounds this handler until it returns the stream, not the
+            // work behind the stream: LLM calls keep to the deadline by themselves, store reads
+            // (a locked table, a slow replica) do not, so the whole summary is bounded here.
+            let Ok(result) = tokio::time::timeout_at(deadline, summarized).await else {
+                let _ = tx.send(Err(admission_status(&AdmissionError::DeadlineExceeded {
+                    after: allowed,
+                })));
+                return;
+            };
             let last = result.map_err(to_status).and_then(|summary| {
                 let chunks = summary.chunks.len();
                 fitting(

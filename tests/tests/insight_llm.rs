@@ -208,6 +208,15 @@ async fn when_gemini_fails_entirely_local_answers_unless_fallback_is_disabled() 
         "{}",
         summary.summary
     );
+    // Usage is what Gemini's failed calls cost; the local answer adds nothing to it.
+    let usage = summary.usage.unwrap();
+    let requests = s.fake.requests();
+    assert_eq!(usage.llm_calls as usize, requests.len());
+    assert_eq!(
+        usage.prompt_bytes,
+        requests.iter().map(|r| r.body_len as u64).sum::<u64>()
+    );
+    assert_eq!((usage.input_tokens, usage.output_tokens), (0, 0));
 
     let status = client
         .summarize_feedback(request(10, true))

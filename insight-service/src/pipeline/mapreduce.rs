@@ -188,6 +188,10 @@ impl Pipeline {
 
         // Every call's cost, counted as it is spent (failed, retried and abandoned calls too).
         let usage = UsageMeter::default();
+        // The offline fallback's own estimates (calls, tokens by bytes) are kept out of
+        // `usage`: once another backend failed, `usage` says what that backend's calls cost,
+        // not what an LLM would have charged for the local answer.
+        let unbilled = UsageMeter::default();
         // Remote calls stop a little before the request deadline, so that the fallback and
         // the reply itself still fit inside it.
         // Without a fallback to use the headroom, the backend gets the whole deadline.
@@ -273,7 +277,7 @@ impl Pipeline {
                     budget,
                     options,
                     deadline,
-                    &usage,
+                    &unbilled,
                     &mut on_chunk,
                 )
                 .await?
@@ -333,13 +337,15 @@ impl Pipeline {
             deadline,
             fallback_allowed && backend.name() != self.fallback.name(),
         );
+        // After the map fell back, the reduce is the fallback's too: unbilled.
+        let fell_back = backend.name() != self.backend.name();
         let draft = match self
             .reduce_levels(
                 &*backend,
                 Cow::Borrowed(&*ok),
                 options.max_words,
                 reduce_deadline,
-                &usage,
+                if fell_back { &unbilled } else { &usage },
             )
             .await
         {
@@ -357,7 +363,7 @@ impl Pipeline {
                 degraded = true;
                 let fallback = self.fallback.clone();
                 backend = fallback.clone();
-                self.reduce_levels(&*fallback, ok, options.max_words, deadline, &usage)
+                self.reduce_levels(&*fallback, ok, options.max_words, deadline, &unbilled)
                     .await
                     .map_err(|error| reduce_failed(&*fallback, error))?
             }
@@ -1275,8 +1281,8 @@ mod tests {
             "{}",
             summary.summary
         );
-        // 2 chunks x 2 failed attempts, then 2 local chunks + 1 local reduce.
-        assert_eq!(summary.usage.llm_calls, 7);
+        // 2 chunks x 2 failed attempts; the local chunks and reduce cost nothing.
+        assert_eq!(summary.usage.llm_calls, 4);
 
         let mut strict = options(5, 10);
         strict.disable_fallback = true;

@@ -29,6 +29,14 @@ use crate::{
     text,
 };
 
+/// What a chunk's answer may cost: its insight's words, and the prompt bytes its entries were
+/// cut against.
+#[derive(Clone, Copy, Debug)]
+struct ChunkLimits {
+    max_words: usize,
+    budget: usize,
+}
+
 /// Word budget of an intermediate (non-final) reduce: partial summaries stay short so the next
 /// level can read many of them in one prompt.
 const PARTIAL_SUMMARY_WORDS: usize = 120;
@@ -36,8 +44,7 @@ const PARTIAL_SUMMARY_WORDS: usize = 120;
 /// Smallest prompt budget (`--prompt-budget-bytes`, and its halving under memory pressure): a
 /// reduce prompt must hold at least two partial summaries (≤ 120 words each, with their themes
 /// and markers) so that every level shrinks the next; below that, a large request's levels
-/// stop shrinking, the depth cap cuts every insight to nothing, and the final prompt still
-/// overflows the budget.
+/// stop shrinking and the depth cap ([`fit_at_cap`]) would leave each partial a few words.
 pub const MIN_PROMPT_BUDGET_BYTES: usize = 4096;
 
 /// Tuning of the pipeline, from the server's flags.
@@ -432,7 +439,7 @@ impl Pipeline {
                         memo,
                         index as u32,
                         &chunk,
-                        max_words,
+                        ChunkLimits { max_words, budget },
                         deadline,
                         usage,
                     )
@@ -470,11 +477,11 @@ impl Pipeline {
         memo: Option<&dyn ChunkMemo>,
         index: u32,
         chunk: &[Entry],
-        max_words: usize,
+        limits: ChunkLimits,
         deadline: Instant,
         usage: &UsageMeter,
     ) -> (ChunkInsight, bool) {
-        let key = memo.map(|_| chunk_key(backend.name(), backend.model(), max_words, chunk));
+        let key = memo.map(|_| chunk_key(backend.name(), backend.model(), limits.max_words, chunk));
         if let (Some(memo), Some(key)) = (memo, &key)
             && let Some(mut insight) = memo.recall(key).await
         {
@@ -482,7 +489,7 @@ impl Pipeline {
             return (insight, false);
         }
         let (insight, timed_out) = self
-            .call_chunk(backend, index, chunk, max_words, deadline, usage)
+            .call_chunk(backend, index, chunk, limits, deadline, usage)
             .await;
         if let (Some(memo), Some(key)) = (memo, &key)
             && insight.status == ChunkStatus::Ok
@@ -500,7 +507,7 @@ impl Pipeline {
         backend: &dyn LlmBackend,
         index: u32,
         chunk: &[Entry],
-        max_words: usize,
+        limits: ChunkLimits,
         deadline: Instant,
         usage: &UsageMeter,
     ) -> (ChunkInsight, bool) {
@@ -525,8 +532,10 @@ impl Pipeline {
             let request = ChunkRequest {
                 index,
                 entries: chunk,
-                max_words,
-                prompt_budget_bytes: self.cfg().prompt_budget_bytes,
+                max_words: limits.max_words,
+                // The budget the chunk was cut against (fixed for the whole run), not the one
+                // in force now: pressure that rose meanwhile must not cut a chunk that fits.
+                prompt_budget_bytes: limits.budget,
                 deadline: call_deadline,
                 usage,
             };
@@ -817,11 +826,13 @@ fn fit_at_cap(level: Vec<ChunkInsight>, budget: usize) -> Vec<ChunkInsight> {
     let share = room / blocks;
     // Bytes of themes and insight text each block may render.
     let content = share.saturating_sub(prompts::REDUCE_BLOCK_OVERHEAD);
-    let per_group = level.len().div_ceil(blocks);
+    // Exactly `blocks` groups (of an empty level, none), their sizes differing by one at most.
+    let (base, extra) = (level.len() / blocks, level.len() % blocks);
     let mut fitted = Vec::with_capacity(blocks);
     let mut level = level.into_iter().peekable();
     while level.peek().is_some() {
-        let group: Vec<ChunkInsight> = level.by_ref().take(per_group).collect();
+        let size = base + usize::from(fitted.len() < extra);
+        let group: Vec<ChunkInsight> = level.by_ref().take(size).collect();
         let mut themes: Vec<String> = Vec::new();
         let mut theme_bytes = 0;
         for theme in group.iter().flat_map(|partial| &partial.themes) {
@@ -1057,6 +1068,56 @@ mod tests {
         sorted.sort_unstable();
         assert_eq!(sorted, (0..8).collect::<Vec<_>>());
         assert_eq!(summary.usage.llm_calls, 9);
+    }
+
+    #[tokio::test]
+    async fn chunks_are_prompted_against_the_budget_they_were_cut_against() {
+        /// Records each map call's prompt budget; the first call raises the pressure.
+        struct Budgets(Mutex<Vec<usize>>, watch::Sender<Pressure>);
+        impl LlmBackend for Budgets {
+            fn name(&self) -> &str {
+                "budgets"
+            }
+            fn model(&self) -> &str {
+                "m"
+            }
+            fn summarize_chunk<'a>(
+                &'a self,
+                r: ChunkRequest<'a>,
+            ) -> futures::future::BoxFuture<'a, Result<ChunkDraft, LlmError>> {
+                self.0.lock().unwrap().push(r.prompt_budget_bytes);
+                self.1.send_replace(Pressure::Elevated);
+                Box::pin(std::future::ready(Ok(ChunkDraft {
+                    insight: "fine".into(),
+                    themes: vec![],
+                    sentiment: text::sentiment(r.entries),
+                })))
+            }
+            fn reduce<'a>(
+                &'a self,
+                _: ReduceRequest<'a>,
+            ) -> futures::future::BoxFuture<'a, Result<SummaryDraft, LlmError>> {
+                Box::pin(std::future::ready(Ok(SummaryDraft {
+                    summary: "fine".into(),
+                    themes: vec![],
+                })))
+            }
+        }
+        let (tx, rx) = watch::channel(Pressure::Normal);
+        let backend = Arc::new(Budgets(Mutex::new(Vec::new()), tx));
+        let config = PipelineConfig {
+            map_parallelism: 1,
+            ..PipelineConfig::default()
+        };
+        let pipeline = Pipeline::new(backend.clone(), config).with_pressure(rx);
+        pipeline
+            .summarize(entries(20), options(5, 20), far())
+            .await
+            .unwrap();
+        // Pressure rose during the first call: the later chunks, cut against the full budget,
+        // must not be prompted (and cut) against the halved one.
+        assert_eq!(*backend.0.lock().unwrap(), vec![16 * 1024; 4]);
+        assert_eq!(pipeline.cfg().prompt_budget_bytes, 8 * 1024);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1314,6 +1375,8 @@ mod tests {
             summary.chunks[0].insight, "insight 0",
             "the remote chunks are kept"
         );
+        // Two map calls and the failed reduce; the local reduce costs nothing.
+        assert_eq!(summary.usage.llm_calls, 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1594,8 +1657,8 @@ mod tests {
         // 1,000 entries: 200 chunks; 995: 199, whose last group at the first level would be
         // a lone insight; 10,000: the largest request, several levels deep, also one
         // entry a chunk (more partials at the cap than one prompt holds markers for); 70 and
-        // 400 with no levels allowed: 14 insights cut to their share of one prompt, and 400
-        // merged into blocks first.
+        // 400 with no levels allowed: 14 insights and 400 merged into as many blocks as one
+        // prompt holds, each cut to its share.
         for (count, chunk_size, depth) in [
             (1_000, 5, 4),
             (995, 5, 4),
@@ -1635,6 +1698,11 @@ mod tests {
                 "{case}: insights cut to nothing: {empty:?}"
             );
             assert_eq!(sizes.last().map(|s| s.2), Some(count as u32), "{case}");
+            if depth == 0 {
+                // Cut to fit, not to a fraction of the budget: every block it has room for.
+                let last = sizes.last().map_or(0, |s| s.0);
+                assert!(last > MIN_PROMPT_BUDGET_BYTES / 2, "{case}: {last} bytes");
+            }
         }
     }
 

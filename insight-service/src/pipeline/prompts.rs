@@ -10,7 +10,7 @@ use crate::domain::{ChunkInsight, Entry};
 
 /// Version of the prompts below; part of the insight cache key, so bump it whenever a prompt
 /// changes what a model would answer.
-pub const PROMPT_VERSION: u32 = 1;
+pub const PROMPT_VERSION: u32 = 2;
 
 /// Most themes asked of a chunk.
 pub const CHUNK_THEMES: usize = 5;

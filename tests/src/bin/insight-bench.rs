@@ -94,8 +94,9 @@ struct Args {
     #[arg(long, env = "INSIGHT_BENCH_CONNECTIONS", default_value_t = 4)]
     connections: usize,
 
-    /// Saturation rounds; each runs both servers, in alternating order, so a drift in machine
-    /// load does not always favour the same one. The ratio's median is reported.
+    /// Rounds of each phase (saturation, unloaded, open loop); each round runs both servers,
+    /// in alternating order, so a drift in machine load does not always favour the same one.
+    /// Medians of the ratio and of the p99 overheads are reported.
     #[arg(long, env = "INSIGHT_BENCH_ROUNDS", default_value_t = 5)]
     rounds: usize,
 
@@ -408,9 +409,47 @@ const BINARY: &str = "insight-service";
 struct LocalResults {
     names: Vec<&'static str>,
     saturated: Vec<Vec<Run>>,
-    unloaded: Vec<Run>,
-    open: Vec<Run>,
+    unloaded: Vec<Vec<Run>>,
+    open: Vec<Vec<Run>>,
     open_rate: f64,
+}
+
+/// The servers and request every phase of the local comparison measures.
+struct Phase<'a> {
+    args: &'a Args,
+    servers: &'a [(&'static str, ChildServer)],
+    request: &'a SummarizeFeedbackRequest,
+}
+
+impl Phase<'_> {
+    /// `--rounds` runs of every server under `config`, each round starting with the next
+    /// server so a drift in machine load does not always favour the same one; runs by server.
+    async fn rotated(
+        &self,
+        what: &str,
+        config: &LoadConfig,
+        connections: usize,
+    ) -> BenchResult<Vec<Vec<Run>>> {
+        let mut runs: Vec<Vec<Run>> = self.servers.iter().map(|_| Vec::new()).collect();
+        for round in 0..self.args.rounds.max(1) {
+            for offset in 0..self.servers.len() {
+                let index = (round + offset) % self.servers.len();
+                let (name, server) = &self.servers[index];
+                let label = format!("round {}: {name}, {what}", round + 1);
+                let run = measure(
+                    &label,
+                    server,
+                    self.request,
+                    config,
+                    connections,
+                    self.args.json,
+                )
+                .await?;
+                runs[index].push(run);
+            }
+        }
+        Ok(runs)
+    }
 }
 
 async fn local_phases(
@@ -469,28 +508,15 @@ async fn local_phases(
         duration: args.duration,
         ..LoadConfig::default()
     };
-    let mut saturated: Vec<Vec<Run>> = servers.iter().map(|_| Vec::new()).collect();
-    for round in 0..args.rounds.max(1) {
-        for offset in 0..servers.len() {
-            let index = (round + offset) % servers.len();
-            let (name, server) = &servers[index];
-            let label = format!(
-                "round {}: {name}, closed loop, {} callers",
-                round + 1,
-                args.concurrency
-            );
-            let run = measure(
-                &label,
-                server,
-                &request,
-                &saturated_config,
-                args.connections,
-                args.json,
-            )
-            .await?;
-            saturated[index].push(run);
-        }
-    }
+    let phase = Phase {
+        args,
+        servers: &servers,
+        request: &request,
+    };
+    let closed = format!("closed loop, {} callers", args.concurrency);
+    let saturated = phase
+        .rotated(&closed, &saturated_config, args.connections)
+        .await?;
 
     // 2. Unloaded: one caller on one connection.
     let unloaded_config = LoadConfig {
@@ -499,11 +525,7 @@ async fn local_phases(
         duration: args.short_duration,
         ..LoadConfig::default()
     };
-    let mut unloaded = Vec::new();
-    for (name, server) in &servers {
-        let label = format!("{name}, one caller");
-        unloaded.push(measure(&label, server, &request, &unloaded_config, 1, args.json).await?);
-    }
+    let unloaded = phase.rotated("one caller", &unloaded_config, 1).await?;
 
     // 3. Open loop at a rate every server sustains: half the slowest median throughput.
     let slowest = saturated
@@ -522,20 +544,13 @@ async fn local_phases(
         duration: args.short_duration,
         ..LoadConfig::default()
     };
-    let mut open = Vec::new();
-    for (name, server) in &servers {
-        let label = format!("{name}, open loop {open_rate:.0}/s");
-        let run = measure(
-            &label,
-            server,
-            &request,
+    let open = phase
+        .rotated(
+            &format!("open loop {open_rate:.0}/s"),
             &open_config,
             args.connections,
-            args.json,
         )
         .await?;
-        open.push(run);
-    }
     let names = servers.iter().map(|(name, _)| *name).collect();
     drop(servers);
 
@@ -573,6 +588,33 @@ fn errors_note(report: &Report) -> String {
 
 fn latency_cells(p: Percentiles) -> String {
     format!("{} | {} | {}", ms(p.p50), ms(p.p99), ms(p.p999))
+}
+
+/// One line per real server: its p99 overhead over echo in `phase`, median over the rounds
+/// (each round's pair ran back to back), with the rounds' values and the verdict.
+fn overhead_line(names: &[&str], runs: &[Vec<Run>], phase: &str) -> String {
+    let echo_runs = &runs[0];
+    let mut out = String::new();
+    for (name, runs) in names.iter().zip(runs).skip(1) {
+        let mut overheads: Vec<f64> = runs
+            .iter()
+            .zip(echo_runs)
+            .map(|(real, echo)| p99_overhead_us(real, echo))
+            .collect();
+        let per_round = overheads
+            .iter()
+            .map(|o| format!("{:+.3}", o / 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let overhead = median(&mut overheads);
+        out.push_str(&format!(
+            "- {name}: p99 overhead {phase} **{:+.3} ms** (median; rounds: {per_round} ms), \
+             target ≤ 0.3 ms: {}.\n",
+            overhead / 1000.0,
+            verdict(overhead <= P99_OVERHEAD_TARGET_US)
+        ));
+    }
+    out
 }
 
 fn p99_overhead_us(real: &Run, echo: &Run) -> f64 {
@@ -661,61 +703,60 @@ fn local_markdown(
     }
 
     md.push_str(&format!(
-        "\nUnloaded: one caller, one connection, {} s.\n\n| server | OK req/s | p50 ms | p99 ms | \
-         p99.9 ms | server CPU/call | p99 overhead |\n|---|---|---|---|---|---|---|\n",
-        args.short_duration.as_secs_f64()
+        "\nUnloaded: one caller, one connection, {} s per server per round, {} rounds, starting \
+         order rotated.\n\n| round | server | OK req/s | p50 ms | p99 ms | p99.9 ms | server \
+         CPU/call |\n|---|---|---|---|---|---|---|\n",
+        args.short_duration.as_secs_f64(),
+        args.rounds.max(1)
     ));
-    let echo = &results.unloaded[0];
-    for (name, run) in results.names.iter().zip(&results.unloaded) {
-        let overhead = p99_overhead_us(run, echo);
-        md.push_str(&format!(
-            "| {name} | {:.0}{} | {} | {:.0} µs | {} |\n",
-            run.report.ok_rps(),
-            errors_note(&run.report),
-            latency_cells(run.report.ok_latency()),
-            run.server_cpu_us,
-            if *name == ECHO {
-                "—".to_owned()
-            } else {
-                format!(
-                    "{:+.3} ms ({})",
-                    overhead / 1000.0,
-                    verdict(overhead <= P99_OVERHEAD_TARGET_US)
-                )
+    for round in 0..args.rounds.max(1) {
+        for (name, runs) in results.names.iter().zip(&results.unloaded) {
+            if let Some(run) = runs.get(round) {
+                md.push_str(&format!(
+                    "| {} | {name} | {:.0}{} | {} | {:.0} µs |\n",
+                    round + 1,
+                    run.report.ok_rps(),
+                    errors_note(&run.report),
+                    latency_cells(run.report.ok_latency()),
+                    run.server_cpu_us,
+                ));
             }
-        ));
+        }
     }
+    md.push('\n');
+    md.push_str(&overhead_line(
+        &results.names,
+        &results.unloaded,
+        "unloaded",
+    ));
 
     md.push_str(&format!(
         "\nOpen loop at {:.0} calls/s (half the slowest server's saturated rate), {} connections, \
-         {} s; latency from each call's intended send time.\n\n| server | OK req/s | p50 ms | p99 \
-         ms | p99.9 ms | not sent | send lag p99 ms | p99 overhead |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         {} s per server per round, {} rounds, starting order rotated; latency from each call's \
+         intended send time.\n\n| round | server | OK req/s | p50 ms | p99 ms | p99.9 ms | not \
+         sent | send lag p99 ms |\n|---|---|---|---|---|---|---|---|\n",
         results.open_rate,
         args.connections,
-        args.short_duration.as_secs_f64()
+        args.short_duration.as_secs_f64(),
+        args.rounds.max(1)
     ));
-    let echo = &results.open[0];
-    for (name, run) in results.names.iter().zip(&results.open) {
-        let overhead = p99_overhead_us(run, echo);
-        md.push_str(&format!(
-            "| {name} | {:.0}{} | {} | {} | {} | {} |\n",
-            run.report.ok_rps(),
-            errors_note(&run.report),
-            latency_cells(run.report.ok_latency()),
-            run.report.not_sent,
-            ms(run.report.send_lag().p99),
-            if *name == ECHO {
-                "—".to_owned()
-            } else {
-                format!(
-                    "{:+.3} ms ({})",
-                    overhead / 1000.0,
-                    verdict(overhead <= P99_OVERHEAD_TARGET_US)
-                )
+    for round in 0..args.rounds.max(1) {
+        for (name, runs) in results.names.iter().zip(&results.open) {
+            if let Some(run) = runs.get(round) {
+                md.push_str(&format!(
+                    "| {} | {name} | {:.0}{} | {} | {} | {} |\n",
+                    round + 1,
+                    run.report.ok_rps(),
+                    errors_note(&run.report),
+                    latency_cells(run.report.ok_latency()),
+                    run.report.not_sent,
+                    ms(run.report.send_lag().p99),
+                ));
             }
-        ));
+        }
     }
+    md.push('\n');
+    md.push_str(&overhead_line(&results.names, &results.open, "open loop"));
     md
 }
 

@@ -255,6 +255,14 @@ impl ShedLayer {
 /// Delay suggested while shedding for pressure: a few probe intervals.
 const PRESSURE_RETRY: Duration = Duration::from_secs(1);
 
+/// The refusal of a heavy call while `pressure` reads Critical: the shed layer's, and the
+/// queue's for a caller whose slot freed after the level rose.
+fn shed_for(pressure: &watch::Receiver<Pressure>) -> Option<AdmissionError> {
+    (*pressure.borrow() == Pressure::Critical).then_some(AdmissionError::MemoryPressure {
+        retry_after: PRESSURE_RETRY,
+    })
+}
+
 impl Gate for ShedGate {
     const HEAVY_ONLY: bool = true;
 
@@ -268,11 +276,9 @@ impl Gate for ShedGate {
         S::Future: Send + 'static,
         S::Error: Send + 'static,
     {
-        if *self.pressure.borrow() == Pressure::Critical {
+        if let Some(refusal) = shed_for(&self.pressure) {
             self.metrics.shed_pressure.fetch_add(1, Ordering::Relaxed);
-            let response = refuse(AdmissionError::MemoryPressure {
-                retry_after: PRESSURE_RETRY,
-            });
+            let response = refuse(refusal);
             return Box::pin(async move { Ok(response) });
         }
         Box::pin(inner.call(req))
@@ -419,17 +425,12 @@ impl Limiter {
                 drop(in_queue);
                 let waited_for = start.elapsed();
                 match waited {
-                    Ok(Ok(_))
-                        if self
-                            .pressure
-                            .as_ref()
-                            .is_some_and(|p| *p.borrow() == Pressure::Critical) =>
-                    {
-                        return Err(AdmissionError::MemoryPressure {
-                            retry_after: PRESSURE_RETRY,
-                        });
+                    Ok(Ok(permit)) => {
+                        if let Some(refusal) = self.pressure.as_ref().and_then(shed_for) {
+                            return Err(refusal);
+                        }
+                        permit
                     }
-                    Ok(Ok(permit)) => permit,
                     // A closed semaphore cannot happen (it is never closed); treat it as a
                     // timeout rather than panic.
                     Ok(Err(_)) | Err(_) => {

@@ -755,12 +755,14 @@ pub fn error_for_status(
     let key_invalid = provider
         .as_ref()
         .is_some_and(|e| e.reason.as_deref() == Some("API_KEY_INVALID"));
+    // The delay asked for, on a 429 or a 5xx: the header's, else the body's RetryInfo.
+    let asked = retry_after.or(provider.and_then(|e| e.retry_delay));
     match status {
         401 | 403 => LlmError::Auth { backend, message },
         400 if key_invalid => LlmError::Auth { backend, message },
         429 => LlmError::RateLimited {
             backend,
-            retry_after: retry_after.or(provider.and_then(|e| e.retry_delay)),
+            retry_after: asked,
             message,
         },
         // A request timeout or a server-side cancellation says nothing against the request
@@ -768,7 +770,7 @@ pub fn error_for_status(
         408 | 499 | 500..=599 => LlmError::Server {
             backend,
             status,
-            retry_after: retry_after.or(provider.and_then(|e| e.retry_delay)),
+            retry_after: asked,
             message,
         },
         400..=499 => LlmError::BadRequest { backend, message },

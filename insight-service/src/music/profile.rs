@@ -15,7 +15,7 @@
 
 use super::{
     play::AudioFeatures,
-    prompt::{ASKED_LIST_ITEMS, Draft, percent},
+    prompt::{ASKED_LIST_ITEMS, Draft, percent, shown_char},
     stats::{
         AFTERNOON_HOURS, EARLY_HOURS, EVENING_HOURS, LATE_NIGHT_HOURS, ListeningStats,
         MORNING_HOURS, NIGHT_HOURS, RankedItem,
@@ -430,19 +430,12 @@ pub fn summary(stats: &ListeningStats, mood: &str, personality: &str, max_words:
     truncate_words(&sentences.join(" "), max_words)
 }
 
-/// A stored name as an answer shows it: control characters (and Unicode line or paragraph
-/// separators) become spaces and the ends are trimmed, as the prompt quotes it; the stats
-/// keep names exactly as stored.
+/// A stored name as an answer shows it: characters as the prompt quotes them
+/// ([`shown_char`]), ends trimmed; the stats keep names exactly as stored.
 pub fn display_name(name: &str) -> String {
     name.trim()
         .chars()
-        .map(|c| {
-            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
-                ' '
-            } else {
-                c
-            }
-        })
+        .map(shown_char)
         .collect::<String>()
         .trim()
         .to_owned()

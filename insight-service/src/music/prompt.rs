@@ -195,9 +195,19 @@ fn push_ranked(out: &mut String, label: &str, items: &[RankedItem]) {
     out.push_str(&format!("{label} (plays, minutes): {}\n", parts.join("; ")));
 }
 
-/// Fences untrusted text as a JSON string literal: control characters and Unicode line or
-/// paragraph separators become spaces (no line of its own), at most `max_chars` characters are
-/// kept (an ellipsis marks the cut), and `"` and `\` are escaped (no way out of the quotes).
+/// A character of stored text as prompts and answers show it: control characters and Unicode
+/// line or paragraph separators become spaces (no line of its own).
+pub fn shown_char(c: char) -> char {
+    if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+        ' '
+    } else {
+        c
+    }
+}
+
+/// Fences untrusted text as a JSON string literal: characters as [`shown_char`] shows them,
+/// at most `max_chars` of them (an ellipsis marks the cut), and `"` and `\` escaped (no way
+/// out of the quotes).
 pub fn quote(text: &str, max_chars: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max_chars.saturating_mul(4)) + 2);
     out.push('"');
@@ -209,8 +219,7 @@ pub fn quote(text: &str, max_chars: usize) -> String {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') => out.push(' '),
-            c => out.push(c),
+            c => out.push(shown_char(c)),
         }
     }
     out.push('"');

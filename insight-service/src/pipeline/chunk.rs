@@ -11,7 +11,12 @@ pub const ENTRY_OVERHEAD_BYTES: usize = 96;
 /// Bytes one entry adds to a map prompt (its text as rendered: fence markers inside it are
 /// defanged into longer characters).
 pub fn entry_prompt_bytes(entry: &Entry) -> usize {
-    defanged_len(&entry.text) + entry.id.len() + ENTRY_OVERHEAD_BYTES
+    defanged_len(&entry.text) + entry_overhead_bytes(entry)
+}
+
+/// What [`entry_prompt_bytes`] counts for an entry besides its text.
+pub fn entry_overhead_bytes(entry: &Entry) -> usize {
+    entry.id.len() + ENTRY_OVERHEAD_BYTES
 }
 
 /// Splits `entries` in input order into chunks of at most `chunk_size` entries whose prompt
@@ -109,14 +114,15 @@ mod tests {
                     text: text.clone(),
                     ..entry(0, 0)
                 };
-                let ranges = chunk_ranges(std::slice::from_ref(&big), 5, budget);
-                assert_eq!(ranges, vec![0..1], "it still gets a chunk");
-                let user = map_prompt(&[big], 60, budget).user;
+                let alone = std::slice::from_ref(&big);
+                assert_eq!(
+                    chunk_ranges(alone, 5, budget),
+                    vec![0..1],
+                    "it still gets a chunk"
+                );
+                let user = map_prompt(alone, 60, budget).user;
                 assert!(user.len() <= budget, "{budget}: {}", user.len());
-                let cut = entry_prompt_bytes(&Entry {
-                    text: text.clone(),
-                    ..entry(0, 0)
-                }) > budget;
+                let cut = entry_prompt_bytes(&big) > budget;
                 assert_eq!(user.contains(CUT_MARK), cut, "{budget}");
                 assert!(user.ends_with("<<<END 0>>>\n"), "the fence still closes");
             }

@@ -5,7 +5,7 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::chunk::entry_prompt_bytes;
+use super::chunk::{entry_overhead_bytes, entry_prompt_bytes};
 use crate::domain::{ChunkInsight, Entry};
 
 /// Version of the prompts below; part of the insight cache key, so bump it whenever a prompt
@@ -108,7 +108,7 @@ pub fn map_prompt(entries: &[Entry], max_words: usize, budget_bytes: usize) -> P
             .map_or_else(|| "none".to_owned(), |r| format!("{r}/5"));
         let mut text = defang(&entry.text);
         if let Some(share) = share {
-            let room = share.saturating_sub(entry_prompt_bytes(entry) - defanged_len(&entry.text));
+            let room = share.saturating_sub(entry_overhead_bytes(entry));
             if text.len() > room {
                 text.truncate(text.floor_char_boundary(room.saturating_sub(CUT_MARK.len())));
                 text.push_str(CUT_MARK);

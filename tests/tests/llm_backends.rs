@@ -933,9 +933,9 @@ async fn recorded_gemini_answers_without_text_are_malformed_naming_why() {
     }
 }
 
-#[tokio::test]
-async fn a_recorded_blocked_prompt_is_refused_once_not_retried() {
-    let body = fixture("gemini/streamGenerateContent_sse_prompt_blocked_SAFETY__firebase.txt");
+/// A streaming Gemini call, retries allowed, whose first response is the recorded stream
+/// `body` and whose later ones (if any) are [`ANSWER`]; with the fake, to count requests.
+async fn stream_once_then_answer(body: Vec<u8>) -> (Result<Metered, LlmError>, FakeLlm) {
     let fake = FakeLlm::gemini().await;
     fake.set_answer(ANSWER);
     fake.push_fault(Fault::Raw {
@@ -943,9 +943,17 @@ async fn a_recorded_blocked_prompt_is_refused_once_not_retried() {
         content_type: "text/event-stream".to_owned(),
         body: body.into(),
     });
-    // Retries allowed, and the fake would answer a second request.
     let g = generator(Flavor::Gemini, &fake.base_url(), true, fast_limits());
-    let error = call(&*g, Duration::from_secs(5)).await.0.unwrap_err();
+    let result = call(&*g, Duration::from_secs(5)).await.0;
+    (result, fake)
+}
+
+#[tokio::test]
+async fn a_recorded_blocked_prompt_is_refused_once_not_retried() {
+    let body = fixture("gemini/streamGenerateContent_sse_prompt_blocked_SAFETY__firebase.txt");
+    // Retries allowed, and the fake would answer a second request.
+    let (result, fake) = stream_once_then_answer(body).await;
+    let error = result.unwrap_err();
     assert_eq!(
         error,
         LlmError::Blocked {
@@ -976,15 +984,7 @@ async fn a_recorded_mid_stream_error_is_a_server_error_and_is_retried() {
     );
     assert!(error.is_retryable());
 
-    let fake = FakeLlm::gemini().await;
-    fake.set_answer(ANSWER);
-    fake.push_fault(Fault::Raw {
-        status: 200,
-        content_type: "text/event-stream".to_owned(),
-        body: body.into(),
-    });
-    let g = generator(Flavor::Gemini, &fake.base_url(), true, fast_limits());
-    let generation = call(&*g, Duration::from_secs(5)).await.0.unwrap();
+    let generation = stream_once_then_answer(body).await.0.unwrap();
     // "First Second " from the broken attempt is not kept.
     assert_eq!(generation.text, ANSWER);
     assert_eq!(generation.usage.llm_calls, 2);

@@ -71,33 +71,25 @@ fn main() {
     let Some(data) = spotifai_e2e::shared_data() else {
         std::process::exit(2);
     };
-    let entries: Vec<Entry> = spotifai_e2e::load_reviews(&data)
+    let all: Vec<Entry> = spotifai_e2e::load_reviews(&data)
         .into_iter()
-        .take(args.entries)
         .map(|(id, text, rating)| entry(id, text, rating))
         .collect();
+    let entries = &all[..args.entries.min(all.len())];
 
     let backend = LocalBackend::new();
     if args.dump {
-        let all: Vec<Entry> = spotifai_e2e::load_reviews(&data)
-            .into_iter()
-            .map(|(id, text, rating)| entry(id, text, rating))
-            .collect();
         dump(&backend, &all);
         return;
     }
     if args.worst_case {
-        let all: Vec<Entry> = spotifai_e2e::load_reviews(&data)
-            .into_iter()
-            .map(|(id, text, rating)| entry(id, text, rating))
-            .collect();
         worst_case(&backend, &all, args.worst_case_kib.max(10) * 1024);
         return;
     }
     let started = Instant::now();
     let mut last = None;
     for _ in 0..args.iterations {
-        last = Some(summarize(&backend, &entries, args.chunk_size.max(1)));
+        last = Some(summarize(&backend, entries, args.chunk_size.max(1)));
     }
     let elapsed = started.elapsed();
     if args.time && args.iterations > 0 {

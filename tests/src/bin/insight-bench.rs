@@ -596,11 +596,7 @@ fn overhead_line(names: &[&str], runs: &[Vec<Run>], phase: &str) -> String {
     let echo_runs = &runs[0];
     let mut out = String::new();
     for (name, runs) in names.iter().zip(runs).skip(1) {
-        let mut overheads: Vec<f64> = runs
-            .iter()
-            .zip(echo_runs)
-            .map(|(real, echo)| p99_overhead_us(real, echo))
-            .collect();
+        let mut overheads = paired(runs, echo_runs, p99_overhead_us);
         let per_round = overheads
             .iter()
             .map(|o| format!("{:+.3}", o / 1000.0))
@@ -615,6 +611,36 @@ fn overhead_line(names: &[&str], runs: &[Vec<Run>], phase: &str) -> String {
         ));
     }
     out
+}
+
+/// The table rows of a phase, round by round in the order each server ran: round, server, OK
+/// rate (with any other outcome), latencies, then the phase's own `cells`.
+fn round_rows(names: &[&str], runs: &[Vec<Run>], cells: impl Fn(&Run) -> String) -> String {
+    let rounds = runs.iter().map(Vec::len).max().unwrap_or(0);
+    let mut rows = String::new();
+    for round in 0..rounds {
+        for (name, runs) in names.iter().zip(runs) {
+            if let Some(run) = runs.get(round) {
+                rows.push_str(&format!(
+                    "| {} | {name} | {:.0}{} | {} | {} |\n",
+                    round + 1,
+                    run.report.ok_rps(),
+                    errors_note(&run.report),
+                    latency_cells(run.report.ok_latency()),
+                    cells(run)
+                ));
+            }
+        }
+    }
+    rows
+}
+
+/// `compare(real, echo)` of each round's pair of runs.
+fn paired(runs: &[Run], echo_runs: &[Run], compare: impl Fn(&Run, &Run) -> f64) -> Vec<f64> {
+    runs.iter()
+        .zip(echo_runs)
+        .map(|(real, echo)| compare(real, echo))
+        .collect()
 }
 
 fn p99_overhead_us(real: &Run, echo: &Run) -> f64 {
@@ -648,47 +674,25 @@ fn local_markdown(
         "| round | server | OK req/s | p50 ms | p99 ms | p99.9 ms | server CPU/call | load \
          generator CPU/call |\n|---|---|---|---|---|---|---|---|\n",
     );
-    for round in 0..args.rounds.max(1) {
-        for (name, runs) in results.names.iter().zip(&results.saturated) {
-            if let Some(run) = runs.get(round) {
-                md.push_str(&format!(
-                    "| {} | {name} | {:.0}{} | {} | {:.0} µs | {:.0} µs |\n",
-                    round + 1,
-                    run.report.ok_rps(),
-                    errors_note(&run.report),
-                    latency_cells(run.report.ok_latency()),
-                    run.server_cpu_us,
-                    run.client_cpu_us
-                ));
-            }
-        }
-    }
+    md.push_str(&round_rows(&results.names, &results.saturated, |run| {
+        format!("{:.0} µs | {:.0} µs", run.server_cpu_us, run.client_cpu_us)
+    }));
     md.push('\n');
     let echo_runs = &results.saturated[0];
     for (name, runs) in results.names.iter().zip(&results.saturated).skip(1) {
-        let mut ratios: Vec<f64> = runs
-            .iter()
-            .zip(echo_runs)
-            .map(|(real, echo)| real.report.ok_rps() / echo.report.ok_rps())
-            .collect();
+        let mut ratios = paired(runs, echo_runs, |real, echo| {
+            real.report.ok_rps() / echo.report.ok_rps()
+        });
         let per_round = ratios
             .iter()
             .map(|r| format!("{:.1}%", r * 100.0))
             .collect::<Vec<_>>()
             .join(", ");
         let ratio = median(&mut ratios);
-        let mut overheads: Vec<f64> = runs
-            .iter()
-            .zip(echo_runs)
-            .map(|(real, echo)| p99_overhead_us(real, echo))
-            .collect();
-        let overhead = median(&mut overheads);
-        let mut cpu_ratios: Vec<f64> = runs
-            .iter()
-            .zip(echo_runs)
-            .map(|(real, echo)| echo.server_cpu_us / real.server_cpu_us)
-            .collect();
-        let cpu_ratio = median(&mut cpu_ratios);
+        let overhead = median(&mut paired(runs, echo_runs, p99_overhead_us));
+        let cpu_ratio = median(&mut paired(runs, echo_runs, |real, echo| {
+            echo.server_cpu_us / real.server_cpu_us
+        }));
         md.push_str(&format!(
             "- {name}: throughput **{:.1}%** of echo (median; rounds: {per_round}), target ≥ 80%: \
              {}; p99 overhead under saturation **{:+.3} ms** (median), target ≤ 0.3 ms: {}. \
@@ -709,20 +713,9 @@ fn local_markdown(
         args.short_duration.as_secs_f64(),
         args.rounds.max(1)
     ));
-    for round in 0..args.rounds.max(1) {
-        for (name, runs) in results.names.iter().zip(&results.unloaded) {
-            if let Some(run) = runs.get(round) {
-                md.push_str(&format!(
-                    "| {} | {name} | {:.0}{} | {} | {:.0} µs |\n",
-                    round + 1,
-                    run.report.ok_rps(),
-                    errors_note(&run.report),
-                    latency_cells(run.report.ok_latency()),
-                    run.server_cpu_us,
-                ));
-            }
-        }
-    }
+    md.push_str(&round_rows(&results.names, &results.unloaded, |run| {
+        format!("{:.0} µs", run.server_cpu_us)
+    }));
     md.push('\n');
     md.push_str(&overhead_line(
         &results.names,
@@ -740,21 +733,13 @@ fn local_markdown(
         args.short_duration.as_secs_f64(),
         args.rounds.max(1)
     ));
-    for round in 0..args.rounds.max(1) {
-        for (name, runs) in results.names.iter().zip(&results.open) {
-            if let Some(run) = runs.get(round) {
-                md.push_str(&format!(
-                    "| {} | {name} | {:.0}{} | {} | {} | {} |\n",
-                    round + 1,
-                    run.report.ok_rps(),
-                    errors_note(&run.report),
-                    latency_cells(run.report.ok_latency()),
-                    run.report.not_sent,
-                    ms(run.report.send_lag().p99),
-                ));
-            }
-        }
-    }
+    md.push_str(&round_rows(&results.names, &results.open, |run| {
+        format!(
+            "{} | {}",
+            run.report.not_sent,
+            ms(run.report.send_lag().p99)
+        )
+    }));
     md.push('\n');
     md.push_str(&overhead_line(&results.names, &results.open, "open loop"));
     md

@@ -160,7 +160,8 @@ pub struct Config {
     pub pressure_interval: Duration,
 
     /// Memory usage ratio (working set / cgroup limit, else used / total) at which work is
-    /// made cheaper (one map call at a time, half the prompt budget).
+    /// made cheaper (one map call at a time, chunks of half the entries and half the prompt
+    /// budget).
     #[arg(long, env = "INSIGHT_WARN_RATIO", default_value_t = 0.80, value_parser = ratio)]
     pub warn_ratio: f64,
 

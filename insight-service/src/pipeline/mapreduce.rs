@@ -29,6 +29,16 @@ use crate::{
     text,
 };
 
+/// How one run cuts its entries into chunks: fixed when the run starts, so the fallback re-reads
+/// the same chunks and pressure that changes meanwhile does not re-cut (or re-prompt) them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cut {
+    /// Most entries per chunk.
+    chunk_size: usize,
+    /// Most prompt bytes of entries per chunk.
+    budget: usize,
+}
+
 /// What a chunk's answer may cost: its insight's words, and the prompt bytes its entries were
 /// cut against.
 #[derive(Clone, Copy, Debug)]
@@ -46,6 +56,12 @@ const PARTIAL_SUMMARY_WORDS: usize = 120;
 /// and markers) so that every level shrinks the next; below that, a large request's levels
 /// stop shrinking and the depth cap ([`fit_at_cap`]) would leave each partial a few words.
 pub const MIN_PROMPT_BUDGET_BYTES: usize = 4096;
+
+/// Entries per chunk under memory pressure for a request's `chunk_size`: half, rounded up. The
+/// smallest chunks a request is cut into, so the most chunk insights it holds.
+pub fn pressed_chunk_size(chunk_size: usize) -> usize {
+    chunk_size.max(1).div_ceil(2)
+}
 
 /// Tuning of the pipeline, from the server's flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,12 +123,21 @@ impl Pipeline {
     }
 
     /// The tuning in force now: under elevated (or critical) memory pressure, one map call at a
-    /// time and half the prompt budget (smaller chunks), instead of refusing work.
+    /// time and half the prompt budget (smaller chunks; a run also halves its entries per
+    /// chunk when it starts), instead of refusing work.
     pub fn cfg(&self) -> PipelineConfig {
-        let pressed = self
-            .pressure
+        self.tuned(self.pressed())
+    }
+
+    /// Whether memory pressure is elevated (or critical) now.
+    fn pressed(&self) -> bool {
+        self.pressure
             .as_ref()
-            .is_some_and(|p| *p.borrow() >= Pressure::Elevated);
+            .is_some_and(|p| *p.borrow() >= Pressure::Elevated)
+    }
+
+    /// The tuning with or without pressure (see [`Pipeline::cfg`]).
+    fn tuned(&self, pressed: bool) -> PipelineConfig {
         if pressed {
             PipelineConfig {
                 map_parallelism: 1,
@@ -122,6 +147,20 @@ impl Pipeline {
             }
         } else {
             self.config
+        }
+    }
+
+    /// How a run starting now cuts its chunks: under pressure, half the requested entries per
+    /// chunk (rounded up) and half the prompt budget, so each call holds less at once.
+    fn cut(&self, options: &SummaryOptions) -> Cut {
+        let pressed = self.pressed();
+        Cut {
+            chunk_size: if pressed {
+                pressed_chunk_size(options.chunk_size)
+            } else {
+                options.chunk_size
+            },
+            budget: self.tuned(pressed).prompt_budget_bytes,
         }
     }
 
@@ -190,8 +229,7 @@ impl Pipeline {
         mut on_chunk: impl FnMut(&ChunkInsight),
     ) -> Result<FeedbackSummary, PipelineError> {
         let available = source.available().await.map_err(PipelineError::Source)?;
-        // Chunk boundaries are fixed for the whole run (the fallback re-reads the same ones).
-        let budget = self.cfg().prompt_budget_bytes;
+        let cut = self.cut(&options);
 
         // Every call's cost, counted as it is spent (failed, retried and abandoned calls too).
         let usage = UsageMeter::default();
@@ -234,7 +272,7 @@ impl Pipeline {
                 &*self.backend,
                 source,
                 memo,
-                budget,
+                cut,
                 options,
                 backend_deadline,
                 &usage,
@@ -281,7 +319,7 @@ impl Pipeline {
                     &*self.fallback,
                     source,
                     None,
-                    budget,
+                    cut,
                     options,
                     deadline,
                     &unbilled,
@@ -401,7 +439,7 @@ impl Pipeline {
         backend: &dyn LlmBackend,
         source: &dyn EntrySource,
         memo: Option<&dyn ChunkMemo>,
-        budget: usize,
+        cut: Cut,
         options: SummaryOptions,
         deadline: Instant,
         usage: &UsageMeter,
@@ -412,7 +450,7 @@ impl Pipeline {
             // Entries already in memory are cut in place (the same cuts as the `Chunker`).
             Some(all) => {
                 let limit = all.len().min(options.max_entries);
-                let ranges = chunk_ranges(&all[..limit], options.chunk_size, budget);
+                let ranges = chunk_ranges(&all[..limit], cut.chunk_size, cut.budget);
                 Box::pin(stream::iter(
                     ranges
                         .into_iter()
@@ -422,7 +460,7 @@ impl Pipeline {
             None => Box::pin(
                 chunked(
                     source.entries(options.max_entries),
-                    Chunker::new(options.chunk_size, budget),
+                    Chunker::new(cut.chunk_size, cut.budget),
                 )
                 .map(|chunk| chunk.map(ChunkEntries::Owned)),
             ),
@@ -439,7 +477,10 @@ impl Pipeline {
                         memo,
                         index as u32,
                         &chunk,
-                        ChunkLimits { max_words, budget },
+                        ChunkLimits {
+                            max_words,
+                            budget: cut.budget,
+                        },
                         deadline,
                         usage,
                     )
@@ -481,7 +522,16 @@ impl Pipeline {
         deadline: Instant,
         usage: &UsageMeter,
     ) -> (ChunkInsight, bool) {
-        let key = memo.map(|_| chunk_key(backend.name(), backend.model(), limits.max_words, chunk));
+        let key = memo.map(|_| {
+            let cut = prompts::cut_share(chunk, limits.budget);
+            chunk_key(
+                backend.name(),
+                backend.model(),
+                limits.max_words,
+                cut,
+                chunk,
+            )
+        });
         if let (Some(memo), Some(key)) = (memo, &key)
             && let Some(mut insight) = memo.recall(key).await
         {
@@ -1120,6 +1170,56 @@ mod tests {
         assert_eq!(pipeline.cfg().prompt_budget_bytes, 8 * 1024);
     }
 
+    #[tokio::test]
+    async fn a_remembered_chunk_cut_for_one_budget_is_not_the_answer_under_another() {
+        /// Remembers insights in memory.
+        #[derive(Default)]
+        struct Memo(Mutex<std::collections::HashMap<String, ChunkInsight>>);
+        impl ChunkMemo for Memo {
+            fn recall<'a>(
+                &'a self,
+                key: &'a str,
+            ) -> futures::future::BoxFuture<'a, Option<ChunkInsight>> {
+                Box::pin(std::future::ready(self.0.lock().unwrap().get(key).cloned()))
+            }
+            fn remember<'a>(
+                &'a self,
+                key: &'a str,
+                insight: &'a ChunkInsight,
+            ) -> futures::future::BoxFuture<'a, ()> {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .insert(key.to_owned(), insight.clone());
+                Box::pin(std::future::ready(()))
+            }
+        }
+        let backend = Arc::new(Scripted::new(|_| 0, |_, _| false));
+        let (tx, rx) = watch::channel(Pressure::Elevated);
+        let pipeline = Pipeline::new(backend.clone(), PipelineConfig::default()).with_pressure(rx);
+        let memo = Memo::default();
+        // One 12 kB entry: cut to fit the halved 8 KiB budget, whole under the full 16 KiB.
+        let large = InlineEntries(Arc::new(vec![Entry {
+            text: "the ads interrupt every song. ".repeat(400),
+            ..entries(1).remove(0)
+        }]));
+        let run = || pipeline.summarize_source(&large, Some(&memo), options(5, 1), far(), |_| {});
+        run().await.unwrap();
+        run().await.unwrap();
+        assert_eq!(
+            backend.calls.lock().unwrap().len(),
+            1,
+            "same budget: remembered"
+        );
+        tx.send_replace(Pressure::Normal);
+        run().await.unwrap();
+        assert_eq!(
+            backend.calls.lock().unwrap().len(),
+            2,
+            "the whole entry is asked about, not the cut one remembered"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn elevated_pressure_makes_work_cheaper_instead_of_refusing_it() {
         let backend = Arc::new(Scripted::new(|_| 10, |_, _| false));
@@ -1135,6 +1235,9 @@ mod tests {
             .unwrap();
         assert_eq!(summary.entries_used, 20, "the work is done, just serially");
         assert_eq!(backend.max_in_flight.load(Ordering::SeqCst), 1);
+        // In chunks of half the requested entries (rounded up): 20 entries in chunks of 3.
+        assert_eq!(summary.chunks.len(), 7);
+        assert!(summary.chunks.iter().all(|c| c.entry_ids.len() <= 3));
 
         // And in smaller chunks where the byte budget decides: five 3 kB entries fit the
         // 16 KiB prompt, two fit the halved one.

@@ -84,6 +84,14 @@ fn output_tokens(max_words: usize) -> u32 {
 /// What replaces the end of an entry cut to fit the prompt budget.
 pub const CUT_MARK: &str = " [cut]";
 
+/// Each entry's share of `budget_bytes` when `entries` do not fit it together (so
+/// [`map_prompt`] cuts them), else `None`: the same over-estimate of what an entry spends
+/// besides its text as the chunking uses, so the rendered prompt fits.
+pub fn cut_share(entries: &[Entry], budget_bytes: usize) -> Option<usize> {
+    let total: usize = entries.iter().map(entry_prompt_bytes).sum();
+    (total > budget_bytes).then(|| budget_bytes / entries.len().max(1))
+}
+
 /// The map prompt for one chunk. The pipeline's chunks fit `budget_bytes` of data; an entry
 /// larger than that on its own (validation allows 8 KiB, fence markers in it render three
 /// times as long, and under memory pressure the budget halves) is cut, each entry of an
@@ -97,10 +105,7 @@ pub fn map_prompt(entries: &[Entry], max_words: usize, budget_bytes: usize) -> P
          {{\"insight\": the main points of these entries in at most {max_words} words, \
          \"themes\": at most {CHUNK_THEMES} short lowercase topic keywords (e.g. \"ads\", \"shuffle\")}}."
     );
-    let total: usize = entries.iter().map(entry_prompt_bytes).sum();
-    // Each entry's share when they do not fit: the same over-estimate of what an entry spends
-    // besides its text as the chunking uses, so the rendered prompt fits.
-    let share = (total > budget_bytes).then(|| budget_bytes / entries.len().max(1));
+    let share = cut_share(entries, budget_bytes);
     let mut user = String::with_capacity(entries.iter().map(|e| e.text.len() + 48).sum());
     for (n, entry) in entries.iter().enumerate() {
         let rating = entry

@@ -141,9 +141,16 @@ pub fn hash_entry(hasher: &mut Sha256, entry: &Entry) {
 }
 
 /// The key of one chunk's insight: the prompt version, the backend and model that answer it,
-/// the word budget, and the chunk's entries (ids and text hashes). Equal keys mean the same
+/// the word budget, each entry's share of the prompt budget if the chunk is cut to fit it, and
+/// the chunk's entries (ids and text hashes). Equal keys mean the same
 /// prompt to the same model, so a remembered insight can stand in for a call.
-pub fn chunk_key(backend: &str, model: &str, max_words: usize, entries: &[Entry]) -> String {
+pub fn chunk_key(
+    backend: &str,
+    model: &str,
+    max_words: usize,
+    cut_share: Option<usize>,
+    entries: &[Entry],
+) -> String {
     let mut hasher = Sha256::new();
     hasher.update(b"chunk\0");
     hasher.update(PROMPT_VERSION.to_le_bytes());
@@ -152,6 +159,9 @@ pub fn chunk_key(backend: &str, model: &str, max_words: usize, entries: &[Entry]
         hasher.update(part.as_bytes());
     }
     hasher.update((max_words as u64).to_le_bytes());
+    // A chunk too large for its prompt budget is prompted cut (`prompts::cut_share`): its
+    // answer read that cut text, not the whole, and is not the answer under another budget.
+    hasher.update((cut_share.unwrap_or(0) as u64).to_le_bytes());
     hash_entries(&mut hasher, entries);
     hex(&hasher.finalize())
 }
@@ -208,22 +218,22 @@ mod tests {
     #[test]
     fn chunk_keys_change_with_text_backend_and_words_but_not_other_fields() {
         let a = vec![entry(1, 10), entry(2, 20)];
-        let key = chunk_key("gemini", "m", 60, &a);
+        let key = chunk_key("gemini", "m", 60, None, &a);
         assert_eq!(key.len(), 64);
-        assert_eq!(key, chunk_key("gemini", "m", 60, &a.clone()));
+        assert_eq!(key, chunk_key("gemini", "m", 60, None, &a.clone()));
         let mut edited = a.clone();
         edited[1].text.push('y');
-        assert_ne!(key, chunk_key("gemini", "m", 60, &edited));
-        assert_ne!(key, chunk_key("openai", "m", 60, &a));
-        assert_ne!(key, chunk_key("gemini", "m2", 60, &a));
-        assert_ne!(key, chunk_key("gemini", "m", 59, &a));
+        assert_ne!(key, chunk_key("gemini", "m", 60, None, &edited));
+        assert_ne!(key, chunk_key("openai", "m", 60, None, &a));
+        assert_ne!(key, chunk_key("gemini", "m2", 60, None, &a));
+        assert_ne!(key, chunk_key("gemini", "m", 59, None, &a));
         let mut rated = a.clone();
         rated[0].rating = Some(4);
-        assert_ne!(key, chunk_key("gemini", "m", 60, &rated));
+        assert_ne!(key, chunk_key("gemini", "m", 60, None, &rated));
         // Who wrote it and where it came from are not in the prompt.
         let mut moved = a.clone();
         moved[0].user_id = "someone".into();
         moved[0].source = "ios".into();
-        assert_eq!(key, chunk_key("gemini", "m", 60, &moved));
+        assert_eq!(key, chunk_key("gemini", "m", 60, None, &moved));
     }
 }

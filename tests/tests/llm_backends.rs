@@ -321,6 +321,31 @@ async fn openai_falls_back_to_json_object_when_the_server_rejects_json_schema() 
 }
 
 #[tokio::test]
+async fn a_refusal_of_one_schema_falls_back_for_that_call_only() {
+    let fake = FakeLlm::openai().await;
+    fake.set_answer(ANSWER);
+    // OpenAI's wording when strict mode refuses a schema: the server has json_schema.
+    fake.push_fault(Fault::Raw {
+        status: 400,
+        content_type: "application/json".to_owned(),
+        body: r#"{"error": {"message": "Invalid schema for response_format 'answer': In context=(), 'additionalProperties' is required to be supplied and to be false.", "type": "invalid_request_error", "param": "response_format"}}"#.into(),
+    });
+    let g = generator(Flavor::OpenAi, &fake.base_url(), false, fast_limits());
+    call(&*g, Duration::from_secs(5)).await.0.unwrap();
+    assert_eq!(
+        fake.last_request().unwrap().json["response_format"],
+        json!({"type": "json_object"})
+    );
+    // The next call asks for its schema again.
+    call(&*g, Duration::from_secs(5)).await.0.unwrap();
+    assert_eq!(
+        fake.last_request().unwrap().json["response_format"]["type"],
+        json!("json_schema")
+    );
+    assert_eq!(fake.request_count(), 3);
+}
+
+#[tokio::test]
 async fn server_errors_are_retried_and_every_attempt_is_counted() {
     each_mode(|fake, flavor, stream| async move {
         fake.push_faults([Fault::Status(500), Fault::Status(503)]);

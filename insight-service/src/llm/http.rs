@@ -284,24 +284,20 @@ impl HttpTransport {
             if !failure.is_retryable() || retry >= self.limits.max_retries {
                 return Err(failure);
             }
-            let wait = retry_wait(&self.limits, retry, failure.retry_after());
             // A retry that could only start after the deadline, or too close to it to finish,
             // is pointless; the caller is better served by the real cause now than by a
-            // timeout later. Saturating and checked: a hostile `Retry-After:
-            // 18446744073709551615` must not overflow the sum nor the clock.
-            if Instant::now()
-                .checked_add(wait.saturating_add(MIN_RETRY_WINDOW))
-                .is_none_or(|start| start > deadline)
-            {
+            // timeout later.
+            let room = deadline.saturating_duration_since(Instant::now());
+            let Some(wait) = fitted_wait(&self.limits, retry, failure.retry_after(), room) else {
                 tracing::debug!(
                     backend = self.backend,
                     attempt = attempts,
-                    wait_ms = wait.as_millis() as u64,
+                    room_ms = room.as_millis() as u64,
                     error = %failure,
                     "not retrying: the wait would cross the deadline"
                 );
                 return Err(failure);
-            }
+            };
             tracing::debug!(
                 backend = self.backend,
                 attempt = attempts,
@@ -347,12 +343,7 @@ impl HttpTransport {
             .map_err(|e| self.send_error(&e))?;
         let status = response.status();
         if !status.is_success() {
-            let retry_after = response.headers().get(RETRY_AFTER).and_then(|value| {
-                value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| parse_retry_after(v, SystemTime::now()))
-            });
+            let retry_after = asked_delay(response.headers(), SystemTime::now());
             let body = self.read_error_body(response, meter).await;
             return Err(error_for_status(
                 self.backend,
@@ -550,17 +541,34 @@ fn backoff(limits: &HttpLimits, retry: u32) -> Duration {
 /// (`Retry-After: 0` must not mean back-to-back retries) and spread by up to a tenth of itself,
 /// since a request's parallel map calls are all told the same delay at once and would
 /// otherwise come back in the same instant.
-fn retry_wait(limits: &HttpLimits, retry: u32, asked: Option<Duration>) -> Duration {
+///
+/// Returned as the wait itself and its spread on top, so that [`fitted_wait`] can cut the
+/// spread (never the wait) to what is left before the deadline.
+fn retry_wait(limits: &HttpLimits, retry: u32, asked: Option<Duration>) -> (Duration, Duration) {
     let backoff = backoff(limits, retry);
     match asked {
-        None => backoff,
+        None => (backoff, Duration::ZERO),
         Some(asked) => {
             let spread = Duration::try_from_secs_f64(asked.as_secs_f64() * jitter() / 10.0);
-            asked
-                .max(backoff)
-                .saturating_add(spread.unwrap_or_default())
+            (asked.max(backoff), spread.unwrap_or_default())
         }
     }
+}
+
+/// The wait before retry number `retry` ([`retry_wait`]) when the retry still starts
+/// [`MIN_RETRY_WINDOW`] before the deadline, `room` from now; `None` when it cannot. The spread
+/// is cut to fit: a provider that asked for 38 s with 40 s left gets its retry at 38–39.9 s,
+/// rather than none half the time. Compared, never added: a hostile
+/// `Retry-After: 18446744073709551615` must not overflow.
+fn fitted_wait(
+    limits: &HttpLimits,
+    retry: u32,
+    asked: Option<Duration>,
+    room: Duration,
+) -> Option<Duration> {
+    let (wait, spread) = retry_wait(limits, retry, asked);
+    let room = room.checked_sub(MIN_RETRY_WINDOW)?.checked_sub(wait)?;
+    Some(wait + spread.min(room))
 }
 
 /// A uniform value in `[0, 1)`. Each `RandomState` gets fresh random SipHash keys from std, so
@@ -570,6 +578,16 @@ pub(crate) fn jitter() -> f64 {
         .build_hasher()
         .finish();
     (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The delay an error response asks for: OpenAI's (and Azure OpenAI's) `retry-after-ms`, more
+/// precise, else `Retry-After`.
+fn asked_delay(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    header("retry-after-ms")
+        .and_then(|ms| ms.trim().parse::<f64>().ok())
+        .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok())
+        .or_else(|| parse_retry_after(header(RETRY_AFTER.as_str())?, now))
 }
 
 /// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3); `None` when unreadable. A
@@ -1415,17 +1433,59 @@ mod tests {
     fn a_delay_the_provider_asked_for_is_a_jittered_floor() {
         let limits = HttpLimits::default();
         let asked = Duration::from_secs(38);
+        let far = Duration::from_secs(3600);
         let waits: std::collections::HashSet<Duration> = (0..50)
-            .map(|_| retry_wait(&limits, 0, Some(asked)))
+            .map(|_| fitted_wait(&limits, 0, Some(asked), far).unwrap())
             .inspect(|wait| assert!(*wait >= asked && *wait < asked + asked / 10, "{wait:?}"))
             .collect();
         assert!(waits.len() > 40, "not spread: {waits:?}");
         // Zero asked: the ordinary backoff still applies.
-        let wait = retry_wait(&limits, 2, Some(Duration::ZERO));
+        let wait = fitted_wait(&limits, 2, Some(Duration::ZERO), far).unwrap();
         assert!(wait >= limits.initial_backoff * 2, "{wait:?}");
-        // The largest header value saturates instead of overflowing.
+        // The largest header value cannot fit, and neither overflows nor panics.
         let most = Duration::from_secs(u64::MAX);
-        assert!(retry_wait(&limits, 0, Some(most)) >= most.saturating_sub(Duration::from_secs(1)));
+        assert_eq!(fitted_wait(&limits, 0, Some(most), far), None);
+        assert!(retry_wait(&limits, 0, Some(most)).0 == most);
+    }
+
+    #[test]
+    fn retry_after_ms_is_read_before_retry_after() {
+        let now = SystemTime::now();
+        let mut headers = HeaderMap::new();
+        assert_eq!(asked_delay(&headers, now), None);
+        headers.insert(RETRY_AFTER, "20".parse().unwrap());
+        assert_eq!(asked_delay(&headers, now), Some(Duration::from_secs(20)));
+        headers.insert("retry-after-ms", "19436".parse().unwrap());
+        assert_eq!(
+            asked_delay(&headers, now),
+            Some(Duration::from_millis(19_436))
+        );
+        // Unreadable: the other header still counts.
+        headers.insert("retry-after-ms", "soon".parse().unwrap());
+        assert_eq!(asked_delay(&headers, now), Some(Duration::from_secs(20)));
+        headers.insert("retry-after-ms", "-5".parse().unwrap());
+        assert_eq!(asked_delay(&headers, now), Some(Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn the_spread_of_an_asked_delay_is_cut_to_the_time_left_but_the_delay_is_not() {
+        let limits = HttpLimits::default();
+        let asked = Duration::from_secs(38);
+        // 40 s left: always retried, starting by 39.9 s (the spread alone would reach 41.8).
+        let room = Duration::from_secs(40);
+        for _ in 0..200 {
+            let wait = fitted_wait(&limits, 0, Some(asked), room).expect("the delay fits");
+            assert!(wait >= asked && wait <= room - MIN_RETRY_WINDOW, "{wait:?}");
+        }
+        // Less than the delay (plus the window to finish in) left: no retry.
+        assert_eq!(
+            fitted_wait(&limits, 0, Some(asked), asked + MIN_RETRY_WINDOW / 2),
+            None
+        );
+        assert_eq!(
+            fitted_wait(&limits, 0, None, Duration::from_millis(50)),
+            None
+        );
     }
 
     #[test]

@@ -227,7 +227,11 @@ impl OpenAiGenerator {
                         error = %message,
                         "server rejected response_format json_schema; using json_object"
                     );
-                    self.schema_rejected.store(true, Ordering::Relaxed);
+                    // Only a server without json_schema is asked in json_object mode from now
+                    // on; one that refused this one schema still gets the others strict.
+                    if !refuses_this_schema(&message) {
+                        self.schema_rejected.store(true, Ordering::Relaxed);
+                    }
                     mode = JsonMode::Object;
                 }
                 Err(error) => return Err(error),
@@ -328,6 +332,12 @@ impl Generator for OpenAiGenerator {
 fn rejects_json_schema(message: &str) -> bool {
     let message = message.to_ascii_lowercase();
     message.contains("response_format") || message.contains("json_schema")
+}
+
+/// Whether a 400 refusing `json_schema` is about this request's schema (OpenAI: "Invalid schema
+/// for response_format 'summary': ...") rather than the server lacking the feature.
+fn refuses_this_schema(message: &str) -> bool {
+    message.to_ascii_lowercase().contains("invalid schema")
 }
 
 /// `response_format` for structured outputs. Strict mode is used when the schema allows it:

@@ -552,6 +552,11 @@ impl Pipeline {
     /// One chunk's backend call, retried once on failure while the deadline allows; and
     /// whether it failed for want of time (its last error a timeout) rather than because the
     /// backend refused or broke.
+    ///
+    /// Both tries share one `--llm-timeout` from the first one's start ("retries included",
+    /// like the transport's own retries), and a retry after a server error or a refused
+    /// connection waits a jittered [`CHUNK_RETRY_WAIT`] first: the transport has just retried
+    /// those with backoff itself, and must not be followed by a back-to-back resend.
     async fn call_chunk(
         &self,
         backend: &dyn LlmBackend,
@@ -562,23 +567,19 @@ impl Pipeline {
         usage: &UsageMeter,
     ) -> (ChunkInsight, bool) {
         let entry_ids: Vec<String> = chunk.iter().map(|e| e.id.clone()).collect();
-        let mut last_error = None;
+        let mut last_error: Option<LlmError> = None;
+        let call_deadline = deadline.min(Instant::now() + self.cfg().llm_timeout);
         for attempt in 0..2 {
-            let now = Instant::now();
-            // The retry only with time to finish (see `MIN_RETRY_WINDOW`).
-            let least = if attempt == 0 {
-                Duration::ZERO
-            } else {
-                MIN_RETRY_WINDOW
+            // The retry only with time to finish (see `MIN_RETRY_WINDOW`), after its wait.
+            let (wait, least) = match &last_error {
+                None => (Duration::ZERO, Duration::ZERO),
+                Some(error) => (retry_wait(error), MIN_RETRY_WINDOW),
             };
-            if now + least >= deadline {
-                last_error.get_or_insert(LlmError::Timeout {
-                    backend: backend.name().to_owned(),
-                    message: "the request deadline passed".to_owned(),
-                });
+            if Instant::now() + wait + least >= call_deadline {
+                last_error.get_or_insert(deadline_error(backend, call_deadline == deadline));
                 break;
             }
-            let call_deadline = deadline.min(now + self.cfg().llm_timeout);
+            tokio::time::sleep(wait).await;
             let request = ChunkRequest {
                 index,
                 entries: chunk,
@@ -786,6 +787,22 @@ fn worth_another_try(error: &LlmError) -> bool {
         | LlmError::BadRequest { .. }
         | LlmError::TooLarge { .. }
         | LlmError::Blocked { .. } => false,
+    }
+}
+
+/// The ordinary wait before a chunk's retry after a server error or a refused connection,
+/// spread by up to as much again.
+pub const CHUNK_RETRY_WAIT: Duration = Duration::from_millis(250);
+
+/// How long a chunk's retry waits after `error` (see [`Pipeline::call_chunk`]'s docs): a
+/// jittered [`CHUNK_RETRY_WAIT`] after what the transport retries with backoff, nothing after
+/// an answer that was malformed or late (another try may simply succeed).
+fn retry_wait(error: &LlmError) -> Duration {
+    match error {
+        LlmError::Server { .. } | LlmError::Connect { .. } => {
+            CHUNK_RETRY_WAIT.mul_f64(1.0 + crate::llm::http::jitter())
+        }
+        _ => Duration::ZERO,
     }
 }
 
@@ -1168,6 +1185,47 @@ mod tests {
         // must not be prompted (and cut) against the halved one.
         assert_eq!(*backend.0.lock().unwrap(), vec![16 * 1024; 4]);
         assert_eq!(pipeline.cfg().prompt_budget_bytes, 8 * 1024);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_chunk_retry_waits_after_a_server_error_and_shares_the_llm_timeout() {
+        // The first try answers 503 at once; the retry comes after a jittered wait, not
+        // back to back with the transport's own last retry.
+        let backend = Arc::new(Scripted::new(|_| 0, |_, attempt| attempt == 0));
+        let pipeline = Pipeline::new(backend.clone(), PipelineConfig::default());
+        let started = Instant::now();
+        let summary = pipeline
+            .summarize(entries(5), options(5, 5), far())
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(summary.chunks[0].status, ChunkStatus::Ok);
+        assert_eq!(backend.calls.lock().unwrap().len(), 2);
+        assert!(
+            took >= CHUNK_RETRY_WAIT && took <= 2 * CHUNK_RETRY_WAIT,
+            "retried after {took:?}"
+        );
+
+        // A first try that used up --llm-timeout leaves the retry no time: the chunk's calls
+        // take --llm-timeout in all, not twice that.
+        let slow = Arc::new(Scripted::new(|_| 5_000, |_, _| false));
+        let config = PipelineConfig {
+            llm_timeout: Duration::from_secs(1),
+            ..PipelineConfig::default()
+        };
+        let pipeline = Pipeline::new(slow.clone(), config);
+        let strict = SummaryOptions {
+            disable_fallback: true,
+            ..options(5, 5)
+        };
+        let started = Instant::now();
+        let error = pipeline
+            .summarize(entries(5), strict, far())
+            .await
+            .unwrap_err();
+        assert_eq!(slow.calls.lock().unwrap().len(), 1, "{error:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        assert!(error.to_string().contains("--llm-timeout"), "{error}");
     }
 
     #[tokio::test]

@@ -44,10 +44,9 @@ pub fn deadline_from(metadata: &http::HeaderMap, max: Duration) -> Instant {
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
-    let timeout = match caller {
-        Some(t) if t <= max => t - (t / 10).min(REPLY_MARGIN),
-        _ => max,
-    };
+    // The margin is taken before the cap: a caller's 120.02 s against a 120 s maximum would
+    // otherwise keep 20 ms, not 100.
+    let timeout = caller.map_or(max, |t| (t - (t / 10).min(REPLY_MARGIN)).min(max));
     Instant::now() + timeout
 }
 
@@ -105,6 +104,10 @@ mod tests {
         headers.insert("grpc-timeout", "200m".parse().unwrap());
         let at = deadline_from(&headers, Duration::from_secs(120));
         assert!(at <= Instant::now() + Duration::from_millis(180));
+        // Just above the server maximum: the margin still holds.
+        headers.insert("grpc-timeout", "120020m".parse().unwrap());
+        let at = deadline_from(&headers, Duration::from_secs(120));
+        assert!(at <= Instant::now() + Duration::from_millis(119_920));
     }
 
     #[test]

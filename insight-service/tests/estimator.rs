@@ -41,6 +41,7 @@ use insight_service::{
         local::LocalBackend,
         prompted::PromptedBackend,
     },
+    music::{StatsBuilder, play::Play, stats::MAX_TRACKED_NAMES},
     pipeline::{Pipeline, RequestedOptions, resolve_options},
 };
 use prost::Message;
@@ -509,4 +510,38 @@ fn the_estimate_bounds_the_measured_peak_without_being_absurd() {
             r.measured
         );
     }
+
+    // AnalyzeMusic by user id: the statistics of stored plays whose every play brings a new
+    // 512-byte artist and 32 new 128-byte genres (valid input) stay within the bound the
+    // adapter reserves, because the counts stop at MAX_TRACKED_NAMES names each.
+    let plays = 20_000;
+    let play = |i: usize| Play {
+        track_id: format!("track-{i}"),
+        artist: format!("{i:0>512}"),
+        genres: (0..32).map(|g| format!("{:0>128}", i * 32 + g)).collect(),
+        ms_played: 200_000,
+        ..Play::default()
+    };
+    let (stats, measured) = peak_of(|| {
+        let mut builder = StatsBuilder::new();
+        for i in 0..plays {
+            builder.add(&play(i));
+        }
+        builder.finish()
+    });
+    let bound = StatsBuilder::max_heap_bytes(plays);
+    println!(
+        "music statistics of {plays} plays of new names: measured {measured} B, bound {bound} B"
+    );
+    assert_eq!(stats.plays, plays as u32);
+    assert_eq!(stats.unique_artists as usize, MAX_TRACKED_NAMES);
+    assert_eq!(stats.unique_genres as usize, MAX_TRACKED_NAMES);
+    assert!(
+        measured as u64 <= bound,
+        "music statistics: measured {measured} B exceeds the bound {bound} B"
+    );
+    assert!(
+        bound <= 4 * measured as u64,
+        "music statistics: the bound {bound} B is more than 4x the measured {measured} B"
+    );
 }

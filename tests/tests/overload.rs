@@ -13,8 +13,9 @@
 //!   (the fake sees it cancelled), no further backend request is made, and the local fallback
 //!   answers in time (degraded); a heavy call stuck before its handler (its message never
 //!   comes) ends DEADLINE_EXCEEDED at `--request-timeout`, never UNKNOWN, freeing its slot;
-//! - memory admission: a request whose estimate exceeds the budget is refused MEMORY_BUDGET
-//!   with a positive RetryInfo delay while small ones pass, decided from the 5-byte length
+//! - memory admission: a request whose estimate exceeds the free budget is refused
+//!   MEMORY_BUDGET with a positive RetryInfo delay (none when it exceeds the whole budget and
+//!   can never be admitted) while small ones pass, decided from the 5-byte length
 //!   prefix before the body is read (a body that never comes is not waited for); budget held
 //!   by a running call is released when it ends; a message over `--max-message-size` is
 //!   refused MESSAGE_TOO_LARGE, also from the prefix, without waiting for the body, and a
@@ -595,7 +596,7 @@ fn small_budget(config: Config) -> Config {
 }
 
 #[tokio::test]
-async fn memory_admission_refuses_what_the_budget_cannot_hold_with_retry_info() {
+async fn memory_admission_refuses_what_the_budget_can_never_hold_without_retry_info() {
     let setup = local();
     let config = small_budget(setup.config.clone());
     let small = summarize(3, 200);
@@ -612,11 +613,15 @@ async fn memory_admission_refuses_what_the_budget_cannot_hold_with_retry_info() 
         .into_inner();
     assert_eq!(summary.entries_used, 3);
 
+    // Larger than the whole budget: it can never be admitted, so no RetryInfo (a client that
+    // honours it would retry forever); the message says what to change. (A call refused only
+    // for now gets a delay: `budget_held_by_a_running_call_is_released_when_it_ends`.)
     let status = client.summarize_feedback(large).await.unwrap_err();
     assert_refused(&status, "MEMORY_BUDGET");
+    assert_eq!(retry_delay(&status), None, "{status:?}");
     assert!(
-        retry_delay(&status).is_some_and(|d| d > Duration::ZERO),
-        "RetryInfo with a positive delay: {status:?}"
+        status.message().contains("can never be admitted"),
+        "{status:?}"
     );
 
     // Decided from the 5-byte length prefix, before any of the body is buffered: a request
@@ -631,6 +636,45 @@ async fn memory_admission_refuses_what_the_budget_cannot_hold_with_retry_info() 
     // Nothing of the refused calls was kept: small calls still pass.
     let summary = client.summarize_feedback(small).await.unwrap().into_inner();
     assert_eq!(summary.entries_used, 3);
+    server.shutdown().await.unwrap();
+}
+
+/// AnalyzeMusic by user id is a request of a few bytes that reads up to 100,000 stored plays:
+/// the pages and the statistics' counts (`music::stored_stats_bytes`, about 40 MB at their
+/// largest) are reserved before reading, and given back when the analysis ends.
+#[tokio::test]
+async fn an_analysis_of_stored_plays_reserves_its_reading_before_it_reads() {
+    let by_user = |user_id: &str| pb::AnalyzeMusicRequest {
+        input: Some(pb::analyze_music_request::Input::UserId(user_id.to_owned())),
+        ..Default::default()
+    };
+    let setup = local();
+    let reading = insight_service::music::stored_stats_bytes(
+        insight_service::music::DEFAULT_MAX_PLAYS,
+        "nobody".len(),
+    );
+    // A budget that holds one reading (and the small message), not two.
+    let config = Config {
+        memory_budget: reading + reading / 2,
+        ..setup.config.clone()
+    };
+    let server = start_insight(config).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    // Reserved, read (no plays: NOT_FOUND), released: twice in a row.
+    for _ in 0..2 {
+        let status = client.analyze_music(by_user("nobody")).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    // Bad input hears why, whatever the budget.
+    let status = client.analyze_music(by_user(" ")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    server.shutdown().await.unwrap();
+
+    // A budget that cannot hold the reading: refused before the store is read.
+    let server = start_insight(small_budget(setup.config.clone())).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let status = client.analyze_music(by_user("nobody")).await.unwrap_err();
+    assert_refused(&status, "MEMORY_BUDGET");
     server.shutdown().await.unwrap();
 }
 
@@ -994,6 +1038,19 @@ async fn bodies_that_end_early_or_stop_get_their_status_and_light_calls_take_sma
         let response = send_raw(&channel, path, axum::body::Body::from(cut.clone())).await;
         invalid(raw_status(response).await, "ended inside a message");
     }
+    // A compressed message (this server accepts none): tonic's UNIMPLEMENTED naming what it
+    // accepts, not INVALID_ARGUMENT "not a valid protobuf message" from counting gzip bytes.
+    let gzipped = vec![1u8, 0, 0, 0, 3, 0x1f, 0x8b, 0x08];
+    let response = send_raw_with(
+        &channel,
+        Rpc::Unary.path(),
+        &[("grpc-encoding", "gzip")],
+        axum::body::Body::from(gzipped),
+    )
+    .await;
+    let status = raw_status(response).await;
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains("gzip"), "{status:?}");
     // A heavy call whose body stops after its prefix holds the only slot for
     // --recv-timeout, not --request-timeout (120 s): DEADLINE_EXCEEDED, then the slot is free.
     let start = Instant::now();
@@ -1069,14 +1126,26 @@ async fn send_raw(
     path: &str,
     body: axum::body::Body,
 ) -> tonic::codegen::http::Response<tonic::body::Body> {
+    send_raw_with(channel, path, &[], body).await
+}
+
+/// [`send_raw`] with more request `headers`.
+async fn send_raw_with(
+    channel: &Channel,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: axum::body::Body,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
     use tonic::codegen::{Service, http};
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(http::Method::POST)
         .uri(path)
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(tonic::body::Body::new(body))
-        .unwrap();
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(tonic::body::Body::new(body)).unwrap();
     let mut channel = channel.clone();
     std::future::poll_fn(|cx| channel.poll_ready(cx))
         .await

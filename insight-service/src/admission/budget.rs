@@ -31,6 +31,25 @@ pub struct Refused {
     pub available: u64,
     /// Suggested delay before retrying, from how fast budget has been released lately.
     pub retry_after: Duration,
+    /// The whole budget: asked for more, the call can never fit, however long it waits.
+    pub limit: u64,
+}
+
+impl From<Refused> for super::AdmissionError {
+    fn from(refused: Refused) -> Self {
+        if refused.wanted > refused.limit {
+            Self::OverBudget {
+                wanted: refused.wanted,
+                limit: refused.limit,
+            }
+        } else {
+            Self::MemoryBudget {
+                wanted: refused.wanted,
+                available: refused.available,
+                retry_after: refused.retry_after,
+            }
+        }
+    }
 }
 
 impl MemoryBudget {
@@ -54,7 +73,8 @@ impl MemoryBudget {
     }
 
     /// Reserves `bytes` if they fit, without waiting. A request larger than the whole budget
-    /// can never fit and is refused with the longest delay.
+    /// can never fit and is refused with the longest delay (as an [`super::AdmissionError`]:
+    /// `OverBudget`, which tells the caller not to retry).
     pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Result<Reservation, Refused> {
         let mut current = self.in_use.load(Ordering::Acquire);
         loop {
@@ -64,6 +84,7 @@ impl MemoryBudget {
                     wanted: bytes,
                     available: self.limit.saturating_sub(current),
                     retry_after: self.retry_after(next - self.limit, bytes > self.limit),
+                    limit: self.limit,
                 });
             }
             match self.in_use.compare_exchange_weak(
@@ -156,6 +177,35 @@ mod tests {
     fn a_request_larger_than_the_budget_gets_the_longest_delay() {
         let budget = MemoryBudget::new(100);
         assert_eq!(budget.try_reserve(101).unwrap_err().retry_after, MAX_RETRY);
+    }
+
+    #[test]
+    fn only_a_request_that_fits_an_empty_budget_is_told_to_wait() {
+        use super::super::AdmissionError;
+        let budget = MemoryBudget::new(100);
+        let _held = budget.try_reserve(60).unwrap();
+        // Refused now, but it fits once the 60 bytes are released.
+        let later = AdmissionError::from(budget.try_reserve(100).unwrap_err());
+        assert!(
+            matches!(
+                later,
+                AdmissionError::MemoryBudget {
+                    wanted: 100,
+                    available: 40,
+                    ..
+                }
+            ),
+            "{later:?}"
+        );
+        // Never.
+        let never = AdmissionError::from(budget.try_reserve(101).unwrap_err());
+        assert_eq!(
+            never,
+            AdmissionError::OverBudget {
+                wanted: 101,
+                limit: 100
+            }
+        );
     }
 
     #[test]

@@ -676,8 +676,13 @@ impl MessageSizes {
         }
     }
 
-    /// Passes `data` on, or the refusal of the first message in it that is over the limit.
-    fn check(&mut self, data: Bytes) -> Result<Frame<Bytes>, tonic::Status> {
+    /// Passes `data` on, or the refusal (counted) of the first message in it that is over the
+    /// limit.
+    fn check(
+        &mut self,
+        data: Bytes,
+        metrics: &AdmissionMetrics,
+    ) -> Result<Frame<Bytes>, tonic::Status> {
         let mut rest = &data[..];
         while !rest.is_empty() {
             if self.remaining > 0 {
@@ -698,6 +703,7 @@ impl MessageSizes {
                 let [_, a, b, c, d] = self.prefix;
                 let len = u64::from(u32::from_be_bytes([a, b, c, d]));
                 if len > self.limit {
+                    metrics.shed_too_large.fetch_add(1, Ordering::Relaxed);
                     let limit = self.limit;
                     return Err(admission_status(&if self.light {
                         AdmissionError::LightMessageTooLarge { len, limit }
@@ -725,7 +731,7 @@ impl http_body::Body for Replay {
             return Poll::Ready(None);
         }
         if let Some(data) = this.frames.pop_front() {
-            return Poll::Ready(Some(this.sizes.check(data)));
+            return Poll::Ready(Some(this.sizes.check(data, this.metrics)));
         }
         let polled = this.rest.poll_frame(cx);
         if polled.is_pending() {
@@ -749,7 +755,7 @@ impl http_body::Body for Replay {
                         reason: ONE_MESSAGE,
                     }))
                 }
-                Ok(data) => this.sizes.check(data),
+                Ok(data) => this.sizes.check(data, this.metrics),
                 // Trailers.
                 Err(frame) => Ok(frame),
             })),
@@ -855,11 +861,7 @@ impl MemoryGate {
     fn reserve(&self, bytes: u64) -> Result<super::budget::Reservation, AdmissionError> {
         self.budget.try_reserve(bytes).map_err(|refused| {
             self.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
-            AdmissionError::MemoryBudget {
-                wanted: refused.wanted,
-                available: refused.available,
-                retry_after: refused.retry_after,
-            }
+            refused.into()
         })
     }
 
@@ -890,6 +892,14 @@ impl MemoryGate {
         }
         if message.len() as u64 != len + 5 {
             return Err(refuse(AdmissionError::Malformed { reason: TRUNCATED }));
+        }
+        // A compressed message (flag byte 1) is not protobuf until inflated, and this server
+        // accepts no compression: tonic answers it as the gRPC compression spec says
+        // (UNIMPLEMENTED naming the encodings accepted when `grpc-encoding` names another;
+        // INTERNAL, as the spec requires, for the flag without any), which is what the caller
+        // needs to hear, not "not a valid protobuf message".
+        if message[0] != 0 {
+            return Ok((self.replay(path, vec![message], true, body), None));
         }
         let (fields, inner) = shape;
         let counted = super::wire::count(&message[5..], fields, inner)
@@ -1062,6 +1072,20 @@ pub(super) mod tests {
                 details.retry_info().and_then(|r| r.retry_delay).is_some(),
                 "no RetryInfo delay: {status:?}"
             );
+            details
+                .error_info()
+                .map(|info| info.reason.clone())
+                .unwrap_or_default()
+        }
+
+        /// The ErrorInfo reason of a refusal that waiting cannot help: RESOURCE_EXHAUSTED and
+        /// no RetryInfo.
+        pub fn final_refusal_reason(response: Response<Body>) -> String {
+            use tonic_types::StatusExt;
+            let status = status(response);
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+            let details = status.get_error_details();
+            assert!(details.retry_info().is_none(), "RetryInfo: {status:?}");
             details
                 .error_info()
                 .map(|info| info.reason.clone())
@@ -1439,11 +1463,15 @@ pub(super) mod tests {
     async fn memory_admission_refuses_with_retry_info_before_reading_the_body() {
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let metrics = metrics();
-        let (layer, budget) = memory_layer(1 << 20, metrics.clone());
+        let (layer, budget) = memory_layer(32 << 20, metrics.clone());
         let service = layer.layer(service);
         handle.allow(10);
-        // Only the prefix and a few bytes of the 600 kB message ever arrive: the refusal
-        // cannot have waited for the rest.
+        // The 600 kB message's estimate fits the whole budget, not what other calls left.
+        let wanted = estimate(600_000, &ESTIMATOR);
+        assert!(wanted < 32 << 20);
+        let held = budget.try_reserve((32 << 20) - wanted + 1).unwrap();
+        // Only the prefix and a few bytes of the message ever arrive: the refusal cannot have
+        // waited for the rest.
         let refused = tokio::time::timeout(
             Duration::from_secs(5),
             service.clone().oneshot(prefix_only(600_000)),
@@ -1452,8 +1480,17 @@ pub(super) mod tests {
         .expect("refused from the prefix, without reading the body")
         .unwrap();
         assert_eq!(refusal_reason(refused), "MEMORY_BUDGET");
-        assert_eq!(budget.in_use(), 0);
+        assert_eq!(budget.in_use(), held.bytes());
         assert_eq!(metrics.shed_memory.load(Ordering::Relaxed), 1);
+        // More than the whole budget: refused too, without a delay to wait for.
+        let (small, budget) = memory_layer(1 << 20, metrics.clone());
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let service = small.layer(service);
+        handle.allow(10);
+        let refused = service.oneshot(prefix_only(600_000)).await.unwrap();
+        assert_eq!(final_refusal_reason(refused), "MEMORY_BUDGET");
+        assert_eq!(budget.in_use(), 0);
+        assert_eq!(metrics.shed_memory.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
@@ -1526,7 +1563,7 @@ pub(super) mod tests {
             .oneshot(unary(&empty_entries(100_000), b""))
             .await
             .unwrap();
-        assert_eq!(refusal_reason(refused), "MEMORY_BUDGET");
+        assert_eq!(final_refusal_reason(refused), "MEMORY_BUDGET");
         assert_eq!(budget.in_use(), 0, "both reservations given back");
         assert_eq!(metrics.shed_memory.load(Ordering::Relaxed), 1);
 
@@ -1563,7 +1600,8 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_later_message_over_the_size_limit_is_refused_like_a_first_one() {
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let (layer, _budget) = memory_layer(64 << 20, metrics());
+        let metrics = metrics();
+        let (layer, _budget) = memory_layer(64 << 20, metrics.clone());
         let service = layer.layer(service);
         handle.allow(1);
         // An import: one small entry, then a message announcing 5 MiB, split mid-prefix.
@@ -1585,6 +1623,7 @@ pub(super) mod tests {
         let status = second.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert_eq!(reason(&status), "MESSAGE_TOO_LARGE");
+        assert_eq!(metrics.shed_too_large.load(Ordering::Relaxed), 1, "counted");
         respond.send_response(ok());
         drop(call.await.unwrap().unwrap());
     }

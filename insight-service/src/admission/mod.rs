@@ -97,6 +97,19 @@ pub enum AdmissionError {
         /// When enough budget is likely free.
         retry_after: Duration,
     },
+    /// The call's estimated peak memory exceeds the whole budget: it can never be admitted.
+    #[error(
+        "estimated memory {wanted} bytes exceeds the whole {limit}-byte memory budget \
+         (--memory-budget), so this call can never be admitted: send a smaller request \
+         (fewer or shorter entries; for stored input, a smaller options.max_entries or a \
+         larger options.chunk_size)"
+    )]
+    OverBudget {
+        /// The estimate.
+        wanted: u64,
+        /// The whole budget.
+        limit: u64,
+    },
     /// Memory pressure is critical: new heavy calls are shed.
     #[error("memory pressure is critical; shedding new heavy calls")]
     MemoryPressure {

@@ -150,7 +150,9 @@ pub fn admission_status(error: &AdmissionError) -> Status {
         AdmissionError::QueueTimeout { retry_after, .. } => ("QUEUE_TIMEOUT", Some(retry_after)),
         AdmissionError::MemoryBudget { retry_after, .. } => ("MEMORY_BUDGET", Some(retry_after)),
         AdmissionError::MemoryPressure { retry_after } => ("MEMORY_PRESSURE", Some(retry_after)),
-        // Retrying the same message can never succeed.
+        // Retrying the same message can never succeed: no RetryInfo, so that clients that
+        // honour it do not retry forever.
+        AdmissionError::OverBudget { .. } => ("MEMORY_BUDGET", None),
         AdmissionError::MessageTooLarge { .. } | AdmissionError::LightMessageTooLarge { .. } => {
             ("MESSAGE_TOO_LARGE", None)
         }

@@ -6,7 +6,7 @@ use spotifai_proto::insight::{
     self as pb, insight_service_server::InsightService, summarize_feedback_request::Input,
     summary_event::Event,
 };
-use tokio_stream::{Stream, StreamExt, wrappers::UnboundedReceiverStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
@@ -127,13 +127,7 @@ impl InsightGrpc {
         budget
             .try_reserve(stored_extra_bytes(&request.options))
             .map(Some)
-            .map_err(|refused| {
-                admission_status(&AdmissionError::MemoryBudget {
-                    wanted: refused.wanted,
-                    available: refused.available,
-                    retry_after: refused.retry_after,
-                })
-            })
+            .map_err(|refused| admission_status(&refused.into()))
     }
 }
 
@@ -145,6 +139,33 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// The events a summary task sends, up to its final message (the summary or an error status).
+/// A task that ended without one (it panicked) ends the stream with INTERNAL: a stream that
+/// simply stopped would reach the client as OK with no summary. `guard` stops the task when
+/// the client goes away (the stream is dropped).
+fn summary_events(
+    rx: tokio::sync::mpsc::UnboundedReceiver<Result<pb::SummaryEvent, Status>>,
+    guard: AbortOnDrop,
+) -> impl Stream<Item = Result<pb::SummaryEvent, Status>> + Send + 'static {
+    futures::stream::unfold(Some((rx, guard)), |state| async move {
+        let (mut rx, guard) = state?;
+        let Some(event) = rx.recv().await else {
+            tracing::error!("a summary stream's task ended without its final message");
+            let lost = Status::internal(
+                "the summary stopped without an answer (a server fault, logged); retry the call",
+            );
+            return Some((Err(lost), None));
+        };
+        let last = !matches!(
+            &event,
+            Ok(pb::SummaryEvent {
+                event: Some(Event::Chunk(_))
+            })
+        );
+        Some((event, (!last).then_some((rx, guard))))
+    })
 }
 
 /// `reply` if the transport can send it; else RESOURCE_EXHAUSTED saying what to change
@@ -245,11 +266,7 @@ impl InsightService for InsightGrpc {
             let _ = tx.send(last);
         });
         let guard = AbortOnDrop(task.abort_handle());
-        let stream = UnboundedReceiverStream::new(rx).map(move |event| {
-            let _keep_until_the_stream_is_dropped = &guard;
-            event
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(summary_events(rx, guard))))
     }
 
     #[tracing::instrument(skip(self, request))]
@@ -261,6 +278,22 @@ impl InsightService for InsightGrpc {
         let deadline = crate::music::Deadlines {
             caller,
             llm: caller.min(tokio::time::Instant::now() + self.llm_timeout),
+        };
+        // Stored plays are read after admission charged a message of a few bytes: their
+        // pages and counts are reserved here, held until the analysis ends. (Not for a user id
+        // the analysis refuses anyway, so that bad input hears why, whatever the budget.)
+        let _reading = match (&self.budget, &request.get_ref().input) {
+            (Some(budget), Some(pb::analyze_music_request::Input::UserId(user_id)))
+                if !user_id.trim().is_empty() && !user_id.contains('\0') =>
+            {
+                let bytes = crate::music::stored_stats_bytes(DEFAULT_MAX_PLAYS, user_id.len());
+                Some(
+                    budget
+                        .try_reserve(bytes)
+                        .map_err(|refused| admission_status(&refused.into()))?,
+                )
+            }
+            _ => None,
         };
         let analysis = crate::grpc::music::analyze_request(
             request.into_inner(),
@@ -362,5 +395,74 @@ impl InsightService for InsightGrpc {
             .await
             .map_err(job_status)?;
         Ok(Response::new(job.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `work` as a summary task and collects what its stream sends.
+    async fn events_of(
+        work: impl FnOnce(tokio::sync::mpsc::UnboundedSender<Result<pb::SummaryEvent, Status>>)
+        + Send
+        + 'static,
+    ) -> Vec<Result<pb::SummaryEvent, Status>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move { work(tx) });
+        summary_events(rx, AbortOnDrop(task.abort_handle()))
+            .collect()
+            .await
+    }
+
+    fn chunk(index: u32) -> Result<pb::SummaryEvent, Status> {
+        Ok(pb::SummaryEvent {
+            event: Some(Event::Chunk(pb::ChunkInsight {
+                index,
+                ..Default::default()
+            })),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_summary_task_that_panics_ends_its_stream_with_an_error_not_ok() {
+        let events = events_of(|tx| {
+            let _ = tx.send(chunk(0));
+            panic!("a bug in the summary");
+        })
+        .await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(events[0].is_ok());
+        let status = events[1].as_ref().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_summary_stream_ends_at_its_final_message() {
+        // The summary: nothing is added after it, even while the task still holds the sender.
+        let summary = Ok(pb::SummaryEvent {
+            event: Some(Event::Summary(pb::FeedbackSummary::default())),
+        });
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(std::future::pending::<()>());
+        for event in [chunk(1), chunk(0), summary] {
+            tx.send(event).unwrap();
+        }
+        let events: Vec<_> = summary_events(rx, AbortOnDrop(task.abort_handle()))
+            .collect()
+            .await;
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(events.iter().all(Result::is_ok));
+        // An error status is final too.
+        let events = events_of(|tx| {
+            let _ = tx.send(chunk(0));
+            let _ = tx.send(Err(Status::deadline_exceeded("late")));
+        })
+        .await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(
+            events[1].as_ref().unwrap_err().code(),
+            tonic::Code::DeadlineExceeded
+        );
     }
 }

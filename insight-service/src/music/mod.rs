@@ -250,6 +250,22 @@ pub async fn analyze_plays(
 /// listener's history.
 pub const STORED_PAGE_PLAYS: u32 = 1000;
 
+/// Memory an analysis of up to `max_plays` stored plays of a `user_id_len`-byte user id needs
+/// beyond what its (tiny) request is charged at the door: one page of plays at their largest,
+/// as database rows and as decoded plays at once (each row repeats the user id), and the
+/// statistics' counts at their cap ([`StatsBuilder::max_heap_bytes`]). The gRPC adapter
+/// reserves it before reading.
+pub fn stored_stats_bytes(max_plays: usize, user_id_len: usize) -> u64 {
+    /// A stored play at its largest, but for its user id: track id, artist and track name, 32
+    /// genres (as stored JSON, then as strings), and the structs around them.
+    const PLAY_BYTES: u64 = (play::MAX_TRACK_ID_BYTES
+        + 2 * play::MAX_NAME_BYTES
+        + play::MAX_GENRES_PER_PLAY * (2 * play::MAX_GENRE_BYTES + 32)
+        + 512) as u64;
+    let row = PLAY_BYTES + user_id_len as u64;
+    u64::from(STORED_PAGE_PLAYS) * 2 * row + StatsBuilder::max_heap_bytes(max_plays)
+}
+
 /// The statistics of `user_id`'s stored plays (the first `max_plays` in time order), read
 /// page by page and folded one play at a time. No stored play is [`MusicError::NoStoredPlays`].
 pub async fn stored_stats(
@@ -286,7 +302,16 @@ pub async fn stored_stats(
             user_id: user_id.to_owned(),
         });
     }
-    Ok(builder.finish())
+    let stats = builder.finish();
+    if stats.untracked_plays > 0 {
+        tracing::warn!(
+            plays = read,
+            untracked = stats.untracked_plays,
+            "stored plays name more than {} artists or genres; later names are not ranked",
+            stats::MAX_TRACKED_NAMES
+        );
+    }
+    Ok(stats)
 }
 
 /// When an analysis must be done: `llm` bounds the model calls (the caller's deadline capped

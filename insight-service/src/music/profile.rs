@@ -527,6 +527,7 @@ mod tests {
             feature_stddev: Some(features(0.1, 0.1, 0.1, 0.1)),
             plays_by_hour: hours,
             plays_with_time: 100,
+            untracked_plays: 0,
             diversity: 0.9,
             skips: 5,
             skip_rate: 0.05,

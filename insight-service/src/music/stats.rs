@@ -1,9 +1,10 @@
 //! The key data points of a listening history, computed in Rust in one pass.
 //!
 //! [`StatsBuilder`] is an accumulator: plays are added one at a time and never stored, so the
-//! same code serves an inline history today and a stream of stored plays later. Its memory grows
-//! with the number of distinct artists and genres (one counter each) and distinct tracks (an
-//! 8-byte fingerprint each), never with the number of plays.
+//! same code serves an inline history and a stream of stored plays. Its memory grows with the
+//! number of distinct artists and genres (one counter each, at most [`MAX_TRACKED_NAMES`] of
+//! each) and distinct tracks (an 8-byte fingerprint each), never with the number of plays;
+//! [`StatsBuilder::max_heap_bytes`] bounds it.
 //!
 //! Output is deterministic: hash maps are only used for lookups; rankings sort with a total
 //! tie-break (plays, then time, then name); feature sums are exact fixed-point integers and the
@@ -19,6 +20,14 @@ use super::play::{AudioFeatures, FEATURE_COUNT, Play};
 
 /// Artists and genres reported in the statistics (and in the prompt).
 pub const TOP_ITEMS: usize = 5;
+
+/// Most distinct artists, and most distinct genres, counted one by one. A play tagged with 32
+/// new 128-byte genres is valid, so 100,000 stored plays could otherwise grow the genre counts
+/// to 3.2 million names (about a gigabyte) behind a request of a few bytes. Listeners have a few
+/// thousand artists at most, and catalogues about 6,000 genres; past this many, plays of names
+/// not seen yet still count in the totals, but not as a name of their own (see
+/// [`ListeningStats::untracked_plays`]).
+pub const MAX_TRACKED_NAMES: usize = 10_000;
 
 /// UTC hours 00:00-05:59. The four quarters of the day have equal length, so their shares can
 /// be compared with each other (and with 25%, the share of an even spread).
@@ -78,6 +87,10 @@ pub struct ListeningStats {
     /// Artist diversity in `0..=1`: Shannon entropy of the plays per artist divided by its
     /// maximum `ln(unique_artists)`; 0 for a single artist, 1 when plays are spread evenly.
     pub diversity: f64,
+    /// Plays of an artist, or tags of a genre, first met after [`MAX_TRACKED_NAMES`] others:
+    /// counted in the totals but in no artist's or genre's tally; `unique_artists` and
+    /// `unique_genres` then stop at the cap. 0 for any real listener.
+    pub untracked_plays: u32,
     /// Plays counted as skipped (see [`Play::is_skip`]).
     pub skips: u32,
     /// `skips / plays`, 0 when there are no plays.
@@ -199,6 +212,7 @@ pub struct StatsBuilder {
     tracks: HashSet<u64>,
     artists: HashMap<String, Tally>,
     genres: HashMap<String, Tally>,
+    untracked: u64,
     features: [Moments; FEATURE_COUNT],
     with_features: u64,
     by_hour: [u64; 24],
@@ -212,6 +226,18 @@ impl StatsBuilder {
         Self::default()
     }
 
+    /// Upper bound of the heap an accumulator of up to `plays` plays holds: the artist and
+    /// genre counts at their cap and longest names, and a fingerprint per track (hash tables
+    /// at their largest load, counted twice for the growth that rehashes them).
+    pub fn max_heap_bytes(plays: usize) -> u64 {
+        const ENTRY: u64 = 24 + 16 + 8; // String, Tally, table slot and control byte, rounded up
+        let names = MAX_TRACKED_NAMES as u64;
+        let artists = names * (super::play::MAX_NAME_BYTES as u64 + ENTRY);
+        let genres = names * (super::play::MAX_GENRE_BYTES as u64 + ENTRY);
+        let tracks = plays as u64 * 16;
+        2 * (artists + genres + tracks)
+    }
+
     /// Adds one play. Never fails and never panics: sums saturate, and a feature set with a
     /// value out of range (NaN included) is ignored (validation rejects those earlier with a
     /// field path; this is the last line of defence for the means).
@@ -220,7 +246,11 @@ impl StatsBuilder {
         self.total_ms = self.total_ms.saturating_add(play.ms_played);
         self.tracks.insert(fingerprint(&play.track_id));
 
-        tally(&mut self.artists, play.artist.trim(), play.ms_played);
+        self.untracked += u64::from(!tally(
+            &mut self.artists,
+            play.artist.trim(),
+            play.ms_played,
+        ));
         // A play tagged ["pop", "Pop "] is one pop play: dedupe after normalizing. Plays carry
         // a handful of genres, so a linear scan beats a set here.
         let mut seen: Vec<String> = Vec::with_capacity(play.genres.len());
@@ -229,7 +259,7 @@ impl StatsBuilder {
             if key.is_empty() || seen.contains(&key) {
                 continue;
             }
-            tally(&mut self.genres, &key, play.ms_played);
+            self.untracked += u64::from(!tally(&mut self.genres, &key, play.ms_played));
             seen.push(key);
         }
 
@@ -283,20 +313,32 @@ impl StatsBuilder {
             feature_stddev,
             plays_by_hour: self.by_hour.map(saturate),
             plays_with_time: saturate(self.with_time),
+            untracked_plays: saturate(self.untracked),
             skips: saturate(self.skips),
             skip_rate,
         }
     }
 }
 
-/// Counts a play for `name`, allocating the key only the first time it is seen.
-fn tally(map: &mut HashMap<String, Tally>, name: &str, ms_played: u64) {
-    let entry = match map.get_mut(name) {
-        Some(entry) => entry,
-        None => map.entry(name.to_owned()).or_default(),
-    };
-    entry.plays = entry.plays.saturating_add(1);
-    entry.ms_played = entry.ms_played.saturating_add(ms_played);
+/// Counts a play for `name`, allocating the key only the first time it is seen; `false` (not
+/// counted) for a new name once [`MAX_TRACKED_NAMES`] are.
+fn tally(map: &mut HashMap<String, Tally>, name: &str, ms_played: u64) -> bool {
+    if let Some(entry) = map.get_mut(name) {
+        entry.plays = entry.plays.saturating_add(1);
+        entry.ms_played = entry.ms_played.saturating_add(ms_played);
+        return true;
+    }
+    if map.len() >= MAX_TRACKED_NAMES {
+        return false;
+    }
+    map.insert(
+        name.to_owned(),
+        Tally {
+            plays: 1,
+            ms_played,
+        },
+    );
+    true
 }
 
 /// The `k` largest tallies by plays, then time, then name (so ties are broken the same way on
@@ -404,6 +446,47 @@ mod tests {
             tempo,
             loudness: -6.0,
         })
+    }
+
+    #[test]
+    fn names_past_the_cap_count_in_the_totals_but_not_as_names() {
+        let mut builder = StatsBuilder::new();
+        for i in 0..MAX_TRACKED_NAMES {
+            builder.add(&play(
+                &format!("t{i}"),
+                &format!("artist {i}"),
+                &[],
+                None,
+                1,
+                None,
+                false,
+                None,
+            ));
+        }
+        // A new artist past the cap: not tallied. A known one: still counted.
+        let late = play(
+            "late",
+            "newcomer",
+            &["new genre"],
+            None,
+            1,
+            None,
+            false,
+            None,
+        );
+        builder.add(&late);
+        builder.add(&late);
+        let known = play("t0", "artist 0", &[], None, 1, None, false, None);
+        builder.add(&known);
+        let stats = builder.finish();
+        assert_eq!(stats.plays as usize, MAX_TRACKED_NAMES + 3);
+        assert_eq!(stats.unique_artists as usize, MAX_TRACKED_NAMES);
+        assert_eq!(stats.untracked_plays, 2);
+        assert_eq!(stats.top_artists[0].name, "artist 0");
+        assert_eq!(stats.top_artists[0].plays, 2);
+        assert!(stats.top_artists.iter().all(|a| a.name != "newcomer"));
+        // Genres were not full: the new one is counted.
+        assert_eq!(stats.unique_genres, 1);
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -558,10 +558,51 @@ async fn next_frame(body: &mut Body) -> Option<Result<Frame<Bytes>, tonic::Statu
 async fn next_frame_within(
     body: &mut Body,
     gate: &MemoryGate,
+    by: ReadBy,
 ) -> Option<Result<Frame<Bytes>, tonic::Status>> {
-    match tokio::time::timeout(gate.recv_timeout, next_frame(body)).await {
+    let idle = Instant::now() + gate.recv_timeout;
+    match tokio::time::timeout_at(idle.min(by.at), next_frame(body)).await {
         Ok(next) => next,
+        Err(_) if by.at < idle => {
+            gate.metrics.recv_stalls.fetch_add(1, Ordering::Relaxed);
+            Some(Err(admission_status(&AdmissionError::RecvTooSlow {
+                len: by.len,
+                within: by.within,
+            })))
+        }
         Err(_) => Some(Err(gate.recv_stalled())),
+    }
+}
+
+/// When what the gate reads of a heavy call must have arrived: its prefix within
+/// `--recv-timeout` of the call's start, its whole message [`MIN_BODY_RATE`] later than that.
+#[derive(Clone, Copy, Debug)]
+struct ReadBy {
+    at: Instant,
+    /// The message's declared length (0 while the prefix is read).
+    len: u64,
+    /// From the call's start to `at`.
+    within: Duration,
+}
+
+impl ReadBy {
+    /// The bound of the prefix, for a call starting now.
+    fn prefix(recv_timeout: Duration) -> Self {
+        Self {
+            at: Instant::now() + recv_timeout,
+            len: 0,
+            within: recv_timeout,
+        }
+    }
+
+    /// The bound of a whole message of `len` bytes of the same call.
+    fn message(self, len: u64) -> Self {
+        let more = Duration::from_secs_f64(len as f64 / super::MIN_BODY_RATE as f64);
+        Self {
+            at: self.at + more,
+            len,
+            within: self.within + more,
+        }
     }
 }
 
@@ -570,11 +611,12 @@ async fn next_frame_within(
 async fn read_prefix(
     body: &mut Body,
     gate: &MemoryGate,
+    by: ReadBy,
 ) -> Result<(Vec<Bytes>, Option<u64>), tonic::Status> {
     let mut frames = Vec::new();
     let mut prefix = Vec::with_capacity(5);
     while prefix.len() < 5 {
-        match next_frame_within(body, gate).await {
+        match next_frame_within(body, gate, by).await {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let need = 5 - prefix.len();
@@ -801,6 +843,7 @@ async fn read_message(
     body: &mut Body,
     len: u64,
     gate: &MemoryGate,
+    by: ReadBy,
 ) -> Result<(Bytes, Bytes), tonic::Status> {
     let total = usize::try_from(len).map_or(usize::MAX, |len| len.saturating_add(5));
     let mut message = bytes::BytesMut::with_capacity(total);
@@ -815,7 +858,7 @@ async fn read_message(
     }
     drop(frames);
     while message.len() < total {
-        match next_frame_within(body, gate).await {
+        match next_frame_within(body, gate, by).await {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     after = extend(data, &mut message);
@@ -881,8 +924,9 @@ impl MemoryGate {
         frames: Vec<Bytes>,
         mut body: Body,
         len: u64,
+        by: ReadBy,
     ) -> Result<(Body, Option<super::budget::Reservation>), Response<Body>> {
-        let (message, after) = read_message(frames, &mut body, len, self)
+        let (message, after) = read_message(frames, &mut body, len, self, by)
             .await
             .map_err(tonic::Status::into_http)?;
         if !after.is_empty() {
@@ -941,7 +985,8 @@ impl Gate for MemoryGate {
         }
         Box::pin(async move {
             let (parts, mut body) = req.into_parts();
-            let (frames, len) = match read_prefix(&mut body, &self).await {
+            let by = ReadBy::prefix(self.recv_timeout);
+            let (frames, len) = match read_prefix(&mut body, &self, by).await {
                 Ok(read) => read,
                 Err(status) => return Ok(status.into_http()),
             };
@@ -974,7 +1019,10 @@ impl Gate for MemoryGate {
             };
             let (body, more) = match shape {
                 None => (self.replay(path, frames, false, body), None),
-                Some(shape) => match self.count_and_charge(path, shape, frames, body, len).await {
+                Some(shape) => match self
+                    .count_and_charge(path, shape, frames, body, len, by.message(len))
+                    .await
+                {
                     Ok(counted) => counted,
                     Err(refusal) => return Ok(refusal),
                 },
@@ -1849,6 +1897,85 @@ pub(super) mod tests {
         drop(call.await.unwrap().unwrap());
         assert_eq!(metrics.recv_stalls.load(Ordering::Relaxed), 4);
         assert_eq!(budget.in_use(), 0);
+    }
+
+    /// A body that sends one of `frames` every `gap`, then ends.
+    struct Trickle {
+        frames: VecDeque<Bytes>,
+        gap: Duration,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl http_body::Body for Trickle {
+        type Data = Bytes;
+        type Error = tonic::Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            let gap = self.gap;
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.sleep = None;
+            Poll::Ready(self.frames.pop_front().map(|data| Ok(Frame::data(data))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_trickling_in_is_cut_off_once_it_is_slower_than_the_least_rate() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = metrics();
+        let (layer, budget) = memory_layer(64 << 20, metrics.clone());
+        let service = layer.layer(service);
+        handle.allow(10);
+        let trickle = |message: &[u8], piece: usize, gap: Duration| {
+            let frames = message.chunks(piece).map(Bytes::copy_from_slice).collect();
+            Request::builder()
+                .uri(SUMMARIZE)
+                .body(Body::new(Trickle {
+                    frames,
+                    gap,
+                    sleep: None,
+                }))
+                .unwrap()
+        };
+        let mut message = vec![0u8, 0, 0, 0, 100];
+        message.extend(wire_filler(100));
+        // A byte every 9 s, each inside the 10 s receive timeout: cut when 10 s (and the
+        // 100 bytes' share of the least rate) have passed, not at --request-timeout.
+        let start = Instant::now();
+        let response = tokio::time::timeout(
+            Duration::from_secs(60),
+            service
+                .clone()
+                .oneshot(trickle(&message, 1, Duration::from_secs(9))),
+        )
+        .await
+        .expect("cut off within a minute, not left to read for 15 minutes")
+        .unwrap();
+        let status = status(response);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(status.message().contains("256 KiB/s"), "{status:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(11),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(budget.in_use(), 0);
+        assert_eq!(metrics.recv_stalls.load(Ordering::Relaxed), 1);
+        // The same message in two pieces a second apart passes.
+        let call = tokio::spawn(service.clone().oneshot(trickle(
+            &message,
+            60,
+            Duration::from_secs(1),
+        )));
+        let (_req, respond) = handle.next_request().await.unwrap();
+        respond.send_response(ok());
+        assert_eq!(call.await.unwrap().unwrap().status(), http::StatusCode::OK);
     }
 
     #[tokio::test(start_paused = true)]

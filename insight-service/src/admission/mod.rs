@@ -6,7 +6,8 @@
 //! its client stops reading closes that client's connection after `--send-timeout`
 //! ([`stall`]), so what the call holds is not held for as long as the client stays connected;
 //! a request body that stops arriving ends its call after `--recv-timeout`, for the same
-//! reason.
+//! reason, and a heavy call's message that trickles in (each byte just inside that timeout)
+//! once it is slower than [`MIN_BODY_RATE`] after that grace.
 //!
 //! Knows no tonic statuses: `grpc::error::admission_status` maps the errors.
 
@@ -64,6 +65,11 @@ pub fn is_client_streaming(path: &str) -> bool {
 /// itself: with `--max-message-size` it would be 4 MiB per stream, 128 streams per
 /// connection, until the deadline.
 pub const LIGHT_MAX_MESSAGE_BYTES: u64 = 64 * 1024;
+
+/// Slowest average rate at which a heavy call's request message must arrive, after a grace of
+/// `--recv-timeout`: a 4 MiB message has 16 s more. Peers of an internal service send far
+/// faster; a client this slow holds a heavy slot for nothing.
+pub const MIN_BODY_RATE: u64 = 256 * 1024;
 
 /// Why a call was refused or cut short by overload protection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -150,6 +156,19 @@ pub enum AdmissionError {
     RecvStalled {
         /// `--recv-timeout`.
         after: Duration,
+    },
+    /// A heavy call's request message arrived slower than [`MIN_BODY_RATE`] after the grace of
+    /// `--recv-timeout`: a body trickling a byte at a time would otherwise hold its slot until
+    /// `--request-timeout`, each byte just inside the receive timeout.
+    #[error(
+        "the {len}-byte request message did not arrive within {within:?} (--recv-timeout, \
+         then at least 256 KiB/s)"
+    )]
+    RecvTooSlow {
+        /// The message's declared length.
+        len: u64,
+        /// The time it had.
+        within: Duration,
     },
     /// The caller's deadline or `--request-timeout` passed.
     #[error("deadline of {after:?} exceeded")]

@@ -140,7 +140,9 @@ pub fn job_status(error: JobError) -> Status {
 pub fn admission_status(error: &AdmissionError) -> Status {
     let message = bounded(error.to_string());
     let (reason, retry_after) = match *error {
-        AdmissionError::DeadlineExceeded { .. } | AdmissionError::RecvStalled { .. } => {
+        AdmissionError::DeadlineExceeded { .. }
+        | AdmissionError::RecvStalled { .. }
+        | AdmissionError::RecvTooSlow { .. } => {
             return Status::deadline_exceeded(message);
         }
         AdmissionError::Malformed { reason } => {

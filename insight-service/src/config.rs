@@ -127,7 +127,10 @@ pub struct Config {
     pub max_reduce_depth: u32,
 
     /// `off` disables concurrency limiting, memory admission and pressure shedding (for the
-    /// control run of the OOM test only: expect the kernel to kill the process under load).
+    /// control run of the OOM test only: expect the kernel to kill the process under load),
+    /// and with them what the memory layer checks on the way: message sizes are then only
+    /// enforced by tonic after buffering (OUT_OF_RANGE), light calls get no 64 KiB limit,
+    /// `--recv-timeout` no longer applies, and an empty or cut body is tonic's INTERNAL.
     #[arg(long, env = "INSIGHT_OVERLOAD_PROTECTION", value_enum, default_value_t = Switch::On)]
     pub overload_protection: Switch,
 
@@ -150,8 +153,8 @@ pub struct Config {
     pub memory_budget: u64,
 
     /// Largest request or response message (e.g. "4MiB"), enforced by the transport for
-    /// decoding and encoding, and before any byte of an oversized request is buffered. 1 KiB
-    /// to 4 GiB - 1 (gRPC's length prefix is 32 bits).
+    /// decoding and encoding, and (with overload protection on) before any byte of an
+    /// oversized request is buffered. 1 KiB to 4 GiB - 1 (gRPC's length prefix is 32 bits).
     #[arg(long, env = "INSIGHT_MAX_MESSAGE_SIZE", default_value = "4MiB", value_parser = bytes_within(1 << 10, u64::from(u32::MAX)))]
     pub max_message_size: u64,
 

@@ -530,8 +530,7 @@ impl Jobs {
     }
 
     /// Chunks the job will have: its entries (up to `max_entries`) over the chunk size. The
-    /// byte budget, and memory pressure (which halves the chunk size), can only split more, so
-    /// progress may end above this; 0 when unknown.
+    /// byte budget can only split more, so progress may end above this; 0 when unknown.
     async fn expected_chunks(&self, request: &SummaryRequest) -> u32 {
         let entries = match &request.input {
             SummaryInput::Inline(entries) => entries.len(),

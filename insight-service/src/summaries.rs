@@ -105,14 +105,12 @@ pub const CHUNK_INSIGHT_BYTES: u64 = 2 * 1024;
 
 /// Memory a summary of stored entries needs beyond what a call of its (tiny) encoded size is
 /// charged at the door: one page of rows at the largest text, and the chunk insights of up to
-/// `max_entries` entries in the smallest chunks the pipeline cuts (under memory pressure,
-/// [`crate::pipeline::pressed_chunk_size`]). The gRPC adapter reserves it before reading; a job reserves it with
+/// `max_entries` entries. The gRPC adapter reserves it before reading; a job reserves it with
 /// the rest of [`estimate`].
 pub fn stored_extra_bytes(options: &SummaryOptions) -> u64 {
     let page = u64::from(STORED_PAGE_ROWS)
         * (crate::pipeline::MAX_TEXT_BYTES as u64 + estimator::ENTRY_OVERHEAD_BYTES);
-    let chunk_size = crate::pipeline::pressed_chunk_size(options.chunk_size);
-    let chunks = options.max_entries.div_ceil(chunk_size) as u64;
+    let chunks = options.max_entries.div_ceil(options.chunk_size.max(1)) as u64;
     page + chunks * CHUNK_INSIGHT_BYTES
 }
 

@@ -5,8 +5,8 @@
 //!   `spotifai.insight.v1.InsightService` turns NOT_SERVING so Kubernetes stops routing to this
 //!   pod; the overall "" status (liveness) stays SERVING: restarting would not help. (Only a
 //!   sampler that panicked turns liveness NOT_SERVING too, see [`supervise`].)
-//! - **Elevated** (warning): calls are admitted but made cheaper (one map call at a time,
-//!   chunks of half the requested entries and half the prompt budget).
+//! - **Elevated** (warning): calls are admitted but made cheaper (one map call at a time, half
+//!   the prompt budget).
 
 use std::time::Duration;
 

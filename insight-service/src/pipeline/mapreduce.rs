@@ -29,16 +29,6 @@ use crate::{
     text,
 };
 
-/// How one run cuts its entries into chunks: fixed when the run starts, so the fallback re-reads
-/// the same chunks and pressure that changes meanwhile does not re-cut (or re-prompt) them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Cut {
-    /// Most entries per chunk.
-    chunk_size: usize,
-    /// Most prompt bytes of entries per chunk.
-    budget: usize,
-}
-
 /// What a chunk's answer may cost: its insight's words, and the prompt bytes its entries were
 /// cut against.
 #[derive(Clone, Copy, Debug)]
@@ -56,12 +46,6 @@ const PARTIAL_SUMMARY_WORDS: usize = 120;
 /// and markers) so that every level shrinks the next; below that, a large request's levels
 /// stop shrinking and the depth cap ([`fit_at_cap`]) would leave each partial a few words.
 pub const MIN_PROMPT_BUDGET_BYTES: usize = 4096;
-
-/// Entries per chunk under memory pressure for a request's `chunk_size`: half, rounded up. The
-/// smallest chunks a request is cut into, so the most chunk insights it holds.
-pub fn pressed_chunk_size(chunk_size: usize) -> usize {
-    chunk_size.max(1).div_ceil(2)
-}
 
 /// Tuning of the pipeline, from the server's flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,21 +107,15 @@ impl Pipeline {
     }
 
     /// The tuning in force now: under elevated (or critical) memory pressure, one map call at a
-    /// time and half the prompt budget (smaller chunks; a run also halves its entries per
-    /// chunk when it starts), instead of refusing work.
+    /// time and half the prompt budget (chunks smaller in bytes: what a call holds), instead of
+    /// refusing work. Not fewer entries per chunk: for short entries that saves no memory, and
+    /// it would double the calls and the chunk insights held, push a large reply over the
+    /// message limit, and make a job resumed at another level miss its checkpoints.
     pub fn cfg(&self) -> PipelineConfig {
-        self.tuned(self.pressed())
-    }
-
-    /// Whether memory pressure is elevated (or critical) now.
-    fn pressed(&self) -> bool {
-        self.pressure
+        let pressed = self
+            .pressure
             .as_ref()
-            .is_some_and(|p| *p.borrow() >= Pressure::Elevated)
-    }
-
-    /// The tuning with or without pressure (see [`Pipeline::cfg`]).
-    fn tuned(&self, pressed: bool) -> PipelineConfig {
+            .is_some_and(|p| *p.borrow() >= Pressure::Elevated);
         if pressed {
             PipelineConfig {
                 map_parallelism: 1,
@@ -147,20 +125,6 @@ impl Pipeline {
             }
         } else {
             self.config
-        }
-    }
-
-    /// How a run starting now cuts its chunks: under pressure, half the requested entries per
-    /// chunk (rounded up) and half the prompt budget, so each call holds less at once.
-    fn cut(&self, options: &SummaryOptions) -> Cut {
-        let pressed = self.pressed();
-        Cut {
-            chunk_size: if pressed {
-                pressed_chunk_size(options.chunk_size)
-            } else {
-                options.chunk_size
-            },
-            budget: self.tuned(pressed).prompt_budget_bytes,
         }
     }
 
@@ -229,7 +193,8 @@ impl Pipeline {
         mut on_chunk: impl FnMut(&ChunkInsight),
     ) -> Result<FeedbackSummary, PipelineError> {
         let available = source.available().await.map_err(PipelineError::Source)?;
-        let cut = self.cut(&options);
+        // Chunk boundaries are fixed for the whole run (the fallback re-reads the same ones).
+        let budget = self.cfg().prompt_budget_bytes;
 
         // Every call's cost, counted as it is spent (failed, retried and abandoned calls too).
         let usage = UsageMeter::default();
@@ -272,7 +237,7 @@ impl Pipeline {
                 &*self.backend,
                 source,
                 memo,
-                cut,
+                budget,
                 options,
                 backend_deadline,
                 &usage,
@@ -319,7 +284,7 @@ impl Pipeline {
                     &*self.fallback,
                     source,
                     None,
-                    cut,
+                    budget,
                     options,
                     deadline,
                     &unbilled,
@@ -439,7 +404,7 @@ impl Pipeline {
         backend: &dyn LlmBackend,
         source: &dyn EntrySource,
         memo: Option<&dyn ChunkMemo>,
-        cut: Cut,
+        budget: usize,
         options: SummaryOptions,
         deadline: Instant,
         usage: &UsageMeter,
@@ -450,7 +415,7 @@ impl Pipeline {
             // Entries already in memory are cut in place (the same cuts as the `Chunker`).
             Some(all) => {
                 let limit = all.len().min(options.max_entries);
-                let ranges = chunk_ranges(&all[..limit], cut.chunk_size, cut.budget);
+                let ranges = chunk_ranges(&all[..limit], options.chunk_size, budget);
                 Box::pin(stream::iter(
                     ranges
                         .into_iter()
@@ -460,7 +425,7 @@ impl Pipeline {
             None => Box::pin(
                 chunked(
                     source.entries(options.max_entries),
-                    Chunker::new(cut.chunk_size, cut.budget),
+                    Chunker::new(options.chunk_size, budget),
                 )
                 .map(|chunk| chunk.map(ChunkEntries::Owned)),
             ),
@@ -477,10 +442,7 @@ impl Pipeline {
                         memo,
                         index as u32,
                         &chunk,
-                        ChunkLimits {
-                            max_words,
-                            budget: cut.budget,
-                        },
+                        ChunkLimits { max_words, budget },
                         deadline,
                         usage,
                     )
@@ -1293,9 +1255,8 @@ mod tests {
             .unwrap();
         assert_eq!(summary.entries_used, 20, "the work is done, just serially");
         assert_eq!(backend.max_in_flight.load(Ordering::SeqCst), 1);
-        // In chunks of half the requested entries (rounded up): 20 entries in chunks of 3.
-        assert_eq!(summary.chunks.len(), 7);
-        assert!(summary.chunks.iter().all(|c| c.entry_ids.len() <= 3));
+        // As many entries per chunk as asked: short entries fit the halved byte budget too.
+        assert_eq!(summary.chunks.len(), 4);
 
         // And in smaller chunks where the byte budget decides: five 3 kB entries fit the
         // 16 KiB prompt, two fit the halved one.

@@ -14,7 +14,7 @@ mod mapreduce;
 pub mod prompts;
 pub mod source;
 
-pub use mapreduce::{MIN_PROMPT_BUDGET_BYTES, Pipeline, PipelineConfig, pressed_chunk_size};
+pub use mapreduce::{MIN_PROMPT_BUDGET_BYTES, Pipeline, PipelineConfig};
 pub use source::{ChunkMemo, EntrySource, InlineEntries, SourceError};
 
 /// Largest accepted feedback text, in bytes of UTF-8.

@@ -563,7 +563,9 @@ async fn next_frame_within(
     let idle = Instant::now() + gate.recv_timeout;
     match tokio::time::timeout_at(idle.min(by.at), next_frame(body)).await {
         Ok(next) => next,
-        Err(_) if by.at < idle => {
+        // The message's rate bound, not the receive timer, ran out. (For the prefix the two
+        // differ by microseconds: a body that sends nothing is a stall.)
+        Err(_) if by.len > 0 && by.at < idle => {
             gate.metrics.recv_stalls.fetch_add(1, Ordering::Relaxed);
             Some(Err(admission_status(&AdmissionError::RecvTooSlow {
                 len: by.len,
@@ -901,10 +903,20 @@ impl MemoryGate {
     }
 
     /// `bytes` from the budget, or the (counted) refusal.
-    fn reserve(&self, bytes: u64) -> Result<super::budget::Reservation, AdmissionError> {
+    /// `bytes` more for a call that already holds `held`: a refusal says the call can never be
+    /// admitted when both together exceed the whole budget, since a retry needs them at once.
+    fn reserve(&self, held: u64, bytes: u64) -> Result<super::budget::Reservation, AdmissionError> {
         self.budget.try_reserve(bytes).map_err(|refused| {
             self.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
-            refused.into()
+            let total = held.saturating_add(refused.wanted);
+            if total > refused.limit {
+                AdmissionError::OverBudget {
+                    wanted: total,
+                    limit: refused.limit,
+                }
+            } else {
+                refused.into()
+            }
         })
     }
 
@@ -923,9 +935,10 @@ impl MemoryGate {
         shape: (&'static [u64], Option<u64>),
         frames: Vec<Bytes>,
         mut body: Body,
-        len: u64,
+        held: u64,
         by: ReadBy,
     ) -> Result<(Body, Option<super::budget::Reservation>), Response<Body>> {
+        let len = by.len;
         let (message, after) = read_message(frames, &mut body, len, self, by)
             .await
             .map_err(tonic::Status::into_http)?;
@@ -954,7 +967,7 @@ impl MemoryGate {
         let extra = counted_elements_bytes(counted.elements as u64, counted.total_inner as u64)
             .saturating_sub(charged_elements_bytes(len, &self.estimator));
         let more = if extra > 0 {
-            Some(self.reserve(extra).map_err(refuse)?)
+            Some(self.reserve(held, extra).map_err(refuse)?)
         } else {
             None
         };
@@ -1013,14 +1026,14 @@ impl Gate for MemoryGate {
                 Some(_) => estimate(len, &self.estimator),
                 None => import_estimate(self.max_message_size),
             };
-            let reservation = match self.reserve(wanted) {
+            let reservation = match self.reserve(0, wanted) {
                 Ok(reservation) => reservation,
                 Err(refused) => return Ok(refuse(refused)),
             };
             let (body, more) = match shape {
                 None => (self.replay(path, frames, false, body), None),
                 Some(shape) => match self
-                    .count_and_charge(path, shape, frames, body, len, by.message(len))
+                    .count_and_charge(path, shape, frames, body, wanted, by.message(len))
                     .await
                 {
                     Ok(counted) => counted,
@@ -1614,6 +1627,15 @@ pub(super) mod tests {
         assert_eq!(final_refusal_reason(refused), "MEMORY_BUDGET");
         assert_eq!(budget.in_use(), 0, "both reservations given back");
         assert_eq!(metrics.shed_memory.load(Ordering::Relaxed), 1);
+        // 70,000: what their count adds fits the budget alone, but not beside the first
+        // charge, which the call holds meanwhile: it can never be admitted either.
+        let message = empty_entries(70_000);
+        let len = message.len() as u64;
+        let counted = counted_elements_bytes(70_000, 0) - charged_elements_bytes(len, &ESTIMATOR);
+        assert!(counted < 32 << 20 && counted + estimate(len, &ESTIMATOR) > 32 << 20);
+        let refused = service.clone().oneshot(unary(&message, b"")).await.unwrap();
+        assert_eq!(final_refusal_reason(refused), "MEMORY_BUDGET");
+        assert_eq!(budget.in_use(), 0);
 
         // 20,000 fit: charged the phase-one estimate plus what their count adds.
         let message = empty_entries(20_000);
@@ -1899,11 +1921,13 @@ pub(super) mod tests {
         assert_eq!(budget.in_use(), 0);
     }
 
-    /// A body that sends one of `frames` every `gap`, then ends.
+    /// A body that sends the first of `frames` at once and each of the others `gap` after the
+    /// one before, then ends.
     struct Trickle {
         frames: VecDeque<Bytes>,
         gap: Duration,
         sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        started: bool,
     }
 
     impl http_body::Body for Trickle {
@@ -1913,6 +1937,10 @@ pub(super) mod tests {
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if !self.started {
+                self.started = true;
+                return Poll::Ready(self.frames.pop_front().map(|data| Ok(Frame::data(data))));
+            }
             let gap = self.gap;
             let sleep = self
                 .sleep
@@ -1932,21 +1960,28 @@ pub(super) mod tests {
         let (layer, budget) = memory_layer(64 << 20, metrics.clone());
         let service = layer.layer(service);
         handle.allow(10);
+        // The prefix at once, then the message in pieces of `piece` bytes `gap` apart.
         let trickle = |message: &[u8], piece: usize, gap: Duration| {
-            let frames = message.chunks(piece).map(Bytes::copy_from_slice).collect();
+            let mut frames: VecDeque<Bytes> = message[5..]
+                .chunks(piece)
+                .map(Bytes::copy_from_slice)
+                .collect();
+            frames.push_front(Bytes::copy_from_slice(&message[..5]));
             Request::builder()
                 .uri(SUMMARIZE)
                 .body(Body::new(Trickle {
                     frames,
                     gap,
                     sleep: None,
+                    started: false,
                 }))
                 .unwrap()
         };
         let mut message = vec![0u8, 0, 0, 0, 100];
         message.extend(wire_filler(100));
-        // A byte every 9 s, each inside the 10 s receive timeout: cut when 10 s (and the
-        // 100 bytes' share of the least rate) have passed, not at --request-timeout.
+        // After the prefix, a byte every 9 s, each inside the 10 s receive timeout: cut when
+        // 10 s and the 100 bytes' share of the least rate have passed, not at
+        // --request-timeout; the reservation made from the prefix is given back.
         let start = Instant::now();
         let response = tokio::time::timeout(
             Duration::from_secs(60),
@@ -1959,9 +1994,11 @@ pub(super) mod tests {
         .unwrap();
         let status = status(response);
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(status.message().contains("100-byte"), "{status:?}");
         assert!(status.message().contains("256 KiB/s"), "{status:?}");
+        let bound = Duration::from_secs(10) + Duration::from_secs_f64(100.0 / (256.0 * 1024.0));
         assert!(
-            start.elapsed() < Duration::from_secs(11),
+            start.elapsed() >= bound && start.elapsed() < Duration::from_secs(11),
             "{:?}",
             start.elapsed()
         );

@@ -47,7 +47,10 @@ pub struct Config {
     /// Longest the server waits for the next bytes of a request body it is reading before the
     /// call ends DEADLINE_EXCEEDED, like nginx's `client_body_timeout`: a client that sends
     /// its headers (or part of its message) and then nothing would otherwise hold a heavy
-    /// slot and its memory reservation until the deadline (--request-timeout, 120 s).
+    /// slot and its memory reservation until the deadline (--request-timeout, 120 s). A heavy
+    /// call's message must also arrive at 256 KiB/s on average after this grace (a 4 MiB one
+    /// within 10 s + 16 s); over a long round trip that rate needs a larger
+    /// `--h2-stream-window` (64 KiB per round trip at most, so 256 KiB/s above 0.25 s).
     #[arg(long, env = "INSIGHT_RECV_TIMEOUT", default_value = "10s", value_parser = within(Duration::from_millis(1), MAX_TIMEOUT))]
     pub recv_timeout: Duration,
 
@@ -128,9 +131,10 @@ pub struct Config {
 
     /// `off` disables concurrency limiting, memory admission and pressure shedding (for the
     /// control run of the OOM test only: expect the kernel to kill the process under load),
-    /// and with them what the memory layer checks on the way: message sizes are then only
-    /// enforced by tonic after buffering (OUT_OF_RANGE), light calls get no 64 KiB limit,
-    /// `--recv-timeout` no longer applies, and an empty or cut body is tonic's INTERNAL.
+    /// and with them what the memory layer checks on the way: message sizes are then checked
+    /// by tonic alone (OUT_OF_RANGE, not RESOURCE_EXHAUSTED), light calls get no 64 KiB
+    /// limit, `--recv-timeout` and the least body rate no longer apply, and an empty or cut
+    /// body is tonic's INTERNAL.
     #[arg(long, env = "INSIGHT_OVERLOAD_PROTECTION", value_enum, default_value_t = Switch::On)]
     pub overload_protection: Switch,
 
@@ -153,8 +157,8 @@ pub struct Config {
     pub memory_budget: u64,
 
     /// Largest request or response message (e.g. "4MiB"), enforced by the transport for
-    /// decoding and encoding, and (with overload protection on) before any byte of an
-    /// oversized request is buffered. 1 KiB to 4 GiB - 1 (gRPC's length prefix is 32 bits).
+    /// decoding and encoding, and (with overload protection on) refused RESOURCE_EXHAUSTED
+    /// from its length prefix, before any byte of an oversized request is buffered. 1 KiB to 4 GiB - 1 (gRPC's length prefix is 32 bits).
     #[arg(long, env = "INSIGHT_MAX_MESSAGE_SIZE", default_value = "4MiB", value_parser = bytes_within(1 << 10, u64::from(u32::MAX)))]
     pub max_message_size: u64,
 
@@ -163,8 +167,7 @@ pub struct Config {
     pub pressure_interval: Duration,
 
     /// Memory usage ratio (working set / cgroup limit, else used / total) at which work is
-    /// made cheaper (one map call at a time, chunks of half the entries and half the prompt
-    /// budget).
+    /// made cheaper (one map call at a time, half the prompt budget).
     #[arg(long, env = "INSIGHT_WARN_RATIO", default_value_t = 0.80, value_parser = ratio)]
     pub warn_ratio: f64,
 

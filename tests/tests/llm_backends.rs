@@ -336,13 +336,36 @@ async fn a_refusal_of_one_schema_falls_back_for_that_call_only() {
         fake.last_request().unwrap().json["response_format"],
         json!({"type": "json_object"})
     );
-    // The next call asks for its schema again.
+    assert_eq!(fake.request_count(), 2);
+    // Remembered for that schema: the next call with it is not refused again.
     call(&*g, Duration::from_secs(5)).await.0.unwrap();
+    assert_eq!(
+        fake.last_request().unwrap().json["response_format"],
+        json!({"type": "json_object"})
+    );
+    assert_eq!(fake.request_count(), 3);
+    // Another schema is still asked for strictly.
+    let other = json!({
+        "type": "object",
+        "properties": {"mood": {"type": "string"}},
+        "required": ["mood"]
+    });
+    let meter = UsageMeter::default();
+    g.generate(GenerateRequest {
+        system: "Answer in JSON.",
+        prompt: "How does this music feel?",
+        max_output_tokens: 64,
+        response_schema: Some(&other),
+        deadline: Instant::now() + Duration::from_secs(5),
+        usage: &meter,
+    })
+    .await
+    .unwrap();
     assert_eq!(
         fake.last_request().unwrap().json["response_format"]["type"],
         json!("json_schema")
     );
-    assert_eq!(fake.request_count(), 3);
+    assert_eq!(fake.request_count(), 4);
 }
 
 #[tokio::test]

@@ -2,7 +2,8 @@
 //! SIGKILLed for lack of memory. Heavy calls pass, in this order (see `crate::run`):
 //! deadline → pressure shedding → concurrency limit with a bounded queue → memory admission
 //! from the gRPC length prefix → handler. Health, reflection and cheap reads bypass the heavy
-//! limits. Refusals are fast and typed ([`AdmissionError`]) and carry RetryInfo. A response
+//! limits. Refusals are fast and typed ([`AdmissionError`]) and carry RetryInfo where waiting
+//! can help (not for a message over the size limit or a call over the whole budget). A response
 //! its client stops reading closes that client's connection after `--send-timeout`
 //! ([`stall`]), so what the call holds is not held for as long as the client stays connected;
 //! a request body that stops arriving ends its call after `--recv-timeout`, for the same
@@ -106,9 +107,9 @@ pub enum AdmissionError {
     /// The call's estimated peak memory exceeds the whole budget: it can never be admitted.
     #[error(
         "estimated memory {wanted} bytes exceeds the whole {limit}-byte memory budget \
-         (--memory-budget), so this call can never be admitted: send a smaller request \
-         (fewer or shorter entries; for stored input, a smaller options.max_entries or a \
-         larger options.chunk_size)"
+         (--memory-budget), so this call can never be admitted by this server: send a \
+         smaller request (for a summary: fewer or shorter entries, or for stored input a \
+         smaller options.max_entries), or raise the server's budget"
     )]
     OverBudget {
         /// The estimate.

@@ -93,6 +93,7 @@ pub fn music_status(error: MusicError) -> Status {
         }
         error @ MusicError::NoStoredPlays { .. } => Status::not_found(bounded(error.to_string())),
         MusicError::Store(error) => store_status(error),
+        MusicError::Refused(error) => admission_status(&error),
         MusicError::BackendUnavailable { source } => to_status(PipelineError::BackendUnavailable {
             backend: source.backend().to_owned(),
             message: source.to_string(),

@@ -7,7 +7,10 @@
 use spotifai_proto::insight::{self as pb, analyze_music_request::Input};
 
 use super::convert::system_time;
+use std::sync::Arc;
+
 use crate::{
+    admission::{AdmissionError, MemoryBudget},
     llm::Generator,
     music::{
         self, AudioFeatures, ListeningStats, MusicAnalysis, MusicError, MusicOptions, Play,
@@ -24,6 +27,10 @@ use crate::{
 /// - `deadline`: the caller's gRPC deadline and, within it, the one of the LLM calls (capped
 ///   by `--llm-timeout`), which bounds the LLM call and the repair call together.
 /// - `max_plays`: the server cap on plays per request (e.g. [`music::DEFAULT_MAX_PLAYS`]).
+/// - `budget`: the memory budget (none with overload protection off). Stored plays are read
+///   after admission charged a message of a few bytes, so their reading
+///   ([`music::stored_stats_bytes`]) is reserved from it once the options are valid, and given
+///   back as soon as the statistics are built, before the (possibly long) LLM call.
 ///
 /// Plays are converted, validated and folded into the statistics one at a time as the request
 /// is consumed, so no second copy of the history is ever built.
@@ -31,6 +38,7 @@ use crate::{
 /// Errors, for the one status mapping: [`MusicError::InvalidArgument`] → INVALID_ARGUMENT (with
 /// the field path, e.g. `history.plays[3].artist`, `max_words`, `input`);
 /// [`MusicError::NoStoredPlays`] → NOT_FOUND (a `user_id` without plays);
+/// [`MusicError::Refused`] → RESOURCE_EXHAUSTED (the budget cannot hold the reading);
 /// [`MusicError::BackendUnavailable`] → UNAVAILABLE naming `source.backend()`;
 /// [`MusicError::DeadlineExceeded`] → DEADLINE_EXCEEDED.
 pub async fn analyze_request(
@@ -39,9 +47,22 @@ pub async fn analyze_request(
     deadline: impl Into<music::Deadlines>,
     max_plays: usize,
     store: &Store,
+    budget: Option<&Arc<MemoryBudget>>,
 ) -> Result<pb::MusicAnalysis, MusicError> {
     let options = MusicOptions::try_from(&request)?;
+    let reading = match (budget, &request.input) {
+        // Not for a user id the reading refuses anyway: bad input hears why, whatever the
+        // budget.
+        (Some(budget), Some(Input::UserId(user_id)))
+            if !user_id.trim().is_empty() && !user_id.contains('\0') =>
+        {
+            let bytes = music::stored_stats_bytes(max_plays, user_id.len());
+            Some(budget.try_reserve(bytes).map_err(AdmissionError::from)?)
+        }
+        _ => None,
+    };
     let stats = stats_from_input(request.input, max_plays, store).await?;
+    drop(reading);
     let analysis = music::analyze(stats, options, generator, deadline).await?;
     Ok(analysis.into())
 }
@@ -285,7 +306,7 @@ mod tests {
         let plays = vec![track(0, "A"), track(1, "A"), track(2, "B"), track(3, "C")];
         let mut req = request(plays);
         req.max_words = Some(10);
-        let analysis = analyze_request(req, None, deadline(), 100, &no_store()).await;
+        let analysis = analyze_request(req, None, deadline(), 100, &no_store(), None).await;
         let analysis = match analysis {
             Ok(a) => a,
             Err(e) => panic!("{e}"),
@@ -329,6 +350,7 @@ mod tests {
             deadline(),
             100,
             &no_store(),
+            None,
         )
         .await;
         assert_eq!(field_of(r), "history.plays[1].artist");
@@ -337,7 +359,7 @@ mod tests {
         if let Some(f) = nan.features.as_mut() {
             f.energy = f64::NAN;
         }
-        let r = analyze_request(request(vec![nan]), None, deadline(), 100, &no_store()).await;
+        let r = analyze_request(request(vec![nan]), None, deadline(), 100, &no_store(), None).await;
         assert_eq!(field_of(r), "history.plays[0].features.energy");
 
         let mut bad_time = track(0, "A");
@@ -351,11 +373,12 @@ mod tests {
             deadline(),
             100,
             &no_store(),
+            None,
         )
         .await;
         assert_eq!(field_of(r), "history.plays[2].played_at");
 
-        let r = analyze_request(request(vec![]), None, deadline(), 100, &no_store()).await;
+        let r = analyze_request(request(vec![]), None, deadline(), 100, &no_store(), None).await;
         assert_eq!(field_of(r), "history.plays");
         let r = analyze_request(
             request(vec![track(0, "A"); 3]),
@@ -363,6 +386,7 @@ mod tests {
             deadline(),
             2,
             &no_store(),
+            None,
         )
         .await;
         assert_eq!(field_of(r), "history.plays");
@@ -370,13 +394,13 @@ mod tests {
         let mut words = request(vec![track(0, "A")]);
         words.max_words = Some(301);
         assert_eq!(
-            field_of(analyze_request(words, None, deadline(), 100, &no_store()).await),
+            field_of(analyze_request(words, None, deadline(), 100, &no_store(), None).await),
             "max_words"
         );
 
         let empty = pb::AnalyzeMusicRequest::default();
         assert_eq!(
-            field_of(analyze_request(empty, None, deadline(), 100, &no_store()).await),
+            field_of(analyze_request(empty, None, deadline(), 100, &no_store(), None).await),
             "input"
         );
     }
@@ -413,10 +437,10 @@ mod tests {
             input: Some(Input::UserId("u1".into())),
             ..pb::AnalyzeMusicRequest::default()
         };
-        let stored = analyze_request(by_user, None, deadline(), 100_000, &store)
+        let stored = analyze_request(by_user, None, deadline(), 100_000, &store, None)
             .await
             .expect("analysis of stored plays");
-        let direct = analyze_request(request(inline), None, deadline(), 100_000, &store)
+        let direct = analyze_request(request(inline), None, deadline(), 100_000, &store, None)
             .await
             .expect("analysis of the same plays inline");
         assert_eq!(stored.stats, direct.stats);
@@ -427,7 +451,7 @@ mod tests {
             input: Some(Input::UserId("nobody".into())),
             ..pb::AnalyzeMusicRequest::default()
         };
-        let result = analyze_request(nobody, None, deadline(), 100, &store).await;
+        let result = analyze_request(nobody, None, deadline(), 100, &store, None).await;
         assert!(
             matches!(&result, Err(MusicError::NoStoredPlays { user_id }) if user_id == "nobody"),
             "{result:?}"
@@ -437,9 +461,108 @@ mod tests {
             ..pb::AnalyzeMusicRequest::default()
         };
         assert_eq!(
-            field_of(analyze_request(blank, None, deadline(), 100, &store).await),
+            field_of(analyze_request(blank, None, deadline(), 100, &store, None).await),
             "user_id"
         );
+    }
+
+    #[tokio::test]
+    async fn the_reading_of_stored_plays_is_reserved_and_given_back_before_the_llm_call() {
+        use crate::{
+            llm::{GenerateRequest, Generation, LlmError},
+            store::{Import, ListeningRecord},
+        };
+        /// Fails every call, after noting the budget in use when it was made.
+        struct Watching(Arc<MemoryBudget>, std::sync::Mutex<Vec<u64>>);
+        impl Generator for Watching {
+            fn name(&self) -> &str {
+                "fake"
+            }
+            fn model(&self) -> &str {
+                "fake-1"
+            }
+            fn generate<'a>(
+                &'a self,
+                _: GenerateRequest<'a>,
+            ) -> futures::future::BoxFuture<'a, Result<Generation, LlmError>> {
+                self.1.lock().unwrap().push(self.0.in_use());
+                Box::pin(std::future::ready(Err(LlmError::Server {
+                    backend: "fake".into(),
+                    status: 503,
+                    retry_after: None,
+                    message: "down".into(),
+                })))
+            }
+        }
+        let store = no_store();
+        let mut import =
+            Import::<ListeningRecord>::new(store.get().await.expect("in-memory store"));
+        let play = Play::try_from(track(1, "Robyn")).expect("valid play");
+        import
+            .push(ListeningRecord {
+                user_id: "u1".to_owned(),
+                played_at: std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+                play,
+            })
+            .await
+            .expect("stored");
+        import.finish().await.expect("stored");
+        let by_user = |max_words: Option<u32>| pb::AnalyzeMusicRequest {
+            input: Some(Input::UserId("u1".into())),
+            max_words,
+            ..pb::AnalyzeMusicRequest::default()
+        };
+
+        let reading = music::stored_stats_bytes(100_000, 2);
+        let budget = MemoryBudget::new(reading);
+        let generator = Watching(budget.clone(), Default::default());
+        let analysis = analyze_request(
+            by_user(None),
+            Some(&generator),
+            deadline(),
+            100_000,
+            &store,
+            Some(&budget),
+        )
+        .await
+        .expect("the local fallback answers");
+        assert_eq!(analysis.stats.map(|s| s.plays), Some(1));
+        let seen = generator.1.lock().unwrap().clone();
+        assert!(!seen.is_empty(), "the model was asked");
+        assert!(
+            seen.iter().all(|&in_use| in_use == 0),
+            "held during the LLM call: {seen:?}"
+        );
+        assert_eq!(budget.in_use(), 0);
+
+        // A budget that cannot hold the reading refuses it, but bad options are named first.
+        let small = MemoryBudget::new(reading - 1);
+        let refused = analyze_request(
+            by_user(None),
+            None,
+            deadline(),
+            100_000,
+            &store,
+            Some(&small),
+        )
+        .await;
+        assert!(
+            matches!(
+                refused,
+                Err(MusicError::Refused(AdmissionError::OverBudget { .. }))
+            ),
+            "{refused:?}"
+        );
+        let bad = analyze_request(
+            by_user(Some(301)),
+            None,
+            deadline(),
+            100_000,
+            &store,
+            Some(&small),
+        )
+        .await;
+        assert_eq!(field_of(bad), "max_words");
     }
 
     #[tokio::test]
@@ -463,6 +586,7 @@ mod tests {
             deadline(),
             music::DEFAULT_MAX_PLAYS,
             &no_store(),
+            None,
         )
         .await
         .map_err(|e| e.to_string());
@@ -487,6 +611,7 @@ mod tests {
             deadline(),
             music::DEFAULT_MAX_PLAYS,
             &no_store(),
+            None,
         )
         .await;
         assert_eq!(field_of(r), "history.plays");

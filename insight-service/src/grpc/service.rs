@@ -279,28 +279,13 @@ impl InsightService for InsightGrpc {
             caller,
             llm: caller.min(tokio::time::Instant::now() + self.llm_timeout),
         };
-        // Stored plays are read after admission charged a message of a few bytes: their
-        // pages and counts are reserved here, held until the analysis ends. (Not for a user id
-        // the analysis refuses anyway, so that bad input hears why, whatever the budget.)
-        let _reading = match (&self.budget, &request.get_ref().input) {
-            (Some(budget), Some(pb::analyze_music_request::Input::UserId(user_id)))
-                if !user_id.trim().is_empty() && !user_id.contains('\0') =>
-            {
-                let bytes = crate::music::stored_stats_bytes(DEFAULT_MAX_PLAYS, user_id.len());
-                Some(
-                    budget
-                        .try_reserve(bytes)
-                        .map_err(|refused| admission_status(&refused.into()))?,
-                )
-            }
-            _ => None,
-        };
         let analysis = crate::grpc::music::analyze_request(
             request.into_inner(),
             self.generator.as_deref(),
             deadline,
             DEFAULT_MAX_PLAYS,
             self.summaries.store(),
+            self.budget.as_ref(),
         )
         .await
         .map_err(music_status)?;

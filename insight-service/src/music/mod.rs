@@ -74,6 +74,10 @@ pub enum MusicError {
     /// The stored plays could not be read (→ the store's status, UNAVAILABLE when it is down).
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The memory budget cannot hold the reading of the stored plays now, or ever
+    /// (→ RESOURCE_EXHAUSTED, as every admission refusal).
+    #[error(transparent)]
+    Refused(#[from] crate::admission::AdmissionError),
     /// The LLM failed (after the repair attempt, if any) and the caller disabled the fallback
     /// (→ UNAVAILABLE, naming [`LlmError::backend`]).
     #[error("the LLM backend failed and fallback is disabled: {source}")]

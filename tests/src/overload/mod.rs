@@ -411,8 +411,10 @@ impl Rpc for SummarizeRaw {
                 }
                 Err(status) => {
                     // Only refusals the server sent (no local source error) are looked at:
-                    // every one, warm-up included, must carry RetryInfo; measured ones are
-                    // timed.
+                    // every one, warm-up included, must carry RetryInfo (each call of the
+                    // workload fits the whole budget, so none may be refused for good:
+                    // MEMORY_BUDGET without RetryInfo would be a wrong estimate); measured
+                    // ones are timed.
                     if status.code() == Code::ResourceExhausted
                         && std::error::Error::source(&status).is_none()
                     {

@@ -321,7 +321,7 @@ async fn openai_falls_back_to_json_object_when_the_server_rejects_json_schema() 
 }
 
 #[tokio::test]
-async fn a_refusal_of_one_schema_falls_back_for_that_call_only() {
+async fn a_refusal_of_one_schema_falls_back_for_that_schema_only() {
     let fake = FakeLlm::openai().await;
     fake.set_answer(ANSWER);
     // OpenAI's wording when strict mode refuses a schema: the server has json_schema.

@@ -676,6 +676,19 @@ async fn an_analysis_of_stored_plays_reserves_its_reading_before_it_reads() {
     let status = client.analyze_music(by_user("nobody")).await.unwrap_err();
     assert_refused(&status, "MEMORY_BUDGET");
     server.shutdown().await.unwrap();
+
+    // One that holds the reading alone but not beside the message's own charge, which the
+    // call holds meanwhile: refused for good, without a delay to wait for.
+    let server = start_insight(Config {
+        memory_budget: reading + 1,
+        ..setup.config.clone()
+    })
+    .await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let status = client.analyze_music(by_user("nobody")).await.unwrap_err();
+    assert_refused(&status, "MEMORY_BUDGET");
+    assert_eq!(retry_delay(&status), None, "{status:?}");
+    server.shutdown().await.unwrap();
 }
 
 /// prost decodes every element of a repeated field before validation sees how many there are,

@@ -37,16 +37,27 @@ pub struct Refused {
 
 impl From<Refused> for super::AdmissionError {
     fn from(refused: Refused) -> Self {
-        if refused.wanted > refused.limit {
-            Self::OverBudget {
-                wanted: refused.wanted,
-                limit: refused.limit,
+        refused.beside(0)
+    }
+}
+
+impl Refused {
+    /// The refusal of a call that already holds `held` bytes of the budget while it asks for
+    /// more: it can never be admitted when both together exceed the whole budget, since a
+    /// retry needs them at once ([`super::AdmissionError::OverBudget`], no RetryInfo); else it
+    /// may fit later ([`super::AdmissionError::MemoryBudget`]).
+    pub fn beside(self, held: u64) -> super::AdmissionError {
+        let total = held.saturating_add(self.wanted);
+        if total > self.limit {
+            super::AdmissionError::OverBudget {
+                wanted: total,
+                limit: self.limit,
             }
         } else {
-            Self::MemoryBudget {
-                wanted: refused.wanted,
-                available: refused.available,
-                retry_after: refused.retry_after,
+            super::AdmissionError::MemoryBudget {
+                wanted: self.wanted,
+                available: self.available,
+                retry_after: self.retry_after,
             }
         }
     }

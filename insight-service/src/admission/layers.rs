@@ -908,15 +908,7 @@ impl MemoryGate {
     fn reserve(&self, held: u64, bytes: u64) -> Result<super::budget::Reservation, AdmissionError> {
         self.budget.try_reserve(bytes).map_err(|refused| {
             self.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
-            let total = held.saturating_add(refused.wanted);
-            if total > refused.limit {
-                AdmissionError::OverBudget {
-                    wanted: total,
-                    limit: refused.limit,
-                }
-            } else {
-                refused.into()
-            }
+            refused.beside(held)
         })
     }
 

@@ -10,7 +10,7 @@ use super::convert::system_time;
 use std::sync::Arc;
 
 use crate::{
-    admission::{AdmissionError, MemoryBudget},
+    admission::MemoryBudget,
     llm::Generator,
     music::{
         self, AudioFeatures, ListeningStats, MusicAnalysis, MusicError, MusicOptions, Play,
@@ -27,7 +27,8 @@ use crate::{
 /// - `deadline`: the caller's gRPC deadline and, within it, the one of the LLM calls (capped
 ///   by `--llm-timeout`), which bounds the LLM call and the repair call together.
 /// - `max_plays`: the server cap on plays per request (e.g. [`music::DEFAULT_MAX_PLAYS`]).
-/// - `budget`: the memory budget (none with overload protection off). Stored plays are read
+/// - `budget`: the memory budget (none with overload protection off) and what the admission
+///   layer holds of it for this call's message. Stored plays are read
 ///   after admission charged a message of a few bytes, so their reading
 ///   ([`music::stored_stats_bytes`]) is reserved from it once the options are valid, and given
 ///   back as soon as the statistics are built, before the (possibly long) LLM call.
@@ -47,17 +48,17 @@ pub async fn analyze_request(
     deadline: impl Into<music::Deadlines>,
     max_plays: usize,
     store: &Store,
-    budget: Option<&Arc<MemoryBudget>>,
+    budget: Option<(&Arc<MemoryBudget>, u64)>,
 ) -> Result<pb::MusicAnalysis, MusicError> {
     let options = MusicOptions::try_from(&request)?;
     let reading = match (budget, &request.input) {
         // Not for a user id the reading refuses anyway: bad input hears why, whatever the
         // budget.
-        (Some(budget), Some(Input::UserId(user_id)))
+        (Some((budget, held)), Some(Input::UserId(user_id)))
             if !user_id.trim().is_empty() && !user_id.contains('\0') =>
         {
             let bytes = music::stored_stats_bytes(max_plays, user_id.len());
-            Some(budget.try_reserve(bytes).map_err(AdmissionError::from)?)
+            Some(budget.try_reserve(bytes).map_err(|r| r.beside(held))?)
         }
         _ => None,
     };
@@ -469,6 +470,7 @@ mod tests {
     #[tokio::test]
     async fn the_reading_of_stored_plays_is_reserved_and_given_back_before_the_llm_call() {
         use crate::{
+            admission::AdmissionError,
             llm::{GenerateRequest, Generation, LlmError},
             store::{Import, ListeningRecord},
         };
@@ -522,7 +524,7 @@ mod tests {
             deadline(),
             100_000,
             &store,
-            Some(&budget),
+            Some((&budget, 0)),
         )
         .await
         .expect("the local fallback answers");
@@ -543,7 +545,7 @@ mod tests {
             deadline(),
             100_000,
             &store,
-            Some(&small),
+            Some((&small, 0)),
         )
         .await;
         assert!(
@@ -559,10 +561,31 @@ mod tests {
             deadline(),
             100_000,
             &store,
-            Some(&small),
+            Some((&small, 0)),
         )
         .await;
         assert_eq!(field_of(bad), "max_words");
+
+        // A budget that holds the reading alone but not beside what admission holds for the
+        // message: refused for good too, not told to wait.
+        let exact = MemoryBudget::new(reading);
+        let _message = exact.try_reserve(1).unwrap();
+        let refused = analyze_request(
+            by_user(None),
+            None,
+            deadline(),
+            100_000,
+            &store,
+            Some((&exact, 1)),
+        )
+        .await;
+        assert!(
+            matches!(
+                refused,
+                Err(MusicError::Refused(AdmissionError::OverBudget { .. }))
+            ),
+            "{refused:?}"
+        );
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use super::{
     store::filter_from_proto,
 };
 use crate::{
-    admission::{AdmissionError, MemoryBudget, budget::Reservation},
+    admission::{AdmissionError, MemoryBudget, budget::Reservation, estimator::EstimatorConfig},
     jobs::Jobs,
     llm::Generator,
     music::DEFAULT_MAX_PLAYS,
@@ -38,6 +38,8 @@ pub struct InsightGrpc {
     /// The memory budget the admission layer charges (none with protection off): summaries
     /// of stored entries reserve their reading memory from it too.
     budget: Option<Arc<MemoryBudget>>,
+    /// How the admission layer charged each call's message (see [`InsightGrpc::charged`]).
+    estimator: EstimatorConfig,
     max_entries_cap: u32,
     max_message_size: usize,
     request_timeout: Duration,
@@ -68,6 +70,7 @@ impl InsightGrpc {
             jobs,
             generator,
             budget,
+            estimator: config.estimator_config(),
             max_entries_cap: config.max_entries_cap,
             max_message_size: usize::try_from(config.max_message_size).unwrap_or(usize::MAX),
             request_timeout: config.request_timeout,
@@ -120,14 +123,27 @@ impl InsightGrpc {
 
     /// Reserves the memory a summary of stored entries needs beyond what the admission layer
     /// charged for its (tiny) message; held until the summary ends.
-    fn reserve_reading(&self, request: &SummaryRequest) -> Result<Option<Reservation>, Status> {
+    /// `held`: what the admission layer charged for the message ([`InsightGrpc::charged`]),
+    /// held meanwhile, so a reading that cannot fit beside it is refused for good.
+    fn reserve_reading(
+        &self,
+        request: &SummaryRequest,
+        held: u64,
+    ) -> Result<Option<Reservation>, Status> {
         let (Some(budget), SummaryInput::Stored(_)) = (&self.budget, &request.input) else {
             return Ok(None);
         };
         budget
             .try_reserve(stored_extra_bytes(&request.options))
             .map(Some)
-            .map_err(|refused| admission_status(&refused.into()))
+            .map_err(|refused| admission_status(&refused.beside(held)))
+    }
+
+    /// What the admission layer charged for `message` from its length prefix (and holds while
+    /// the call runs). Exact for the messages whose reading is reserved here (a selector or a
+    /// user id: no repeated elements to count).
+    fn charged(&self, message: &impl prost::Message) -> u64 {
+        crate::admission::estimator::estimate(message.encoded_len() as u64, &self.estimator)
     }
 }
 
@@ -201,9 +217,10 @@ impl InsightService for InsightGrpc {
         request: Request<pb::SummarizeFeedbackRequest>,
     ) -> Result<Response<pb::FeedbackSummary>, Status> {
         let deadline = request_deadline(&request, self.request_timeout);
+        let held = self.charged(request.get_ref());
         let request = self.summary_request(request.into_inner())?;
         record_input(&request);
-        let _reading = self.reserve_reading(&request)?;
+        let _reading = self.reserve_reading(&request, held)?;
         let summary = self
             .summaries
             .summarize(request, deadline, None, |_| {})
@@ -228,9 +245,10 @@ impl InsightService for InsightGrpc {
         let deadline = request_deadline(&request, self.request_timeout);
         let allowed = deadline.saturating_duration_since(tokio::time::Instant::now());
         // Bad input is an immediate status, not a stream that fails on its first message.
+        let held = self.charged(request.get_ref());
         let request = self.summary_request(request.into_inner())?;
         record_input(&request);
-        let reading = self.reserve_reading(&request)?;
+        let reading = self.reserve_reading(&request, held)?;
 
         // At most one message per chunk plus the summary, so the channel is bounded by the
         // request's own chunk count.
@@ -275,6 +293,7 @@ impl InsightService for InsightGrpc {
         request: Request<pb::AnalyzeMusicRequest>,
     ) -> Result<Response<pb::MusicAnalysis>, Status> {
         let caller = request_deadline(&request, self.request_timeout);
+        let held = self.charged(request.get_ref());
         let deadline = crate::music::Deadlines {
             caller,
             llm: caller.min(tokio::time::Instant::now() + self.llm_timeout),
@@ -285,7 +304,7 @@ impl InsightService for InsightGrpc {
             deadline,
             DEFAULT_MAX_PLAYS,
             self.summaries.store(),
-            self.budget.as_ref(),
+            self.budget.as_ref().map(|budget| (budget, held)),
         )
         .await
         .map_err(music_status)?;

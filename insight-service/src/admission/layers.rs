@@ -24,7 +24,7 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 
 use super::{
-    AdmissionError, AdmissionMetrics, LIGHT_MAX_MESSAGE_BYTES,
+    AdmissionError, AdmissionMetrics, Charged, LIGHT_MAX_MESSAGE_BYTES,
     budget::MemoryBudget,
     estimator::{
         EstimatorConfig, charged_elements_bytes, counted_elements_bytes, estimate, import_estimate,
@@ -989,7 +989,7 @@ impl Gate for MemoryGate {
             return Box::pin(inner.call(req));
         }
         Box::pin(async move {
-            let (parts, mut body) = req.into_parts();
+            let (mut parts, mut body) = req.into_parts();
             let by = ReadBy::prefix(self.recv_timeout);
             let (frames, len) = match read_prefix(&mut body, &self, by).await {
                 Ok(read) => read,
@@ -1033,6 +1033,8 @@ impl Gate for MemoryGate {
                 },
             };
             self.metrics.admitted.fetch_add(1, Ordering::Relaxed);
+            let more_bytes = more.as_ref().map_or(0, super::budget::Reservation::bytes);
+            parts.extensions.insert(Charged(wanted + more_bytes));
             let response = inner.call(Request::from_parts(parts, body)).await?;
             Ok(hold(response, (reservation, more)))
         })

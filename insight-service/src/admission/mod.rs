@@ -72,6 +72,13 @@ pub const LIGHT_MAX_MESSAGE_BYTES: u64 = 64 * 1024;
 /// faster; a client this slow holds a heavy slot for nothing.
 pub const MIN_BODY_RATE: u64 = 256 * 1024;
 
+/// What memory admission reserved for a call (its message's estimate and counted elements),
+/// held until the call ends; carried to the handler in the request's extensions, so that a
+/// reservation the handler adds (reading stored input) can tell whether the two together could
+/// ever fit ([`budget::Refused::beside`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Charged(pub u64);
+
 /// Why a call was refused or cut short by overload protection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AdmissionError {

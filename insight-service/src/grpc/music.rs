@@ -52,11 +52,9 @@ pub async fn analyze_request(
 ) -> Result<pb::MusicAnalysis, MusicError> {
     let options = MusicOptions::try_from(&request)?;
     let reading = match (budget, &request.input) {
-        // Not for a user id the reading refuses anyway: bad input hears why, whatever the
-        // budget.
-        (Some((budget, held)), Some(Input::UserId(user_id)))
-            if !user_id.trim().is_empty() && !user_id.contains('\0') =>
-        {
+        (Some((budget, held)), Some(Input::UserId(user_id))) => {
+            // Checked first: bad input hears why, whatever the budget.
+            check_user_id(user_id)?;
             let bytes = music::stored_stats_bytes(max_plays, user_id.len());
             Some(budget.try_reserve(bytes).map_err(|r| r.beside(held))?)
         }
@@ -66,6 +64,20 @@ pub async fn analyze_request(
     drop(reading);
     let analysis = music::analyze(stats, options, generator, deadline).await?;
     Ok(analysis.into())
+}
+
+/// The rules of a `user_id` input: not blank, and no NUL (PostgreSQL cannot hold one in text:
+/// refused here naming the field, rather than by the database without one). No length rule:
+/// ImportListening sets none, so a long id may have stored plays; the NOT_FOUND message that
+/// echoes it is cut to size.
+fn check_user_id(user_id: &str) -> Result<(), MusicError> {
+    if user_id.trim().is_empty() {
+        return Err(MusicError::invalid("user_id", "must not be empty"));
+    }
+    if user_id.contains('\0') {
+        return Err(MusicError::invalid("user_id", NO_NUL));
+    }
+    Ok(())
 }
 
 /// Plays folded into the statistics between two yields to the runtime: about 0.2 ms of work in
@@ -85,16 +97,8 @@ pub async fn stats_from_input(
 ) -> Result<ListeningStats, MusicError> {
     let history = match input {
         Some(Input::History(history)) => history,
-        Some(Input::UserId(user_id)) if user_id.trim().is_empty() => {
-            return Err(MusicError::invalid("user_id", "must not be empty"));
-        }
-        // PostgreSQL cannot hold a NUL in text: refused here naming the field, rather than by
-        // the database without one. (No length rule: ImportListening sets none, so a long
-        // id may have stored plays; the NOT_FOUND message that echoes it is cut to size.)
-        Some(Input::UserId(user_id)) if user_id.contains('\0') => {
-            return Err(MusicError::invalid("user_id", NO_NUL));
-        }
         Some(Input::UserId(user_id)) => {
+            check_user_id(&user_id)?;
             let store = store.get().await?;
             return music::stored_stats(&*store, &user_id, max_plays).await;
         }
@@ -538,54 +542,37 @@ mod tests {
         assert_eq!(budget.in_use(), 0);
 
         // A budget that cannot hold the reading refuses it, but bad options are named first.
+        let by_user_within = |max_words, budget, held| {
+            analyze_request(
+                by_user(max_words),
+                None,
+                deadline(),
+                100_000,
+                &store,
+                Some((budget, held)),
+            )
+        };
+        let refused_for_good = |refused: Result<pb::MusicAnalysis, MusicError>| {
+            assert!(
+                matches!(
+                    refused,
+                    Err(MusicError::Refused(AdmissionError::OverBudget { .. }))
+                ),
+                "{refused:?}"
+            );
+        };
         let small = MemoryBudget::new(reading - 1);
-        let refused = analyze_request(
-            by_user(None),
-            None,
-            deadline(),
-            100_000,
-            &store,
-            Some((&small, 0)),
-        )
-        .await;
-        assert!(
-            matches!(
-                refused,
-                Err(MusicError::Refused(AdmissionError::OverBudget { .. }))
-            ),
-            "{refused:?}"
+        refused_for_good(by_user_within(None, &small, 0).await);
+        assert_eq!(
+            field_of(by_user_within(Some(301), &small, 0).await),
+            "max_words"
         );
-        let bad = analyze_request(
-            by_user(Some(301)),
-            None,
-            deadline(),
-            100_000,
-            &store,
-            Some((&small, 0)),
-        )
-        .await;
-        assert_eq!(field_of(bad), "max_words");
 
         // A budget that holds the reading alone but not beside what admission holds for the
         // message: refused for good too, not told to wait.
         let exact = MemoryBudget::new(reading);
         let _message = exact.try_reserve(1).unwrap();
-        let refused = analyze_request(
-            by_user(None),
-            None,
-            deadline(),
-            100_000,
-            &store,
-            Some((&exact, 1)),
-        )
-        .await;
-        assert!(
-            matches!(
-                refused,
-                Err(MusicError::Refused(AdmissionError::OverBudget { .. }))
-            ),
-            "{refused:?}"
-        );
+        refused_for_good(by_user_within(None, &exact, 1).await);
     }
 
     #[tokio::test]

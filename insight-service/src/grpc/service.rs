@@ -17,7 +17,7 @@ use super::{
     store::filter_from_proto,
 };
 use crate::{
-    admission::{AdmissionError, MemoryBudget, budget::Reservation, estimator::EstimatorConfig},
+    admission::{AdmissionError, Charged, MemoryBudget, budget::Reservation},
     jobs::Jobs,
     llm::Generator,
     music::DEFAULT_MAX_PLAYS,
@@ -38,8 +38,6 @@ pub struct InsightGrpc {
     /// The memory budget the admission layer charges (none with protection off): summaries
     /// of stored entries reserve their reading memory from it too.
     budget: Option<Arc<MemoryBudget>>,
-    /// How the admission layer charged each call's message (see [`InsightGrpc::charged`]).
-    estimator: EstimatorConfig,
     max_entries_cap: u32,
     max_message_size: usize,
     request_timeout: Duration,
@@ -70,7 +68,6 @@ impl InsightGrpc {
             jobs,
             generator,
             budget,
-            estimator: config.estimator_config(),
             max_entries_cap: config.max_entries_cap,
             max_message_size: usize::try_from(config.max_message_size).unwrap_or(usize::MAX),
             request_timeout: config.request_timeout,
@@ -123,8 +120,8 @@ impl InsightGrpc {
 
     /// Reserves the memory a summary of stored entries needs beyond what the admission layer
     /// charged for its (tiny) message; held until the summary ends.
-    /// `held`: what the admission layer charged for the message ([`InsightGrpc::charged`]),
-    /// held meanwhile, so a reading that cannot fit beside it is refused for good.
+    /// `held`: what admission reserved for the call ([`charged`]), held meanwhile, so a
+    /// reading that cannot fit beside it is refused for good.
     fn reserve_reading(
         &self,
         request: &SummaryRequest,
@@ -138,13 +135,15 @@ impl InsightGrpc {
             .map(Some)
             .map_err(|refused| admission_status(&refused.beside(held)))
     }
+}
 
-    /// What the admission layer charged for `message` from its length prefix (and holds while
-    /// the call runs). Exact for the messages whose reading is reserved here (a selector or a
-    /// user id: no repeated elements to count).
-    fn charged(&self, message: &impl prost::Message) -> u64 {
-        crate::admission::estimator::estimate(message.encoded_len() as u64, &self.estimator)
-    }
+/// What memory admission reserved for this call and holds until it ends (0 without overload
+/// protection, which has no budget either).
+fn charged<T>(request: &Request<T>) -> u64 {
+    request
+        .extensions()
+        .get::<Charged>()
+        .map_or(0, |Charged(bytes)| *bytes)
 }
 
 /// Aborts the pipeline task of a streamed summary when tonic drops the response stream, i.e.
@@ -217,7 +216,7 @@ impl InsightService for InsightGrpc {
         request: Request<pb::SummarizeFeedbackRequest>,
     ) -> Result<Response<pb::FeedbackSummary>, Status> {
         let deadline = request_deadline(&request, self.request_timeout);
-        let held = self.charged(request.get_ref());
+        let held = charged(&request);
         let request = self.summary_request(request.into_inner())?;
         record_input(&request);
         let _reading = self.reserve_reading(&request, held)?;
@@ -245,7 +244,7 @@ impl InsightService for InsightGrpc {
         let deadline = request_deadline(&request, self.request_timeout);
         let allowed = deadline.saturating_duration_since(tokio::time::Instant::now());
         // Bad input is an immediate status, not a stream that fails on its first message.
-        let held = self.charged(request.get_ref());
+        let held = charged(&request);
         let request = self.summary_request(request.into_inner())?;
         record_input(&request);
         let reading = self.reserve_reading(&request, held)?;
@@ -293,7 +292,7 @@ impl InsightService for InsightGrpc {
         request: Request<pb::AnalyzeMusicRequest>,
     ) -> Result<Response<pb::MusicAnalysis>, Status> {
         let caller = request_deadline(&request, self.request_timeout);
-        let held = self.charged(request.get_ref());
+        let held = charged(&request);
         let deadline = crate::music::Deadlines {
             caller,
             llm: caller.min(tokio::time::Instant::now() + self.llm_timeout),

@@ -48,11 +48,18 @@ pub struct Config {
     /// call ends DEADLINE_EXCEEDED, like nginx's `client_body_timeout`: a client that sends
     /// its headers (or part of its message) and then nothing would otherwise hold a heavy
     /// slot and its memory reservation until the deadline (--request-timeout, 120 s). A heavy
-    /// call's message must also arrive at 256 KiB/s on average after this grace (a 4 MiB one
-    /// within 10 s + 16 s); over a long round trip that rate needs a larger
-    /// `--h2-stream-window` (64 KiB per round trip at most, so 256 KiB/s above 0.25 s).
+    /// call's message must also arrive at `--min-body-rate` on average after this grace.
     #[arg(long, env = "INSIGHT_RECV_TIMEOUT", default_value = "10s", value_parser = within(Duration::from_millis(1), MAX_TIMEOUT))]
     pub recv_timeout: Duration,
+
+    /// Slowest average rate, in bytes per second, at which a heavy call's request message
+    /// must arrive after the `--recv-timeout` grace, or the call ends DEADLINE_EXCEEDED: a
+    /// body trickling a byte just inside each receive timeout would otherwise hold a heavy
+    /// slot until the deadline. At 256 KiB a 4 MiB message has 10 s + 16 s. A client can send
+    /// at most one `--h2-stream-window` (64 KiB) per round trip, so clients more than
+    /// 0.25 s away need a larger window or a lower rate.
+    #[arg(long, env = "INSIGHT_MIN_BODY_RATE", default_value = "256KiB", value_parser = bytes_within(1 << 10, 1 << 30))]
+    pub min_body_rate: u64,
 
     /// Which LLM answers: `local` (offline, deterministic, no key), `gemini` (Google AI
     /// REST, key in GEMINI_API_KEY or --llm-api-key-file) or `openai` (any OpenAI-compatible
@@ -163,7 +170,7 @@ pub struct Config {
     pub max_message_size: u64,
 
     /// How often memory pressure is sampled in-process.
-    #[arg(long, env = "INSIGHT_PRESSURE_INTERVAL", default_value = "100ms", value_parser = within(Duration::from_millis(10), Duration::from_secs(60)))]
+    #[arg(long, env = "INSIGHT_PRESSURE_INTERVAL", default_value = "100ms", value_parser = within(PRESSURE_INTERVAL.0, PRESSURE_INTERVAL.1))]
     pub pressure_interval: Duration,
 
     /// Memory usage ratio (working set / cgroup limit, else used / total) at which work is
@@ -243,6 +250,15 @@ pub struct Config {
     #[arg(long, env = "INSIGHT_CACHE_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub cache_ttl: Duration,
 
+    /// Longest a summary waits on the insight cache (getting a connection, a lookup, a write)
+    /// before it goes on without it, and never more than half the call's time left. A step
+    /// that fails, or takes half this long, leaves the cache unused for 30 s: the cache only
+    /// saves work, so a slow or unreachable database must not hold every request. Raise it
+    /// for a distant database; at most 5 s, the store's own limit on waiting for a
+    /// connection or a write lock, past which a longer wait changes nothing.
+    #[arg(long, env = "INSIGHT_CACHE_WAIT", default_value = "1s", value_parser = within(Duration::from_millis(1), crate::store::ACQUIRE_TIMEOUT))]
+    pub cache_wait: Duration,
+
     /// Background job workers in this process; 0 = accept jobs but leave running them to
     /// other replicas on the same database.
     #[arg(long, env = "INSIGHT_JOB_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=64))]
@@ -277,26 +293,36 @@ fn at_least(min: Duration) -> impl Fn(&str) -> Result<Duration, String> + Clone 
 /// short enough that adding it to the clock can never overflow.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
+/// The range of `--pressure-interval`.
+const PRESSURE_INTERVAL: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_secs(60));
+
 /// A duration flag between `min` and `max`: `--pressure-interval 0s` would panic the sampling
 /// task (and leave shedding silently off), an absurd `--request-timeout` would overflow the
 /// clock when a deadline is computed.
 fn within(min: Duration, max: Duration) -> impl Fn(&str) -> Result<Duration, String> + Clone {
     move |text| {
         let value = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-        if value < min {
-            return Err(format!(
-                "must be at least {}",
-                humantime::format_duration(min)
-            ));
-        }
-        if value > max {
-            return Err(format!(
-                "must be at most {}",
-                humantime::format_duration(max)
-            ));
-        }
+        check_within(value, min, max)?;
         Ok(value)
     }
+}
+
+/// The range check of [`within`], for a duration already parsed (or set in code).
+fn check_within(value: Duration, min: Duration, max: Duration) -> Result<(), String> {
+    if value < min {
+        return Err(format!(
+            "must be at least {}",
+            humantime::format_duration(min)
+        ));
+    }
+    if value > max {
+        return Err(format!(
+            "must be at most {}",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(())
 }
 
 /// The values a number flag accepts: from `lo` (itself included or not) to `hi` inclusive.
@@ -413,6 +439,13 @@ impl Config {
                 .check(value)
                 .map_err(|must| format!("{flag} ({value}) {must}"))?;
         }
+        // A zero interval would panic the sampling task (and leave shedding off).
+        let interval = self.pressure_interval;
+        check_within(interval, PRESSURE_INTERVAL.0, PRESSURE_INTERVAL.1)
+            .map_err(|must| format!("--pressure-interval ({interval:?}) {must}"))?;
+        if let Some(url) = &self.monitor_url {
+            parse_monitor_url(url).map_err(|error| format!("--monitor-url ({url}): {error}"))?;
+        }
         let pairs = [
             (
                 "--warn-ratio",
@@ -509,6 +542,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(120),
             send_timeout: Duration::from_secs(30),
             recv_timeout: Duration::from_secs(10),
+            min_body_rate: crate::admission::MIN_BODY_RATE,
             llm_backend: BackendKind::Local,
             llm_model: None,
             llm_base_url: None,
@@ -545,6 +579,7 @@ impl Default for Config {
             database_url: crate::store::DatabaseUrl::default(),
             migrate: true,
             cache_ttl: Duration::from_secs(24 * 60 * 60),
+            cache_wait: crate::summaries::CACHE_WAIT,
             job_workers: 2,
             job_lease: Duration::from_secs(30),
             job_poll: Duration::from_millis(500),
@@ -554,16 +589,21 @@ impl Default for Config {
     }
 }
 
-/// `--monitor-url`: an absolute `http://` or `https://` URI with a host.
+/// `--monitor-url`: an absolute `http://` URI with a host. Not `https://`: this build's gRPC
+/// client has no TLS, so it would speak plaintext to a TLS port and fail on every attempt
+/// while the operator believed the extra signal was on; refused at start instead.
 pub fn parse_monitor_url(value: &str) -> Result<String, String> {
     let uri: http::Uri = value
         .parse()
         .map_err(|error| format!("not a URL ({error}); expected e.g. http://monitor:50052"))?;
     match (uri.scheme_str(), uri.host()) {
-        (Some("http" | "https"), Some(_)) => Ok(value.to_owned()),
-        _ => {
-            Err("expected an http:// or https:// URL with a host, e.g. http://monitor:50052".into())
-        }
+        (Some("http"), Some(_)) => Ok(value.to_owned()),
+        (Some("https"), Some(_)) => Err(
+            "https is not supported (the monitor client speaks plaintext HTTP/2, as \
+             monitor-service serves it); expected e.g. http://monitor:50052"
+                .into(),
+        ),
+        _ => Err("expected an http:// URL with a host, e.g. http://monitor:50052".into()),
     }
 }
 
@@ -635,6 +675,10 @@ mod tests {
             ("--max-message-size", "4GiB", "at most 4294967295 bytes"),
             ("--llm-max-response-bytes", "0", "at least 1024 bytes"),
             ("--llm-max-response-bytes", "1GiB", "at most 67108864 bytes"),
+            ("--cache-wait", "0s", "at least"),
+            ("--min-body-rate", "100", "at least 1024 bytes"),
+            ("--min-body-rate", "2GiB", "at most"),
+            ("--cache-wait", "6s", "at most"),
         ] {
             let err = Config::try_parse_from(["insight-service", flag, value])
                 .err()
@@ -657,6 +701,10 @@ mod tests {
             "16MiB",
             "--llm-max-response-bytes",
             "2MiB",
+            "--cache-wait",
+            "3s",
+            "--min-body-rate",
+            "64KiB",
         ]);
         assert!(fine.is_ok(), "{fine:?}");
     }
@@ -725,6 +773,26 @@ mod tests {
                 .unwrap_err()
                 .contains("--pressure-hysteresis")
         );
+        for (config, flag) in [
+            (
+                Config {
+                    pressure_interval: Duration::ZERO,
+                    ..Config::default()
+                },
+                "--pressure-interval",
+            ),
+            (
+                Config {
+                    monitor_url: Some("https://monitor:443".into()),
+                    ..Config::default()
+                },
+                "--monitor-url",
+            ),
+        ] {
+            let err = config.check().unwrap_err();
+            assert!(err.contains(flag), "{err}");
+        }
+        assert_eq!(Config::default().check(), Ok(()));
     }
 
     #[test]
@@ -754,8 +822,16 @@ mod tests {
             parse_monitor_url("http://monitor:50052").as_deref(),
             Ok("http://monitor:50052")
         );
-        assert!(parse_monitor_url("https://10.0.0.7:443").is_ok());
-        for bad in ["monitor:50052", "ftp://monitor", "http://", "not a url", ""] {
+        let tls = parse_monitor_url("https://10.0.0.7:443").unwrap_err();
+        assert!(tls.contains("https is not supported"), "{tls}");
+        for bad in [
+            "monitor:50052",
+            "ftp://monitor",
+            "http://",
+            "not a url",
+            "",
+            "https://monitor:443",
+        ] {
             let error = parse_monitor_url(bad).unwrap_err();
             assert!(error.contains("http://monitor:50052"), "{bad}: {error}");
         }

@@ -163,7 +163,8 @@ pub async fn run(
     // Connects on first use (see `Store`): building the service never touches the database,
     // and a database that is down only affects what needs it.
     let store = store::Store::new(config.database_url.clone(), config.migrate);
-    let summaries = summaries::Summaries::new(pipeline, store, config.cache_ttl);
+    let summaries = summaries::Summaries::new(pipeline, store, config.cache_ttl)
+        .with_cache_wait(config.cache_wait);
     // Jobs charge the same budget as calls (a job waits for it instead of failing).
     let jobs = jobs::Jobs::new(
         summaries.clone(),
@@ -215,6 +216,7 @@ pub async fn run(
         estimator,
         max_message_size: config.max_message_size,
         recv_timeout: config.recv_timeout,
+        min_body_rate: config.min_body_rate,
         metrics: metrics.clone(),
     };
 

@@ -43,28 +43,83 @@ use crate::{
     },
 };
 
-/// Longest a summary waits for the cache (a connection, a lookup, a write) before going on
-/// without it: the cache only saves work, so it must not hold a request for the pool's 5 s
-/// acquire timeout while the database is slow or down. Generous for a healthy database.
+/// Default for how long a summary waits for the cache (a connection, a lookup, a write) before
+/// going on without it (`--cache-wait`): the cache only saves work, so it must not hold a
+/// request for the pool's 5 s acquire timeout while the database is slow or down. Generous
+/// for a healthy database.
 pub const CACHE_WAIT: Duration = Duration::from_secs(1);
 
 /// How long the cache is left alone after it failed or was too slow, so that an outage costs
-/// one [`CACHE_WAIT`] per this period instead of one per request.
+/// one wait (`--cache-wait`) per this period instead of one per request.
 pub const CACHE_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Whether the cache is worth trying now: closed for [`CACHE_BACKOFF`] after a failure.
-#[derive(Debug, Default)]
+/// Whether the cache is worth trying now: closed for [`CACHE_BACKOFF`] after a failure, or
+/// after a step that took longer than `wait`.
+#[derive(Debug)]
 struct Breaker {
+    wait: Duration,
     closed_until: Mutex<Option<Instant>>,
 }
 
+impl Default for Breaker {
+    fn default() -> Self {
+        Self::new(CACHE_WAIT)
+    }
+}
+
 impl Breaker {
+    fn new(wait: Duration) -> Self {
+        Self {
+            wait,
+            closed_until: Mutex::new(None),
+        }
+    }
+
     fn usable(&self) -> bool {
         let closed = self
             .closed_until
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         closed.is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// When a cache step started now must end: after the wait, and never after half of the
+    /// caller's time left (`deadline`), so that the cache, which only saves work, cannot take
+    /// most of a short call's time.
+    fn limit(&self, deadline: Instant) -> Instant {
+        let now = Instant::now();
+        (now + self.wait).min(now + deadline.saturating_duration_since(now) / 2)
+    }
+
+    /// Runs one cache step (`what`: connection, read, write) until [`Breaker::limit`]: its
+    /// value, or `None` when the cache is closed, or the step failed or was cut off. A
+    /// failure closes the cache, and so does a step cut off after half the wait, whichever
+    /// limit cut it: a healthy database answers far sooner, and a hung one must close the
+    /// cache even when only callers with little time left meet it. A step cut off sooner (a
+    /// caller with very little time) leaves it open.
+    async fn step<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        deadline: Instant,
+        step: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Option<T> {
+        if !self.usable() {
+            return None;
+        }
+        let start = Instant::now();
+        match tokio::time::timeout_at(self.limit(deadline), step).await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(error)) => {
+                self.trip(what, &error);
+                None
+            }
+            Err(elapsed) => {
+                if start.elapsed() >= self.wait / 2 {
+                    self.trip(what, &elapsed);
+                }
+                None
+            }
+        }
     }
 
     fn trip(&self, what: &str, error: &dyn std::fmt::Display) {
@@ -173,6 +228,12 @@ impl Summaries {
         }
     }
 
+    /// The same summaries waiting at most `wait` for each cache step (default [`CACHE_WAIT`]).
+    pub fn with_cache_wait(mut self, wait: Duration) -> Self {
+        self.breaker = Arc::new(Breaker::new(wait));
+        self
+    }
+
     /// The store behind stored input and the cache.
     pub fn store(&self) -> &Store {
         &self.store
@@ -215,18 +276,10 @@ impl Summaries {
                     let keyed = keyed && !self.pipeline.is_local();
                     // The cache is an optimisation: with the database slow or down an inline
                     // summary still runs (and identical ones still run once), uncached.
-                    let store = if keyed && self.breaker.usable() {
-                        match tokio::time::timeout(CACHE_WAIT, self.store.get()).await {
-                            Ok(Ok(store)) => Some(store),
-                            Ok(Err(error)) => {
-                                self.breaker.trip("connection", &error);
-                                None
-                            }
-                            Err(elapsed) => {
-                                self.breaker.trip("connection", &elapsed);
-                                None
-                            }
-                        }
+                    let store = if keyed {
+                        self.breaker
+                            .step("connection", deadline, self.store.get())
+                            .await
                     } else {
                         None
                     };
@@ -258,7 +311,7 @@ impl Summaries {
         let key = self.summary_key(&*source, options).await?;
         if let Some(store) = &store
             && !options.bypass_cache
-            && let Some(mut summary) = self.cached(&**store, &key).await
+            && let Some(mut summary) = self.cached(&**store, &key, deadline).await
         {
             // The key covers the summarized entries only; how many more match may have
             // changed since (new imports beyond `max_entries`).
@@ -275,6 +328,7 @@ impl Summaries {
                     breaker: self.breaker.clone(),
                     ttl: self.cache_ttl,
                     read: !options.bypass_cache,
+                    deadline,
                 }) as Arc<dyn ChunkMemo>
             })
         });
@@ -282,7 +336,12 @@ impl Summaries {
         // cache key leaves out `disable_fallback` (only non-degraded answers are cached), but a
         // degraded fallback answer is not what a caller that disabled fallback asked for, nor
         // is UNAVAILABLE what a caller that allowed fallback would have got.
-        let flight_key = format!("{key}/fallback:{}", !options.disable_fallback);
+        // Nor is an answer built from cached chunk insights what a caller that bypassed the
+        // cache asked for.
+        let flight_key = format!(
+            "{key}/fallback:{}/bypass:{}",
+            !options.disable_fallback, options.bypass_cache
+        );
         loop {
             match self.join(&flight_key) {
                 Flight::Follow(mut outcome) => {
@@ -326,11 +385,19 @@ impl Summaries {
                         .pipeline
                         .summarize_source(&*source, memo.as_deref(), options, deadline, on_chunk)
                         .await;
+                    // As long as a cache step may take (`Breaker::limit`): the answer is
+                    // ready and must not wait, or miss its deadline, for the sake of the cache
+                    // (rereading the stored entries, a slow write).
                     if let (Ok(summary), Some(store)) = (&outcome, &store)
                         && !summary.degraded
-                        && self.still_keyed(&*source, options, &key).await
+                        && tokio::time::timeout_at(
+                            self.breaker.limit(deadline),
+                            self.still_keyed(&*source, options, &key),
+                        )
+                        .await
+                        .unwrap_or(false)
                     {
-                        self.store_summary(&**store, &key, summary).await;
+                        self.store_summary(&**store, &key, summary, deadline).await;
                     }
                     flight.land(Outcome {
                         budget,
@@ -406,8 +473,13 @@ impl Summaries {
     }
 
     /// The cached summary under `key`, marked as such; `None` on a miss or a cache failure.
-    async fn cached(&self, store: &dyn FeedbackStore, key: &str) -> Option<FeedbackSummary> {
-        let text = cache_read(&self.breaker, store, CacheTable::Summary, key).await?;
+    async fn cached(
+        &self,
+        store: &dyn FeedbackStore,
+        key: &str,
+        deadline: Instant,
+    ) -> Option<FeedbackSummary> {
+        let text = cache_read(&self.breaker, store, CacheTable::Summary, key, deadline).await?;
         let mut summary: FeedbackSummary = serde_json::from_str(&text)
             .inspect_err(|error| tracing::warn!(%error, "unreadable cached summary ignored"))
             .ok()?;
@@ -417,18 +489,22 @@ impl Summaries {
     }
 
     /// Writes `summary` to the cache (see [`cache_write`]).
-    async fn store_summary(&self, store: &dyn FeedbackStore, key: &str, summary: &FeedbackSummary) {
+    async fn store_summary(
+        &self,
+        store: &dyn FeedbackStore,
+        key: &str,
+        summary: &FeedbackSummary,
+        deadline: Instant,
+    ) {
         match serde_json::to_string(summary) {
             Ok(text) => {
-                cache_write(
-                    &self.breaker,
-                    store,
-                    CacheTable::Summary,
+                let entry = CacheEntry {
+                    table: CacheTable::Summary,
                     key,
-                    &text,
-                    self.cache_ttl,
-                )
-                .await;
+                    value: &text,
+                    ttl: self.cache_ttl,
+                };
+                cache_write(&self.breaker, store, entry, deadline).await;
             }
             Err(error) => tracing::warn!(%error, "cannot encode a summary for the cache"),
         }
@@ -586,6 +662,8 @@ struct CacheMemo {
     ttl: Duration,
     /// `false` under `bypass_cache`: fresh insights are still written.
     read: bool,
+    /// The call's deadline, which no cache step outlasts.
+    deadline: Instant,
 }
 
 impl ChunkMemo for CacheMemo {
@@ -594,7 +672,14 @@ impl ChunkMemo for CacheMemo {
             if !self.read {
                 return None;
             }
-            let text = cache_read(&self.breaker, &*self.store, CacheTable::Chunk, key).await?;
+            let text = cache_read(
+                &self.breaker,
+                &*self.store,
+                CacheTable::Chunk,
+                key,
+                self.deadline,
+            )
+            .await?;
             serde_json::from_str(&text).ok()
         })
     }
@@ -602,70 +687,51 @@ impl ChunkMemo for CacheMemo {
     fn remember<'a>(&'a self, key: &'a str, insight: &'a ChunkInsight) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             if let Ok(text) = serde_json::to_string(insight) {
-                cache_write(
-                    &self.breaker,
-                    &*self.store,
-                    CacheTable::Chunk,
+                let entry = CacheEntry {
+                    table: CacheTable::Chunk,
                     key,
-                    &text,
-                    self.ttl,
-                )
-                .await;
+                    value: &text,
+                    ttl: self.ttl,
+                };
+                cache_write(&self.breaker, &*self.store, entry, self.deadline).await;
             }
         })
     }
 }
 
 /// The cached value under `key`, or `None` on a miss, when the cache is closed, or when it
-/// failed or took longer than [`CACHE_WAIT`] (which closes it for [`CACHE_BACKOFF`]).
+/// failed or took too long ([`Breaker::step`]).
 async fn cache_read(
     breaker: &Breaker,
     store: &dyn FeedbackStore,
     table: CacheTable,
     key: &str,
+    deadline: Instant,
 ) -> Option<String> {
-    if !breaker.usable() {
-        return None;
-    }
-    match tokio::time::timeout(CACHE_WAIT, store.cache_get(table, key, SystemTime::now())).await {
-        Ok(Ok(value)) => value,
-        Ok(Err(error)) => {
-            breaker.trip("read", &error);
-            None
-        }
-        Err(elapsed) => {
-            breaker.trip("read", &elapsed);
-            None
-        }
-    }
+    let read = store.cache_get(table, key, SystemTime::now());
+    breaker.step("read", deadline, read).await.flatten()
 }
 
-/// Stores `value` under `key` for `ttl`, waiting at most [`CACHE_WAIT`]: a write stuck
-/// behind another writer's lock is abandoned (rolled back) rather than delay the reply, and
-/// closes the cache for [`CACHE_BACKOFF`]. Awaited, not spawned, so the next identical
-/// request finds what this one computed.
+/// One value for the cache: `value` under `key` in `table`, kept for `ttl`.
+struct CacheEntry<'a> {
+    table: CacheTable,
+    key: &'a str,
+    value: &'a str,
+    ttl: Duration,
+}
+
+/// Stores `entry` within the breaker's wait and `deadline` ([`Breaker::step`]): a write stuck
+/// behind another writer's lock is abandoned (rolled back) rather than delay the reply.
+/// Awaited, not spawned, so the next identical request finds what this one computed.
 async fn cache_write(
     breaker: &Breaker,
     store: &dyn FeedbackStore,
-    table: CacheTable,
-    key: &str,
-    value: &str,
-    ttl: Duration,
+    entry: CacheEntry<'_>,
+    deadline: Instant,
 ) {
-    if !breaker.usable() {
-        return;
-    }
     let now = SystemTime::now();
-    match tokio::time::timeout(
-        CACHE_WAIT,
-        store.cache_put(table, key, value, now, now + ttl),
-    )
-    .await
-    {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => breaker.trip("write", &error),
-        Err(elapsed) => breaker.trip("write", &elapsed),
-    }
+    let write = store.cache_put(entry.table, entry.key, entry.value, now, now + entry.ttl);
+    breaker.step("write", deadline, write).await;
 }
 
 /// Deletes expired cache rows every `every` until the process ends; a failed pass (database
@@ -700,5 +766,49 @@ mod tests {
         assert!(!breaker.usable());
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(breaker.usable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cache_step_ends_at_the_wait_or_half_the_time_left_and_a_long_one_closes_the_cache() {
+        let slow = |by: u64| async move {
+            tokio::time::sleep(Duration::from_millis(by)).await;
+            Ok::<_, std::io::Error>(by)
+        };
+        let far = Instant::now() + Duration::from_secs(60);
+        let breaker = Breaker::new(Duration::from_secs(3));
+        // Within the configured wait (longer than the default second): answered.
+        assert_eq!(breaker.step("read", far, slow(2_500)).await, Some(2_500));
+        assert!(breaker.usable());
+
+        // A caller with 400 ms left: the step is cut at half of it, and the cache stays open
+        // (200 ms says nothing about the database).
+        let start = Instant::now();
+        let soon = start + Duration::from_millis(400);
+        assert_eq!(breaker.step("read", soon, slow(2_500)).await, None);
+        assert_eq!(start.elapsed(), Duration::from_millis(200));
+        assert!(breaker.usable());
+
+        // A caller with 4 s left meets a hung database: cut at 2 s, half its time, which is
+        // past half the wait: closed, though the caller's time rather than the wait cut it.
+        let start = Instant::now();
+        let later = start + Duration::from_secs(4);
+        assert_eq!(breaker.step("connection", later, slow(60_000)).await, None);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        assert!(!breaker.usable());
+        // Closed: not even tried.
+        assert_eq!(breaker.step("read", far, slow(1)).await, None);
+
+        // Slower than the wait: cut at the wait, and closed.
+        let patient = Breaker::new(Duration::from_secs(3));
+        let start = Instant::now();
+        assert_eq!(patient.step("write", far, slow(4_000)).await, None);
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        assert!(!patient.usable());
+
+        // A failure closes it too.
+        let failing = Breaker::new(Duration::from_secs(3));
+        let refused = async { Err::<(), _>(std::io::Error::other("connection refused")) };
+        assert_eq!(failing.step("connection", far, refused).await, None);
+        assert!(!failing.usable());
     }
 }

@@ -294,11 +294,21 @@ async fn a_cache_hit_makes_no_backend_call_and_bypass_cache_recomputes() {
             .await
             .unwrap()
             .into_inner();
-        let mut events = 0;
-        while let Some(_event) = stream.message().await.unwrap() {
-            events += 1;
+        let mut indexes = Vec::new();
+        let mut summary = None;
+        while let Some(event) = stream.message().await.unwrap() {
+            assert!(summary.is_none(), "nothing after the summary: {event:?}");
+            match event.event {
+                Some(pb::summary_event::Event::Chunk(chunk)) => indexes.push(chunk.index),
+                Some(pb::summary_event::Event::Summary(s)) => summary = Some(s),
+                None => panic!("an empty event"),
+            }
         }
-        assert_eq!(events, 3, "two chunks and the summary");
+        indexes.sort_unstable();
+        assert_eq!(indexes, [0, 1], "each chunk once");
+        let summary = summary.expect("the summary, last");
+        assert!(summary.cached);
+        assert_eq!(summary.summary, first.summary);
         assert_eq!(gemini.fake.request_count(), 3);
 
         // bypass_cache skips reading: the chunks and the reduce are computed again.
@@ -476,6 +486,33 @@ async fn a_shared_computation_respects_each_callers_fallback_choice() {
             }
         }
     }
+    server.shutdown().await.unwrap();
+}
+
+/// A caller that set `bypass_cache` does not take the answer of an identical computation in
+/// flight that reads the cache (its chunks may come from it): it computes afresh.
+#[tokio::test]
+async fn a_caller_that_bypasses_the_cache_computes_its_own_answer_beside_an_identical_flight() {
+    let db = Db::sqlite();
+    let (gemini, server, channel) = slow_gemini(&db, Duration::from_millis(400), None).await;
+    let call = |bypass_cache: bool| {
+        let mut client = InsightServiceClient::new(channel.clone());
+        let mut request = ten_entries("gina", false);
+        request.options.as_mut().unwrap().bypass_cache = bypass_cache;
+        tokio::spawn(async move { client.summarize_feedback(request).await })
+    };
+    let leader = call(false);
+    leading(&gemini, 0).await;
+    let bypassing = call(true);
+    let leader = leader.await.unwrap().unwrap().into_inner();
+    let bypassing = bypassing.await.unwrap().unwrap().into_inner();
+    assert_eq!(leader.usage.unwrap_or_default().llm_calls, 3);
+    assert_eq!(
+        bypassing.usage.unwrap_or_default().llm_calls,
+        3,
+        "computed afresh: {bypassing:?}"
+    );
+    assert_eq!(gemini.fake.request_count(), 6);
     server.shutdown().await.unwrap();
 }
 

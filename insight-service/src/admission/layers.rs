@@ -537,6 +537,9 @@ pub struct MemoryGate {
     pub max_message_size: u64,
     /// `--recv-timeout`: the longest wait for the next bytes of a request body.
     pub recv_timeout: Duration,
+    /// `--min-body-rate`: the slowest average rate, in bytes per second, at which a heavy
+    /// call's message must arrive after the `recv_timeout` grace.
+    pub min_body_rate: u64,
     /// Shared counters.
     pub metrics: Arc<AdmissionMetrics>,
 }
@@ -570,6 +573,7 @@ async fn next_frame_within(
             Some(Err(admission_status(&AdmissionError::RecvTooSlow {
                 len: by.len,
                 within: by.within,
+                rate: gate.min_body_rate,
             })))
         }
         Err(_) => Some(Err(gate.recv_stalled())),
@@ -577,7 +581,7 @@ async fn next_frame_within(
 }
 
 /// When what the gate reads of a heavy call must have arrived: its prefix within
-/// `--recv-timeout` of the call's start, its whole message [`MIN_BODY_RATE`] later than that.
+/// `--recv-timeout` of the call's start, its whole message `--min-body-rate` later than that.
 #[derive(Clone, Copy, Debug)]
 struct ReadBy {
     at: Instant,
@@ -597,9 +601,10 @@ impl ReadBy {
         }
     }
 
-    /// The bound of a whole message of `len` bytes of the same call.
-    fn message(self, len: u64) -> Self {
-        let more = Duration::from_secs_f64(len as f64 / super::MIN_BODY_RATE as f64);
+    /// The bound of a whole message of `len` bytes of the same call, at `rate` bytes per
+    /// second (at least 1: the flag's parser refuses less).
+    fn message(self, len: u64, rate: u64) -> Self {
+        let more = Duration::from_secs_f64(len as f64 / rate.max(1) as f64);
         Self {
             at: self.at + more,
             len,
@@ -1025,7 +1030,14 @@ impl Gate for MemoryGate {
             let (body, more) = match shape {
                 None => (self.replay(path, frames, false, body), None),
                 Some(shape) => match self
-                    .count_and_charge(path, shape, frames, body, wanted, by.message(len))
+                    .count_and_charge(
+                        path,
+                        shape,
+                        frames,
+                        body,
+                        wanted,
+                        by.message(len, self.min_body_rate),
+                    )
                     .await
                 {
                     Ok(counted) => counted,
@@ -1462,12 +1474,22 @@ pub(super) mod tests {
         budget: u64,
         metrics: Arc<AdmissionMetrics>,
     ) -> (MemoryLayer, Arc<MemoryBudget>) {
+        memory_layer_at(budget, metrics, crate::admission::MIN_BODY_RATE)
+    }
+
+    /// [`memory_layer`] with `--min-body-rate` at `rate`.
+    fn memory_layer_at(
+        budget: u64,
+        metrics: Arc<AdmissionMetrics>,
+        rate: u64,
+    ) -> (MemoryLayer, Arc<MemoryBudget>) {
         let budget = MemoryBudget::new(budget);
         let layer = MemoryLayer::new(MemoryGate {
             budget: budget.clone(),
             estimator: ESTIMATOR,
             max_message_size: 4 << 20,
             recv_timeout: Duration::from_secs(10),
+            min_body_rate: rate,
             metrics,
         });
         (layer, budget)
@@ -1989,7 +2011,10 @@ pub(super) mod tests {
         let status = status(response);
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
         assert!(status.message().contains("100-byte"), "{status:?}");
-        assert!(status.message().contains("256 KiB/s"), "{status:?}");
+        assert!(
+            status.message().contains("256 KiB per second"),
+            "{status:?}"
+        );
         let bound = Duration::from_secs(10) + Duration::from_secs_f64(100.0 / (256.0 * 1024.0));
         assert!(
             start.elapsed() >= bound && start.elapsed() < Duration::from_secs(11),
@@ -2007,6 +2032,29 @@ pub(super) mod tests {
         let (_req, respond) = handle.next_request().await.unwrap();
         respond.send_response(ok());
         assert_eq!(call.await.unwrap().unwrap().status(), http::StatusCode::OK);
+
+        // A lower --min-body-rate (1 KiB/s) gives the same message its share at that rate.
+        let (inner, _handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (layer, budget) = memory_layer_at(64 << 20, metrics.clone(), 1024);
+        let slow = layer.layer(inner);
+        let start = Instant::now();
+        let response = tokio::time::timeout(
+            Duration::from_secs(60),
+            slow.oneshot(trickle(&message, 1, Duration::from_secs(9))),
+        )
+        .await
+        .expect("cut off within a minute")
+        .unwrap();
+        let cut = tokio_test_support::status(response);
+        assert_eq!(cut.code(), tonic::Code::DeadlineExceeded, "{cut:?}");
+        assert!(cut.message().contains("1 KiB per second"), "{cut:?}");
+        let bound = Duration::from_secs(10) + Duration::from_secs_f64(100.0 / 1024.0);
+        assert!(
+            start.elapsed() >= bound && start.elapsed() < Duration::from_secs(11),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(budget.in_use(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -67,9 +67,10 @@ pub fn is_client_streaming(path: &str) -> bool {
 /// connection, until the deadline.
 pub const LIGHT_MAX_MESSAGE_BYTES: u64 = 64 * 1024;
 
-/// Slowest average rate at which a heavy call's request message must arrive, after a grace of
-/// `--recv-timeout`: a 4 MiB message has 16 s more. Peers of an internal service send far
-/// faster; a client this slow holds a heavy slot for nothing.
+/// Default slowest average rate, in bytes per second, at which a heavy call's request message
+/// must arrive after a grace of `--recv-timeout` (`--min-body-rate`): a 4 MiB message has 16 s
+/// more. Peers of an internal service send far faster; a client this slow holds a heavy slot
+/// for nothing.
 pub const MIN_BODY_RATE: u64 = 256 * 1024;
 
 /// What memory admission reserved for a call (its message's estimate and counted elements),
@@ -165,18 +166,21 @@ pub enum AdmissionError {
         /// `--recv-timeout`.
         after: Duration,
     },
-    /// A heavy call's request message arrived slower than [`MIN_BODY_RATE`] after the grace of
-    /// `--recv-timeout`: a body trickling a byte at a time would otherwise hold its slot until
-    /// `--request-timeout`, each byte just inside the receive timeout.
+    /// A heavy call's request message arrived slower than `--min-body-rate` after the grace
+    /// of `--recv-timeout`: a body trickling a byte at a time would otherwise hold its slot
+    /// until `--request-timeout`, each byte just inside the receive timeout.
     #[error(
         "the {len}-byte request message did not arrive within {within:?} (--recv-timeout, \
-         then at least 256 KiB/s)"
+         then at least {} per second: --min-body-rate)",
+        ByteSize(*rate)
     )]
     RecvTooSlow {
         /// The message's declared length.
         len: u64,
         /// The time it had.
         within: Duration,
+        /// The least rate, bytes per second.
+        rate: u64,
     },
     /// The caller's deadline or `--request-timeout` passed.
     #[error("deadline of {after:?} exceeded")]
@@ -288,6 +292,22 @@ pub fn default_budget(cgroup_limit: u64, system_total: u64) -> u64 {
     }
 }
 
+/// A byte count shown in the largest unit [`parse_bytes`] reads back exactly (`256 KiB`,
+/// `1000 B`), for messages that name a flag's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0;
+        let (value, unit) = [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")]
+            .into_iter()
+            .find(|&(factor, _)| n >= factor && n.is_multiple_of(factor))
+            .map_or((n, "B"), |(factor, unit)| (n / factor, unit));
+        write!(f, "{value} {unit}")
+    }
+}
+
 /// Parses a byte size: a number with an optional KiB/MiB/GiB (or K/M/G, KB/MB/GB as powers of
 /// two) suffix, e.g. "128MiB". `0` means automatic.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
@@ -315,6 +335,22 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_sizes_show_in_the_largest_exact_unit_and_parse_back() {
+        for (n, shown) in [
+            (0, "0 B"),
+            (1000, "1000 B"),
+            (1024, "1 KiB"),
+            (256 << 10, "256 KiB"),
+            (1536, "1536 B"),
+            (3 << 20, "3 MiB"),
+            (2 << 30, "2 GiB"),
+        ] {
+            assert_eq!(ByteSize(n).to_string(), shown);
+            assert_eq!(parse_bytes(&shown.replace(' ', "")), Ok(n));
+        }
+    }
 
     #[test]
     fn heavy_methods_are_classified() {

@@ -27,9 +27,17 @@ fn bounded(mut message: String) -> String {
     message
 }
 
+/// Longest provider-asked delay passed on as RetryInfo. A provider's `Retry-After` is
+/// whatever it sent (a far-future date, a typo of many digits); a client that honours
+/// RetryInfo would stop calling for that long, so the advice is capped where waiting longer
+/// stops being advice about a transient throttle.
+const MAX_PROVIDER_DELAY: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
 /// Maps a pipeline error to the status of the error contract, with machine-readable details:
-/// a `BadRequest` field violation for bad input, an `ErrorInfo` naming the backend when the
-/// LLM is unavailable.
+/// a `BadRequest` field violation for bad input; when the LLM is unavailable, an `ErrorInfo`
+/// naming the backend and the kind of its last failure (`cause`: `rate_limited`, `auth`, …),
+/// and a `RetryInfo` when the provider asked for a delay (a throttled caller that resends at
+/// once only prolongs the throttling).
 pub fn to_status(error: PipelineError) -> Status {
     match error {
         PipelineError::InvalidArgument { field, reason } => {
@@ -37,13 +45,22 @@ pub fn to_status(error: PipelineError) -> Status {
             let details = ErrorDetails::with_bad_request_violation(field, reason);
             Status::with_error_details(Code::InvalidArgument, message, details)
         }
-        PipelineError::BackendUnavailable { backend, message } => {
+        PipelineError::BackendUnavailable {
+            backend,
+            message,
+            cause,
+            retry_after,
+        } => {
             let text = bounded(format!("the {backend} backend is unavailable: {message}"));
-            let details = ErrorDetails::with_error_info(
-                "BACKEND_UNAVAILABLE",
-                DOMAIN,
-                [("backend".to_owned(), backend)],
-            );
+            let mut metadata = std::collections::HashMap::from([("backend".to_owned(), backend)]);
+            if let Some(cause) = cause {
+                metadata.insert("cause".to_owned(), cause.to_owned());
+            }
+            let mut details =
+                ErrorDetails::with_error_info("BACKEND_UNAVAILABLE", DOMAIN, metadata);
+            if let Some(delay) = retry_after.filter(|delay| !delay.is_zero()) {
+                details.set_retry_info(Some(delay.min(MAX_PROVIDER_DELAY)));
+            }
             Status::with_error_details(Code::Unavailable, text, details)
         }
         error @ PipelineError::DeadlineExceeded { .. } => {
@@ -94,10 +111,11 @@ pub fn music_status(error: MusicError) -> Status {
         error @ MusicError::NoStoredPlays { .. } => Status::not_found(bounded(error.to_string())),
         MusicError::Store(error) => store_status(error),
         MusicError::Refused(error) => admission_status(&error),
-        MusicError::BackendUnavailable { source } => to_status(PipelineError::BackendUnavailable {
-            backend: source.backend().to_owned(),
-            message: source.to_string(),
-        }),
+        MusicError::BackendUnavailable { source } => to_status(PipelineError::backend_failed(
+            source.backend(),
+            &source,
+            None,
+        )),
         error @ MusicError::DeadlineExceeded { .. } => {
             Status::deadline_exceeded(bounded(error.to_string()))
         }
@@ -227,17 +245,60 @@ mod tests {
     }
 
     #[test]
-    fn backend_unavailable_names_the_backend() {
+    fn backend_unavailable_names_the_backend_the_cause_and_the_asked_delay() {
         let status = to_status(PipelineError::BackendUnavailable {
             backend: "gemini".into(),
-            message: "timeout".into(),
+            message: "no chunk succeeded".into(),
+            cause: None,
+            retry_after: None,
         });
         assert_eq!(status.code(), Code::Unavailable);
         assert!(status.message().contains("gemini"));
-        let info = status.get_error_details().error_info().cloned();
-        assert_eq!(
-            info.and_then(|i| i.metadata.get("backend").cloned()),
-            Some("gemini".to_owned())
-        );
+        let details = status.get_error_details();
+        let info = details.error_info().cloned().unwrap();
+        assert_eq!(info.reason, "BACKEND_UNAVAILABLE");
+        assert_eq!(info.metadata.get("backend").unwrap(), "gemini");
+        assert!(!info.metadata.contains_key("cause"), "{info:?}");
+        assert!(details.retry_info().is_none());
+
+        let throttled = crate::llm::LlmError::RateLimited {
+            backend: "gemini".into(),
+            retry_after: Some(std::time::Duration::from_secs(38)),
+            message: "quota exceeded".into(),
+        };
+        let status = to_status(PipelineError::backend_failed("gemini", &throttled, None));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("quota exceeded"), "{status:?}");
+        let details = status.get_error_details();
+        let info = details.error_info().cloned().unwrap();
+        assert_eq!(info.metadata.get("cause").unwrap(), "rate_limited");
+        let delay = details.retry_info().and_then(|r| r.retry_delay);
+        assert_eq!(delay, Some(std::time::Duration::from_secs(38)));
+
+        // A provider's absurd delay is passed on capped.
+        let forever = crate::llm::LlmError::RateLimited {
+            backend: "gemini".into(),
+            retry_after: Some(std::time::Duration::from_secs(99_999_999)),
+            message: "quota exceeded".into(),
+        };
+        let status = to_status(PipelineError::backend_failed("gemini", &forever, None));
+        let delay = status
+            .get_error_details()
+            .retry_info()
+            .and_then(|r| r.retry_delay);
+        assert_eq!(delay, Some(MAX_PROVIDER_DELAY));
+
+        // A bad key: the cause says so, and no delay (waiting does not help).
+        let refused = music_status(MusicError::BackendUnavailable {
+            source: crate::llm::LlmError::Auth {
+                backend: "openai".into(),
+                message: "invalid key".into(),
+            },
+        });
+        let details = refused.get_error_details();
+        let info = details.error_info().cloned().unwrap();
+        assert_eq!(info.metadata.get("backend").unwrap(), "openai");
+        assert_eq!(info.metadata.get("cause").unwrap(), "auth");
+        assert!(details.retry_info().is_none());
     }
 }

@@ -40,7 +40,7 @@ use crate::{
 /// the field path, e.g. `history.plays[3].artist`, `max_words`, `input`);
 /// [`MusicError::NoStoredPlays`] → NOT_FOUND (a `user_id` without plays);
 /// [`MusicError::Refused`] → RESOURCE_EXHAUSTED (the budget cannot hold the reading);
-/// [`MusicError::BackendUnavailable`] → UNAVAILABLE naming `source.backend()`;
+/// [`MusicError::BackendUnavailable`] → UNAVAILABLE naming `source.backend()` and its cause;
 /// [`MusicError::DeadlineExceeded`] → DEADLINE_EXCEEDED.
 pub async fn analyze_request(
     request: pb::AnalyzeMusicRequest,

@@ -159,12 +159,15 @@ impl Drop for AbortOnDrop {
 /// The events a summary task sends, up to its final message (the summary or an error status).
 /// A task that ended without one (it panicked) ends the stream with INTERNAL: a stream that
 /// simply stopped would reach the client as OK with no summary. `guard` stops the task when
-/// the client goes away (the stream is dropped).
+/// the client goes away (the stream is dropped). `reading`, the memory reserved for a summary
+/// of stored entries, is held until the stream ends: the events the task has queued for a
+/// slow reader (every chunk insight, then the summary repeating them) are that memory.
 fn summary_events(
     rx: tokio::sync::mpsc::UnboundedReceiver<Result<pb::SummaryEvent, Status>>,
     guard: AbortOnDrop,
+    reading: Option<Reservation>,
 ) -> impl Stream<Item = Result<pb::SummaryEvent, Status>> + Send + 'static {
-    futures::stream::unfold(Some((rx, guard)), |state| async move {
+    futures::stream::unfold(Some((rx, (guard, reading))), |state| async move {
         let (mut rx, guard) = state?;
         let Some(event) = rx.recv().await else {
             tracing::error!("a summary stream's task ended without its final message");
@@ -255,7 +258,6 @@ impl InsightService for InsightGrpc {
         let summaries = self.summaries.clone();
         let max_message_size = self.max_message_size;
         let task = tokio::spawn(async move {
-            let _reading = reading;
             let chunks = tx.clone();
             let summarized = summaries.summarize(request, deadline, None, move |chunk| {
                 let event = Event::Chunk(chunk.clone().into());
@@ -283,7 +285,7 @@ impl InsightService for InsightGrpc {
             let _ = tx.send(last);
         });
         let guard = AbortOnDrop(task.abort_handle());
-        Ok(Response::new(Box::pin(summary_events(rx, guard))))
+        Ok(Response::new(Box::pin(summary_events(rx, guard, reading))))
     }
 
     #[tracing::instrument(skip(self, request))]
@@ -413,7 +415,7 @@ mod tests {
     ) -> Vec<Result<pb::SummaryEvent, Status>> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(async move { work(tx) });
-        summary_events(rx, AbortOnDrop(task.abort_handle()))
+        summary_events(rx, AbortOnDrop(task.abort_handle()), None)
             .collect()
             .await
     }
@@ -441,7 +443,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_summary_stream_ends_at_its_final_message() {
+    async fn a_summary_stream_ends_at_its_final_message_and_holds_its_reading_until_then() {
         // The summary: nothing is added after it, even while the task still holds the sender.
         let summary = Ok(pb::SummaryEvent {
             event: Some(Event::Summary(pb::FeedbackSummary::default())),
@@ -451,11 +453,26 @@ mod tests {
         for event in [chunk(1), chunk(0), summary] {
             tx.send(event).unwrap();
         }
-        let events: Vec<_> = summary_events(rx, AbortOnDrop(task.abort_handle()))
-            .collect()
-            .await;
-        assert_eq!(events.len(), 3, "{events:?}");
-        assert!(events.iter().all(Result::is_ok));
+        // The reading reserved for the summary, held while queued events wait for the reader
+        // (the task is long done), given back when the stream ends.
+        let budget = MemoryBudget::new(1 << 20);
+        let reading = budget.try_reserve(4096).unwrap();
+        let mut stream = std::pin::pin!(summary_events(
+            rx,
+            AbortOnDrop(task.abort_handle()),
+            Some(reading)
+        ));
+        let mut events = Vec::new();
+        let within = std::time::Duration::from_secs(10);
+        for _ in 0..3 {
+            assert_eq!(budget.in_use(), 4096, "held while events are queued");
+            let next = tokio::time::timeout(within, stream.next()).await.unwrap();
+            events.push(next.expect("three events"));
+        }
+        let end = tokio::time::timeout(within, stream.next()).await;
+        assert!(matches!(end, Ok(None)), "the stream ends after the summary");
+        assert_eq!(budget.in_use(), 0, "given back when the stream ended");
+        assert!(events.iter().all(Result::is_ok), "{events:?}");
         // An error status is final too.
         let events = events_of(|tx| {
             let _ = tx.send(chunk(0));

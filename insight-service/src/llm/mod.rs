@@ -188,6 +188,23 @@ impl LlmError {
         }
     }
 
+    /// The kind of failure as a stable word for machines (the `cause` of the status's
+    /// ErrorInfo): callers can tell a throttled provider from a bad key without parsing the
+    /// message.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Self::Auth { .. } => "auth",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::BadRequest { .. } => "bad_request",
+            Self::Server { .. } => "server_error",
+            Self::Connect { .. } => "connect",
+            Self::Timeout { .. } => "timeout",
+            Self::TooLarge { .. } => "too_large",
+            Self::Blocked { .. } => "blocked",
+            Self::Malformed { .. } => "malformed",
+        }
+    }
+
     /// Whether trying the same call again may succeed (429, 5xx, connect errors).
     pub fn is_retryable(&self) -> bool {
         matches!(
@@ -285,4 +302,87 @@ pub trait LlmBackend: Send + Sync + 'static {
         &'a self,
         request: ReduceRequest<'a>,
     ) -> BoxFuture<'a, Result<SummaryDraft, LlmError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The causes are part of the status contract (ErrorInfo metadata `cause`, listed in the
+    /// README): clients match on these words, so they must not drift.
+    #[test]
+    fn every_failure_kind_has_its_documented_cause() {
+        let backend = || "gemini".to_owned();
+        let message = || "m".to_owned();
+        for (error, cause) in [
+            (
+                LlmError::Auth {
+                    backend: backend(),
+                    message: message(),
+                },
+                "auth",
+            ),
+            (
+                LlmError::RateLimited {
+                    backend: backend(),
+                    retry_after: None,
+                    message: message(),
+                },
+                "rate_limited",
+            ),
+            (
+                LlmError::BadRequest {
+                    backend: backend(),
+                    message: message(),
+                },
+                "bad_request",
+            ),
+            (
+                LlmError::Server {
+                    backend: backend(),
+                    status: 500,
+                    retry_after: None,
+                    message: message(),
+                },
+                "server_error",
+            ),
+            (
+                LlmError::Connect {
+                    backend: backend(),
+                    message: message(),
+                },
+                "connect",
+            ),
+            (
+                LlmError::Timeout {
+                    backend: backend(),
+                    message: message(),
+                },
+                "timeout",
+            ),
+            (
+                LlmError::TooLarge {
+                    backend: backend(),
+                    limit: 1,
+                },
+                "too_large",
+            ),
+            (
+                LlmError::Blocked {
+                    backend: backend(),
+                    message: message(),
+                },
+                "blocked",
+            ),
+            (
+                LlmError::Malformed {
+                    backend: backend(),
+                    message: message(),
+                },
+                "malformed",
+            ),
+        ] {
+            assert_eq!(error.cause(), cause, "{error:?}");
+        }
+    }
 }

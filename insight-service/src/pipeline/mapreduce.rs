@@ -232,6 +232,8 @@ impl Pipeline {
         let Mapped {
             mut chunks,
             timed_out,
+            failure,
+            retry_after,
         } = self
             .map(
                 &*self.backend,
@@ -264,7 +266,11 @@ impl Pipeline {
         // Every chunk refused or broken by the backend (none merely out of time): the backend
         // is the cause, even if its retries used up the deadline meanwhile.
         if failed == chunks.len() && timed_out == 0 && no_fallback {
-            return Err(every_chunk_failed(&*self.backend, &chunks));
+            return Err(every_chunk_failed(
+                &*self.backend,
+                failure.as_ref(),
+                retry_after,
+            ));
         }
         if Instant::now() >= deadline {
             let completed = chunks.len() - failed;
@@ -274,12 +280,12 @@ impl Pipeline {
             });
         }
         if failed == chunks.len() {
-            let error = every_chunk_failed(&*self.backend, &chunks);
+            let error = every_chunk_failed(&*self.backend, failure.as_ref(), retry_after);
             if no_fallback {
                 return Err(error);
             }
             tracing::warn!(%error, "every chunk failed; falling back to local");
-            chunks = self
+            let fallen = self
                 .map(
                     &*self.fallback,
                     source,
@@ -290,8 +296,8 @@ impl Pipeline {
                     &unbilled,
                     &mut on_chunk,
                 )
-                .await?
-                .chunks;
+                .await?;
+            chunks = fallen.chunks;
             // The fallback's chunks can fail too (out of time: a store re-read that was slow);
             // a reduce over none of them would be an OK answer about zero entries.
             if chunks.iter().all(|c| c.status == ChunkStatus::Failed) {
@@ -301,7 +307,7 @@ impl Pipeline {
                         total: chunks.len(),
                     }
                 } else {
-                    every_chunk_failed(&*self.fallback, &chunks)
+                    every_chunk_failed(&*self.fallback, fallen.failure.as_ref(), fallen.retry_after)
                 });
             }
             backend = self.fallback.clone();
@@ -336,10 +342,7 @@ impl Pipeline {
             if matches!(error, LlmError::Timeout { .. }) && Instant::now() >= deadline {
                 PipelineError::DeadlineExceeded { completed, total }
             } else {
-                PipelineError::BackendUnavailable {
-                    backend: backend.name().to_owned(),
-                    message: error.to_string(),
-                }
+                PipelineError::backend_failed(backend.name(), &error, None)
             }
         };
 
@@ -432,6 +435,9 @@ impl Pipeline {
         };
         let mut done: Vec<Option<ChunkInsight>> = Vec::new();
         let mut timed_out = 0;
+        // The failure the status will report if every chunk fails, with its chunk's index.
+        let mut reported: Option<(u32, LlmError)> = None;
+        let mut retry_after = None;
         let results = chunks
             .enumerate()
             .map(|(index, chunk)| async move {
@@ -456,8 +462,18 @@ impl Pipeline {
         let mut pacer = Pacer::new();
         while let Some(mapped) = results.next().await {
             pacer.step().await;
-            let (insight, out_of_time) = mapped?;
-            timed_out += usize::from(out_of_time);
+            let (insight, failure) = mapped?;
+            if let Some(failure) = failure {
+                timed_out += usize::from(matches!(failure, LlmError::Timeout { .. }));
+                retry_after = retry_after.max(failure.retry_after());
+                let index = insight.index;
+                if reported
+                    .as_ref()
+                    .is_none_or(|(at, other)| explains_better(&failure, index, other, *at))
+                {
+                    reported = Some((index, failure));
+                }
+            }
             on_chunk(&insight);
             let index = insight.index as usize;
             if done.len() <= index {
@@ -468,11 +484,13 @@ impl Pipeline {
         Ok(Mapped {
             chunks: done.into_iter().flatten().collect(),
             timed_out,
+            failure: reported.map(|(_, failure)| failure),
+            retry_after,
         })
     }
 
     /// One chunk: the memo's answer if it has one, else a call, retried once on failure while
-    /// the deadline allows; and whether it failed for want of time.
+    /// the deadline allows; and, when it failed, its last error.
     #[allow(clippy::too_many_arguments)]
     async fn map_chunk(
         &self,
@@ -483,7 +501,7 @@ impl Pipeline {
         limits: ChunkLimits,
         deadline: Instant,
         usage: &UsageMeter,
-    ) -> (ChunkInsight, bool) {
+    ) -> (ChunkInsight, Option<LlmError>) {
         let key = memo.map(|_| {
             let cut = prompts::cut_share(chunk, limits.budget);
             chunk_key(
@@ -498,9 +516,9 @@ impl Pipeline {
             && let Some(mut insight) = memo.recall(key).await
         {
             insight.index = index;
-            return (insight, false);
+            return (insight, None);
         }
-        let (insight, timed_out) = self
+        let (insight, failure) = self
             .call_chunk(backend, index, chunk, limits, deadline, usage)
             .await;
         if let (Some(memo), Some(key)) = (memo, &key)
@@ -508,12 +526,12 @@ impl Pipeline {
         {
             memo.remember(key, &insight).await;
         }
-        (insight, timed_out)
+        (insight, failure)
     }
 
-    /// One chunk's backend call, retried once on failure while the deadline allows; and
-    /// whether it failed for want of time (its last error a timeout) rather than because the
-    /// backend refused or broke.
+    /// One chunk's backend call, retried once on failure while the deadline allows; and, when
+    /// it failed, its last error (a timeout when it failed for want of time rather than
+    /// because the backend refused or broke).
     ///
     /// Both tries share one `--llm-timeout` from the first one's start ("retries included",
     /// like the transport's own retries), and a retry after a server error or a refused
@@ -527,7 +545,7 @@ impl Pipeline {
         limits: ChunkLimits,
         deadline: Instant,
         usage: &UsageMeter,
-    ) -> (ChunkInsight, bool) {
+    ) -> (ChunkInsight, Option<LlmError>) {
         let entry_ids: Vec<String> = chunk.iter().map(|e| e.id.clone()).collect();
         let mut last_error: Option<LlmError> = None;
         let call_deadline = deadline.min(Instant::now() + self.cfg().llm_timeout);
@@ -567,7 +585,7 @@ impl Pipeline {
                         status: ChunkStatus::Ok,
                         error: None,
                     };
-                    return (insight, false);
+                    return (insight, None);
                 }
                 Err(error) => {
                     tracing::warn!(chunk = index, attempt, %error, "chunk failed");
@@ -579,7 +597,6 @@ impl Pipeline {
                 }
             }
         }
-        let timed_out = matches!(last_error, Some(LlmError::Timeout { .. }));
         let insight = ChunkInsight {
             index,
             entry_ids,
@@ -587,9 +604,9 @@ impl Pipeline {
             themes: Vec::new(),
             sentiment: Sentiment::default(),
             status: ChunkStatus::Failed,
-            error: last_error.map(|e| e.to_string()),
+            error: last_error.as_ref().map(ToString::to_string),
         };
-        (insight, timed_out)
+        (insight, last_error)
     }
 
     /// Reduces `chunks` to one summary. While their text exceeds the prompt budget, groups
@@ -792,6 +809,11 @@ fn level_bytes(level: &[ChunkInsight]) -> usize {
 struct Mapped {
     chunks: Vec<ChunkInsight>,
     timed_out: usize,
+    /// The failure that explains best why chunks failed ([`explains_better`]), for the status
+    /// if every chunk failed.
+    failure: Option<LlmError>,
+    /// The longest delay any failed chunk's provider asked for.
+    retry_after: Option<Duration>,
 }
 
 /// Consecutive groups whose reduce prompt fits `budget` bytes, each of at least two insights
@@ -817,16 +839,44 @@ fn group_by_budget(level: Vec<ChunkInsight>, budget: usize) -> Vec<Vec<ChunkInsi
     groups
 }
 
-/// UNAVAILABLE naming `backend`, for which every one of `chunks` failed, with the last error
-/// it gave.
-fn every_chunk_failed(backend: &dyn LlmBackend, chunks: &[ChunkInsight]) -> PipelineError {
-    PipelineError::BackendUnavailable {
-        backend: backend.name().to_owned(),
-        message: chunks
-            .iter()
-            .rev()
-            .find_map(|c| c.error.clone())
-            .unwrap_or_else(|| "no chunk succeeded".to_owned()),
+/// Whether failure `a` (of chunk `a_index`) should be reported rather than `b` (of chunk
+/// `b_index`) when every chunk fails: one status names one cause, so it names the one that
+/// decides what the caller should do. A refusal that no retry fixes (a bad key, a refused
+/// request or prompt, an answer over the size cap) comes first, since waiting is pointless
+/// while it lasts; then throttling, then a provider or connection failure, then a broken
+/// answer, then a timeout. Between equals the later chunk wins, so the choice does not depend
+/// on which call happened to end last.
+fn explains_better(a: &LlmError, a_index: u32, b: &LlmError, b_index: u32) -> bool {
+    fn rank(error: &LlmError) -> u8 {
+        match error {
+            LlmError::Auth { .. }
+            | LlmError::BadRequest { .. }
+            | LlmError::TooLarge { .. }
+            | LlmError::Blocked { .. } => 0,
+            LlmError::RateLimited { .. } => 1,
+            LlmError::Server { .. } | LlmError::Connect { .. } => 2,
+            LlmError::Malformed { .. } => 3,
+            LlmError::Timeout { .. } => 4,
+        }
+    }
+    (rank(a), std::cmp::Reverse(a_index)) < (rank(b), std::cmp::Reverse(b_index))
+}
+
+/// UNAVAILABLE naming `backend`, for which every chunk failed, with the failure that explains
+/// it best and the longest delay any of them asked for.
+fn every_chunk_failed(
+    backend: &dyn LlmBackend,
+    last: Option<&LlmError>,
+    retry_after: Option<Duration>,
+) -> PipelineError {
+    match last {
+        Some(error) => PipelineError::backend_failed(backend.name(), error, retry_after),
+        None => PipelineError::BackendUnavailable {
+            backend: backend.name().to_owned(),
+            message: "no chunk succeeded".to_owned(),
+            cause: None,
+            retry_after,
+        },
     }
 }
 
@@ -1414,6 +1464,23 @@ mod tests {
                 .unwrap();
             assert!(summary.degraded && summary.backend.starts_with("local (fallback"));
             assert_eq!(refusing.1.load(Ordering::SeqCst), tries, "{error:?}");
+
+            // Without the fallback the caller hears the cause, and the provider's delay.
+            let mut strict = options(5, 5);
+            strict.disable_fallback = true;
+            match pipeline.summarize(entries(5), strict, far()).await {
+                Err(PipelineError::BackendUnavailable {
+                    backend,
+                    cause,
+                    retry_after,
+                    ..
+                }) => {
+                    assert_eq!(backend, "refusing");
+                    assert_eq!(cause, Some(error.cause()), "{error:?}");
+                    assert_eq!(retry_after, error.retry_after(), "{error:?}");
+                }
+                other => panic!("{error:?}: expected BackendUnavailable, got {other:?}"),
+            }
         }
     }
 
@@ -1474,11 +1541,109 @@ mod tests {
             .await
             .unwrap_err();
         match err {
-            PipelineError::BackendUnavailable { backend, message } => {
+            PipelineError::BackendUnavailable {
+                backend,
+                message,
+                cause,
+                retry_after,
+            } => {
                 assert_eq!(backend, "scripted");
                 assert!(message.contains("503"), "{message}");
+                assert_eq!(cause, Some("server_error"));
+                assert_eq!(retry_after, None, "the 503s asked for no delay");
             }
             other => panic!("expected BackendUnavailable, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn when_every_chunk_fails_the_status_names_the_cause_that_decides_what_to_do() {
+        /// Fails chunk `i` with the `i`-th error of its table.
+        struct Failing(Vec<LlmError>);
+        impl LlmBackend for Failing {
+            fn name(&self) -> &str {
+                "failing"
+            }
+            fn model(&self) -> &str {
+                "m"
+            }
+            fn summarize_chunk<'a>(
+                &'a self,
+                request: ChunkRequest<'a>,
+            ) -> futures::future::BoxFuture<'a, Result<ChunkDraft, LlmError>> {
+                Box::pin(std::future::ready(Err(
+                    self.0[request.index as usize].clone()
+                )))
+            }
+            fn reduce<'a>(
+                &'a self,
+                _: ReduceRequest<'a>,
+            ) -> futures::future::BoxFuture<'a, Result<SummaryDraft, LlmError>> {
+                unreachable!("no chunk succeeds")
+            }
+        }
+        let throttled = |secs| LlmError::RateLimited {
+            backend: "failing".into(),
+            retry_after: Some(Duration::from_secs(secs)),
+            message: format!("quota, retry in {secs}s"),
+        };
+        let auth = LlmError::Auth {
+            backend: "failing".into(),
+            message: "bad key".into(),
+        };
+        let server = |retry_after| LlmError::Server {
+            backend: "failing".into(),
+            status: 503,
+            retry_after,
+            message: "overloaded".into(),
+        };
+        let timeout = LlmError::Timeout {
+            backend: "failing".into(),
+            message: "stalled".into(),
+        };
+        for (errors, cause, delay, says) in [
+            // The longest delay any chunk was asked for, not the first's or the last's.
+            (
+                vec![throttled(7), throttled(38), throttled(12)],
+                "rate_limited",
+                Some(38),
+                "retry in 12s",
+            ),
+            // A bad key decides: waiting does not help, whatever another chunk was told.
+            (
+                vec![throttled(38), auth.clone(), server(None)],
+                "auth",
+                None,
+                "bad key",
+            ),
+            (
+                vec![
+                    timeout.clone(),
+                    server(Some(Duration::from_secs(5))),
+                    timeout,
+                ],
+                "server_error",
+                Some(5),
+                "overloaded",
+            ),
+        ] {
+            let pipeline = Pipeline::new(Arc::new(Failing(errors)), PipelineConfig::default());
+            let mut strict = options(5, 15);
+            strict.disable_fallback = true;
+            match pipeline.summarize(entries(15), strict, far()).await {
+                Err(PipelineError::BackendUnavailable {
+                    cause: got,
+                    retry_after,
+                    message,
+                    ..
+                }) => {
+                    assert_eq!(got, Some(cause), "{message}");
+                    assert_eq!(retry_after, delay.map(Duration::from_secs), "{message}");
+                    // Equal causes: the later chunk's message, whichever call ended last.
+                    assert!(message.contains(says), "{message}");
+                }
+                other => panic!("expected BackendUnavailable, got {other:?}"),
+            }
         }
     }
 
@@ -1499,6 +1664,16 @@ mod tests {
         );
         // Two map calls and the failed reduce; the local reduce costs nothing.
         assert_eq!(summary.usage.llm_calls, 3);
+
+        // Without the fallback the reduce's failure is the status's cause.
+        let mut strict = options(5, 10);
+        strict.disable_fallback = true;
+        match pipeline.summarize(entries(10), strict, far()).await {
+            Err(PipelineError::BackendUnavailable { cause, message, .. }) => {
+                assert_eq!(cause, Some("timeout"), "{message}");
+            }
+            other => panic!("expected BackendUnavailable, got {other:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]

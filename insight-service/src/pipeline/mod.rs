@@ -49,6 +49,12 @@ pub enum PipelineError {
         backend: String,
         /// The last error it gave.
         message: String,
+        /// That error's kind ([`LlmError::cause`](crate::llm::LlmError::cause)), when a
+        /// call failed (rather than, say, no chunk being tried).
+        cause: Option<&'static str>,
+        /// The longest delay the provider asked for before another try (a 429's or 5xx's
+        /// `Retry-After` or RetryInfo): a caller must not resend sooner.
+        retry_after: Option<std::time::Duration>,
     },
     /// The caller's deadline (or the server's request timeout) passed before an answer.
     #[error("deadline exceeded after {completed} of {total} chunks")]
@@ -64,6 +70,27 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// [`PipelineError::BackendUnavailable`] for `backend`, whose failure was `error`, asking
+    /// callers to wait at least `retry_after` (or what `error` asked for) when waiting can
+    /// help: after a bad key or a refused request no delay is given, whatever another chunk's
+    /// provider asked for, since a caller that waits and resends fails the same way.
+    pub fn backend_failed(
+        backend: impl Into<String>,
+        error: &crate::llm::LlmError,
+        retry_after: Option<std::time::Duration>,
+    ) -> Self {
+        Self::BackendUnavailable {
+            backend: backend.into(),
+            message: error.to_string(),
+            cause: Some(error.cause()),
+            retry_after: if error.is_retryable() {
+                retry_after.max(error.retry_after())
+            } else {
+                None
+            },
+        }
+    }
+
     /// An [`PipelineError::InvalidArgument`] for `field`.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::InvalidArgument {

@@ -584,6 +584,12 @@ impl SummaryGemini {
             llm_max_retries: 0,
             database_url: insight_service::store::DatabaseUrl::parse(db.url())
                 .expect("a valid database url"),
+            // Tests that expect a cache hit run beside compiles and other tests: a cache
+            // write that took over the default 1 s there closed the cache and the next call
+            // missed. The most the flag allows (the store's own 5 s limit); a database that
+            // is down now holds an uncached inline summary up to that long (the pool retries
+            // a refused connection until then).
+            cache_wait: insight_service::store::ACQUIRE_TIMEOUT,
             ..insight_service::Config::default()
         }
     }

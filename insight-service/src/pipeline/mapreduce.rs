@@ -108,7 +108,8 @@ impl Pipeline {
 
     /// The tuning in force now: under elevated (or critical) memory pressure, one map call at a
     /// time and half the prompt budget (chunks smaller in bytes: what a call holds), instead of
-    /// refusing work. Not fewer entries per chunk: for short entries that saves no memory, and
+    /// refusing work. Runs already going follow the parallelism at once ([`CallSlots`]); their
+    /// chunks keep the budget they were cut with. Not fewer entries per chunk: for short entries that saves no memory, and
     /// it would double the calls and the chunk insights held, push a large reply over the
     /// message limit, and make a job resumed at another level miss its checkpoints.
     pub fn cfg(&self) -> PipelineConfig {
@@ -438,10 +439,13 @@ impl Pipeline {
         // The failure the status will report if every chunk fails, with its chunk's index.
         let mut reported: Option<(u32, LlmError)> = None;
         let mut retry_after = None;
+        let slots = CallSlots::new(self);
+        let slots = &slots;
         let results = chunks
             .enumerate()
             .map(|(index, chunk)| async move {
                 let chunk = chunk.map_err(PipelineError::Source)?;
+                let _slot = slots.acquire().await;
                 Ok::<_, PipelineError>(
                     self.map_chunk(
                         backend,
@@ -455,7 +459,9 @@ impl Pipeline {
                     .await,
                 )
             })
-            .buffer_unordered(self.cfg().map_parallelism.max(1));
+            // As many as the configured parallelism may be started; `slots` holds them to
+            // the parallelism in force as pressure changes.
+            .buffer_unordered(self.config.map_parallelism.max(1));
         let mut results = std::pin::pin!(results);
         // Local chunks complete without ever waiting: thousands of them would otherwise be
         // summarized in one poll of the worker (see `crate::cpu`).
@@ -628,6 +634,8 @@ impl Pipeline {
                 break;
             }
             let groups = group_by_budget(level.into_owned(), budget);
+            let slots = CallSlots::new(self);
+            let slots = &slots;
             let drafts: Vec<Result<(SummaryDraft, Sentiment, usize), LlmError>> =
                 stream::iter(groups)
                     .map(|mut group| async move {
@@ -640,6 +648,7 @@ impl Pipeline {
                             };
                             return Ok((draft, lone.sentiment, lone.entry_ids.len()));
                         }
+                        let _slot = slots.acquire().await;
                         let draft = self
                             .reduce_once(backend, &group, PARTIAL_SUMMARY_WORDS, deadline, usage)
                             .await?;
@@ -647,7 +656,7 @@ impl Pipeline {
                         let entries = group.iter().map(|c| c.entry_ids.len()).sum();
                         Ok((draft, sentiment, entries))
                     })
-                    .buffered(self.cfg().map_parallelism.max(1))
+                    .buffered(self.config.map_parallelism.max(1))
                     .collect()
                     .await;
             let mut next = Vec::with_capacity(drafts.len());
@@ -806,6 +815,76 @@ fn level_bytes(level: &[ChunkInsight]) -> usize {
 
 /// What the map step produced: the chunk insights by index, and how many failed for want of
 /// time rather than because the backend refused or broke.
+/// Holds a run's parallel backend calls (map calls, a level's partial reduces) to the
+/// parallelism in force ([`Pipeline::cfg`]), re-read whenever a call ends or the pressure
+/// level changes: a long run (thousands of chunks, a background job) started at Normal drops
+/// to one call at a time when pressure rises, and goes back up when it falls, instead of
+/// keeping the parallelism it started with to the end.
+struct CallSlots<'a> {
+    pipeline: &'a Pipeline,
+    running: std::sync::atomic::AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+/// One call's place in [`CallSlots`], given back on drop.
+struct CallSlot<'s, 'a>(&'s CallSlots<'a>);
+
+impl Drop for CallSlot<'_, '_> {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.freed.notify_waiters();
+    }
+}
+
+impl<'a> CallSlots<'a> {
+    fn new(pipeline: &'a Pipeline) -> Self {
+        Self {
+            pipeline,
+            running: std::sync::atomic::AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A place for one call, once fewer calls run than the parallelism in force.
+    async fn acquire(&self) -> CallSlot<'_, 'a> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut pressure = self.pipeline.pressure.clone();
+        loop {
+            // Registered before the check, so a slot freed in between is not missed.
+            let freed = self.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            let limit = self.pipeline.cfg().map_parallelism.max(1);
+            let running = self.running.load(SeqCst);
+            if running < limit {
+                if self
+                    .running
+                    .compare_exchange(running, running + 1, SeqCst, SeqCst)
+                    .is_ok()
+                {
+                    return CallSlot(self);
+                }
+                continue;
+            }
+            let level_changed = async {
+                if let Some(pressure) = pressure.as_mut()
+                    && pressure.changed().await.is_ok()
+                {
+                    return;
+                }
+                // No pressure signal (or its sender gone): only a freed slot matters.
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                () = freed => {}
+                () = level_changed => {}
+            }
+        }
+    }
+}
+
 struct Mapped {
     chunks: Vec<ChunkInsight>,
     timed_out: usize,
@@ -1288,6 +1367,35 @@ mod tests {
             2,
             "the whole entry is asked about, not the cut one remembered"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_in_progress_follows_the_pressure_level_in_its_parallelism() {
+        // 12 chunks of 100 ms each, 4 at a time at Normal.
+        let backend = Arc::new(Scripted::new(|_| 100, |_, _| false));
+        let (tx, rx) = watch::channel(Pressure::Normal);
+        let pipeline = Pipeline::new(backend.clone(), PipelineConfig::default()).with_pressure(rx);
+        let run = tokio::spawn({
+            let pipeline = pipeline.clone();
+            async move { pipeline.summarize(entries(60), options(5, 60), far()).await }
+        });
+        let in_flight = || backend.in_flight.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(in_flight(), 4);
+        // Pressure rises mid-run: the four calls running finish, and the next ones go one at a
+        // time.
+        tx.send_replace(Pressure::Elevated);
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(in_flight(), 1, "one call at a time under pressure");
+        }
+        // It falls again: back to four at a time.
+        tx.send_replace(Pressure::Normal);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(in_flight(), 4, "the run goes back to its parallelism");
+        let summary = run.await.unwrap().unwrap();
+        assert_eq!(summary.entries_used, 60);
+        assert!(!summary.degraded);
     }
 
     #[tokio::test(start_paused = true)]

@@ -94,8 +94,16 @@ pub async fn follow(url: String, tx: watch::Sender<Pressure>) {
         if opened.elapsed() >= STABLE_AFTER {
             failures = 0;
         }
-        if failures == 0 {
-            tracing::warn!(%url, reason = %outcome, "lost the monitor's alert stream; reconnecting");
+        // Said again every tenth failed attempt in a row (about every 5 minutes at the
+        // longest backoff), so that an operator reading the log of a monitor that never
+        // answered does not take the extra signal for working.
+        if failures.is_multiple_of(10) {
+            tracing::warn!(
+                %url,
+                reason = %outcome,
+                attempts = failures + 1,
+                "no alert stream from the monitor (its pressure signal is off meanwhile); retrying"
+            );
         } else {
             tracing::debug!(%url, reason = %outcome, "monitor still unreachable");
         }

@@ -252,11 +252,12 @@ pub struct Config {
 
     /// Longest a summary waits on the insight cache (getting a connection, a lookup, a write)
     /// before it goes on without it, and never more than half the call's time left. A step
-    /// that fails, or takes half this long, leaves the cache unused for 30 s: the cache only
-    /// saves work, so a slow or unreachable database must not hold every request. Raise it
-    /// for a distant database; at most 5 s, the store's own limit on waiting for a
-    /// connection or a write lock, past which a longer wait changes nothing.
-    #[arg(long, env = "INSIGHT_CACHE_WAIT", default_value = "1s", value_parser = within(Duration::from_millis(1), crate::store::ACQUIRE_TIMEOUT))]
+    /// that fails or outlasts this wait (or three in a row, none answered, that outlast
+    /// their callers' half-time) leaves the cache unused for 30 s: the cache only saves work,
+    /// so a slow or unreachable database must not hold every request. Raise it for a distant
+    /// database; 50 ms to 5 s, the store's own limit on waiting for a connection or a write
+    /// lock, past which a longer wait changes nothing.
+    #[arg(long, env = "INSIGHT_CACHE_WAIT", default_value = "1s", value_parser = within(CACHE_WAIT_RANGE.0, CACHE_WAIT_RANGE.1))]
     pub cache_wait: Duration,
 
     /// Background job workers in this process; 0 = accept jobs but leave running them to
@@ -292,6 +293,10 @@ fn at_least(min: Duration) -> impl Fn(&str) -> Result<Duration, String> + Clone 
 /// The longest timeout or interval a flag accepts: a day, far beyond any useful setting, and
 /// short enough that adding it to the clock can never overflow.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// The range of `--cache-wait`.
+const CACHE_WAIT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(50), crate::store::ACQUIRE_TIMEOUT);
 
 /// The range of `--pressure-interval`.
 const PRESSURE_INTERVAL: (Duration, Duration) =
@@ -443,6 +448,9 @@ impl Config {
         let interval = self.pressure_interval;
         check_within(interval, PRESSURE_INTERVAL.0, PRESSURE_INTERVAL.1)
             .map_err(|must| format!("--pressure-interval ({interval:?}) {must}"))?;
+        let wait = self.cache_wait;
+        check_within(wait, CACHE_WAIT_RANGE.0, CACHE_WAIT_RANGE.1)
+            .map_err(|must| format!("--cache-wait ({wait:?}) {must}"))?;
         if let Some(url) = &self.monitor_url {
             parse_monitor_url(url).map_err(|error| format!("--monitor-url ({url}): {error}"))?;
         }
@@ -676,6 +684,7 @@ mod tests {
             ("--llm-max-response-bytes", "0", "at least 1024 bytes"),
             ("--llm-max-response-bytes", "1GiB", "at most 67108864 bytes"),
             ("--cache-wait", "0s", "at least"),
+            ("--cache-wait", "10ms", "at least 50ms"),
             ("--min-body-rate", "100", "at least 1024 bytes"),
             ("--min-body-rate", "2GiB", "at most"),
             ("--cache-wait", "6s", "at most"),
@@ -780,6 +789,13 @@ mod tests {
                     ..Config::default()
                 },
                 "--pressure-interval",
+            ),
+            (
+                Config {
+                    cache_wait: Duration::ZERO,
+                    ..Config::default()
+                },
+                "--cache-wait",
             ),
             (
                 Config {

@@ -246,7 +246,7 @@ pub async fn run(
         // too, against 64 KiB: they take no slot and no budget) are checked against
         // --max-message-size from their prefixes here, a body cut short or without its
         // message is INVALID_ARGUMENT, and one that sends nothing for --recv-timeout while
-        // it is read, or a heavy message slower than 256 KiB/s after that grace, ends
+        // it is read, or a heavy message slower than --min-body-rate after that grace, ends
         // DEADLINE_EXCEEDED (a slow-loris client would hold its slot).
         .option_layer(protect.then(|| MemoryLayer::new(memory)))
         .into_inner();

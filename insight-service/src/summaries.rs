@@ -53,13 +53,22 @@ pub const CACHE_WAIT: Duration = Duration::from_secs(1);
 /// one wait (`--cache-wait`) per this period instead of one per request.
 pub const CACHE_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Whether the cache is worth trying now: closed for [`CACHE_BACKOFF`] after a failure, or
-/// after a step that took longer than `wait`.
+/// Whether the cache is worth trying now: closed for [`CACHE_BACKOFF`] after a failure, a
+/// step cut off by `wait`, or [`CUT_SHORT_TRIP`] steps in a row cut off by their callers'
+/// time (see [`Breaker::step`]).
 #[derive(Debug)]
 struct Breaker {
     wait: Duration,
     closed_until: Mutex<Option<Instant>>,
+    /// Steps cut off by their caller's time since the last step that answered.
+    cut_short: std::sync::atomic::AtomicU32,
 }
+
+/// Steps in a row cut off by their callers' time (none answering in between) that close the
+/// cache: a healthy database answers a cache step in milliseconds, so a step outlasting half a
+/// caller's time now and then is that caller's short deadline, but several in a row, with
+/// none answered, are a database that hangs.
+const CUT_SHORT_TRIP: u32 = 3;
 
 impl Default for Breaker {
     fn default() -> Self {
@@ -72,6 +81,7 @@ impl Breaker {
         Self {
             wait,
             closed_until: Mutex::new(None),
+            cut_short: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -93,28 +103,34 @@ impl Breaker {
 
     /// Runs one cache step (`what`: connection, read, write) until [`Breaker::limit`]: its
     /// value, or `None` when the cache is closed, or the step failed or was cut off. A
-    /// failure closes the cache, and so does a step cut off after half the wait, whichever
-    /// limit cut it: a healthy database answers far sooner, and a hung one must close the
-    /// cache even when only callers with little time left meet it. A step cut off sooner (a
-    /// caller with very little time) leaves it open.
+    /// failure closes the cache, and so does a step cut off by the wait. A step cut off by
+    /// its caller's time leaves it open unless [`CUT_SHORT_TRIP`] such steps came in a row
+    /// with none answered in between, so that a hung database closes the cache even when
+    /// only callers with little time meet it, while a database that is merely slower than a
+    /// short caller's half-time never does.
     async fn step<T, E: std::fmt::Display>(
         &self,
         what: &str,
         deadline: Instant,
         step: impl std::future::Future<Output = Result<T, E>>,
     ) -> Option<T> {
+        use std::sync::atomic::Ordering::Relaxed;
         if !self.usable() {
             return None;
         }
-        let start = Instant::now();
-        match tokio::time::timeout_at(self.limit(deadline), step).await {
-            Ok(Ok(value)) => Some(value),
+        let own = Instant::now() + self.wait;
+        let limit = self.limit(deadline);
+        match tokio::time::timeout_at(limit, step).await {
+            Ok(Ok(value)) => {
+                self.cut_short.store(0, Relaxed);
+                Some(value)
+            }
             Ok(Err(error)) => {
                 self.trip(what, &error);
                 None
             }
             Err(elapsed) => {
-                if start.elapsed() >= self.wait / 2 {
+                if limit >= own || self.cut_short.fetch_add(1, Relaxed) + 1 >= CUT_SHORT_TRIP {
                     self.trip(what, &elapsed);
                 }
                 None
@@ -123,6 +139,8 @@ impl Breaker {
     }
 
     fn trip(&self, what: &str, error: &dyn std::fmt::Display) {
+        self.cut_short
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(%error, "insight cache {what} failed; not using it for {CACHE_BACKOFF:?}");
         *self
             .closed_until
@@ -385,17 +403,14 @@ impl Summaries {
                         .pipeline
                         .summarize_source(&*source, memo.as_deref(), options, deadline, on_chunk)
                         .await;
-                    // As long as a cache step may take (`Breaker::limit`): the answer is
-                    // ready and must not wait, or miss its deadline, for the sake of the cache
-                    // (rereading the stored entries, a slow write).
+                    // The answer is ready and must not miss its deadline for the sake of the
+                    // cache: rereading the stored entries (thousands of rows may take
+                    // seconds) gets half the time left, the write a cache step's.
                     if let (Ok(summary), Some(store)) = (&outcome, &store)
                         && !summary.degraded
-                        && tokio::time::timeout_at(
-                            self.breaker.limit(deadline),
-                            self.still_keyed(&*source, options, &key),
-                        )
-                        .await
-                        .unwrap_or(false)
+                        && self
+                            .still_keyed_within(&*source, options, &key, deadline)
+                            .await
                     {
                         self.store_summary(&**store, &key, summary, deadline).await;
                     }
@@ -448,6 +463,29 @@ impl Summaries {
             pacer.step().await;
         }
         Ok(hex(&hasher.finalize()))
+    }
+
+    /// [`Summaries::still_keyed`] within half the time left before `deadline`; `false` (not
+    /// cached, logged) when the re-read takes longer.
+    async fn still_keyed_within(
+        &self,
+        source: &dyn EntrySource,
+        options: SummaryOptions,
+        key: &str,
+        deadline: Instant,
+    ) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let checked = self.still_keyed(source, options, key);
+        match tokio::time::timeout(left / 2, checked).await {
+            Ok(same) => same,
+            Err(_) => {
+                tracing::info!(
+                    within = ?left / 2,
+                    "re-reading the stored entries took too long; the summary is not cached"
+                );
+                false
+            }
+        }
     }
 
     /// Whether `source` still has the entries `key` was computed from. Stored entries may
@@ -769,7 +807,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_cache_step_ends_at_the_wait_or_half_the_time_left_and_a_long_one_closes_the_cache() {
+    async fn a_cache_step_ends_at_the_wait_or_half_the_time_left_and_a_hung_database_closes_it() {
         let slow = |by: u64| async move {
             tokio::time::sleep(Duration::from_millis(by)).await;
             Ok::<_, std::io::Error>(by)
@@ -787,14 +825,18 @@ mod tests {
         assert_eq!(breaker.step("read", soon, slow(2_500)).await, None);
         assert_eq!(start.elapsed(), Duration::from_millis(200));
         assert!(breaker.usable());
+        // A step that answers in between starts the count again.
+        assert_eq!(breaker.step("read", far, slow(10)).await, Some(10));
 
-        // A caller with 4 s left meets a hung database: cut at 2 s, half its time, which is
-        // past half the wait: closed, though the caller's time rather than the wait cut it.
-        let start = Instant::now();
-        let later = start + Duration::from_secs(4);
-        assert_eq!(breaker.step("connection", later, slow(60_000)).await, None);
-        assert_eq!(start.elapsed(), Duration::from_secs(2));
-        assert!(!breaker.usable());
+        // Callers with 4 s left meet a hung database: each is cut at 2 s, half its time,
+        // before the 3 s wait; the third in a row with none answered closes the cache.
+        for closes in [false, false, true] {
+            let start = Instant::now();
+            let later = start + Duration::from_secs(4);
+            assert_eq!(breaker.step("connection", later, slow(60_000)).await, None);
+            assert_eq!(start.elapsed(), Duration::from_secs(2));
+            assert_eq!(breaker.usable(), !closes);
+        }
         // Closed: not even tried.
         assert_eq!(breaker.step("read", far, slow(1)).await, None);
 

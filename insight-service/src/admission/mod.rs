@@ -8,7 +8,7 @@
 //! ([`stall`]), so what the call holds is not held for as long as the client stays connected;
 //! a request body that stops arriving ends its call after `--recv-timeout`, for the same
 //! reason, and a heavy call's message that trickles in (each byte just inside that timeout)
-//! once it is slower than [`MIN_BODY_RATE`] after that grace.
+//! once it is slower than `--min-body-rate` after that grace.
 //!
 //! Knows no tonic statuses: `grpc::error::admission_status` maps the errors.
 

@@ -172,11 +172,13 @@ pub async fn run(
         config.jobs_config(),
     );
     jobs.spawn_workers(drain.clone());
+    let metrics = Arc::new(AdmissionMetrics::default());
     let service = grpc::InsightGrpc::new(
         summaries,
         jobs,
         backends.generator.clone(),
         protect.then(|| budget.clone()),
+        metrics.clone(),
         &config,
     );
     // Connect and migrate at start, so a fresh machine gets its SQLite file on first start
@@ -203,7 +205,6 @@ pub async fn run(
         .max_encoding_message_size(max_message);
     let (reflection_v1, reflection_v1alpha) = reflection_services(INSIGHT_DESCRIPTOR_SET)?;
 
-    let metrics = Arc::new(AdmissionMetrics::default());
     let limiter = Limiter::with_pressure(
         config.max_concurrency as usize,
         config.queue_depth as usize,

@@ -17,7 +17,7 @@ use super::{
     store::filter_from_proto,
 };
 use crate::{
-    admission::{AdmissionError, Charged, MemoryBudget, budget::Reservation},
+    admission::{AdmissionError, AdmissionMetrics, Charged, MemoryBudget, budget::Reservation},
     jobs::Jobs,
     llm::Generator,
     music::DEFAULT_MAX_PLAYS,
@@ -38,6 +38,9 @@ pub struct InsightGrpc {
     /// The memory budget the admission layer charges (none with protection off): summaries
     /// of stored entries reserve their reading memory from it too.
     budget: Option<Arc<MemoryBudget>>,
+    /// The admission layers' counters: a reading the budget cannot hold is refused here, and
+    /// counted with the layer's own MEMORY_BUDGET refusals.
+    metrics: Arc<AdmissionMetrics>,
     max_entries_cap: u32,
     max_message_size: usize,
     request_timeout: Duration,
@@ -61,6 +64,7 @@ impl InsightGrpc {
         jobs: Jobs,
         generator: Option<Arc<dyn Generator>>,
         budget: Option<Arc<MemoryBudget>>,
+        metrics: Arc<AdmissionMetrics>,
         config: &crate::Config,
     ) -> Self {
         Self {
@@ -68,6 +72,7 @@ impl InsightGrpc {
             jobs,
             generator,
             budget,
+            metrics,
             max_entries_cap: config.max_entries_cap,
             max_message_size: usize::try_from(config.max_message_size).unwrap_or(usize::MAX),
             request_timeout: config.request_timeout,
@@ -133,7 +138,16 @@ impl InsightGrpc {
         budget
             .try_reserve(stored_extra_bytes(&request.options))
             .map(Some)
-            .map_err(|refused| admission_status(&refused.beside(held)))
+            .map_err(|refused| self.refused(&refused.beside(held)))
+    }
+
+    /// The status of a reservation the budget refused here, counted as a MEMORY_BUDGET
+    /// refusal like the admission layer's own.
+    fn refused(&self, error: &AdmissionError) -> Status {
+        self.metrics
+            .shed_memory
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        admission_status(error)
     }
 }
 
@@ -308,7 +322,10 @@ impl InsightService for InsightGrpc {
             self.budget.as_ref().map(|budget| (budget, held)),
         )
         .await
-        .map_err(music_status)?;
+        .map_err(|error| match error {
+            crate::music::MusicError::Refused(refused) => self.refused(&refused),
+            other => music_status(other),
+        })?;
         Ok(Response::new(analysis))
     }
 
@@ -418,6 +435,54 @@ mod tests {
         summary_events(rx, AbortOnDrop(task.abort_handle()), None)
             .collect()
             .await
+    }
+
+    /// An adapter over the offline pipeline, with a memory budget of `budget` bytes and a
+    /// store it never reaches in these tests (refusals come first).
+    fn adapter(budget: u64) -> (InsightGrpc, Arc<AdmissionMetrics>) {
+        let config = crate::Config::default();
+        let pipeline = crate::pipeline::Pipeline::new(
+            Arc::new(crate::llm::local::LocalBackend::new()),
+            crate::pipeline::PipelineConfig::default(),
+        );
+        let store = Store::new(config.database_url.clone(), false);
+        let summaries = Summaries::new(pipeline, store, config.cache_ttl);
+        let jobs = Jobs::new(summaries.clone(), None, config.jobs_config());
+        let metrics = Arc::new(AdmissionMetrics::default());
+        let budget = Some(MemoryBudget::new(budget));
+        let grpc = InsightGrpc::new(summaries, jobs, None, budget, metrics.clone(), &config);
+        (grpc, metrics)
+    }
+
+    #[tokio::test]
+    async fn readings_the_budget_cannot_hold_are_refused_and_counted_like_the_layers_refusals() {
+        let (grpc, metrics) = adapter(1 << 20);
+        let stored = pb::SummarizeFeedbackRequest {
+            input: Some(Input::Selector(pb::FeedbackSelector {
+                user_id: "alice".into(),
+                ..Default::default()
+            })),
+            options: None,
+        };
+        let mut codes = Vec::new();
+        let unary = grpc.summarize_feedback(Request::new(stored.clone())).await;
+        codes.push(unary.err().map(|status| status.code()));
+        let streamed = grpc.stream_feedback_summary(Request::new(stored)).await;
+        codes.push(streamed.err().map(|status| status.code()));
+        let plays = pb::AnalyzeMusicRequest {
+            input: Some(pb::analyze_music_request::Input::UserId("alice".into())),
+            ..Default::default()
+        };
+        let music = grpc.analyze_music(Request::new(plays)).await;
+        codes.push(music.err().map(|status| status.code()));
+        assert_eq!(codes, [Some(tonic::Code::ResourceExhausted); 3]);
+        assert_eq!(
+            metrics
+                .shed_memory
+                .load(std::sync::atomic::Ordering::Relaxed),
+            3,
+            "each refusal counted in shed_memory"
+        );
     }
 
     fn chunk(index: u32) -> Result<pb::SummaryEvent, Status> {

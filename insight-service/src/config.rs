@@ -165,7 +165,8 @@ pub struct Config {
 
     /// Largest request or response message (e.g. "4MiB"), enforced by the transport for
     /// decoding and encoding, and (with overload protection on) refused RESOURCE_EXHAUSTED
-    /// from its length prefix, before any byte of an oversized request is buffered. 1 KiB to 4 GiB - 1 (gRPC's length prefix is 32 bits).
+    /// from its length prefix, before any byte of an oversized request is buffered. 1 KiB to
+    /// 4 GiB - 1 (gRPC's length prefix is 32 bits).
     #[arg(long, env = "INSIGHT_MAX_MESSAGE_SIZE", default_value = "4MiB", value_parser = bytes_within(1 << 10, u64::from(u32::MAX)))]
     pub max_message_size: u64,
 
@@ -445,12 +446,16 @@ impl Config {
                 .map_err(|must| format!("{flag} ({value}) {must}"))?;
         }
         // A zero interval would panic the sampling task (and leave shedding off).
-        let interval = self.pressure_interval;
-        check_within(interval, PRESSURE_INTERVAL.0, PRESSURE_INTERVAL.1)
-            .map_err(|must| format!("--pressure-interval ({interval:?}) {must}"))?;
-        let wait = self.cache_wait;
-        check_within(wait, CACHE_WAIT_RANGE.0, CACHE_WAIT_RANGE.1)
-            .map_err(|must| format!("--cache-wait ({wait:?}) {must}"))?;
+        for (flag, value, (min, max)) in [
+            (
+                "--pressure-interval",
+                self.pressure_interval,
+                PRESSURE_INTERVAL,
+            ),
+            ("--cache-wait", self.cache_wait, CACHE_WAIT_RANGE),
+        ] {
+            check_within(value, min, max).map_err(|must| format!("{flag} ({value:?}) {must}"))?;
+        }
         if let Some(url) = &self.monitor_url {
             parse_monitor_url(url).map_err(|error| format!("--monitor-url ({url}): {error}"))?;
         }

@@ -64,6 +64,12 @@ struct Breaker {
     cut_short: std::sync::atomic::AtomicU32,
 }
 
+/// Half the time left before `deadline`: the most a call gives the cache (a cache step, the
+/// re-read of stored entries before caching), which only saves work.
+fn half_the_time_left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now()) / 2
+}
+
 /// Steps in a row cut off by their callers' time (none answering in between) that close the
 /// cache: a healthy database answers a cache step in milliseconds, so a step outlasting half a
 /// caller's time now and then is that caller's short deadline, but several in a row, with
@@ -93,12 +99,16 @@ impl Breaker {
         closed.is_none_or(|until| Instant::now() >= until)
     }
 
-    /// When a cache step started now must end: after the wait, and never after half of the
-    /// caller's time left (`deadline`), so that the cache, which only saves work, cannot take
-    /// most of a short call's time.
-    fn limit(&self, deadline: Instant) -> Instant {
-        let now = Instant::now();
-        (now + self.wait).min(now + deadline.saturating_duration_since(now) / 2)
+    /// How long a cache step started now may take: the wait, and never more than half of the
+    /// caller's time left ([`half_the_time_left`]), so that the cache, which only saves work,
+    /// cannot take most of a short call's time; and whether the wait is what bounds it.
+    fn limit(&self, deadline: Instant) -> (Duration, bool) {
+        let half = half_the_time_left(deadline);
+        if self.wait <= half {
+            (self.wait, true)
+        } else {
+            (half, false)
+        }
     }
 
     /// Runs one cache step (`what`: connection, read, write) until [`Breaker::limit`]: its
@@ -118,9 +128,8 @@ impl Breaker {
         if !self.usable() {
             return None;
         }
-        let own = Instant::now() + self.wait;
-        let limit = self.limit(deadline);
-        match tokio::time::timeout_at(limit, step).await {
+        let (limit, by_wait) = self.limit(deadline);
+        match tokio::time::timeout(limit, step).await {
             Ok(Ok(value)) => {
                 self.cut_short.store(0, Relaxed);
                 Some(value)
@@ -130,7 +139,7 @@ impl Breaker {
                 None
             }
             Err(elapsed) => {
-                if limit >= own || self.cut_short.fetch_add(1, Relaxed) + 1 >= CUT_SHORT_TRIP {
+                if by_wait || self.cut_short.fetch_add(1, Relaxed) + 1 >= CUT_SHORT_TRIP {
                     self.trip(what, &elapsed);
                 }
                 None
@@ -474,13 +483,13 @@ impl Summaries {
         key: &str,
         deadline: Instant,
     ) -> bool {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let within = half_the_time_left(deadline);
         let checked = self.still_keyed(source, options, key);
-        match tokio::time::timeout(left / 2, checked).await {
+        match tokio::time::timeout(within, checked).await {
             Ok(same) => same,
             Err(_) => {
                 tracing::info!(
-                    within = ?left / 2,
+                    ?within,
                     "re-reading the stored entries took too long; the summary is not cached"
                 );
                 false

@@ -842,17 +842,16 @@ fn element_shape(path: &str) -> Option<(&'static [u64], Option<u64>)> {
     }
 }
 
-/// Reads the rest of the first message (`5 + len` bytes with its prefix, from the frames
+/// Reads the rest of the first message (`5 + by.len` bytes with its prefix, from the frames
 /// already read and then the body) into one buffer. The bytes after it, if any arrived in the
 /// same frame, are returned too.
 async fn read_message(
     frames: Vec<Bytes>,
     body: &mut Body,
-    len: u64,
     gate: &MemoryGate,
     by: ReadBy,
 ) -> Result<(Bytes, Bytes), tonic::Status> {
-    let total = usize::try_from(len).map_or(usize::MAX, |len| len.saturating_add(5));
+    let total = usize::try_from(by.len).map_or(usize::MAX, |len| len.saturating_add(5));
     let mut message = bytes::BytesMut::with_capacity(total);
     let extend = |data: &Bytes, message: &mut bytes::BytesMut| {
         let take = data.len().min(total - message.len());
@@ -907,9 +906,9 @@ impl MemoryGate {
         })
     }
 
-    /// `bytes` from the budget, or the (counted) refusal.
-    /// `bytes` more for a call that already holds `held`: a refusal says the call can never be
-    /// admitted when both together exceed the whole budget, since a retry needs them at once.
+    /// `bytes` from the budget for a call that already holds `held`, or the (counted) refusal:
+    /// one that says the call can never be admitted when both together exceed the whole
+    /// budget, since a retry needs them at once.
     fn reserve(&self, held: u64, bytes: u64) -> Result<super::budget::Reservation, AdmissionError> {
         self.budget.try_reserve(bytes).map_err(|refused| {
             self.metrics.shed_memory.fetch_add(1, Ordering::Relaxed);
@@ -936,7 +935,7 @@ impl MemoryGate {
         by: ReadBy,
     ) -> Result<(Body, Option<super::budget::Reservation>), Response<Body>> {
         let len = by.len;
-        let (message, after) = read_message(frames, &mut body, len, self, by)
+        let (message, after) = read_message(frames, &mut body, self, by)
             .await
             .map_err(tonic::Status::into_http)?;
         if !after.is_empty() {
@@ -1997,32 +1996,36 @@ pub(super) mod tests {
         message.extend(wire_filler(100));
         // After the prefix, a byte every 9 s, each inside the 10 s receive timeout: cut when
         // 10 s and the 100 bytes' share of the least rate have passed, not at
-        // --request-timeout; the reservation made from the prefix is given back.
-        let start = Instant::now();
-        let response = tokio::time::timeout(
-            Duration::from_secs(60),
-            service
-                .clone()
-                .oneshot(trickle(&message, 1, Duration::from_secs(9))),
-        )
-        .await
-        .expect("cut off within a minute, not left to read for 15 minutes")
-        .unwrap();
-        let status = status(response);
-        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
-        assert!(status.message().contains("100-byte"), "{status:?}");
-        assert!(
-            status.message().contains("256 KiB per second"),
-            "{status:?}"
-        );
-        let bound = Duration::from_secs(10) + Duration::from_secs_f64(100.0 / (256.0 * 1024.0));
-        assert!(
-            start.elapsed() >= bound && start.elapsed() < Duration::from_secs(11),
-            "{:?}",
-            start.elapsed()
-        );
-        assert_eq!(budget.in_use(), 0);
-        assert_eq!(metrics.recv_stalls.load(Ordering::Relaxed), 1);
+        // --request-timeout; the reservation made from the prefix is given back. At the
+        // default rate, and at a lower --min-body-rate (1 KiB/s), which gives it longer.
+        for (rate, shown) in [
+            (crate::admission::MIN_BODY_RATE, "256 KiB per second"),
+            (1024, "1 KiB per second"),
+        ] {
+            let (inner, _handle) = mock::pair::<Request<Body>, Response<Body>>();
+            let (layer, budget) = memory_layer_at(64 << 20, metrics.clone(), rate);
+            let slow = layer.layer(inner);
+            let start = Instant::now();
+            let response = tokio::time::timeout(
+                Duration::from_secs(60),
+                slow.oneshot(trickle(&message, 1, Duration::from_secs(9))),
+            )
+            .await
+            .expect("cut off within a minute, not left to read for 15 minutes")
+            .unwrap();
+            let cut = status(response);
+            assert_eq!(cut.code(), tonic::Code::DeadlineExceeded, "{cut:?}");
+            assert!(cut.message().contains("100-byte"), "{cut:?}");
+            assert!(cut.message().contains(shown), "{cut:?}");
+            let bound = Duration::from_secs(10) + Duration::from_secs_f64(100.0 / rate as f64);
+            assert!(
+                start.elapsed() >= bound && start.elapsed() < Duration::from_secs(11),
+                "{rate}: {:?}",
+                start.elapsed()
+            );
+            assert_eq!(budget.in_use(), 0);
+        }
+        assert_eq!(metrics.recv_stalls.load(Ordering::Relaxed), 2);
         // The same message in two pieces a second apart passes.
         let call = tokio::spawn(service.clone().oneshot(trickle(
             &message,
@@ -2032,28 +2035,6 @@ pub(super) mod tests {
         let (_req, respond) = handle.next_request().await.unwrap();
         respond.send_response(ok());
         assert_eq!(call.await.unwrap().unwrap().status(), http::StatusCode::OK);
-
-        // A lower --min-body-rate (1 KiB/s) gives the same message its share at that rate.
-        let (inner, _handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let (layer, budget) = memory_layer_at(64 << 20, metrics.clone(), 1024);
-        let slow = layer.layer(inner);
-        let start = Instant::now();
-        let response = tokio::time::timeout(
-            Duration::from_secs(60),
-            slow.oneshot(trickle(&message, 1, Duration::from_secs(9))),
-        )
-        .await
-        .expect("cut off within a minute")
-        .unwrap();
-        let cut = tokio_test_support::status(response);
-        assert_eq!(cut.code(), tonic::Code::DeadlineExceeded, "{cut:?}");
-        assert!(cut.message().contains("1 KiB per second"), "{cut:?}");
-        let bound = Duration::from_secs(10) + Duration::from_secs_f64(100.0 / 1024.0);
-        assert!(
-            start.elapsed() >= bound && start.elapsed() < Duration::from_secs(11),
-            "{:?}",
-            start.elapsed()
-        );
         assert_eq!(budget.in_use(), 0);
     }
 

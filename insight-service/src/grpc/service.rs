@@ -138,16 +138,18 @@ impl InsightGrpc {
         budget
             .try_reserve(stored_extra_bytes(&request.options))
             .map(Some)
-            .map_err(|refused| self.refused(&refused.beside(held)))
+            .map_err(|refused| {
+                self.count_refusal();
+                admission_status(&refused.beside(held))
+            })
     }
 
-    /// The status of a reservation the budget refused here, counted as a MEMORY_BUDGET
-    /// refusal like the admission layer's own.
-    fn refused(&self, error: &AdmissionError) -> Status {
+    /// Counts a reservation the budget refused here as a MEMORY_BUDGET refusal, like the
+    /// admission layer's own.
+    fn count_refusal(&self) {
         self.metrics
             .shed_memory
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        admission_status(error)
     }
 }
 
@@ -181,8 +183,10 @@ fn summary_events(
     guard: AbortOnDrop,
     reading: Option<Reservation>,
 ) -> impl Stream<Item = Result<pb::SummaryEvent, Status>> + Send + 'static {
-    futures::stream::unfold(Some((rx, (guard, reading))), |state| async move {
-        let (mut rx, guard) = state?;
+    // Held with the receiver, and dropped with it after the final message.
+    let held = (guard, reading);
+    futures::stream::unfold(Some((rx, held)), |state| async move {
+        let (mut rx, held) = state?;
         let Some(event) = rx.recv().await else {
             tracing::error!("a summary stream's task ended without its final message");
             let lost = Status::internal(
@@ -196,7 +200,7 @@ fn summary_events(
                 event: Some(Event::Chunk(_))
             })
         );
-        Some((event, (!last).then_some((rx, guard))))
+        Some((event, (!last).then_some((rx, held))))
     })
 }
 
@@ -322,9 +326,11 @@ impl InsightService for InsightGrpc {
             self.budget.as_ref().map(|budget| (budget, held)),
         )
         .await
-        .map_err(|error| match error {
-            crate::music::MusicError::Refused(refused) => self.refused(&refused),
-            other => music_status(other),
+        .map_err(|error| {
+            if matches!(error, crate::music::MusicError::Refused(_)) {
+                self.count_refusal();
+            }
+            music_status(error)
         })?;
         Ok(Response::new(analysis))
     }

@@ -147,10 +147,10 @@ pub struct OpenAiGenerator {
     token_limit_field: TokenLimitField,
     /// Set once the server rejected `json_schema`: later calls go straight to `json_object`.
     schema_rejected: AtomicBool,
-    /// Fingerprints of the schemas the server refused one by one ("Invalid schema for
+    /// The schemas (as JSON text) the server refused one by one ("Invalid schema for
     /// response_format ..."): calls with those go straight to `json_object`, the others stay
     /// strict. The schemas are the code's own (a handful), so the set stays tiny.
-    schemas_refused: std::sync::Mutex<std::collections::HashSet<u64>>,
+    schemas_refused: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl fmt::Debug for OpenAiGenerator {
@@ -212,18 +212,20 @@ impl OpenAiGenerator {
         })
     }
 
+    /// The schemas refused one by one (see the field).
+    fn schemas_refused(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.schemas_refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     async fn run(&self, request: GenerateRequest<'_>) -> Result<Generation, LlmError> {
-        let schema = request.response_schema.map(schema_fingerprint);
-        let refused = |schema: u64| {
-            self.schemas_refused
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .contains(&schema)
-        };
-        let mut mode = match (schema, self.json_mode) {
+        let schema = request.response_schema.map(Value::to_string);
+        let mut mode = match (&schema, self.json_mode) {
             (None, _) | (_, JsonMode::Off) => JsonMode::Off,
             (Some(schema), JsonMode::Schema)
-                if self.schema_rejected.load(Ordering::Relaxed) || refused(schema) =>
+                if self.schema_rejected.load(Ordering::Relaxed)
+                    || self.schemas_refused().contains(schema) =>
             {
                 JsonMode::Object
             }
@@ -243,12 +245,9 @@ impl OpenAiGenerator {
                     );
                     // A server without json_schema is asked in json_object mode from now on;
                     // one that refused this one schema, only for this schema.
-                    match schema {
+                    match &schema {
                         Some(schema) if refuses_this_schema(&message) => {
-                            self.schemas_refused
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .insert(schema);
+                            self.schemas_refused().insert(schema.clone());
                         }
                         _ => self.schema_rejected.store(true, Ordering::Relaxed),
                     }
@@ -352,14 +351,6 @@ impl Generator for OpenAiGenerator {
 fn rejects_json_schema(message: &str) -> bool {
     let message = message.to_ascii_lowercase();
     message.contains("response_format") || message.contains("json_schema")
-}
-
-/// A fingerprint of a response schema, to remember the ones a server refused.
-fn schema_fingerprint(schema: &Value) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    schema.to_string().hash(&mut hasher);
-    hasher.finish()
 }
 
 /// Whether a 400 refusing `json_schema` is about this request's schema (OpenAI: "Invalid schema

@@ -953,10 +953,10 @@ fn explains_better(a: &LlmError, a_index: u32, b: &LlmError, b_index: u32) -> bo
 /// it best and the longest delay any of them asked for.
 fn every_chunk_failed(
     backend: &dyn LlmBackend,
-    last: Option<&LlmError>,
+    reported: Option<&LlmError>,
     retry_after: Option<Duration>,
 ) -> PipelineError {
-    match last {
+    match reported {
         Some(error) => PipelineError::backend_failed(backend.name(), error, retry_after),
         None => PipelineError::BackendUnavailable {
             backend: backend.name().to_owned(),
@@ -1499,31 +1499,46 @@ mod tests {
         assert_deadline_exceeded(&error, 0, 1);
     }
 
+    /// Fails chunk `i` with the `i`-th error of its table (every chunk with the last one past
+    /// its end), later chunks sooner, so the chunk that ends last is the first; counts calls.
+    struct Failing(Vec<LlmError>, AtomicUsize);
+
+    impl Failing {
+        fn new(errors: Vec<LlmError>) -> Self {
+            Self(errors, AtomicUsize::new(0))
+        }
+    }
+
+    impl LlmBackend for Failing {
+        fn name(&self) -> &str {
+            "failing"
+        }
+        fn model(&self) -> &str {
+            "m"
+        }
+        fn summarize_chunk<'a>(
+            &'a self,
+            request: ChunkRequest<'a>,
+        ) -> futures::future::BoxFuture<'a, Result<ChunkDraft, LlmError>> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            let index = (request.index as usize).min(self.0.len() - 1);
+            let sooner = (self.0.len() - index) as u64;
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(10 * sooner)).await;
+                Err(self.0[index].clone())
+            })
+        }
+        fn reduce<'a>(
+            &'a self,
+            _: ReduceRequest<'a>,
+        ) -> futures::future::BoxFuture<'a, Result<SummaryDraft, LlmError>> {
+            unreachable!("no chunk succeeds")
+        }
+    }
+
     #[tokio::test]
     async fn refusals_and_asked_delays_are_not_retried_per_chunk() {
-        struct Refusing(LlmError, AtomicUsize);
-        impl LlmBackend for Refusing {
-            fn name(&self) -> &str {
-                "refusing"
-            }
-            fn model(&self) -> &str {
-                "m"
-            }
-            fn summarize_chunk<'a>(
-                &'a self,
-                _: ChunkRequest<'a>,
-            ) -> futures::future::BoxFuture<'a, Result<ChunkDraft, LlmError>> {
-                self.1.fetch_add(1, Ordering::SeqCst);
-                Box::pin(std::future::ready(Err(self.0.clone())))
-            }
-            fn reduce<'a>(
-                &'a self,
-                _: ReduceRequest<'a>,
-            ) -> futures::future::BoxFuture<'a, Result<SummaryDraft, LlmError>> {
-                Box::pin(std::future::ready(Err(self.0.clone())))
-            }
-        }
-        let backend = || "refusing".to_owned();
+        let backend = || "failing".to_owned();
         for (error, tries) in [
             (
                 LlmError::Auth {
@@ -1589,7 +1604,7 @@ mod tests {
                 2,
             ),
         ] {
-            let refusing = Arc::new(Refusing(error.clone(), AtomicUsize::new(0)));
+            let refusing = Arc::new(Failing::new(vec![error.clone()]));
             let pipeline = Pipeline::new(refusing.clone(), PipelineConfig::default());
             let summary = pipeline
                 .summarize(entries(5), options(5, 5), far())
@@ -1608,7 +1623,7 @@ mod tests {
                     retry_after,
                     ..
                 }) => {
-                    assert_eq!(backend, "refusing");
+                    assert_eq!(backend, "failing");
                     assert_eq!(cause, Some(error.cause()), "{error:?}");
                     assert_eq!(retry_after, error.retry_after(), "{error:?}");
                 }
@@ -1691,34 +1706,6 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn when_every_chunk_fails_the_status_names_the_cause_that_decides_what_to_do() {
-        /// Fails chunk `i` with the `i`-th error of its table, later chunks sooner: the chunk
-        /// that ends last is the first.
-        struct Failing(Vec<LlmError>);
-        impl LlmBackend for Failing {
-            fn name(&self) -> &str {
-                "failing"
-            }
-            fn model(&self) -> &str {
-                "m"
-            }
-            fn summarize_chunk<'a>(
-                &'a self,
-                request: ChunkRequest<'a>,
-            ) -> futures::future::BoxFuture<'a, Result<ChunkDraft, LlmError>> {
-                let index = request.index as usize;
-                let sooner = (self.0.len() - index) as u64;
-                Box::pin(async move {
-                    tokio::time::sleep(Duration::from_millis(10 * sooner)).await;
-                    Err(self.0[index].clone())
-                })
-            }
-            fn reduce<'a>(
-                &'a self,
-                _: ReduceRequest<'a>,
-            ) -> futures::future::BoxFuture<'a, Result<SummaryDraft, LlmError>> {
-                unreachable!("no chunk succeeds")
-            }
-        }
         let throttled = |secs| LlmError::RateLimited {
             backend: "failing".into(),
             retry_after: Some(Duration::from_secs(secs)),
@@ -1782,7 +1769,7 @@ mod tests {
                 "overloaded",
             ),
         ] {
-            let pipeline = Pipeline::new(Arc::new(Failing(errors)), PipelineConfig::default());
+            let pipeline = Pipeline::new(Arc::new(Failing::new(errors)), PipelineConfig::default());
             let mut strict = options(5, 15);
             strict.disable_fallback = true;
             match pipeline.summarize(entries(15), strict, far()).await {

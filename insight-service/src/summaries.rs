@@ -370,15 +370,12 @@ impl Summaries {
             !options.disable_fallback, options.bypass_cache
         );
         loop {
-            match self.join(&flight_key) {
+            match self.join(&flight_key, deadline) {
                 Flight::Follow(mut outcome) => {
                     let waited =
                         tokio::time::timeout_at(deadline, outcome.wait_for(Option::is_some))
                             .await
-                            .map_err(|_| PipelineError::DeadlineExceeded {
-                                completed: 0,
-                                total: 0,
-                            })?;
+                            .map_err(|_| PipelineError::DeadlineExceededWaiting)?;
                     let shared = match waited {
                         Ok(shared) => shared.clone(),
                         // The leader's caller went away before it finished: lead instead.
@@ -401,13 +398,19 @@ impl Summaries {
                             replay(&summary, &mut on_chunk);
                             return Ok(summary);
                         }
-                        // The leader ran out of its own time; this caller may have more.
-                        Err(PipelineError::DeadlineExceeded { .. }) | Ok(_) => continue,
+                        Ok(_) => continue,
+                        // The leader ran out of its own time: a caller with more time left
+                        // than the leader had in all tries again; one with less would run out
+                        // too, after calls a failing backend can do without, so it is told
+                        // at once how far the leader got.
+                        Err(
+                            PipelineError::DeadlineExceeded { .. }
+                            | PipelineError::DeadlineExceededWaiting,
+                        ) if more_time => continue,
                         Err(error) => return Err(error),
                     }
                 }
                 Flight::Lead(flight) => {
-                    let budget = deadline.saturating_duration_since(Instant::now());
                     let outcome = self
                         .pipeline
                         .summarize_source(&*source, memo.as_deref(), options, deadline, on_chunk)
@@ -423,12 +426,9 @@ impl Summaries {
                     {
                         self.store_summary(&**store, &key, summary, deadline).await;
                     }
-                    flight.land(Outcome {
-                        budget,
-                        result: match &outcome {
-                            Ok(summary) => Ok(Arc::new(summary.clone())),
-                            Err(error) => Err(error.clone()),
-                        },
+                    flight.land(match &outcome {
+                        Ok(summary) => Ok(Arc::new(summary.clone())),
+                        Err(error) => Err(error.clone()),
                     });
                     return outcome;
                 }
@@ -557,8 +557,9 @@ impl Summaries {
         }
     }
 
-    /// Joins the computation of `key` in progress, or becomes its leader.
-    fn join(&self, key: &str) -> Flight {
+    /// Joins the computation of `key` in progress, or becomes its leader, with the caller's
+    /// `deadline`.
+    fn join(&self, key: &str, deadline: Instant) -> Flight {
         let mut flights = self
             .flights
             .lock()
@@ -575,6 +576,8 @@ impl Summaries {
         flights.insert(key.to_owned(), receiver);
         Flight::Lead(FlightGuard {
             key: key.to_owned(),
+            deadline,
+            budget: deadline.saturating_duration_since(Instant::now()),
             sender,
             flights: self.flights.clone(),
         })
@@ -589,22 +592,38 @@ enum Flight {
     Lead(FlightGuard),
 }
 
-/// The leader's end of a flight; dropping it (the caller went away) lets a follower lead.
+/// The leader's end of a flight; dropping it before it lands lets a follower lead, unless the
+/// leader's deadline had passed (dropped by the deadline layer rather than by its caller): then
+/// followers are told it ran out of time, as if it had landed that error, so that those with
+/// less time left do not start again.
 struct FlightGuard {
     key: String,
+    /// The leader's deadline.
+    deadline: Instant,
+    /// The time the leader had in all.
+    budget: Duration,
     sender: watch::Sender<Option<Outcome>>,
     flights: Arc<Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>>,
 }
 
 impl FlightGuard {
     /// Shares the outcome with every follower.
-    fn land(self, outcome: Outcome) {
-        self.sender.send_replace(Some(outcome));
+    fn land(self, result: Result<Arc<FeedbackSummary>, PipelineError>) {
+        self.sender.send_replace(Some(Outcome {
+            budget: self.budget,
+            result,
+        }));
     }
 }
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
+        if self.sender.borrow().is_none() && Instant::now() >= self.deadline {
+            self.sender.send_replace(Some(Outcome {
+                budget: self.budget,
+                result: Err(PipelineError::DeadlineExceededWaiting),
+            }));
+        }
         let mut flights = self
             .flights
             .lock()

@@ -406,6 +406,19 @@ fn ten_entries(user: &str, disable_fallback: bool) -> pb::SummarizeFeedbackReque
     inline(entries(user, 10, 1_700_000_000), options)
 }
 
+/// SummarizeFeedback of [`ten_entries`] with a timeout, in a task of its own.
+fn timed_call(
+    channel: &Channel,
+    user: &str,
+    disable_fallback: bool,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<Result<tonic::Response<pb::FeedbackSummary>, tonic::Status>> {
+    let mut client = InsightServiceClient::new(channel.clone());
+    let mut request = tonic::Request::new(ten_entries(user, disable_fallback));
+    request.set_timeout(timeout);
+    tokio::spawn(async move { client.summarize_feedback(request).await })
+}
+
 #[tokio::test]
 async fn identical_concurrent_requests_are_computed_once() {
     for db in databases().await {
@@ -456,12 +469,8 @@ async fn a_shared_computation_respects_each_callers_fallback_choice() {
     for (user, leader_disables) in [("erin", true), ("fred", false)] {
         // The follower has less time than the leader, so only the flight key keeps it from
         // taking the leader's outcome (a follower with more time would compute its own).
-        let call = |disable_fallback: bool, timeout: Duration| {
-            let mut client = InsightServiceClient::new(channel.clone());
-            let mut request = tonic::Request::new(ten_entries(user, disable_fallback));
-            request.set_timeout(timeout);
-            tokio::spawn(async move { client.summarize_feedback(request).await })
-        };
+        let call =
+            |disable_fallback, timeout| timed_call(&channel, user, disable_fallback, timeout);
         let seen = gemini.fake.request_count();
         let leader = call(leader_disables, Duration::from_secs(20));
         leading(&gemini, seen).await;
@@ -524,12 +533,7 @@ async fn a_caller_that_bypasses_the_cache_computes_its_own_answer_beside_an_iden
 async fn a_follower_with_more_time_computes_what_the_leaders_deadline_cut_short() {
     let db = Db::sqlite();
     let (gemini, server, channel) = slow_gemini(&db, Duration::from_millis(1500), None).await;
-    let call = |user: &str, timeout: Duration| {
-        let mut client = InsightServiceClient::new(channel.clone());
-        let mut request = tonic::Request::new(ten_entries(user, false));
-        request.set_timeout(timeout);
-        tokio::spawn(async move { client.summarize_feedback(request).await })
-    };
+    let call = |user, timeout| timed_call(&channel, user, false, timeout);
     let leader = call("gina", Duration::from_millis(800));
     leading(&gemini, 0).await;
     let follower = call("gina", Duration::from_secs(10));
@@ -558,6 +562,50 @@ async fn a_follower_with_more_time_computes_what_the_leaders_deadline_cut_short(
         follower.usage.unwrap_or_default().llm_calls,
         0,
         "shared, not recomputed: {follower:?}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+/// When the computation a caller joined runs out of time (Gemini never answers in time and
+/// fallback is disabled), nobody is told "after 0 of 0 chunks" and nobody without a chance
+/// starts it again: a follower whose own deadline passes first is told that it waited for an
+/// identical summary; one left with less time than the leader had in all gets the leader's
+/// DEADLINE_EXCEEDED at once, with no backend call of its own.
+#[tokio::test]
+async fn followers_of_a_computation_that_runs_out_of_time() {
+    let db = Db::sqlite();
+    let (gemini, server, channel) = slow_gemini(&db, Duration::from_secs(30), None).await;
+    let call = |user, timeout| timed_call(&channel, user, true, timeout);
+
+    // The follower's deadline comes before the leader's.
+    let leader = call("ivan", Duration::from_millis(1500));
+    leading(&gemini, 0).await;
+    let follower = call("ivan", Duration::from_millis(300));
+    let status = follower.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("waiting for an identical summary"),
+        "{status:?}"
+    );
+    let status = leader.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    // The follower outlives the leader, with less time left then than the leader had.
+    let seen = gemini.fake.request_count();
+    let leader = call("judy", Duration::from_millis(1500));
+    leading(&gemini, seen).await;
+    let follower = call("judy", Duration::from_millis(1700));
+    let status = leader.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let led = gemini.fake.request_count();
+    let status = follower.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        gemini.fake.request_count(),
+        led,
+        "the follower started the computation again"
     );
     server.shutdown().await.unwrap();
 }

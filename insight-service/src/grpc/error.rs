@@ -63,7 +63,8 @@ pub fn to_status(error: PipelineError) -> Status {
             }
             Status::with_error_details(Code::Unavailable, text, details)
         }
-        error @ PipelineError::DeadlineExceeded { .. } => {
+        error @ (PipelineError::DeadlineExceeded { .. }
+        | PipelineError::DeadlineExceededWaiting) => {
             Status::deadline_exceeded(bounded(error.to_string()))
         }
         error @ PipelineError::Source(_) => store_unavailable(error.to_string()),

@@ -64,6 +64,11 @@ pub enum PipelineError {
         /// Chunks in all.
         total: usize,
     },
+    /// The caller's deadline passed while it waited for an identical summary another request
+    /// was computing, or that computation ran out of its own time with less left to this
+    /// caller: no chunk was this caller's own, so none are counted.
+    #[error("deadline exceeded waiting for an identical summary in progress")]
+    DeadlineExceededWaiting,
     /// The entries could not be read (the store went away mid-read): retrying later is safe.
     #[error("cannot read the entries to summarize: {0}")]
     Source(#[source] SourceError),

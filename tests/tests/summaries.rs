@@ -724,6 +724,75 @@ async fn a_reply_over_the_message_limit_says_to_raise_the_chunk_size() {
     server.shutdown().await.unwrap();
 }
 
+/// A reply certain to exceed the message limit is refused as soon as its chunk insights alone
+/// are over it, not after every chunk's backend call: 500 one-entry chunks whose Gemini
+/// insights are ~300 bytes each pass a 64 KiB limit after about 220 chunks, and the
+/// remaining calls are never made, in the unary call and in the stream (whose chunk events
+/// up to there are still sent).
+#[tokio::test]
+async fn a_reply_certain_to_exceed_the_message_limit_stops_the_backend_calls() {
+    let db = Db::sqlite();
+    let gemini = Gemini::start(KEY).await;
+    let long_insight = "Listeners say the ads interrupt their songs far too often. ".repeat(5);
+    let answer = serde_json::json!({ "insight": long_insight.trim(), "themes": ["ads"] });
+    gemini.fake.set_answer_fn(move |_| answer.to_string());
+    let config = insight_service::Config {
+        max_message_size: 64 * 1024,
+        ..gemini.config(&db)
+    };
+    let server = start_insight(config).await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    let small_chunks = pb::SummaryOptions {
+        chunk_size: Some(1),
+        max_entries: Some(0),
+        ..Default::default()
+    };
+    let refused = |status: &tonic::Status| {
+        status.code() == Code::ResourceExhausted
+            && status.message().contains("options.chunk_size")
+            && status.message().contains("chunk insights alone")
+    };
+
+    let status = client
+        .summarize_feedback(inline(entries("kate", 500, 0), small_chunks))
+        .await
+        .unwrap_err();
+    assert!(refused(&status), "{status:?}");
+    let calls = gemini.fake.request_count();
+    assert!(
+        (150..300).contains(&calls),
+        "{calls} of 500 chunk calls made"
+    );
+
+    let mut stream = client
+        .stream_feedback_summary(inline(entries("liam", 500, 0), small_chunks))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut chunks = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(event)) => {
+                assert!(
+                    matches!(event.event, Some(pb::summary_event::Event::Chunk(_))),
+                    "{event:?}"
+                );
+                chunks += 1;
+            }
+            Ok(None) => panic!("the stream ended without a status after {chunks} chunks"),
+            Err(status) => break status,
+        }
+    };
+    assert!(refused(&status), "{status:?}");
+    assert!((150..300).contains(&chunks), "{chunks} chunk events");
+    let calls = gemini.fake.request_count() - calls;
+    assert!(
+        (150..300).contains(&calls),
+        "{calls} of 500 chunk calls made"
+    );
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn entries_changed_during_a_selector_summary_do_not_get_its_answer_cached() {
     let db = Db::sqlite();

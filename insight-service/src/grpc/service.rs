@@ -18,6 +18,7 @@ use super::{
 };
 use crate::{
     admission::{AdmissionError, AdmissionMetrics, Charged, MemoryBudget, budget::Reservation},
+    domain::ChunkInsight,
     jobs::Jobs,
     llm::Generator,
     music::DEFAULT_MAX_PLAYS,
@@ -212,12 +213,80 @@ fn fitting<M: prost::Message>(reply: M, chunks: usize, max: usize) -> Result<M, 
     if bytes <= max {
         return Ok(reply);
     }
-    Err(Status::resource_exhausted(format!(
-        "the reply is {bytes} bytes with {chunks} chunk insights, over the {} byte message \
-         limit (--max-message-size): summarize with a larger options.chunk_size (one insight \
-         per chunk) or fewer entries",
-        max
-    )))
+    Err(too_large(
+        &format!("{bytes} bytes with {chunks} chunk insights"),
+        max,
+    ))
+}
+
+/// RESOURCE_EXHAUSTED for a reply described by `reply` over the `max` byte message limit.
+fn too_large(reply: &str, max: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "the reply is {reply}, over the {max} byte message limit (--max-message-size): \
+         summarize with a larger options.chunk_size (one insight per chunk) or fewer entries"
+    ))
+}
+
+/// Meters a summary's reply as its chunks finish. Every chunk insight is in the reply, so the
+/// bytes of their strings are a lower bound of its encoded size: once that bound is over the
+/// message limit the reply can never be sent, and [`unless_too_large`] ends the work there,
+/// before the remaining chunks' backend calls (up to thousands of billed calls for an answer
+/// that [`fitting`] would refuse at the end). Cheap enough for every chunk: a few lengths.
+struct ReplyMeter {
+    max: usize,
+    bytes: usize,
+    chunks: usize,
+    over: Option<tokio::sync::oneshot::Sender<Status>>,
+}
+
+impl ReplyMeter {
+    /// A meter for a `max` byte limit, and the receiver of its refusal.
+    fn new(max: usize) -> (Self, tokio::sync::oneshot::Receiver<Status>) {
+        let (over, refused) = tokio::sync::oneshot::channel();
+        let meter = Self {
+            max,
+            bytes: 0,
+            chunks: 0,
+            over: Some(over),
+        };
+        (meter, refused)
+    }
+
+    /// Counts a finished chunk's insight.
+    fn add(&mut self, chunk: &ChunkInsight) {
+        self.chunks += 1;
+        self.bytes += chunk.insight.len()
+            + chunk.error.as_ref().map_or(0, String::len)
+            + chunk
+                .entry_ids
+                .iter()
+                .chain(&chunk.themes)
+                .map(String::len)
+                .sum::<usize>();
+        if self.bytes > self.max
+            && let Some(over) = self.over.take()
+        {
+            let reply = format!(
+                "over {} bytes with its first {} chunk insights alone (the rest were not \
+                 summarized)",
+                self.bytes, self.chunks
+            );
+            let _ = over.send(too_large(&reply, self.max));
+        }
+    }
+}
+
+/// `work`'s outcome, unless the [`ReplyMeter`] it feeds refuses its reply first (then `work`
+/// is dropped, and its calls in flight with it).
+async fn unless_too_large<T>(
+    work: impl Future<Output = Result<T, Status>>,
+    refused: tokio::sync::oneshot::Receiver<Status>,
+) -> Result<T, Status> {
+    tokio::select! {
+        biased;
+        done = work => done,
+        Ok(status) = refused => Err(status),
+    }
 }
 
 /// Records the size of a summary's input on the current span.
@@ -241,11 +310,11 @@ impl InsightService for InsightGrpc {
         let request = self.summary_request(request.into_inner())?;
         record_input(&request);
         let _reading = self.reserve_reading(&request, held)?;
-        let summary = self
+        let (mut meter, refused) = ReplyMeter::new(self.max_message_size);
+        let work = self
             .summaries
-            .summarize(request, deadline, None, |_| {})
-            .await
-            .map_err(to_status)?;
+            .summarize(request, deadline, None, |chunk| meter.add(chunk));
+        let summary = unless_too_large(async { work.await.map_err(to_status) }, refused).await?;
         let chunks = summary.chunks.len();
         let reply = fitting(
             pb::FeedbackSummary::from(summary),
@@ -277,10 +346,13 @@ impl InsightService for InsightGrpc {
         let max_message_size = self.max_message_size;
         let task = tokio::spawn(async move {
             let chunks = tx.clone();
-            let summarized = summaries.summarize(request, deadline, None, move |chunk| {
+            let (mut meter, refused) = ReplyMeter::new(max_message_size);
+            let work = summaries.summarize(request, deadline, None, move |chunk| {
+                meter.add(chunk);
                 let event = Event::Chunk(chunk.clone().into());
                 let _ = chunks.send(Ok(pb::SummaryEvent { event: Some(event) }));
             });
+            let summarized = unless_too_large(async { work.await.map_err(to_status) }, refused);
             // The deadline layer bounds this handler until it returns the stream, not the
             // work behind the stream: LLM calls keep to the deadline by themselves, store reads
             // (a locked table, a slow replica) do not, so the whole summary is bounded here.
@@ -290,7 +362,7 @@ impl InsightService for InsightGrpc {
                 })));
                 return;
             };
-            let last = result.map_err(to_status).and_then(|summary| {
+            let last = result.and_then(|summary| {
                 let chunks = summary.chunks.len();
                 fitting(
                     pb::SummaryEvent {

@@ -843,13 +843,64 @@ async fn entries_changed_during_a_selector_summary_do_not_get_its_answer_cached(
     server.shutdown().await.unwrap();
 }
 
+/// A connection holding `table` locked (ACCESS EXCLUSIVE) until it runs ROLLBACK.
+async fn lock_table(db: &Db, table: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut locker = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    // A table name of the test's own, not input.
+    let lock = format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(lock))
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    locker
+}
+
+/// `--cache-wait` reaches the cache: with the summary cache table locked, a cache read of a
+/// server started with a 100 ms wait gives up after 100 ms and the summary is computed, well
+/// before the 1 s default wait (or the fake's 5 s) would have let it.
+#[tokio::test]
+async fn the_cache_wait_flag_bounds_a_hung_cache_read() {
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    let gemini = Gemini::start(KEY).await;
+    let server = start_insight(insight_service::Config {
+        cache_wait: Duration::from_millis(100),
+        ..gemini.config(&db)
+    })
+    .await;
+    let mut client = InsightServiceClient::new(server.channel().await);
+    // The store opens (and creates its tables) on first use.
+    client
+        .summarize_feedback(ten_entries("nina", false))
+        .await
+        .unwrap();
+
+    let mut locker = lock_table(&db, "summary_cache").await;
+    let mut request = tonic::Request::new(ten_entries("mona", false));
+    request.set_timeout(Duration::from_secs(8));
+    let start = std::time::Instant::now();
+    let summary = client.summarize_feedback(request).await;
+    let elapsed = start.elapsed();
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let summary = summary.unwrap().into_inner();
+    assert_eq!(summary.backend, "gemini", "{summary:?}");
+    assert!(!summary.cached);
+    assert!(
+        elapsed < Duration::from_millis(800),
+        "answered after {elapsed:?}: the cache read waited longer than --cache-wait"
+    );
+    server.shutdown().await.unwrap();
+}
+
 /// The deadline layer bounds a handler until it returns its stream, not the stream: the work
 /// behind a StreamFeedbackSummary (store reads included) must end at the deadline too. Here
 /// the feedback table is locked, so reading the selection waits; the client sends no deadline,
 /// so only the server's --request-timeout can end the call.
 #[tokio::test]
 async fn a_streamed_summary_waiting_on_the_store_ends_at_the_request_timeout() {
-    use sqlx::Connection;
     let Some(db) = Db::postgres().await else {
         return;
     };
@@ -862,12 +913,7 @@ async fn a_streamed_summary_waiting_on_the_store_ends_at_the_request_timeout() {
     let mut client = InsightServiceClient::new(server.channel().await);
     import(&mut client, entries("locked", 12, 1_700_000_000)).await;
 
-    let mut locker = sqlx::PgConnection::connect(db.url()).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE feedback IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = lock_table(&db, "feedback").await;
 
     let start = std::time::Instant::now();
     let ended = tokio::time::timeout(Duration::from_secs(10), async {

@@ -553,11 +553,11 @@ fn markdown(
     );
     let _ = writeln!(
         md,
-        "| offered | calls/s | calls | goodput /s | vs sustainable | admitted p50 ms | admitted \
+        "| offered | calls/s | calls | not sent | send lag p99 ms | goodput /s | vs sustainable | admitted p50 ms | admitted \
          p99 ms | refused (ErrorInfo reason) | other outcomes | immediate refusal p50 / p99 / \
          max ms | probe: refusal p50 / p99 / max ms (refused, not refused) | probe: health check p50 / \
          p99 ms | queue-timeout refusal p50 ms | cgroup peak MiB | VmHWM MiB | oom_kill | \
-         alive |\n|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+         alive |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     let mut rows: Vec<(String, &Measured)> = levels
         .iter()
@@ -578,10 +578,15 @@ fn markdown(
         let cgroup = m.memory.cgroup;
         let _ = writeln!(
             md,
-            "| {label} | {:.2} | {} | {:.2} | {:.0}% | {} | {} | {} | {} | {} | {} | {} | \
+            "| {label} | {:.2} | {} | {} | {} | {:.2} | {:.0}% | {} | {} | {} | {} | {} | {} | {} | \
              {queue_timeout} | {} | {} | {} | {} |",
             m.report.target_rate.unwrap_or(0.0),
             m.report.requests(),
+            // Calls the open loop was due to send but could not (at its outstanding cap), and
+            // how late it sent the others: a load generator falling behind offers less than
+            // the row's rate.
+            m.report.not_sent,
+            ms(m.report.send_lag().p99),
             m.goodput(),
             100.0 * m.goodput() / sustainable,
             if admitted.count == 0 {

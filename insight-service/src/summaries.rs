@@ -16,7 +16,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -220,6 +223,9 @@ pub fn estimate(request: &SummaryRequest, config: &EstimatorConfig) -> u64 {
 struct Outcome {
     budget: Duration,
     result: Result<Arc<FeedbackSummary>, PipelineError>,
+    /// Whether the leader finished a chunk (then cached, with a remote backend): a caller
+    /// that computes again after the leader ran out of time starts from those.
+    progressed: bool,
 }
 
 /// Summaries with a cache in front and one computation per key at a time. Cheap to clone.
@@ -347,6 +353,9 @@ impl Summaries {
             replay(&summary, &mut on_chunk);
             return Ok(summary);
         }
+        // A job's own memo (its checkpoints): a job's failure is final, so it never gives up
+        // on a computation before trying it itself.
+        let job = memo.is_some();
         let memo = memo.or_else(|| {
             let store = store.clone()?;
             (!self.pipeline.is_local()).then(|| {
@@ -381,7 +390,12 @@ impl Summaries {
                         // The leader's caller went away before it finished: lead instead.
                         Err(_closed) => continue,
                     };
-                    let Some(Outcome { budget, result }) = shared else {
+                    let Some(Outcome {
+                        budget,
+                        result,
+                        progressed,
+                    }) = shared
+                    else {
                         continue;
                     };
                     // A degraded answer may be what the leader's budget cut short (chunks out of
@@ -399,21 +413,27 @@ impl Summaries {
                             return Ok(summary);
                         }
                         Ok(_) => continue,
-                        // The leader ran out of its own time: a caller with more time left
-                        // than the leader had in all tries again; one with less would run out
-                        // too, after calls a failing backend can do without, so it is told
-                        // at once how far the leader got.
+                        // The leader ran out of its own time. Tried again: by a caller with
+                        // more time left than the leader had in all, by one that can start
+                        // from the chunks the leader finished (and cached), and by a job. One
+                        // with less time and nothing to start from would run out too, after
+                        // calls a failing backend can do without: it is told at once.
                         Err(
                             PipelineError::DeadlineExceeded { .. }
                             | PipelineError::DeadlineExceededWaiting,
-                        ) if more_time => continue,
+                        ) if more_time || progressed || job => continue,
                         Err(error) => return Err(error),
                     }
                 }
                 Flight::Lead(flight) => {
+                    let progressed = &flight.progressed;
+                    let reported = |chunk: &ChunkInsight| {
+                        progressed.store(true, Ordering::Relaxed);
+                        on_chunk(chunk);
+                    };
                     let outcome = self
                         .pipeline
-                        .summarize_source(&*source, memo.as_deref(), options, deadline, on_chunk)
+                        .summarize_source(&*source, memo.as_deref(), options, deadline, reported)
                         .await;
                     // The answer is ready and must not miss its deadline for the sake of the
                     // cache: rereading the stored entries (thousands of rows may take
@@ -578,6 +598,7 @@ impl Summaries {
             key: key.to_owned(),
             deadline,
             budget: deadline.saturating_duration_since(Instant::now()),
+            progressed: AtomicBool::new(false),
             sender,
             flights: self.flights.clone(),
         })
@@ -595,13 +616,15 @@ enum Flight {
 /// The leader's end of a flight; dropping it before it lands lets a follower lead, unless the
 /// leader's deadline had passed (dropped by the deadline layer rather than by its caller): then
 /// followers are told it ran out of time, as if it had landed that error, so that those with
-/// less time left do not start again.
+/// less time left and nothing to start from do not start again.
 struct FlightGuard {
     key: String,
     /// The leader's deadline.
     deadline: Instant,
     /// The time the leader had in all.
     budget: Duration,
+    /// Whether a chunk was reported.
+    progressed: AtomicBool,
     sender: watch::Sender<Option<Outcome>>,
     flights: Arc<Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>>,
 }
@@ -612,6 +635,7 @@ impl FlightGuard {
         self.sender.send_replace(Some(Outcome {
             budget: self.budget,
             result,
+            progressed: self.progressed.load(Ordering::Relaxed),
         }));
     }
 }
@@ -622,6 +646,7 @@ impl Drop for FlightGuard {
             self.sender.send_replace(Some(Outcome {
                 budget: self.budget,
                 result: Err(PipelineError::DeadlineExceededWaiting),
+                progressed: self.progressed.load(Ordering::Relaxed),
             }));
         }
         let mut flights = self

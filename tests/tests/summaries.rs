@@ -386,12 +386,17 @@ async fn slow_gemini(
 /// Returns once the fake has received a request beyond the `seen` it had: the caller started
 /// just before is then leading its computation, and an identical request joins it.
 async fn leading(gemini: &Gemini, seen: usize) {
+    called(gemini, seen + 1).await;
+}
+
+/// Returns once the fake has received `calls` requests in all.
+async fn called(gemini: &Gemini, calls: usize) {
     assert!(
         gemini
             .fake
-            .wait_for_requests(seen + 1, Duration::from_secs(10))
+            .wait_for_requests(calls, Duration::from_secs(10))
             .await,
-        "the leader's first backend call never arrived"
+        "the fake never received {calls} requests"
     );
 }
 
@@ -570,7 +575,8 @@ async fn a_follower_with_more_time_computes_what_the_leaders_deadline_cut_short(
 /// fallback is disabled), nobody is told "after 0 of 0 chunks" and nobody without a chance
 /// starts it again: a follower whose own deadline passes first is told that it waited for an
 /// identical summary; one left with less time than the leader had in all gets the leader's
-/// DEADLINE_EXCEEDED at once, with no backend call of its own.
+/// DEADLINE_EXCEEDED at once, with no backend call of its own, unless the leader finished a
+/// chunk: then it computes again from the cached chunk, asking only for the other.
 #[tokio::test]
 async fn followers_of_a_computation_that_runs_out_of_time() {
     let db = Db::sqlite();
@@ -592,21 +598,25 @@ async fn followers_of_a_computation_that_runs_out_of_time() {
     let status = leader.await.unwrap().unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 
-    // The follower outlives the leader, with less time left then than the leader had.
-    let seen = gemini.fake.request_count();
-    let leader = call("judy", Duration::from_millis(1500));
-    leading(&gemini, seen).await;
-    let follower = call("judy", Duration::from_millis(1700));
-    let status = leader.await.unwrap().unwrap_err();
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    let led = gemini.fake.request_count();
-    let status = follower.await.unwrap().unwrap_err();
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert_eq!(
-        gemini.fake.request_count(),
-        led,
-        "the follower started the computation again"
-    );
+    // The follower outlives the leader, with less time left then than the leader had; first
+    // with no chunk finished by the leader, then with one (the first call answers at once).
+    for (user, answered, again) in [("judy", 0, 0), ("karl", 1, 1)] {
+        let seen = gemini.fake.request_count();
+        gemini.fake.push_faults((0..answered).map(|_| Fault::Ok));
+        let leader = call(user, Duration::from_millis(1500));
+        // The leader's two chunk calls.
+        called(&gemini, seen + 2).await;
+        let follower = call(user, Duration::from_millis(1700));
+        let status = leader.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        let status = follower.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert_eq!(
+            gemini.fake.request_count(),
+            seen + 2 + again,
+            "{user}: calls of the follower's own"
+        );
+    }
     server.shutdown().await.unwrap();
 }
 

@@ -136,6 +136,7 @@ fn build_generator(config: &Config) -> Result<Option<Arc<dyn Generator>>, Backen
             openai.stream = config.llm_stream;
             openai.json_mode = config.llm_json_mode;
             openai.token_limit_field = config.llm_token_limit_field;
+            openai.thinking = config.llm_thinking_budget;
             openai.limits = limits(config);
             Some(Arc::new(OpenAiGenerator::new(openai)?))
         }

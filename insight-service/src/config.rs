@@ -103,10 +103,13 @@ pub struct Config {
     #[arg(long, env = "INSIGHT_LLM_STREAM", default_value_t = false, action = clap::ArgAction::Set)]
     pub llm_stream: bool,
 
-    /// Gemini thinking: `auto` turns it off where the model allows (2.5 Flash and Flash-Lite,
-    /// whose thoughts would otherwise use up a short answer's maxOutputTokens), keeps 2.5 Pro
-    /// at its minimum (128) and leaves other models their default; a number N sends
-    /// `thinkingBudget` N and adds N to maxOutputTokens (2.5 Pro needs at least 128).
+    /// Model thinking. Gemini: `auto` turns it off where the model allows (2.5 Flash and
+    /// Flash-Lite, whose thoughts would otherwise use up a short answer's maxOutputTokens),
+    /// keeps 2.5 Pro at its minimum (128) and leaves other models their default; a number N
+    /// sends `thinkingBudget` N and adds N to maxOutputTokens (2.5 Pro needs at least 128).
+    /// OpenAI-compatible: tokens added to the answer's cap for reasoning, which reasoning
+    /// models count in it; `auto` adds 8192 with `max_completion_tokens` (OpenAI's reasoning
+    /// models) and nothing with `max_tokens`; N adds N to either (local reasoning models).
     #[arg(long, env = "INSIGHT_LLM_THINKING_BUDGET", default_value = "auto", value_parser = clap::value_parser!(crate::llm::gemini::ThinkingBudget))]
     pub llm_thinking_budget: crate::llm::gemini::ThinkingBudget,
 

@@ -2,14 +2,16 @@
 //! Ollama, vLLM, llama.cpp's server and LiteLLM all speak.
 //!
 //! Request: `model`, a `system` and a `user` message, `max_tokens` (or
-//! `max_completion_tokens`, see [`TokenLimitField`]), `response_format` when the pipeline gives
+//! `max_completion_tokens`, see [`TokenLimitField`]; with room for reasoning, see
+//! [`reasoning_allowance`]), `response_format` when the pipeline gives
 //! a schema (see [`JsonMode`]), and for streaming `stream: true` with
 //! `stream_options.include_usage` so the last event carries the token counts.
 //!
 //! Response (checked against recorded responses, see `tests/fixtures/openai/`):
 //! `choices[0].message.content`, or the concatenated `choices[0].delta.content` of the stream up
 //! to `data: [DONE]`; `finish_reason` `stop`/`length`/`content_filter` becomes a
-//! [`FinishReason`]; `usage.prompt_tokens`/`completion_tokens` the tokens. A server that ignores
+//! [`FinishReason`]; `usage.prompt_tokens`/`completion_tokens` the tokens. A leading
+//! `<think>...</think>` block in the content (local reasoning models) is not the answer. A server that ignores
 //! `stream: true` and answers with one `chat.completion` body is read as that answer.
 
 use std::{
@@ -29,6 +31,7 @@ use serde_json::{Value, json};
 
 use super::{
     FinishReason, GenerateRequest, Generation, Generator, LlmError,
+    gemini::ThinkingBudget,
     http::{
         Flow, HttpLimits, HttpTransport, ProviderError, SetupError, SseHandler,
         error_for_provider_error, join_url, malformed, redacted_url, stream_end,
@@ -68,6 +71,25 @@ pub enum TokenLimitField {
     MaxTokens,
     /// `max_completion_tokens`: OpenAI o-series and later.
     MaxCompletionTokens,
+}
+
+/// Tokens added to the answer's cap by `--llm-thinking-budget auto` with
+/// `max_completion_tokens`. OpenAI's reasoning models count their reasoning in that cap: with
+/// only the few hundred tokens a short JSON answer needs, they can spend all of it reasoning
+/// and answer nothing (`content: ""`, `finish_reason: "length"`). Summaries need little
+/// reasoning; this leaves room for it at default effort, and costs nothing unless used.
+pub const AUTO_REASONING_TOKENS: u32 = 8_192;
+
+/// Tokens the request's cap reserves for the model's reasoning on top of the answer's: an
+/// explicit `--llm-thinking-budget` always (local reasoning models such as Qwen3 or R1 count
+/// their thinking in `max_tokens` too); `auto` only with `max_completion_tokens`, the field of
+/// OpenAI's reasoning models.
+pub fn reasoning_allowance(thinking: ThinkingBudget, field: TokenLimitField) -> u32 {
+    match (thinking, field) {
+        (ThinkingBudget::Tokens(tokens), _) => tokens,
+        (ThinkingBudget::Auto, TokenLimitField::MaxCompletionTokens) => AUTO_REASONING_TOKENS,
+        (ThinkingBudget::Auto, TokenLimitField::MaxTokens) => 0,
+    }
 }
 
 /// `--llm-json-mode`: `schema`, `object` or `off`.
@@ -117,6 +139,8 @@ pub struct OpenAiConfig {
     pub json_mode: JsonMode,
     /// Name of the output-token cap (default [`TokenLimitField::MaxTokens`]).
     pub token_limit_field: TokenLimitField,
+    /// Tokens for reasoning on top of the answer's cap (see [`reasoning_allowance`]).
+    pub thinking: ThinkingBudget,
     /// Byte cap, stall timeout, retries.
     pub limits: HttpLimits,
 }
@@ -131,6 +155,7 @@ impl OpenAiConfig {
             stream: false,
             json_mode: JsonMode::default(),
             token_limit_field: TokenLimitField::default(),
+            thinking: ThinkingBudget::default(),
             limits: HttpLimits::default(),
         }
     }
@@ -145,6 +170,8 @@ pub struct OpenAiGenerator {
     stream: bool,
     json_mode: JsonMode,
     token_limit_field: TokenLimitField,
+    /// Added to every request's token cap ([`reasoning_allowance`]).
+    reasoning_tokens: u32,
     /// Set once the server rejected `json_schema`: later calls go straight to `json_object`.
     schema_rejected: AtomicBool,
     /// The schemas (as JSON text) the server refused one by one ("Invalid schema for
@@ -207,6 +234,7 @@ impl OpenAiGenerator {
             stream: config.stream,
             json_mode: config.json_mode,
             token_limit_field: config.token_limit_field,
+            reasoning_tokens: reasoning_allowance(config.thinking, config.token_limit_field),
             schema_rejected: AtomicBool::new(false),
             schemas_refused: Default::default(),
         })
@@ -303,9 +331,12 @@ impl OpenAiGenerator {
             role: "user",
             content: request.prompt,
         });
+        let cap = request
+            .max_output_tokens
+            .saturating_add(self.reasoning_tokens);
         let (max_tokens, max_completion_tokens) = match self.token_limit_field {
-            TokenLimitField::MaxTokens => (Some(request.max_output_tokens), None),
-            TokenLimitField::MaxCompletionTokens => (None, Some(request.max_output_tokens)),
+            TokenLimitField::MaxTokens => (Some(cap), None),
+            TokenLimitField::MaxCompletionTokens => (None, Some(cap)),
         };
         let response_format = match (mode, request.response_schema) {
             (JsonMode::Schema, Some(schema)) => Some(json_schema_format(schema)),
@@ -489,6 +520,25 @@ struct ChunkChoice {
 struct TokenUsage {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+struct CompletionDetails {
+    reasoning_tokens: Option<u64>,
+}
+
+/// The answer after the reasoning some servers put in `content` (Ollama, vLLM and llama.cpp
+/// with Qwen3, DeepSeek-R1 and the like: a leading `<think>...</think>` block), and whether a
+/// reasoning block was left unclosed (the cap ran out while the model was still thinking).
+fn without_reasoning(text: &str) -> (&str, bool) {
+    let Some(thinking) = text.trim_start().strip_prefix("<think>") else {
+        return (text, false);
+    };
+    match thinking.split_once("</think>") {
+        Some((_, answer)) => (answer.trim_start(), false),
+        None => ("", true),
+    }
 }
 
 /// What the completion (or the stream so far) said.
@@ -517,17 +567,37 @@ impl Answer {
                 "answer ended without a finish_reason (cut off)".to_owned(),
             ));
         };
-        if self.text.is_empty() {
+        let (text, thinking_cut) = without_reasoning(&self.text);
+        if text.is_empty() {
             if !self.refusal.is_empty() {
                 return Err(malformed(NAME, format!("model refused: {}", self.refusal)));
+            }
+            let reasoning = self
+                .tokens
+                .and_then(|tokens| tokens.completion_tokens_details?.reasoning_tokens)
+                .filter(|&tokens| tokens > 0);
+            if reason == "length" && (thinking_cut || reasoning.is_some()) {
+                let spent = reasoning.map_or_else(String::new, |n| format!(" ({n} tokens)"));
+                return Err(malformed(
+                    NAME,
+                    format!(
+                        "the model spent its token cap on reasoning{spent} and gave no answer \
+                         text: raise --llm-thinking-budget"
+                    ),
+                ));
             }
             return Err(malformed(
                 NAME,
                 format!("no answer text (finish_reason {reason})"),
             ));
         }
+        let text = if text.len() == self.text.len() {
+            self.text
+        } else {
+            text.to_owned()
+        };
         Ok(Generation {
-            text: self.text,
+            text,
             finish: finish_reason(&reason),
         })
     }
@@ -728,10 +798,86 @@ mod tests {
         .unwrap();
         assert_eq!(body["stream"], json!(true));
         assert_eq!(body["stream_options"], json!({"include_usage": true}));
-        assert_eq!(body["max_completion_tokens"], json!(42));
+        // Room for a reasoning model's thinking on top of the answer's 42.
+        assert_eq!(
+            body["max_completion_tokens"],
+            json!(42 + AUTO_REASONING_TOKENS)
+        );
         assert!(body.get("max_tokens").is_none());
         assert!(body.get("response_format").is_none());
         assert_eq!(body["messages"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_explicit_thinking_budget_is_added_to_either_cap() {
+        let request = GenerateRequest {
+            system: "",
+            prompt: "user",
+            max_output_tokens: 42,
+            response_schema: None,
+            deadline: tokio::time::Instant::now(),
+            usage: &UsageMeter::default(),
+        };
+        for (field, name) in [
+            (TokenLimitField::MaxTokens, "max_tokens"),
+            (
+                TokenLimitField::MaxCompletionTokens,
+                "max_completion_tokens",
+            ),
+        ] {
+            let g = generator(OpenAiConfig {
+                token_limit_field: field,
+                thinking: ThinkingBudget::Tokens(1000),
+                ..OpenAiConfig::new(None)
+            });
+            let body: Value =
+                serde_json::from_slice(&g.request_body(&request, JsonMode::Off).unwrap()).unwrap();
+            assert_eq!(body[name], json!(1042), "{name}");
+        }
+        // `auto` leaves `max_tokens` (non-reasoning models) at the answer's own cap.
+        let g = generator(OpenAiConfig::new(None));
+        let body: Value =
+            serde_json::from_slice(&g.request_body(&request, JsonMode::Off).unwrap()).unwrap();
+        assert_eq!(body["max_tokens"], json!(42));
+    }
+
+    #[test]
+    fn reasoning_in_the_content_is_not_the_answer_and_a_cap_spent_on_it_is_named() {
+        let generation = |body: &str| {
+            parse_completion(body.as_bytes())
+                .and_then(|answer| answer.into_generation(&UsageMeter::default()))
+        };
+        let answered = generation(
+            r#"{"choices": [{"message": {"content": "<think>\nThe user wants JSON.\n</think>\n\n{\"insight\": \"x\"}"}, "finish_reason": "stop"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(answered.text, r#"{"insight": "x"}"#);
+        // Still thinking when the cap ran out (a local model).
+        let cut = generation(
+            r#"{"choices": [{"message": {"content": "<think>\nLet me see"}, "finish_reason": "length"}]}"#,
+        )
+        .unwrap_err();
+        assert!(cut.to_string().contains("--llm-thinking-budget"), "{cut}");
+        // OpenAI's reasoning model: no content, the cap counted as reasoning tokens.
+        let spent = generation(
+            r#"{"choices": [{"message": {"content": ""}, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 300, "completion_tokens": 210,
+                          "completion_tokens_details": {"reasoning_tokens": 210}}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            spent.to_string().contains("reasoning (210 tokens)"),
+            "{spent}"
+        );
+        assert!(
+            spent.to_string().contains("--llm-thinking-budget"),
+            "{spent}"
+        );
+        // An empty answer for another reason says only that.
+        let empty =
+            generation(r#"{"choices": [{"message": {"content": ""}, "finish_reason": "length"}]}"#)
+                .unwrap_err();
+        assert!(!empty.to_string().contains("reasoning"), "{empty}");
     }
 
     #[test]

@@ -737,6 +737,14 @@ impl ProviderError {
         })
     }
 
+    /// OpenAI's "You exceeded your current quota" (`insufficient_quota`, with HTTP 429):
+    /// billing, not throttling.
+    fn is_quota(&self) -> bool {
+        [&self.code_name, &self.kind]
+            .into_iter()
+            .any(|name| name.as_deref() == Some("insufficient_quota"))
+    }
+
     fn describe(&self) -> String {
         let text = match (&self.kind, &self.message) {
             (Some(kind), Some(message)) => format!("{kind}: {message}"),
@@ -754,7 +762,8 @@ impl ProviderError {
 /// | status | error |
 /// |---|---|
 /// | 401, 403 (and Google's 400 `API_KEY_INVALID`) | [`LlmError::Auth`] |
-/// | 429 | [`LlmError::RateLimited`], delay from `Retry-After` else RetryInfo |
+/// | 429 with OpenAI's `insufficient_quota` | [`LlmError::QuotaExhausted`] |
+/// | 429 | [`LlmError::RateLimited`], delay: the longer of `Retry-After` and RetryInfo |
 /// | 400, 404, 413, 422 and other 4xx | [`LlmError::BadRequest`] |
 /// | 408, 499, 5xx | [`LlmError::Server`] (retryable), delay (if any) as for 429 |
 /// | anything else (1xx, 2xx, 3xx reaching here) | [`LlmError::Malformed`] |
@@ -773,11 +782,14 @@ pub fn error_for_status(
     let key_invalid = provider
         .as_ref()
         .is_some_and(|e| e.reason.as_deref() == Some("API_KEY_INVALID"));
-    // The delay asked for, on a 429 or a 5xx: the header's, else the body's RetryInfo.
-    let asked = retry_after.or(provider.and_then(|e| e.retry_delay));
+    let quota = provider.as_ref().is_some_and(ProviderError::is_quota);
+    // The delay asked for, on a 429 or a 5xx: the longer of the header's and the body's
+    // RetryInfo (a proxy's `Retry-After: 0` must not cut the provider's own delay short).
+    let asked = retry_after.max(provider.and_then(|e| e.retry_delay));
     match status {
         401 | 403 => LlmError::Auth { backend, message },
         400 if key_invalid => LlmError::Auth { backend, message },
+        429 if quota => LlmError::QuotaExhausted { backend, message },
         429 => LlmError::RateLimited {
             backend,
             retry_after: asked,
@@ -829,11 +841,18 @@ pub(crate) fn malformed(backend: &str, message: String) -> LlmError {
 
 /// The error a provider reported inside a 2xx body or stream, mapped like an HTTP status.
 pub(crate) fn error_for_provider_error(backend: &str, error: &ProviderError) -> LlmError {
+    let described = error.describe();
+    if error.is_quota() {
+        return LlmError::QuotaExhausted {
+            backend: backend.to_owned(),
+            message: described,
+        };
+    }
     let status = error.status();
     let mut mapped = error_for_status(backend, status, b"", None);
-    let described = error.describe();
     match &mut mapped {
         LlmError::Auth { message, .. }
+        | LlmError::QuotaExhausted { message, .. }
         | LlmError::BadRequest { message, .. }
         | LlmError::Blocked { message, .. }
         | LlmError::Malformed { message, .. } => *message = described,
@@ -1255,11 +1274,16 @@ mod tests {
                 message: "RESOURCE_EXHAUSTED: quota".into()
             }
         );
-        // The header wins over the body.
-        let error = error_for_status("gemini", 429, body, Some(Duration::from_secs(1)));
-        assert!(
-            matches!(error, LlmError::RateLimited { retry_after: Some(d), .. } if d == Duration::from_secs(1))
-        );
+        // With both a header and RetryInfo, the longer delay (a proxy's `Retry-After: 0` does
+        // not cut the provider's own short).
+        for (header, asked) in [(0, 2500), (1000, 2500), (5000, 5000)] {
+            let error = error_for_status("gemini", 429, body, Some(Duration::from_millis(header)));
+            assert_eq!(
+                error.retry_after(),
+                Some(Duration::from_millis(asked)),
+                "Retry-After {header} ms"
+            );
+        }
         let array = br#"[{"error":{"code":503,"message":"overloaded","status":"UNAVAILABLE"}}]"#;
         assert_eq!(
             error_for_status("gemini", 503, array, None).to_string(),
@@ -1290,10 +1314,23 @@ mod tests {
                 br#"{"error":{"message":"m","type":"server_error","code":"who_knows"}}"#,
                 "server",
             ),
+            (
+                br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#,
+                "quota",
+            ),
         ] {
+            if kind == "quota" {
+                // The same body with its HTTP 429: billing, not throttling, so not retried.
+                let error = error_for_status("openai", 429, body, Some(Duration::from_secs(2)));
+                assert!(
+                    matches!(error, LlmError::QuotaExhausted { .. }) && !error.is_retryable(),
+                    "{error:?}"
+                );
+            }
             let error = error_for_provider_error("openai", &ProviderError::from_body(body).unwrap());
             let got = match error {
                 LlmError::Auth { .. } => "auth",
+                LlmError::QuotaExhausted { .. } => "quota",
                 LlmError::BadRequest { .. } => "bad request",
                 LlmError::RateLimited { .. } => "rate limited",
                 LlmError::Server { .. } => "server",

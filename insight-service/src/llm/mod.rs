@@ -87,6 +87,16 @@ pub enum LlmError {
         /// What the provider said.
         message: String,
     },
+    /// The account's quota or credit is used up (OpenAI's 429 `insufficient_quota`): unlike a
+    /// rate limit, waiting does not help until someone adds credit or raises the quota. Not
+    /// retried.
+    #[error("{backend}: quota exhausted: {message}")]
+    QuotaExhausted {
+        /// Backend name.
+        backend: String,
+        /// What the provider said.
+        message: String,
+    },
     /// The provider throttled us (HTTP 429); `retry_after` from `Retry-After` or RetryInfo.
     #[error("{backend}: rate limited: {message}")]
     RateLimited {
@@ -167,6 +177,7 @@ impl LlmError {
     pub fn backend(&self) -> &str {
         match self {
             Self::Auth { backend, .. }
+            | Self::QuotaExhausted { backend, .. }
             | Self::RateLimited { backend, .. }
             | Self::BadRequest { backend, .. }
             | Self::Server { backend, .. }
@@ -194,6 +205,7 @@ impl LlmError {
     pub fn cause(&self) -> &'static str {
         match self {
             Self::Auth { .. } => "auth",
+            Self::QuotaExhausted { .. } => "quota",
             Self::RateLimited { .. } => "rate_limited",
             Self::BadRequest { .. } => "bad_request",
             Self::Server { .. } => "server_error",
@@ -321,6 +333,13 @@ mod tests {
                     message: message(),
                 },
                 "auth",
+            ),
+            (
+                LlmError::QuotaExhausted {
+                    backend: backend(),
+                    message: message(),
+                },
+                "quota",
             ),
             (
                 LlmError::RateLimited {

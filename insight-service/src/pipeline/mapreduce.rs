@@ -777,6 +777,7 @@ fn worth_another_try(error: &LlmError) -> bool {
         LlmError::Malformed { .. } | LlmError::Connect { .. } | LlmError::Timeout { .. } => true,
         LlmError::Server { retry_after, .. } => retry_after.is_none_or(|wait| wait.is_zero()),
         LlmError::Auth { .. }
+        | LlmError::QuotaExhausted { .. }
         | LlmError::RateLimited { .. }
         | LlmError::BadRequest { .. }
         | LlmError::TooLarge { .. }
@@ -926,8 +927,8 @@ fn group_by_budget(level: Vec<ChunkInsight>, budget: usize) -> Vec<Vec<ChunkInsi
 
 /// Whether failure `a` (of chunk `a_index`) should be reported rather than `b` (of chunk
 /// `b_index`) when every chunk fails: one status names one cause, so it names the one that
-/// decides what the caller should do. A refused key comes first: it fails every call, and
-/// waiting is pointless while it lasts. Then what waiting may fix (throttling, then a
+/// decides what the caller should do. A refused key or an exhausted quota comes first: it
+/// fails every call, and waiting is pointless while it lasts. Then what waiting may fix (throttling, then a
 /// provider or connection failure), so that a caller is told to retry whenever a retry may
 /// succeed: a refused request or prompt, an answer over the size cap or a broken answer is
 /// usually one chunk's content, and a retry may answer (degraded) around it. A timeout comes
@@ -936,7 +937,7 @@ fn group_by_budget(level: Vec<ChunkInsight>, budget: usize) -> Vec<Vec<ChunkInsi
 fn explains_better(a: &LlmError, a_index: u32, b: &LlmError, b_index: u32) -> bool {
     fn rank(error: &LlmError) -> u8 {
         match error {
-            LlmError::Auth { .. } => 0,
+            LlmError::Auth { .. } | LlmError::QuotaExhausted { .. } => 0,
             LlmError::RateLimited { .. } => 1,
             LlmError::Server { .. } | LlmError::Connect { .. } => 2,
             LlmError::BadRequest { .. }

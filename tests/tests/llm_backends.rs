@@ -388,6 +388,40 @@ async fn server_errors_are_retried_and_every_attempt_is_counted() {
     .await;
 }
 
+/// Tokens a Gemini stream reported before it failed midway (its events carry usageMetadata)
+/// are billed even though the attempt is retried: usage says what the calls cost.
+#[tokio::test]
+async fn tokens_a_failed_stream_reported_are_counted() {
+    let fake = FakeLlm::gemini().await;
+    fake.set_answer(ANSWER);
+    let first = json!({
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "{\"insi"}]}}],
+        "usageMetadata": {"promptTokenCount": 1000, "candidatesTokenCount": 7, "totalTokenCount": 1007}
+    });
+    fake.push_fault(Fault::Raw {
+        status: 200,
+        content_type: "text/event-stream".to_owned(),
+        // Gemini's shape for a stream that fails midway: a bare JSON error after the events.
+        body: format!(
+            "data: {first}\r\n\r\n{}",
+            json!({"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}})
+        )
+        .into(),
+    });
+    let g = generator(Flavor::Gemini, &fake.base_url(), true, fast_limits());
+    let (result, _) = call(&*g, Duration::from_secs(5)).await;
+    let generation = result.unwrap();
+    assert_eq!(generation.text, ANSWER);
+    assert_eq!(fake.request_count(), 2);
+    let retried = fake.requests()[1].body_len as u64;
+    // The fake's own answer reports a quarter of the bytes as tokens.
+    assert_eq!(generation.usage.input_tokens, 1000 + retried / 4);
+    assert_eq!(
+        generation.usage.output_tokens,
+        7 + (ANSWER.len() as u64).div_ceil(4)
+    );
+}
+
 #[tokio::test]
 async fn persistent_server_errors_stop_after_max_retries() {
     each_mode(|fake, flavor, stream| async move {

@@ -519,9 +519,11 @@ impl Answer {
 
     /// The generation, after adding the reported tokens to `meter` (first: a blocked or cut
     /// answer's tokens are billed too).
-    fn into_generation(self, meter: &UsageMeter, streamed: bool) -> Result<Generation, LlmError> {
-        if let Some(metadata) = self.usage {
-            meter.add(Usage {
+    /// The reported tokens, taken out.
+    fn take_usage(&mut self) -> Usage {
+        self.usage
+            .take()
+            .map_or_else(Usage::default, |metadata| Usage {
                 input_tokens: metadata.prompt_token_count.unwrap_or(0),
                 // Thinking tokens are billed as output: counting them keeps usage honest.
                 output_tokens: metadata
@@ -529,8 +531,15 @@ impl Answer {
                     .unwrap_or(0)
                     .saturating_add(metadata.thoughts_token_count.unwrap_or(0)),
                 ..Usage::default()
-            });
-        }
+            })
+    }
+
+    fn into_generation(
+        mut self,
+        meter: &UsageMeter,
+        streamed: bool,
+    ) -> Result<Generation, LlmError> {
+        meter.add(self.take_usage());
         if let Some(reason) = self.blocked
             && self.text.is_empty()
         {
@@ -598,6 +607,10 @@ impl SseHandler for StreamHandler {
 
     fn on_end(&mut self, trailing: &[u8]) -> Result<(), LlmError> {
         stream_end(NAME, trailing)
+    }
+
+    fn take_usage(&mut self) -> Usage {
+        self.answer.take_usage()
     }
 }
 

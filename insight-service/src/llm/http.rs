@@ -178,6 +178,11 @@ pub(crate) trait SseHandler: Send {
     /// The stream ended. `trailing` holds lines that were not SSE fields (Gemini appends a bare
     /// JSON error object to a stream that fails midway).
     fn on_end(&mut self, trailing: &[u8]) -> Result<(), LlmError>;
+    /// The tokens the provider reported so far, handed over once: an attempt that failed
+    /// midway (a stall, a lost connection, an error event) is billed for them all the same.
+    fn take_usage(&mut self) -> Usage {
+        Usage::default()
+    }
 }
 
 /// The HTTP machinery of one backend: a shared connection pool plus the limits every call obeys.
@@ -276,7 +281,13 @@ impl HttpTransport {
                 None => None,
             };
             let attempt = self.attempt(url, headers, body.clone(), meter, handler);
-            let failure = match tokio::time::timeout_at(deadline, attempt).await {
+            let outcome = tokio::time::timeout_at(deadline, attempt).await;
+            if !matches!(outcome, Ok(Ok(_)))
+                && let Some(handler) = sse.as_mut()
+            {
+                meter.add(handler.take_usage());
+            }
+            let failure = match outcome {
                 Ok(Ok(body)) => return Ok(body),
                 Ok(Err(failure)) => failure,
                 Err(_elapsed) => return Err(self.deadline_error(attempts, last)),

@@ -553,14 +553,23 @@ struct Answer {
 impl Answer {
     /// The generation, after adding the reported tokens to `meter` (first: a refused or cut
     /// answer's tokens are billed too).
-    fn into_generation(self, meter: &UsageMeter) -> Result<Generation, LlmError> {
-        if let Some(tokens) = self.tokens {
-            meter.add(Usage {
+    /// The reported tokens, taken out.
+    fn take_usage(&mut self) -> Usage {
+        self.tokens
+            .take()
+            .map_or_else(Usage::default, |tokens| Usage {
                 input_tokens: tokens.prompt_tokens.unwrap_or(0),
                 output_tokens: tokens.completion_tokens.unwrap_or(0),
                 ..Usage::default()
-            });
-        }
+            })
+    }
+
+    fn into_generation(mut self, meter: &UsageMeter) -> Result<Generation, LlmError> {
+        let reasoning = self
+            .tokens
+            .and_then(|tokens| tokens.completion_tokens_details?.reasoning_tokens)
+            .filter(|&tokens| tokens > 0);
+        meter.add(self.take_usage());
         let Some(reason) = self.finish else {
             return Err(malformed(
                 NAME,
@@ -572,10 +581,6 @@ impl Answer {
             if !self.refusal.is_empty() {
                 return Err(malformed(NAME, format!("model refused: {}", self.refusal)));
             }
-            let reasoning = self
-                .tokens
-                .and_then(|tokens| tokens.completion_tokens_details?.reasoning_tokens)
-                .filter(|&tokens| tokens > 0);
             if reason == "length" && (thinking_cut || reasoning.is_some()) {
                 let spent = reasoning.map_or_else(String::new, |n| format!(" ({n} tokens)"));
                 return Err(malformed(
@@ -695,6 +700,10 @@ impl SseHandler for StreamHandler {
             return Ok(());
         }
         stream_end(NAME, trailing)
+    }
+
+    fn take_usage(&mut self) -> Usage {
+        self.answer.take_usage()
     }
 }
 

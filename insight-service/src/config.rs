@@ -105,7 +105,8 @@ pub struct Config {
 
     /// Model thinking. Gemini: `auto` turns it off where the model allows (2.5 Flash and
     /// Flash-Lite, whose thoughts would otherwise use up a short answer's maxOutputTokens),
-    /// keeps 2.5 Pro at its minimum (128) and leaves other models their default; a number N
+    /// keeps 2.5 Pro at its minimum (128) and leaves other models their default (adding 8192
+    /// to maxOutputTokens for the thoughts of those after 2.0, e.g. Gemini 3); a number N
     /// sends `thinkingBudget` N and adds N to maxOutputTokens (2.5 Pro needs at least 128).
     /// OpenAI-compatible: tokens added to the answer's cap for reasoning, which reasoning
     /// models count in it; `auto` adds 8192 with `max_completion_tokens` (OpenAI's reasoning

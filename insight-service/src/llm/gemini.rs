@@ -50,7 +50,9 @@ pub const MAX_THINKING_BUDGET: u32 = 32_768;
 /// turned off where the model allows it, and kept to its minimum (128 tokens, added to the
 /// cap) on 2.5 Pro, which cannot turn it off. Other models (before 2.5, which do not think;
 /// image and speech variants, which refuse a thinking config; later generations, which take a
-/// `thinkingLevel`) get nothing and keep their own default.
+/// `thinkingLevel`) get no thinking config and keep their own default; those that may think by
+/// default get [`AUTO_THINKING_TOKENS`] of room in `maxOutputTokens` for it
+/// ([`ThinkingBudget::resolve`]).
 ///
 /// An explicit budget is sent as given: the model checks its range (2.5 Pro 128–32,768,
 /// 2.5 Flash 0–24,576, Flash-Lite 0 or 512–24,576), and one it refuses fails every call with
@@ -58,7 +60,8 @@ pub const MAX_THINKING_BUDGET: u32 = 32_768;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ThinkingBudget {
     /// `thinkingBudget: 0` (off) for Gemini 2.5 Flash and Flash-Lite (and their `-latest`
-    /// aliases), 128 for 2.5 Pro, nothing for other models.
+    /// aliases), 128 for 2.5 Pro, no config for other models (with room in the cap for the
+    /// thoughts of those that think by default).
     #[default]
     Auto,
     /// `thinkingBudget` of this many tokens, added to `maxOutputTokens` so thinking does not
@@ -69,7 +72,48 @@ pub enum ThinkingBudget {
 /// 2.5 Pro's smallest thinking budget: it cannot think less.
 const PRO_MIN_THINKING: u32 = 128;
 
+/// Tokens added to `maxOutputTokens` by `auto` for a model left to think at its default (later
+/// generations such as Gemini 3, and aliases like `gemini-pro-latest`): its thoughts count
+/// against the cap too, and with only the answer's few hundred tokens it can stop at
+/// MAX_TOKENS before writing any. Unused tokens cost nothing.
+pub const AUTO_THINKING_TOKENS: u32 = 8_192;
+
+/// What a request carries for thinking, resolved for one model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Thinking {
+    /// `thinkingConfig.thinkingBudget`, when one is sent.
+    pub budget: Option<u32>,
+    /// Tokens added to `maxOutputTokens` so that thoughts do not eat the answer's.
+    pub allowance: u32,
+}
+
 impl ThinkingBudget {
+    /// The thinking config and cap allowance for `model`: a budget sent is also the
+    /// allowance; with `auto`, a model that gets no budget but may think by default (not one
+    /// from before 2.5, whose output caps are also lower, nor a Gemma, image or speech model)
+    /// gets [`AUTO_THINKING_TOKENS`] of allowance.
+    pub fn resolve(self, model: &str) -> Thinking {
+        if let Some(budget) = self.for_model(model) {
+            return Thinking {
+                budget: Some(budget),
+                allowance: budget,
+            };
+        }
+        let thinks_by_default = !(model.starts_with("gemini-1.")
+            || model.starts_with("gemini-2.0")
+            || model.starts_with("gemma")
+            || model.contains("-image")
+            || model.contains("-tts"));
+        Thinking {
+            budget: None,
+            allowance: if thinks_by_default {
+                AUTO_THINKING_TOKENS
+            } else {
+                0
+            },
+        }
+    }
+
     /// The `thinkingBudget` to send to `model`, if any.
     pub fn for_model(self, model: &str) -> Option<u32> {
         match self {
@@ -151,8 +195,8 @@ pub struct GeminiGenerator {
     stream_url: Url,
     headers: HeaderMap,
     stream: bool,
-    /// The `thinkingBudget` sent, resolved for the model.
-    thinking_budget: Option<u32>,
+    /// The thinking config sent and the cap's allowance, resolved for the model.
+    thinking: Thinking,
 }
 
 impl fmt::Debug for GeminiGenerator {
@@ -162,7 +206,7 @@ impl fmt::Debug for GeminiGenerator {
             .field("model", &self.model)
             .field("url", &redacted_url(self.generate_url.as_str()))
             .field("stream", &self.stream)
-            .field("thinking_budget", &self.thinking_budget)
+            .field("thinking", &self.thinking)
             .field("limits", self.transport.limits())
             .finish_non_exhaustive()
     }
@@ -195,7 +239,7 @@ impl GeminiGenerator {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         Ok(Self {
             transport: HttpTransport::new(NAME, config.limits)?,
-            thinking_budget: config.thinking.for_model(&model),
+            thinking: config.thinking.resolve(&model),
             model,
             generate_url,
             stream_url,
@@ -205,7 +249,7 @@ impl GeminiGenerator {
     }
 
     async fn run(&self, request: GenerateRequest<'_>) -> Result<Generation, LlmError> {
-        let body = request_body(&request, self.thinking_budget)?;
+        let body = request_body(&request, self.thinking)?;
         if self.stream {
             let mut handler = StreamHandler::default();
             self.transport
@@ -314,11 +358,8 @@ struct ThinkingConfig {
     thinking_budget: u32,
 }
 
-/// The request; `thinking_budget` as resolved by [`ThinkingBudget::for_model`].
-fn request_body(
-    request: &GenerateRequest<'_>,
-    thinking_budget: Option<u32>,
-) -> Result<Bytes, LlmError> {
+/// The request; `thinking` as resolved by [`ThinkingBudget::resolve`].
+fn request_body(request: &GenerateRequest<'_>, thinking: Thinking) -> Result<Bytes, LlmError> {
     let body = GenerateContentRequest {
         contents: [Content {
             role: Some("user"),
@@ -334,12 +375,11 @@ fn request_body(
         }),
         generation_config: GenerationConfig {
             // Thoughts count against maxOutputTokens: the answer keeps its own share.
-            max_output_tokens: request
-                .max_output_tokens
-                .saturating_add(thinking_budget.unwrap_or(0)),
+            max_output_tokens: request.max_output_tokens.saturating_add(thinking.allowance),
             response_mime_type: request.response_schema.map(|_| "application/json"),
             response_schema: request.response_schema.map(to_gemini_schema),
-            thinking_config: thinking_budget
+            thinking_config: thinking
+                .budget
                 .map(|thinking_budget| ThinkingConfig { thinking_budget }),
         },
     };
@@ -665,7 +705,8 @@ mod tests {
             deadline: tokio::time::Instant::now(),
             usage: &UsageMeter::default(),
         };
-        let body: Value = serde_json::from_slice(&request_body(&request, None).unwrap()).unwrap();
+        let body: Value =
+            serde_json::from_slice(&request_body(&request, Thinking::default()).unwrap()).unwrap();
         assert_eq!(
             body,
             json!({
@@ -683,21 +724,30 @@ mod tests {
             response_schema: None,
             ..request
         };
-        let body: Value = serde_json::from_slice(&request_body(&plain, None).unwrap()).unwrap();
+        let body: Value =
+            serde_json::from_slice(&request_body(&plain, Thinking::default()).unwrap()).unwrap();
         assert_eq!(body["generationConfig"], json!({"maxOutputTokens": 77}));
         assert!(body.get("systemInstruction").is_none());
         // Thinking off: budget 0, the answer's cap unchanged.
-        let body: Value = serde_json::from_slice(&request_body(&plain, Some(0)).unwrap()).unwrap();
+        let off = ThinkingBudget::Tokens(0).resolve(DEFAULT_MODEL);
+        let body: Value = serde_json::from_slice(&request_body(&plain, off).unwrap()).unwrap();
         assert_eq!(
             body["generationConfig"],
             json!({"maxOutputTokens": 77, "thinkingConfig": {"thinkingBudget": 0}})
         );
         // A budget is added to the cap, so thoughts do not eat the answer's tokens.
-        let body: Value =
-            serde_json::from_slice(&request_body(&plain, Some(512)).unwrap()).unwrap();
+        let budget = ThinkingBudget::Tokens(512).resolve(DEFAULT_MODEL);
+        let body: Value = serde_json::from_slice(&request_body(&plain, budget).unwrap()).unwrap();
         assert_eq!(
             body["generationConfig"],
             json!({"maxOutputTokens": 589, "thinkingConfig": {"thinkingBudget": 512}})
+        );
+        // A model left to think at its default: no config, but room for its thoughts.
+        let later = ThinkingBudget::Auto.resolve("gemini-3-pro-preview");
+        let body: Value = serde_json::from_slice(&request_body(&plain, later).unwrap()).unwrap();
+        assert_eq!(
+            body["generationConfig"],
+            json!({"maxOutputTokens": 77 + AUTO_THINKING_TOKENS})
         );
     }
 
@@ -722,11 +772,32 @@ mod tests {
                 ..GeminiConfig::new(SecretString::from("k".to_owned()))
             })
             .unwrap()
-            .thinking_budget
+            .thinking
         };
         // Resolved for the model without its `models/` prefix.
-        assert_eq!(generator(Auto, "models/gemini-2.5-flash"), Some(0));
-        assert_eq!(generator(Auto, "gemini-2.0-flash"), None);
+        assert_eq!(generator(Auto, "models/gemini-2.5-flash").budget, Some(0));
+        assert_eq!(generator(Auto, "gemini-2.0-flash"), Thinking::default());
+        // Models `auto` leaves at their default thinking get room for it in the cap, but not
+        // those that do not think (whose output caps are lower too).
+        for model in [
+            "gemini-pro-latest",
+            "gemini-3-pro-preview",
+            "gemini-3-flash",
+        ] {
+            let thinking = generator(Auto, model);
+            assert_eq!(thinking.budget, None, "{model}");
+            assert_eq!(thinking.allowance, AUTO_THINKING_TOKENS, "{model}");
+        }
+        for model in ["gemini-1.5-pro", "gemma-3-27b-it", "gemini-2.5-flash-image"] {
+            assert_eq!(generator(Auto, model), Thinking::default(), "{model}");
+        }
+        assert_eq!(
+            generator(Tokens(300), "gemini-2.5-pro"),
+            Thinking {
+                budget: Some(300),
+                allowance: 300
+            }
+        );
         assert_eq!("auto".parse(), Ok(Auto));
         assert_eq!("2048".parse(), Ok(Tokens(2048)));
         assert!("40000".parse::<ThinkingBudget>().is_err());

@@ -316,9 +316,55 @@ pub trait LlmBackend: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<SummaryDraft, LlmError>>;
 }
 
+/// The JSON in a model's answer, for models that wrap it despite being asked not to: the
+/// body of the first Markdown code fence (any info string: ```` ```json ````, ```` ```JSON ````,
+/// or a one-line fence), else the span from the first `{` to the last `}` (prose before or
+/// after the object), else the trimmed text (for the parser to say what is wrong with it).
+pub fn json_in(text: &str) -> &str {
+    let trimmed = text.trim();
+    if let Some((_, fenced)) = trimmed.split_once("```") {
+        // Skip the info string up to the end of the opening line, or on a one-line fence
+        // (```json {...}```) up to the JSON.
+        let body = match fenced.split_once('\n') {
+            Some((_, body)) => body,
+            None => fenced.trim_start_matches(|c: char| c.is_ascii_alphanumeric()),
+        };
+        let body = body.split_once("```").map_or(body, |(inside, _)| inside);
+        return body.trim();
+    }
+    if trimmed.starts_with('[') {
+        return trimmed;
+    }
+    match (trimmed.find('{'), trimmed.rfind('}')) {
+        (Some(start), Some(end)) if start < end => &trimmed[start..=end],
+        _ => trimmed,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_is_found_in_fences_and_prose() {
+        let object = r#"{"insight": "Ads annoy.", "themes": ["ads"]}"#;
+        for answer in [
+            object.to_owned(),
+            format!("  {object}\n"),
+            format!("```json\n{object}\n```"),
+            format!("```JSON\n{object}\n```\n"),
+            format!("```\n{object}\n```"),
+            format!("```json {object}```"),
+            format!("Here is the JSON you asked for:\n```json\n{object}\n```\nHope it helps."),
+            format!("Sure! {object}"),
+            format!("{object}\n\nThese are the themes."),
+        ] {
+            assert_eq!(json_in(&answer), object, "{answer:?}");
+        }
+        // Not JSON at all: the text, for the parser to name what is wrong.
+        assert_eq!(json_in(" no json here "), "no json here");
+        assert_eq!(json_in("[1, 2]"), "[1, 2]");
+    }
 
     /// The causes are part of the status contract (ErrorInfo metadata `cause`, listed in the
     /// README): clients match on these words, so they must not drift.

@@ -302,7 +302,7 @@ pub struct Draft {
 /// than costing a repair call). A Markdown code fence around the JSON is tolerated, since models
 /// add one even when told not to. The error says what is wrong, for the repair prompt.
 pub fn parse_answer(text: &str, max_words: usize) -> Result<Draft, String> {
-    let value: Value = serde_json::from_str(unfence(text))
+    let value: Value = serde_json::from_str(crate::llm::json_in(text))
         .map_err(|e| format!("the answer is not valid JSON ({e})"))?;
     check_schema(&value, &response_schema(), "answer")?;
     // The schema check above guarantees an object with six keys of the right types, so these
@@ -346,21 +346,6 @@ pub fn parse_answer(text: &str, max_words: usize) -> Result<Draft, String> {
         return Err("`recommendations` must hold at least one non-blank suggestion".to_owned());
     }
     Ok(draft)
-}
-
-/// The JSON inside a Markdown code fence (```json ... ```), or the trimmed text itself.
-fn unfence(text: &str) -> &str {
-    let trimmed = text.trim();
-    let Some(rest) = trimmed.strip_prefix("```") else {
-        return trimmed;
-    };
-    // Skip the info string ("json") up to the end of the opening line, or on a one-line
-    // fence (```json {...}```) up to the JSON.
-    let body = match rest.split_once('\n') {
-        Some((_, body)) => body,
-        None => rest.trim_start_matches(|c: char| c.is_ascii_alphanumeric()),
-    };
-    body.trim_end().strip_suffix("```").unwrap_or(body).trim()
 }
 
 /// Checks `value` against the subset of JSON Schema that [`response_schema`] uses: `type`,

@@ -205,16 +205,6 @@ struct ReduceAnswer {
     themes: Vec<String>,
 }
 
-/// Strips a Markdown code fence that some models put around JSON despite being asked not to.
-fn unfence(text: &str) -> &str {
-    let t = text.trim();
-    let t = t
-        .strip_prefix("```json")
-        .or_else(|| t.strip_prefix("```"))
-        .unwrap_or(t);
-    t.strip_suffix("```").unwrap_or(t).trim()
-}
-
 /// Lowercased, trimmed, de-duplicated, non-empty themes, at most `max`.
 fn clean_themes(themes: Vec<String>, max: usize) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(max);
@@ -232,8 +222,8 @@ fn clean_themes(themes: Vec<String>, max: usize) -> Vec<String> {
 
 /// Parses a map answer: `(insight, themes)`, or why it is unusable.
 pub fn parse_map_answer(text: &str) -> Result<(String, Vec<String>), String> {
-    let answer: MapAnswer =
-        serde_json::from_str(unfence(text)).map_err(|e| format!("not the JSON asked for: {e}"))?;
+    let answer: MapAnswer = serde_json::from_str(crate::llm::json_in(text))
+        .map_err(|e| format!("not the JSON asked for: {e}"))?;
     let insight = answer.insight.trim().to_owned();
     if insight.is_empty() {
         return Err("empty insight".to_owned());
@@ -243,8 +233,8 @@ pub fn parse_map_answer(text: &str) -> Result<(String, Vec<String>), String> {
 
 /// Parses a reduce answer: `(summary, themes)`, or why it is unusable.
 pub fn parse_reduce_answer(text: &str) -> Result<(String, Vec<String>), String> {
-    let answer: ReduceAnswer =
-        serde_json::from_str(unfence(text)).map_err(|e| format!("not the JSON asked for: {e}"))?;
+    let answer: ReduceAnswer = serde_json::from_str(crate::llm::json_in(text))
+        .map_err(|e| format!("not the JSON asked for: {e}"))?;
     let summary = answer.summary.trim().to_owned();
     if summary.is_empty() {
         return Err("empty summary".to_owned());

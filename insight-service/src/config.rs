@@ -106,11 +106,11 @@ pub struct Config {
     /// Model thinking. Gemini: `auto` turns it off where the model allows (2.5 Flash and
     /// Flash-Lite, whose thoughts would otherwise use up a short answer's maxOutputTokens),
     /// keeps 2.5 Pro at its minimum (128) and leaves other models their default (adding 8192
-    /// to maxOutputTokens for the thoughts of those after 2.0, e.g. Gemini 3); a number N
+    /// to maxOutputTokens for the thoughts of 2.5 and later, e.g. Gemini 3); a number N
     /// sends `thinkingBudget` N and adds N to maxOutputTokens (2.5 Pro needs at least 128).
     /// OpenAI-compatible: tokens added to the answer's cap for reasoning, which reasoning
-    /// models count in it; `auto` adds 8192 with `max_completion_tokens` (OpenAI's reasoning
-    /// models) and nothing with `max_tokens`; N adds N to either (local reasoning models).
+    /// models count in it; `auto` adds 8192 for a reasoning model by name (o-series, gpt-5,
+    /// R1, QwQ, Qwen3...) and nothing otherwise; N adds N for any model.
     #[arg(long, env = "INSIGHT_LLM_THINKING_BUDGET", default_value = "auto", value_parser = clap::value_parser!(crate::llm::gemini::ThinkingBudget))]
     pub llm_thinking_budget: crate::llm::gemini::ThinkingBudget,
 

@@ -35,7 +35,7 @@ use tokio::{sync::watch, time::Instant};
 use crate::{
     admission::estimator::{self, EstimatorConfig},
     cpu::Pacer,
-    domain::{ChunkInsight, Entry, FeedbackSummary, SummaryOptions, Usage},
+    domain::{ChunkInsight, ChunkStatus, Entry, FeedbackSummary, SummaryOptions, Usage},
     pipeline::{
         ChunkMemo, EntrySource, InlineEntries, Pipeline, PipelineError, SourceError,
         source::{hash_entry, hex},
@@ -223,8 +223,8 @@ pub fn estimate(request: &SummaryRequest, config: &EstimatorConfig) -> u64 {
 struct Outcome {
     budget: Duration,
     result: Result<Arc<FeedbackSummary>, PipelineError>,
-    /// Whether the leader finished a chunk (then cached, with a remote backend): a caller
-    /// that computes again after the leader ran out of time starts from those.
+    /// Whether the leader finished a chunk that a caller computing again after the leader ran
+    /// out of time can start from (remembered in the chunk cache, and read by such callers).
     progressed: bool,
 }
 
@@ -426,9 +426,15 @@ impl Summaries {
                     }
                 }
                 Flight::Lead(flight) => {
+                    // A chunk finished here is one another caller can start from only if it
+                    // was remembered (a memo, so a remote backend or a job) and that caller
+                    // reads what is remembered (not with `bypass_cache`).
+                    let reusable = memo.is_some() && !options.bypass_cache;
                     let progressed = &flight.progressed;
                     let reported = |chunk: &ChunkInsight| {
-                        progressed.store(true, Ordering::Relaxed);
+                        if reusable && chunk.status == ChunkStatus::Ok {
+                            progressed.store(true, Ordering::Relaxed);
+                        }
                         on_chunk(chunk);
                     };
                     let outcome = self
@@ -623,7 +629,7 @@ struct FlightGuard {
     deadline: Instant,
     /// The time the leader had in all.
     budget: Duration,
-    /// Whether a chunk was reported.
+    /// Whether a chunk another caller can start from was finished.
     progressed: AtomicBool,
     sender: watch::Sender<Option<Outcome>>,
     flights: Arc<Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>>,

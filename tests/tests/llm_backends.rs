@@ -15,7 +15,7 @@ use std::{future::Future, path::Path, time::Duration};
 use insight_service::domain::{Usage, UsageMeter};
 use insight_service::llm::{
     FinishReason, GenerateRequest, Generation, Generator, LlmError,
-    gemini::{AUTO_THINKING_TOKENS, GeminiConfig, GeminiGenerator},
+    gemini::{GeminiConfig, GeminiGenerator},
     http::HttpLimits,
     openai::{OpenAiConfig, OpenAiGenerator},
 };
@@ -179,8 +179,7 @@ async fn gemini_sends_the_documented_request_and_parses_the_answer() {
                 "contents": [{"role": "user", "parts": [{"text": "<feedback>\n1. Too many ads. (1 star)\n2. Great playlists! (5 stars)\n</feedback>"}]}],
                 "systemInstruction": {"parts": [{"text": "You summarize user feedback. Answer in JSON."}]},
                 "generationConfig": {
-                    // An unknown model may think by default: room for its thoughts.
-                    "maxOutputTokens": 256 + AUTO_THINKING_TOKENS,
+                    "maxOutputTokens": 256,
                     "responseMimeType": "application/json",
                     "responseSchema": {
                         "type": "OBJECT",

@@ -51,8 +51,8 @@ pub const MAX_THINKING_BUDGET: u32 = 32_768;
 /// cap) on 2.5 Pro, which cannot turn it off. Other models (before 2.5, which do not think;
 /// image and speech variants, which refuse a thinking config; later generations, which take a
 /// `thinkingLevel`) get no thinking config and keep their own default; those that may think by
-/// default get [`AUTO_THINKING_TOKENS`] of room in `maxOutputTokens` for it
-/// ([`ThinkingBudget::resolve`]).
+/// default (2.5 and later, `-latest` aliases, "thinking" models) get [`AUTO_THINKING_TOKENS`]
+/// of room in `maxOutputTokens` for it ([`ThinkingBudget::resolve`]).
 ///
 /// An explicit budget is sent as given: the model checks its range (2.5 Pro 128–32,768,
 /// 2.5 Flash 0–24,576, Flash-Lite 0 or 512–24,576), and one it refuses fails every call with
@@ -99,11 +99,18 @@ impl ThinkingBudget {
                 allowance: budget,
             };
         }
-        let thinks_by_default = !(model.starts_with("gemini-1.")
-            || model.starts_with("gemini-2.0")
-            || model.starts_with("gemma")
-            || model.contains("-image")
-            || model.contains("-tts"));
+        // Known to think: 2.5 and later generations, `-latest` aliases (which move to them)
+        // and experimental "thinking" models. Not earlier ones or Gemma, whose output caps
+        // (8,192 for 2.0) a larger maxOutputTokens could exceed, nor image or speech models.
+        let generation = model
+            .strip_prefix("gemini-")
+            .and_then(|rest| rest.chars().next())
+            .filter(char::is_ascii_digit);
+        let thinks_by_default = !(model.contains("-image") || model.contains("-tts"))
+            && (model.contains("thinking")
+                || model.ends_with("-latest")
+                || model.starts_with("gemini-2.5")
+                || generation.is_some_and(|major| major >= '3'));
         Thinking {
             budget: None,
             allowance: if thinks_by_default {
@@ -557,8 +564,6 @@ impl Answer {
         Ok(())
     }
 
-    /// The generation, after adding the reported tokens to `meter` (first: a blocked or cut
-    /// answer's tokens are billed too).
     /// The reported tokens, taken out.
     fn take_usage(&mut self) -> Usage {
         self.usage
@@ -574,6 +579,8 @@ impl Answer {
             })
     }
 
+    /// The generation, after adding the reported tokens to `meter` (first: a blocked or cut
+    /// answer's tokens are billed too).
     fn into_generation(
         mut self,
         meter: &UsageMeter,
@@ -788,7 +795,18 @@ mod tests {
             assert_eq!(thinking.budget, None, "{model}");
             assert_eq!(thinking.allowance, AUTO_THINKING_TOKENS, "{model}");
         }
-        for model in ["gemini-1.5-pro", "gemma-3-27b-it", "gemini-2.5-flash-image"] {
+        assert_eq!(
+            generator(Auto, "gemini-2.0-flash-thinking-exp").allowance,
+            AUTO_THINKING_TOKENS
+        );
+        for model in [
+            "gemini-1.5-pro",
+            "gemma-3-27b-it",
+            "gemini-2.5-flash-image",
+            "gemini-pro",
+            "gemini-exp-1206",
+            "learnlm-2.0-flash-experimental",
+        ] {
             assert_eq!(generator(Auto, model), Thinking::default(), "{model}");
         }
         assert_eq!(

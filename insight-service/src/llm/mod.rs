@@ -316,29 +316,65 @@ pub trait LlmBackend: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<SummaryDraft, LlmError>>;
 }
 
-/// The JSON in a model's answer, for models that wrap it despite being asked not to: the
-/// body of the first Markdown code fence (any info string: ```` ```json ````, ```` ```JSON ````,
-/// or a one-line fence), else the span from the first `{` to the last `}` (prose before or
-/// after the object), else the trimmed text (for the parser to say what is wrong with it).
-pub fn json_in(text: &str) -> &str {
+/// Why a place in a model's answer was not the answer (see [`parse_answer_json`]).
+#[derive(Debug)]
+pub enum NotTheAnswer {
+    /// Not JSON at all.
+    NotJson(String),
+    /// JSON, but not what was asked for (its message says what is wrong, for a repair).
+    Invalid(String),
+}
+
+impl NotTheAnswer {
+    /// A serde error, classified: valid JSON of the wrong shape is [`NotTheAnswer::Invalid`].
+    pub fn from_serde(error: &serde_json::Error) -> Self {
+        match error.classify() {
+            serde_json::error::Category::Data => Self::Invalid(error.to_string()),
+            _ => Self::NotJson(error.to_string()),
+        }
+    }
+}
+
+/// Where a model may have put the JSON it was asked for, most likely first: the whole
+/// (trimmed) text; the body of each Markdown code fence, from its first `{` or `[` (any info
+/// string, ```` ```JSON ```` too, or a one-line fence); and the span from the first `{` to
+/// the last `}` (prose around the object). Models wrap JSON despite being asked not to.
+fn json_candidates(text: &str) -> impl Iterator<Item = &str> {
     let trimmed = text.trim();
-    if let Some((_, fenced)) = trimmed.split_once("```") {
-        // Skip the info string up to the end of the opening line, or on a one-line fence
-        // (```json {...}```) up to the JSON.
-        let body = match fenced.split_once('\n') {
-            Some((_, body)) => body,
-            None => fenced.trim_start_matches(|c: char| c.is_ascii_alphanumeric()),
-        };
-        let body = body.split_once("```").map_or(body, |(inside, _)| inside);
-        return body.trim();
+    let fences = trimmed
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .filter_map(|body| body.find(['{', '[']).map(|start| body[start..].trim()));
+    let span = match (trimmed.find('{'), trimmed.rfind('}')) {
+        (Some(start), Some(end)) if start < end => Some(&trimmed[start..=end]),
+        _ => None,
+    };
+    std::iter::once(trimmed).chain(fences).chain(span)
+}
+
+/// The first place in a model's answer ([`json_candidates`]) that `parse` accepts. Else the
+/// error `parse` gave the first place that was JSON at all (what is wrong with the answer, for
+/// a repair prompt), else the whole text's.
+pub fn parse_answer_json<T>(
+    text: &str,
+    parse: impl Fn(&str) -> Result<T, NotTheAnswer>,
+) -> Result<T, NotTheAnswer> {
+    let mut first: Option<NotTheAnswer> = None;
+    for candidate in json_candidates(text) {
+        match parse(candidate) {
+            Ok(answer) => return Ok(answer),
+            Err(invalid @ NotTheAnswer::Invalid(_)) => {
+                if !matches!(first, Some(NotTheAnswer::Invalid(_))) {
+                    first = Some(invalid);
+                }
+            }
+            Err(not_json) => {
+                first.get_or_insert(not_json);
+            }
+        }
     }
-    if trimmed.starts_with('[') {
-        return trimmed;
-    }
-    match (trimmed.find('{'), trimmed.rfind('}')) {
-        (Some(start), Some(end)) if start < end => &trimmed[start..=end],
-        _ => trimmed,
-    }
+    Err(first.unwrap_or_else(|| NotTheAnswer::NotJson("an empty answer".to_owned())))
 }
 
 #[cfg(test)]
@@ -347,7 +383,16 @@ mod tests {
 
     #[test]
     fn json_is_found_in_fences_and_prose() {
-        let object = r#"{"insight": "Ads annoy.", "themes": ["ads"]}"#;
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct Answer {
+            insight: String,
+        }
+        let parse = |text: &str| {
+            parse_answer_json(text, |candidate| {
+                serde_json::from_str::<Answer>(candidate).map_err(|e| NotTheAnswer::from_serde(&e))
+            })
+        };
+        let object = r#"{"insight": "Ads annoy."}"#;
         for answer in [
             object.to_owned(),
             format!("  {object}\n"),
@@ -355,15 +400,33 @@ mod tests {
             format!("```JSON\n{object}\n```\n"),
             format!("```\n{object}\n```"),
             format!("```json {object}```"),
+            "```{\n\"insight\": \"Ads annoy.\"}\n```".to_owned(),
             format!("Here is the JSON you asked for:\n```json\n{object}\n```\nHope it helps."),
             format!("Sure! {object}"),
             format!("{object}\n\nThese are the themes."),
+            // An example of the wrong shape before the answer.
+            format!("Format: ```{{\"x\": 1}}```\nAnswer: ```json\n{object}\n```"),
         ] {
-            assert_eq!(json_in(&answer), object, "{answer:?}");
+            assert_eq!(
+                parse(&answer).map_err(|e| format!("{e:?}")),
+                Ok(Answer {
+                    insight: "Ads annoy.".to_owned()
+                }),
+                "{answer:?}"
+            );
         }
-        // Not JSON at all: the text, for the parser to name what is wrong.
-        assert_eq!(json_in(" no json here "), "no json here");
-        assert_eq!(json_in("[1, 2]"), "[1, 2]");
+        // Valid JSON as a whole wins, even with a fence inside a string.
+        let inside = r#"{"insight": "use ```code``` fences"}"#;
+        assert_eq!(parse(inside).unwrap().insight, "use ```code``` fences");
+        // The error says what is wrong with the JSON there is, else that there is none.
+        assert!(matches!(
+            parse("Sure: ```json\n{\"themes\": []}\n```"),
+            Err(NotTheAnswer::Invalid(message)) if message.contains("insight")
+        ));
+        assert!(matches!(
+            parse(" no json here "),
+            Err(NotTheAnswer::NotJson(_))
+        ));
     }
 
     /// The causes are part of the status contract (ErrorInfo metadata `cause`, listed in the

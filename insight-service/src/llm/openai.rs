@@ -73,23 +73,45 @@ pub enum TokenLimitField {
     MaxCompletionTokens,
 }
 
-/// Tokens added to the answer's cap by `--llm-thinking-budget auto` with
-/// `max_completion_tokens`. OpenAI's reasoning models count their reasoning in that cap: with
+/// Tokens added to the answer's cap by `--llm-thinking-budget auto` for a reasoning model
+/// ([`is_reasoning_model`]). Reasoning models count their reasoning in the cap: with
 /// only the few hundred tokens a short JSON answer needs, they can spend all of it reasoning
 /// and answer nothing (`content: ""`, `finish_reason: "length"`). Summaries need little
 /// reasoning; this leaves room for it at default effort, and costs nothing unless used.
 pub const AUTO_REASONING_TOKENS: u32 = 8_192;
 
 /// Tokens the request's cap reserves for the model's reasoning on top of the answer's: an
-/// explicit `--llm-thinking-budget` always (local reasoning models such as Qwen3 or R1 count
-/// their thinking in `max_tokens` too); `auto` only with `max_completion_tokens`, the field of
-/// OpenAI's reasoning models.
-pub fn reasoning_allowance(thinking: ThinkingBudget, field: TokenLimitField) -> u32 {
-    match (thinking, field) {
-        (ThinkingBudget::Tokens(tokens), _) => tokens,
-        (ThinkingBudget::Auto, TokenLimitField::MaxCompletionTokens) => AUTO_REASONING_TOKENS,
-        (ThinkingBudget::Auto, TokenLimitField::MaxTokens) => 0,
+/// explicit `--llm-thinking-budget` always; `auto` only for a model whose name says it
+/// reasons ([`is_reasoning_model`]), since a non-reasoning model with a small output limit
+/// (gpt-3.5-turbo, gpt-4-turbo: 4096) refuses a larger cap. Either field: OpenAI's reasoning
+/// models count reasoning in `max_completion_tokens`, local ones (Qwen3, R1) in `max_tokens`.
+pub fn reasoning_allowance(thinking: ThinkingBudget, model: &str) -> u32 {
+    match thinking {
+        ThinkingBudget::Tokens(tokens) => tokens,
+        ThinkingBudget::Auto if is_reasoning_model(model) => AUTO_REASONING_TOKENS,
+        ThinkingBudget::Auto => 0,
     }
+}
+
+/// Whether `model` (an id as OpenAI, a proxy like LiteLLM or OpenRouter (`openai/o3`), or a
+/// local server names it) is a reasoning model: OpenAI's o-series, gpt-5 and gpt-oss, and the
+/// open reasoning families (DeepSeek-R1 and `deepseek-reasoner`, QwQ, Qwen3, names with
+/// "thinking" or "reason").
+pub fn is_reasoning_model(model: &str) -> bool {
+    let model = model.to_ascii_lowercase();
+    let name = model.rsplit('/').next().unwrap_or(&model);
+    let o_series = name
+        .strip_prefix('o')
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+    o_series
+        || name.starts_with("gpt-5")
+        || name.starts_with("gpt-oss")
+        || name.starts_with("qwq")
+        || name.starts_with("qwen3")
+        || name.contains("-r1")
+        || name.starts_with("r1")
+        || name.contains("thinking")
+        || name.contains("reason")
 }
 
 /// `--llm-json-mode`: `schema`, `object` or `off`.
@@ -226,6 +248,7 @@ impl OpenAiGenerator {
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
+        let reasoning_tokens = reasoning_allowance(config.thinking, &config.model);
         Ok(Self {
             transport: HttpTransport::new(NAME, config.limits)?,
             model: config.model,
@@ -234,7 +257,7 @@ impl OpenAiGenerator {
             stream: config.stream,
             json_mode: config.json_mode,
             token_limit_field: config.token_limit_field,
-            reasoning_tokens: reasoning_allowance(config.thinking, config.token_limit_field),
+            reasoning_tokens,
             schema_rejected: AtomicBool::new(false),
             schemas_refused: Default::default(),
         })
@@ -529,16 +552,17 @@ struct CompletionDetails {
 }
 
 /// The answer after the reasoning some servers put in `content` (Ollama, vLLM and llama.cpp
-/// with Qwen3, DeepSeek-R1 and the like: a leading `<think>...</think>` block), and whether a
-/// reasoning block was left unclosed (the cap ran out while the model was still thinking).
+/// with Qwen3, DeepSeek-R1 and the like: `<think>...</think>` first, or only the closing tag
+/// when the chat template opened the block in the prompt), and whether a reasoning block was
+/// left unclosed (the cap ran out while the model was still thinking).
 fn without_reasoning(text: &str) -> (&str, bool) {
-    let Some(thinking) = text.trim_start().strip_prefix("<think>") else {
-        return (text, false);
-    };
-    match thinking.split_once("</think>") {
-        Some((_, answer)) => (answer.trim_start(), false),
-        None => ("", true),
+    if let Some((_, answer)) = text.rsplit_once("</think>") {
+        return (answer.trim_start(), false);
     }
+    if text.trim_start().starts_with("<think>") {
+        return ("", true);
+    }
+    (text, false)
 }
 
 /// What the completion (or the stream so far) said.
@@ -551,8 +575,6 @@ struct Answer {
 }
 
 impl Answer {
-    /// The generation, after adding the reported tokens to `meter` (first: a refused or cut
-    /// answer's tokens are billed too).
     /// The reported tokens, taken out.
     fn take_usage(&mut self) -> Usage {
         self.tokens
@@ -564,6 +586,8 @@ impl Answer {
             })
     }
 
+    /// The generation, after adding the reported tokens to `meter` (first: a refused or cut
+    /// answer's tokens are billed too).
     fn into_generation(mut self, meter: &UsageMeter) -> Result<Generation, LlmError> {
         let reasoning = self
             .tokens
@@ -807,11 +831,8 @@ mod tests {
         .unwrap();
         assert_eq!(body["stream"], json!(true));
         assert_eq!(body["stream_options"], json!({"include_usage": true}));
-        // Room for a reasoning model's thinking on top of the answer's 42.
-        assert_eq!(
-            body["max_completion_tokens"],
-            json!(42 + AUTO_REASONING_TOKENS)
-        );
+        // Not a reasoning model's name: the answer's own cap.
+        assert_eq!(body["max_completion_tokens"], json!(42));
         assert!(body.get("max_tokens").is_none());
         assert!(body.get("response_format").is_none());
         assert_eq!(body["messages"].as_array().unwrap().len(), 1);
@@ -843,11 +864,64 @@ mod tests {
                 serde_json::from_slice(&g.request_body(&request, JsonMode::Off).unwrap()).unwrap();
             assert_eq!(body[name], json!(1042), "{name}");
         }
-        // `auto` leaves `max_tokens` (non-reasoning models) at the answer's own cap.
-        let g = generator(OpenAiConfig::new(None));
-        let body: Value =
-            serde_json::from_slice(&g.request_body(&request, JsonMode::Off).unwrap()).unwrap();
-        assert_eq!(body["max_tokens"], json!(42));
+        // `auto`: room for reasoning only for a reasoning model, whichever the field.
+        for (model, field, name, cap) in [
+            ("gpt-4o-mini", TokenLimitField::MaxTokens, "max_tokens", 42),
+            (
+                "gpt-4-turbo",
+                TokenLimitField::MaxCompletionTokens,
+                "max_completion_tokens",
+                42,
+            ),
+            (
+                "o4-mini",
+                TokenLimitField::MaxCompletionTokens,
+                "max_completion_tokens",
+                42 + AUTO_REASONING_TOKENS,
+            ),
+            (
+                "openai/gpt-5-mini",
+                TokenLimitField::MaxCompletionTokens,
+                "max_completion_tokens",
+                42 + AUTO_REASONING_TOKENS,
+            ),
+            (
+                "deepseek-r1:14b",
+                TokenLimitField::MaxTokens,
+                "max_tokens",
+                42 + AUTO_REASONING_TOKENS,
+            ),
+        ] {
+            let g = generator(OpenAiConfig {
+                model: model.to_owned(),
+                token_limit_field: field,
+                ..OpenAiConfig::new(None)
+            });
+            let body: Value =
+                serde_json::from_slice(&g.request_body(&request, JsonMode::Off).unwrap()).unwrap();
+            assert_eq!(body[name], json!(cap), "{model}");
+        }
+        for model in [
+            "gpt-4o",
+            "gpt-4.1-mini",
+            "llama3.1",
+            "omni-moderation",
+            "mistral-large",
+        ] {
+            assert!(!is_reasoning_model(model), "{model}");
+        }
+        for model in [
+            "o1",
+            "o3-mini",
+            "O3",
+            "gpt-5",
+            "gpt-oss-20b",
+            "qwq:32b",
+            "qwen3:8b",
+            "deepseek-reasoner",
+        ] {
+            assert!(is_reasoning_model(model), "{model}");
+        }
     }
 
     #[test]
@@ -861,6 +935,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(answered.text, r#"{"insight": "x"}"#);
+        // The block opened by the chat template: only its end is in the content.
+        let opened = generation(
+            r#"{"choices": [{"message": {"content": "A draft: {\"insight\": \"no\"}\n</think>\n{\"insight\": \"x\"}"}, "finish_reason": "stop"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(opened.text, r#"{"insight": "x"}"#);
         // Still thinking when the cap ran out (a local model).
         let cut = generation(
             r#"{"choices": [{"message": {"content": "<think>\nLet me see"}, "finish_reason": "length"}]}"#,

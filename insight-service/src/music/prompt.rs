@@ -15,7 +15,7 @@ use super::stats::{
     AFTERNOON_HOURS, EVENING_HOURS, LATE_NIGHT_HOURS, ListeningStats, MORNING_HOURS, NIGHT_HOURS,
     RankedItem,
 };
-use crate::text::truncate_words;
+use crate::{llm::NotTheAnswer, text::truncate_words};
 
 /// Longest name written into a prompt, in characters: enough to recognize any real artist or
 /// genre, too short to carry a paragraph of injected instructions.
@@ -302,9 +302,14 @@ pub struct Draft {
 /// than costing a repair call). A Markdown code fence around the JSON is tolerated, since models
 /// add one even when told not to. The error says what is wrong, for the repair prompt.
 pub fn parse_answer(text: &str, max_words: usize) -> Result<Draft, String> {
-    let value: Value = serde_json::from_str(crate::llm::json_in(text))
-        .map_err(|e| format!("the answer is not valid JSON ({e})"))?;
-    check_schema(&value, &response_schema(), "answer")?;
+    let schema = response_schema();
+    let value = crate::llm::parse_answer_json(text, |candidate| {
+        let value: Value = serde_json::from_str(candidate)
+            .map_err(|e| NotTheAnswer::NotJson(format!("the answer is not valid JSON ({e})")))?;
+        check_schema(&value, &schema, "answer").map_err(NotTheAnswer::Invalid)?;
+        Ok(value)
+    })
+    .map_err(|(NotTheAnswer::NotJson(e) | NotTheAnswer::Invalid(e))| e)?;
     // The schema check above guarantees an object with six keys of the right types, so these
     // lookups only fail if the schema and this code disagree; say so rather than panic.
     let object = value

@@ -6,7 +6,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::chunk::{entry_overhead_bytes, entry_prompt_bytes};
-use crate::domain::{ChunkInsight, Entry};
+use crate::{
+    domain::{ChunkInsight, Entry},
+    llm::NotTheAnswer,
+};
 
 /// Version of the prompts below; part of the insight cache key, so bump it whenever a prompt
 /// changes what a model would answer.
@@ -205,6 +208,16 @@ struct ReduceAnswer {
     themes: Vec<String>,
 }
 
+/// The answer's JSON as `T` ([`crate::llm::parse_answer_json`]), or why it is not.
+fn answer_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    crate::llm::parse_answer_json(text, |candidate| {
+        serde_json::from_str(candidate).map_err(|e| NotTheAnswer::from_serde(&e))
+    })
+    .map_err(|(NotTheAnswer::NotJson(e) | NotTheAnswer::Invalid(e))| {
+        format!("not the JSON asked for: {e}")
+    })
+}
+
 /// Lowercased, trimmed, de-duplicated, non-empty themes, at most `max`.
 fn clean_themes(themes: Vec<String>, max: usize) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(max);
@@ -222,8 +235,7 @@ fn clean_themes(themes: Vec<String>, max: usize) -> Vec<String> {
 
 /// Parses a map answer: `(insight, themes)`, or why it is unusable.
 pub fn parse_map_answer(text: &str) -> Result<(String, Vec<String>), String> {
-    let answer: MapAnswer = serde_json::from_str(crate::llm::json_in(text))
-        .map_err(|e| format!("not the JSON asked for: {e}"))?;
+    let answer: MapAnswer = answer_json(text)?;
     let insight = answer.insight.trim().to_owned();
     if insight.is_empty() {
         return Err("empty insight".to_owned());
@@ -233,8 +245,7 @@ pub fn parse_map_answer(text: &str) -> Result<(String, Vec<String>), String> {
 
 /// Parses a reduce answer: `(summary, themes)`, or why it is unusable.
 pub fn parse_reduce_answer(text: &str) -> Result<(String, Vec<String>), String> {
-    let answer: ReduceAnswer = serde_json::from_str(crate::llm::json_in(text))
-        .map_err(|e| format!("not the JSON asked for: {e}"))?;
+    let answer: ReduceAnswer = answer_json(text)?;
     let summary = answer.summary.trim().to_owned();
     if summary.is_empty() {
         return Err("empty summary".to_owned());

@@ -276,15 +276,19 @@ impl ReplyMeter {
     }
 }
 
-/// `work`'s outcome, unless the [`ReplyMeter`] it feeds refuses its reply first (then `work`
-/// is dropped, and its calls in flight with it).
+/// `work`'s outcome, unless the [`ReplyMeter`] it feeds refuses its reply first (then the
+/// caller drops `work`, and its calls in flight with it).
+///
+/// `work` is pinned where the caller built it: a summary's future is tens of kilobytes, and
+/// every move of it (into an `async` block, into this function's future) is a memcpy of that
+/// size on every call; taking it by value made SummarizeFeedback copy ~300 KB per call.
 async fn unless_too_large<T>(
-    work: impl Future<Output = Result<T, Status>>,
+    work: Pin<&mut impl Future<Output = Result<T, PipelineError>>>,
     refused: tokio::sync::oneshot::Receiver<Status>,
 ) -> Result<T, Status> {
     tokio::select! {
         biased;
-        done = work => done,
+        done = work => done.map_err(to_status),
         Ok(status) = refused => Err(status),
     }
 }
@@ -311,10 +315,11 @@ impl InsightService for InsightGrpc {
         record_input(&request);
         let _reading = self.reserve_reading(&request, held)?;
         let (mut meter, refused) = ReplyMeter::new(self.max_message_size);
-        let work = self
-            .summaries
-            .summarize(request, deadline, None, |chunk| meter.add(chunk));
-        let summary = unless_too_large(async { work.await.map_err(to_status) }, refused).await?;
+        let work = std::pin::pin!(
+            self.summaries
+                .summarize(request, deadline, None, |chunk| meter.add(chunk))
+        );
+        let summary = unless_too_large(work, refused).await?;
         let chunks = summary.chunks.len();
         let reply = fitting(
             pb::FeedbackSummary::from(summary),
@@ -347,12 +352,12 @@ impl InsightService for InsightGrpc {
         let task = tokio::spawn(async move {
             let chunks = tx.clone();
             let (mut meter, refused) = ReplyMeter::new(max_message_size);
-            let work = summaries.summarize(request, deadline, None, move |chunk| {
+            let work = std::pin::pin!(summaries.summarize(request, deadline, None, move |chunk| {
                 meter.add(chunk);
                 let event = Event::Chunk(chunk.clone().into());
                 let _ = chunks.send(Ok(pb::SummaryEvent { event: Some(event) }));
-            });
-            let summarized = unless_too_large(async { work.await.map_err(to_status) }, refused);
+            }));
+            let summarized = unless_too_large(work, refused);
             // The deadline layer bounds this handler until it returns the stream, not the
             // work behind the stream: LLM calls keep to the deadline by themselves, store reads
             // (a locked table, a slow replica) do not, so the whole summary is bounded here.

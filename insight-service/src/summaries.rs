@@ -422,6 +422,10 @@ impl Summaries {
                             PipelineError::DeadlineExceeded { .. }
                             | PipelineError::DeadlineExceededWaiting,
                         ) if more_time || progressed || job => continue,
+                        // The leader's chunk counts are not this caller's.
+                        Err(PipelineError::DeadlineExceeded { .. }) => {
+                            return Err(PipelineError::DeadlineExceededWaiting);
+                        }
                         Err(error) => return Err(error),
                     }
                 }
@@ -429,7 +433,8 @@ impl Summaries {
                     // A chunk finished here is one another caller can start from only if it
                     // was remembered (a memo, so a remote backend or a job) and that caller
                     // reads what is remembered (not with `bypass_cache`).
-                    let reusable = memo.is_some() && !options.bypass_cache;
+                    // A job's memo is its own checkpoints, which nobody else reads.
+                    let reusable = !job && memo.is_some() && !options.bypass_cache;
                     let progressed = &flight.progressed;
                     let reported = |chunk: &ChunkInsight| {
                         if reusable && chunk.status == ChunkStatus::Ok {

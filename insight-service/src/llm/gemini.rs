@@ -102,15 +102,17 @@ impl ThinkingBudget {
         // Known to think: 2.5 and later generations, `-latest` aliases (which move to them)
         // and experimental "thinking" models. Not earlier ones or Gemma, whose output caps
         // (8,192 for 2.0) a larger maxOutputTokens could exceed, nor image or speech models.
+        // A versioned name decides by its version (`gemini-1.5-flash-latest` is a 1.5).
         let generation = model
             .strip_prefix("gemini-")
             .and_then(|rest| rest.chars().next())
             .filter(char::is_ascii_digit);
         let thinks_by_default = !(model.contains("-image") || model.contains("-tts"))
             && (model.contains("thinking")
-                || model.ends_with("-latest")
-                || model.starts_with("gemini-2.5")
-                || generation.is_some_and(|major| major >= '3'));
+                || match generation {
+                    Some(major) => model.starts_with("gemini-2.5") || major >= '3',
+                    None => model.ends_with("-latest"),
+                });
         Thinking {
             budget: None,
             allowance: if thinks_by_default {
@@ -801,6 +803,7 @@ mod tests {
         );
         for model in [
             "gemini-1.5-pro",
+            "gemini-1.5-flash-latest",
             "gemma-3-27b-it",
             "gemini-2.5-flash-image",
             "gemini-pro",

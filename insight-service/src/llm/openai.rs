@@ -107,7 +107,8 @@ pub fn is_reasoning_model(model: &str) -> bool {
         || name.starts_with("gpt-5")
         || name.starts_with("gpt-oss")
         || name.starts_with("qwq")
-        || name.starts_with("qwen3")
+        // Qwen3's hybrid models think by default; its instruct and coder variants do not.
+        || (name.starts_with("qwen3") && !name.contains("instruct") && !name.contains("coder"))
         || name.contains("-r1")
         || name.starts_with("r1")
         || name.contains("thinking")
@@ -194,6 +195,8 @@ pub struct OpenAiGenerator {
     token_limit_field: TokenLimitField,
     /// Added to every request's token cap ([`reasoning_allowance`]).
     reasoning_tokens: u32,
+    /// Whether the model's name says it reasons ([`is_reasoning_model`]).
+    reasoning_model: bool,
     /// Set once the server rejected `json_schema`: later calls go straight to `json_object`.
     schema_rejected: AtomicBool,
     /// The schemas (as JSON text) the server refused one by one ("Invalid schema for
@@ -249,6 +252,7 @@ impl OpenAiGenerator {
             headers.insert(AUTHORIZATION, value);
         }
         let reasoning_tokens = reasoning_allowance(config.thinking, &config.model);
+        let reasoning_model = is_reasoning_model(&config.model);
         Ok(Self {
             transport: HttpTransport::new(NAME, config.limits)?,
             model: config.model,
@@ -258,6 +262,7 @@ impl OpenAiGenerator {
             json_mode: config.json_mode,
             token_limit_field: config.token_limit_field,
             reasoning_tokens,
+            reasoning_model,
             schema_rejected: AtomicBool::new(false),
             schemas_refused: Default::default(),
         })
@@ -305,7 +310,9 @@ impl OpenAiGenerator {
                     mode = JsonMode::Object;
                 }
                 Err(error) => return Err(error),
-                Ok(answer) => return answer.into_generation(request.usage),
+                Ok(answer) => {
+                    return answer.into_generation(request.usage, self.reasoning_model);
+                }
             }
         }
     }
@@ -552,17 +559,21 @@ struct CompletionDetails {
 }
 
 /// The answer after the reasoning some servers put in `content` (Ollama, vLLM and llama.cpp
-/// with Qwen3, DeepSeek-R1 and the like: `<think>...</think>` first, or only the closing tag
-/// when the chat template opened the block in the prompt), and whether a reasoning block was
-/// left unclosed (the cap ran out while the model was still thinking).
-fn without_reasoning(text: &str) -> (&str, bool) {
-    if let Some((_, answer)) = text.rsplit_once("</think>") {
-        return (answer.trim_start(), false);
+/// with Qwen3, DeepSeek-R1 and the like), and whether a reasoning block was left unclosed (the
+/// cap ran out while the model was still thinking). A block is the content's start up to the
+/// first `</think>`: one that opens with `<think>`, or, for a reasoning model
+/// ([`is_reasoning_model`]), one whose opening tag the chat template put in the prompt. A
+/// `</think>` anywhere else is the answer's own (a quoted review), so it is kept.
+fn without_reasoning(text: &str, reasoning_model: bool) -> (&str, bool) {
+    let opened = text.trim_start().starts_with("<think>");
+    if !opened && !reasoning_model {
+        return (text, false);
     }
-    if text.trim_start().starts_with("<think>") {
-        return ("", true);
+    match text.split_once("</think>") {
+        Some((_, answer)) => (answer.trim_start(), false),
+        None if opened => ("", true),
+        None => (text, false),
     }
-    (text, false)
 }
 
 /// What the completion (or the stream so far) said.
@@ -588,7 +599,11 @@ impl Answer {
 
     /// The generation, after adding the reported tokens to `meter` (first: a refused or cut
     /// answer's tokens are billed too).
-    fn into_generation(mut self, meter: &UsageMeter) -> Result<Generation, LlmError> {
+    fn into_generation(
+        mut self,
+        meter: &UsageMeter,
+        reasoning_model: bool,
+    ) -> Result<Generation, LlmError> {
         let reasoning = self
             .tokens
             .and_then(|tokens| tokens.completion_tokens_details?.reasoning_tokens)
@@ -600,7 +615,7 @@ impl Answer {
                 "answer ended without a finish_reason (cut off)".to_owned(),
             ));
         };
-        let (text, thinking_cut) = without_reasoning(&self.text);
+        let (text, thinking_cut) = without_reasoning(&self.text, reasoning_model);
         if text.is_empty() {
             if !self.refusal.is_empty() {
                 return Err(malformed(NAME, format!("model refused: {}", self.refusal)));
@@ -907,6 +922,8 @@ mod tests {
             "llama3.1",
             "omni-moderation",
             "mistral-large",
+            "qwen3-coder:30b",
+            "Qwen/Qwen3-235B-A22B-Instruct-2507",
         ] {
             assert!(!is_reasoning_model(model), "{model}");
         }
@@ -926,10 +943,15 @@ mod tests {
 
     #[test]
     fn reasoning_in_the_content_is_not_the_answer_and_a_cap_spent_on_it_is_named() {
-        let generation = |body: &str| {
+        let of_model = |body: &str, reasoning_model: bool| {
             parse_completion(body.as_bytes())
-                .and_then(|answer| answer.into_generation(&UsageMeter::default()))
+                .and_then(|answer| answer.into_generation(&UsageMeter::default(), reasoning_model))
         };
+        let generation = |body: &str| of_model(body, true);
+        // A `</think>` quoted in the answer of a model that does not reason is the answer's.
+        let quoted = r#"{"insight": "one review just says </think> and more"}"#;
+        let body = json!({"choices": [{"message": {"content": quoted}, "finish_reason": "stop"}]});
+        assert_eq!(of_model(&body.to_string(), false).unwrap().text, quoted);
         let answered = generation(
             r#"{"choices": [{"message": {"content": "<think>\nThe user wants JSON.\n</think>\n\n{\"insight\": \"x\"}"}, "finish_reason": "stop"}]}"#,
         )
@@ -1011,7 +1033,7 @@ mod tests {
             r#"{"choices": [{"message": {"content": 5}}]}"#,
         ] {
             let result = parse_completion(body.as_bytes())
-                .and_then(|answer| answer.into_generation(&UsageMeter::default()));
+                .and_then(|answer| answer.into_generation(&UsageMeter::default(), false));
             assert!(result.is_err(), "{body}");
         }
     }

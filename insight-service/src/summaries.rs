@@ -18,7 +18,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -64,7 +64,7 @@ struct Breaker {
     wait: Duration,
     closed_until: Mutex<Option<Instant>>,
     /// Steps cut off by their caller's time since the last step that answered.
-    cut_short: std::sync::atomic::AtomicU32,
+    cut_short: AtomicU32,
 }
 
 /// Half the time left before `deadline`: the most a call gives the cache (a cache step, the
@@ -90,7 +90,7 @@ impl Breaker {
         Self {
             wait,
             closed_until: Mutex::new(None),
-            cut_short: std::sync::atomic::AtomicU32::new(0),
+            cut_short: AtomicU32::new(0),
         }
     }
 
@@ -127,14 +127,13 @@ impl Breaker {
         deadline: Instant,
         step: impl std::future::Future<Output = Result<T, E>>,
     ) -> Option<T> {
-        use std::sync::atomic::Ordering::Relaxed;
         if !self.usable() {
             return None;
         }
         let (limit, by_wait) = self.limit(deadline);
         match tokio::time::timeout(limit, step).await {
             Ok(Ok(value)) => {
-                self.cut_short.store(0, Relaxed);
+                self.cut_short.store(0, Ordering::Relaxed);
                 Some(value)
             }
             Ok(Err(error)) => {
@@ -142,7 +141,7 @@ impl Breaker {
                 None
             }
             Err(elapsed) => {
-                if by_wait || self.cut_short.fetch_add(1, Relaxed) + 1 >= CUT_SHORT_TRIP {
+                if by_wait || self.cut_short.fetch_add(1, Ordering::Relaxed) + 1 >= CUT_SHORT_TRIP {
                     self.trip(what, &elapsed);
                 }
                 None
@@ -151,8 +150,7 @@ impl Breaker {
     }
 
     fn trip(&self, what: &str, error: &dyn std::fmt::Display) {
-        self.cut_short
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.cut_short.store(0, Ordering::Relaxed);
         tracing::warn!(%error, "insight cache {what} failed; not using it for {CACHE_BACKOFF:?}");
         *self
             .closed_until
@@ -422,10 +420,11 @@ impl Summaries {
                             PipelineError::DeadlineExceeded { .. }
                             | PipelineError::DeadlineExceededWaiting,
                         ) if more_time || progressed || job => continue,
-                        // The leader's chunk counts are not this caller's.
-                        Err(PipelineError::DeadlineExceeded { .. }) => {
-                            return Err(PipelineError::DeadlineExceededWaiting);
-                        }
+                        // Without the leader's chunk counts, which are not this caller's.
+                        Err(
+                            PipelineError::DeadlineExceeded { .. }
+                            | PipelineError::DeadlineExceededWaiting,
+                        ) => return Err(PipelineError::DeadlineExceededWaiting),
                         Err(error) => return Err(error),
                     }
                 }
@@ -643,6 +642,11 @@ struct FlightGuard {
 impl FlightGuard {
     /// Shares the outcome with every follower.
     fn land(self, result: Result<Arc<FeedbackSummary>, PipelineError>) {
+        self.share(result);
+    }
+
+    /// Hands `result` to the followers, with what they weigh it by.
+    fn share(&self, result: Result<Arc<FeedbackSummary>, PipelineError>) {
         self.sender.send_replace(Some(Outcome {
             budget: self.budget,
             result,
@@ -654,11 +658,7 @@ impl FlightGuard {
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         if self.sender.borrow().is_none() && Instant::now() >= self.deadline {
-            self.sender.send_replace(Some(Outcome {
-                budget: self.budget,
-                result: Err(PipelineError::DeadlineExceededWaiting),
-                progressed: self.progressed.load(Ordering::Relaxed),
-            }));
+            self.share(Err(PipelineError::DeadlineExceededWaiting));
         }
         let mut flights = self
             .flights

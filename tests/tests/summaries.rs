@@ -574,9 +574,10 @@ async fn a_follower_with_more_time_computes_what_the_leaders_deadline_cut_short(
 /// When the computation a caller joined runs out of time (Gemini never answers in time and
 /// fallback is disabled), nobody is told "after 0 of 0 chunks" and nobody without a chance
 /// starts it again: a follower whose own deadline passes first is told that it waited for an
-/// identical summary; one left with less time than the leader had in all gets the leader's
-/// DEADLINE_EXCEEDED at once, with no backend call of its own, unless the leader finished a
-/// chunk: then it computes again from the cached chunk, asking only for the other.
+/// identical summary; one left with less time than the leader had in all is told the same at
+/// once (DEADLINE_EXCEEDED without the leader's chunk counts), with no backend call of its own,
+/// unless the leader finished a chunk: then it computes again from the cached chunk, asking
+/// only for the other.
 #[tokio::test]
 async fn followers_of_a_computation_that_runs_out_of_time() {
     let db = Db::sqlite();

@@ -326,6 +326,13 @@ pub enum NotTheAnswer {
 }
 
 impl NotTheAnswer {
+    /// What is wrong, whichever kind.
+    pub fn into_message(self) -> String {
+        match self {
+            Self::NotJson(message) | Self::Invalid(message) => message,
+        }
+    }
+
     /// A serde error, classified: valid JSON of the wrong shape is [`NotTheAnswer::Invalid`].
     pub fn from_serde(error: &serde_json::Error) -> Self {
         match error.classify() {

@@ -10,9 +10,10 @@
 //! Response (checked against recorded responses, see `tests/fixtures/openai/`):
 //! `choices[0].message.content`, or the concatenated `choices[0].delta.content` of the stream up
 //! to `data: [DONE]`; `finish_reason` `stop`/`length`/`content_filter` becomes a
-//! [`FinishReason`]; `usage.prompt_tokens`/`completion_tokens` the tokens. A leading
-//! `<think>...</think>` block in the content (local reasoning models) is not the answer. A server that ignores
-//! `stream: true` and answers with one `chat.completion` body is read as that answer.
+//! [`FinishReason`]; `usage.prompt_tokens`/`completion_tokens` the tokens. The reasoning block
+//! some servers put at the start of the content (`<think>...</think>`) is not the answer. A
+//! server that ignores `stream: true` and answers with one `chat.completion` body is read as
+//! that answer.
 
 use std::{
     fmt,
@@ -81,14 +82,14 @@ pub enum TokenLimitField {
 pub const AUTO_REASONING_TOKENS: u32 = 8_192;
 
 /// Tokens the request's cap reserves for the model's reasoning on top of the answer's: an
-/// explicit `--llm-thinking-budget` always; `auto` only for a model whose name says it
-/// reasons ([`is_reasoning_model`]), since a non-reasoning model with a small output limit
+/// explicit `--llm-thinking-budget` always; `auto` only for a `reasoning_model` (its name
+/// says so, [`is_reasoning_model`]), since a non-reasoning model with a small output limit
 /// (gpt-3.5-turbo, gpt-4-turbo: 4096) refuses a larger cap. Either field: OpenAI's reasoning
 /// models count reasoning in `max_completion_tokens`, local ones (Qwen3, R1) in `max_tokens`.
-pub fn reasoning_allowance(thinking: ThinkingBudget, model: &str) -> u32 {
+pub fn reasoning_allowance(thinking: ThinkingBudget, reasoning_model: bool) -> u32 {
     match thinking {
         ThinkingBudget::Tokens(tokens) => tokens,
-        ThinkingBudget::Auto if is_reasoning_model(model) => AUTO_REASONING_TOKENS,
+        ThinkingBudget::Auto if reasoning_model => AUTO_REASONING_TOKENS,
         ThinkingBudget::Auto => 0,
     }
 }
@@ -251,8 +252,8 @@ impl OpenAiGenerator {
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
-        let reasoning_tokens = reasoning_allowance(config.thinking, &config.model);
         let reasoning_model = is_reasoning_model(&config.model);
+        let reasoning_tokens = reasoning_allowance(config.thinking, reasoning_model);
         Ok(Self {
             transport: HttpTransport::new(NAME, config.limits)?,
             model: config.model,

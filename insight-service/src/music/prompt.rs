@@ -309,7 +309,7 @@ pub fn parse_answer(text: &str, max_words: usize) -> Result<Draft, String> {
         check_schema(&value, &schema, "answer").map_err(NotTheAnswer::Invalid)?;
         Ok(value)
     })
-    .map_err(|(NotTheAnswer::NotJson(e) | NotTheAnswer::Invalid(e))| e)?;
+    .map_err(NotTheAnswer::into_message)?;
     // The schema check above guarantees an object with six keys of the right types, so these
     // lookups only fail if the schema and this code disagree; say so rather than panic.
     let object = value

@@ -928,9 +928,9 @@ fn group_by_budget(level: Vec<ChunkInsight>, budget: usize) -> Vec<Vec<ChunkInsi
 /// Whether failure `a` (of chunk `a_index`) should be reported rather than `b` (of chunk
 /// `b_index`) when every chunk fails: one status names one cause, so it names the one that
 /// decides what the caller should do. A refused key or an exhausted quota comes first: it
-/// fails every call, and waiting is pointless while it lasts. Then what waiting may fix (throttling, then a
-/// provider or connection failure), so that a caller is told to retry whenever a retry may
-/// succeed: a refused request or prompt, an answer over the size cap or a broken answer is
+/// fails every call, and waiting is pointless while it lasts. Then what waiting may fix
+/// (throttling, then a provider or connection failure), so that a caller is told to retry
+/// whenever a retry may succeed: a refused request or prompt, an answer over the size cap or a broken answer is
 /// usually one chunk's content, and a retry may answer (degraded) around it. A timeout comes
 /// last. Between equals the later chunk wins, so the choice does not depend on which call
 /// happened to end last.

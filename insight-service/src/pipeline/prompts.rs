@@ -213,9 +213,7 @@ fn answer_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> 
     crate::llm::parse_answer_json(text, |candidate| {
         serde_json::from_str(candidate).map_err(|e| NotTheAnswer::from_serde(&e))
     })
-    .map_err(|(NotTheAnswer::NotJson(e) | NotTheAnswer::Invalid(e))| {
-        format!("not the JSON asked for: {e}")
-    })
+    .map_err(|wrong| format!("not the JSON asked for: {}", wrong.into_message()))
 }
 
 /// Lowercased, trimmed, de-duplicated, non-empty themes, at most `max`.
